@@ -1,0 +1,293 @@
+//! HTTP API v1: routes, authentication and the translation of pipeline
+//! outcomes into responses. Errors become JSON in one place
+//! ([`crate::error::ApiError`]'s `ResponseError`).
+
+pub mod format;
+
+use crate::catalog::Dataset;
+use crate::error::ApiError;
+use crate::query::{self, Format, Outcome, QueryRequest};
+use crate::startup::Sandbox;
+use crate::store::{Principal, Role};
+use actix_web::dev::Payload;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz)).service(
+        web::scope("/v1")
+            .route("/datasets", web::get().to(list_datasets))
+            .route("/datasets/{id}", web::get().to(get_dataset))
+            .route("/datasets/{id}/preview", web::get().to(preview_dataset))
+            .route("/queries", web::post().to(post_query))
+            .route("/grants", web::get().to(list_grants)),
+    );
+}
+
+pub async fn not_found() -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::NotFound("no such route".into()))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// The principal behind a request's API key.
+pub struct Authenticated(pub Principal);
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let sandbox = req.app_data::<web::Data<Sandbox>>().cloned();
+        let token = req
+            .headers()
+            .get("Authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(crate::auth::bearer)
+            .map(crate::auth::key_hash);
+        Box::pin(async move {
+            let sandbox =
+                sandbox.ok_or_else(|| ApiError::Internal("sandbox state missing".into()))?;
+            let hash = token.ok_or(ApiError::Unauthenticated)?;
+            let store = sandbox.store.clone();
+            let principal = web::block(move || store.principal_by_key_hash(&hash))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+            principal
+                .map(Authenticated)
+                .ok_or(ApiError::Unauthenticated)
+        })
+    }
+}
+
+fn dataset_summary(sandbox: &Sandbox, d: &Dataset) -> Value {
+    let m = &d.manifest;
+    let columns: Vec<Value> = m
+        .columns
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "class": c.class,
+                "type": d.data_type(&c.name).map(|t| t.to_string()),
+                "joinable": c.joinable,
+                "bounds": c.bounds,
+                "consent_column": m.consent_column.as_deref() == Some(c.name.as_str()),
+                "privacy_unit": m.privacy_unit.as_deref() == Some(c.name.as_str()),
+            })
+        })
+        .collect();
+    let level = sandbox.policies.levels.rule(m.level);
+    json!({
+        "id": m.id,
+        "title": m.title,
+        "owner": m.owner,
+        "description": m.description,
+        "level": m.level,
+        "region": m.region,
+        "personal_information": m.personal_information,
+        "privacy_unit": m.privacy_unit,
+        "rows": d.num_rows,
+        "columns": columns,
+        "release": {
+            "min_group_size": m.is_guarded().then(|| sandbox.policies.min_group_size(m)),
+            "max_groups": m.release.max_groups,
+            "dp": m.release.dp,
+            "row_level_output": !m.is_guarded(),
+        },
+        "level_rules": level,
+        "pricing": m.pricing,
+    })
+}
+
+fn find_dataset<'a>(sandbox: &'a Sandbox, id: &str) -> Result<&'a Arc<Dataset>, ApiError> {
+    sandbox
+        .catalog
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("dataset '{id}' does not exist")))
+}
+
+async fn list_datasets(sandbox: web::Data<Sandbox>, _: Authenticated) -> HttpResponse {
+    let datasets: Vec<Value> = sandbox
+        .catalog
+        .datasets
+        .values()
+        .map(|d| dataset_summary(&sandbox, d))
+        .collect();
+    HttpResponse::Ok().json(json!({ "datasets": datasets }))
+}
+
+async fn get_dataset(
+    sandbox: web::Data<Sandbox>,
+    _: Authenticated,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let d = find_dataset(&sandbox, &id)?;
+    Ok(HttpResponse::Ok().json(dataset_summary(&sandbox, d)))
+}
+
+async fn preview_dataset(
+    sandbox: web::Data<Sandbox>,
+    _: Authenticated,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let d = find_dataset(&sandbox, &id)?;
+    let (columns, rows) = crate::catalog::synthetic_preview(d, 10);
+    Ok(HttpResponse::Ok().json(json!({
+        "dataset": d.id(),
+        "synthetic": true,
+        "note": "generated from the schema and declared bounds; no real row was read",
+        "columns": columns,
+        "rows": rows,
+    })))
+}
+
+async fn list_grants(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    let principal = who.0;
+    let store = sandbox.store.clone();
+    let catalog_owned: Vec<String> = sandbox
+        .catalog
+        .datasets
+        .values()
+        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
+        .map(|d| d.id().to_string())
+        .collect();
+    let grants = web::block(move || -> Result<_, crate::store::StoreError> {
+        let all = match principal.role {
+            Role::Buyer => store.grants_of(&principal.id)?,
+            Role::Owner => {
+                let mut out = Vec::new();
+                for d in &catalog_owned {
+                    for g in store.grants_on(d)? {
+                        if !out.iter().any(|o: &crate::store::Grant| o.id == g.id) {
+                            out.push(g);
+                        }
+                    }
+                }
+                out
+            }
+            Role::Auditor | Role::Admin => store.all_grants()?,
+        };
+        let mut rows = Vec::with_capacity(all.len());
+        for g in all {
+            let used_today = store.answered_today(&g.id)?;
+            let remaining = g.queries_per_day.map(|q| q.saturating_sub(used_today));
+            rows.push(json!({ "grant": g, "queries_today": used_today, "queries_remaining_today": remaining }));
+        }
+        Ok(rows)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(HttpResponse::Ok().json(json!({ "grants": grants })))
+}
+
+/// Reads a body up to `limit` bytes; larger bodies are refused without reading them all.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn parse_query_request(sandbox: &Sandbox, body: &[u8]) -> Result<QueryRequest, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::InvalidRequest("the body is not UTF-8".into()))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+    if let Some(problem) = sandbox.schemas.query_request.iter_errors(&value).next() {
+        let at = problem.instance_path().as_str().to_string();
+        return Err(ApiError::InvalidRequest(format!(
+            "{}: {}",
+            if at.is_empty() { "/" } else { &at },
+            problem.masked()
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+}
+
+fn negotiate(req: &HttpRequest, requested: Option<Format>) -> Format {
+    if let Some(f) = requested {
+        return f;
+    }
+    let accept = req
+        .headers()
+        .get("Accept")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("application/vnd.apache.arrow.stream") {
+        Format::Arrow
+    } else if accept.contains("text/csv") {
+        Format::Csv
+    } else {
+        Format::Json
+    }
+}
+
+async fn post_query(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, sandbox.settings.limits.max_body_bytes).await?;
+    let request = parse_query_request(&sandbox, &body)?;
+    let format = negotiate(&req, request.format);
+    let sandbox = sandbox.into_inner();
+    let outcome = sandbox
+        .runtime
+        .spawn(query::run(sandbox.clone(), who.0, request))
+        .await
+        .map_err(|e| ApiError::Internal(format!("query task failed: {e}")))??;
+    let answer = match outcome {
+        Outcome::DryRun(outline) => return Ok(HttpResponse::Ok().json(outline)),
+        Outcome::Answer(a) => a,
+    };
+    match format {
+        Format::Json => Ok(HttpResponse::Ok().json(json!({
+            "query_id": answer.query_id,
+            "grant": answer.grant,
+            "purpose": answer.purpose,
+            "columns": format::columns(&answer.schema),
+            "rows": answer.rows,
+            "release": answer.release,
+            "usage": answer.usage,
+            "receipt": answer.receipt,
+        }))),
+        Format::Csv | Format::Arrow => {
+            let (content_type, bytes) = match format {
+                Format::Csv => ("text/csv; charset=utf-8", format::csv(&answer.batches)?),
+                _ => (
+                    "application/vnd.apache.arrow.stream",
+                    format::arrow_stream(&answer.schema, &answer.batches)?,
+                ),
+            };
+            Ok(HttpResponse::Ok()
+                .content_type(content_type)
+                .insert_header(("X-Frostglass-Query-Id", answer.query_id.clone()))
+                .insert_header(("X-Frostglass-Release", meta(&answer.release)))
+                .insert_header(("X-Frostglass-Usage", meta(&answer.usage)))
+                .insert_header(("X-Frostglass-Receipt", meta(&answer.receipt)))
+                .body(bytes))
+        }
+    }
+}
+
+/// Response metadata as one header value.
+fn meta<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}

@@ -1,0 +1,430 @@
+//! The catalog: dataset manifests (`catalog/*.json`) and the DataFusion
+//! tables behind them. Manifests are validated against
+//! `schemas/dataset.schema.json` and against their own data before a dataset
+//! becomes queryable.
+
+use crate::validate::{self, Problem};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    General,
+    Important,
+    Core,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::General => "general",
+            Level::Important => "important",
+            Level::Core => "core",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnClass {
+    Identifier,
+    QuasiIdentifier,
+    Sensitive,
+    Attribute,
+}
+
+impl ColumnClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnClass::Identifier => "identifier",
+            ColumnClass::QuasiIdentifier => "quasi_identifier",
+            ColumnClass::Sensitive => "sensitive",
+            ColumnClass::Attribute => "attribute",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Parquet,
+    Csv,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Source {
+    pub format: SourceFormat,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ColumnSpec {
+    pub name: String,
+    pub class: ColumnClass,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joinable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DpRules {
+    pub epsilon_per_query: f64,
+    #[serde(default)]
+    pub delta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_unit: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReleaseRules {
+    /// Fewest distinct privacy units (rows, for non-personal data) a released group covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_group_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpRules>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pricing {
+    pub currency: String,
+    pub per_query: String,
+    pub per_million_rows_scanned: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub id: String,
+    pub title: String,
+    pub owner: String,
+    #[serde(default)]
+    pub description: String,
+    pub source: Source,
+    pub level: Level,
+    pub region: String,
+    pub personal_information: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_column: Option<String>,
+    pub columns: Vec<ColumnSpec>,
+    #[serde(default)]
+    pub release: ReleaseRules,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+}
+
+impl Manifest {
+    pub fn column(&self, name: &str) -> Option<&ColumnSpec> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// A dataset whose releases must be thresholded: personal data, or data
+    /// whose owner set a minimum group size.
+    pub fn is_guarded(&self) -> bool {
+        self.privacy_unit.is_some() || self.release.min_group_size.is_some()
+    }
+
+    /// Checks a manifest makes sense on its own (beyond the JSON Schema).
+    pub fn semantic_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.columns {
+            if !seen.insert(c.name.as_str()) {
+                problems.push(format!("column '{}' is declared twice", c.name));
+            }
+            if let Some([lo, hi]) = c.bounds
+                && lo > hi
+            {
+                problems.push(format!("column '{}' has bounds with lower > upper", c.name));
+            }
+        }
+        if self.personal_information && self.privacy_unit.is_none() {
+            problems.push("personal_information is true but no privacy_unit is declared".into());
+        }
+        for (what, name) in [
+            ("privacy_unit", &self.privacy_unit),
+            ("consent_column", &self.consent_column),
+        ] {
+            if let Some(name) = name
+                && self.column(name).is_none()
+            {
+                problems.push(format!("{what} '{name}' is not a declared column"));
+            }
+        }
+        problems
+    }
+}
+
+/// A registered dataset: its manifest and the table that serves it.
+pub struct Dataset {
+    pub manifest: Manifest,
+    pub provider: Arc<dyn TableProvider>,
+    pub schema: SchemaRef,
+    pub num_rows: u64,
+    /// Size of the data on disk; with `num_rows`, what a scan is metered as.
+    pub num_bytes: u64,
+    pub manifest_path: PathBuf,
+}
+
+impl Dataset {
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    pub fn data_type(&self, column: &str) -> Option<&DataType> {
+        self.schema
+            .field_with_name(column)
+            .ok()
+            .map(|f| f.data_type())
+    }
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    pub datasets: BTreeMap<String, Arc<Dataset>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{0}")]
+    Io(String),
+    #[error("invalid manifests:\n{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+    #[error("dataset '{dataset}': {message}")]
+    Data { dataset: String, message: String },
+}
+
+/// Every `*.json` file directly under `dir`, sorted so loading is deterministic.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, CatalogError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        CatalogError::Io(format!("cannot read catalog folder {}: {e}", dir.display()))
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and validates every manifest, without touching the data.
+pub fn read_manifests(
+    dir: &Path,
+    schemas: &validate::Schemas,
+) -> Result<Vec<(PathBuf, Manifest)>, CatalogError> {
+    let mut problems = Vec::new();
+    let mut manifests = Vec::new();
+    for path in manifest_files(dir)? {
+        match validate::load_validated::<Manifest>(&path, &schemas.dataset) {
+            Ok(m) => {
+                for p in m.semantic_problems() {
+                    problems.push(Problem::new(&path, "", p));
+                }
+                manifests.push((path, m));
+            }
+            Err(mut found) => problems.append(&mut found),
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (path, m) in &manifests {
+        if !ids.insert(m.id.clone()) {
+            problems.push(Problem::new(
+                path,
+                "/id",
+                format!("dataset id '{}' is used twice", m.id),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(manifests)
+    } else {
+        Err(CatalogError::Invalid(problems))
+    }
+}
+
+/// Resolves a manifest's data location: relative to the catalog folder, or absolute.
+pub fn data_location(catalog_dir: &Path, manifest: &Manifest) -> PathBuf {
+    let loc = Path::new(&manifest.source.location);
+    if loc.is_absolute() {
+        loc.to_path_buf()
+    } else {
+        catalog_dir.join(loc)
+    }
+}
+
+impl Catalog {
+    /// Loads every manifest and opens its data. Fails on the first dataset
+    /// whose data does not match its manifest.
+    pub async fn load(dir: &Path, schemas: &validate::Schemas) -> Result<Catalog, CatalogError> {
+        let mut catalog = Catalog::default();
+        for (path, manifest) in read_manifests(dir, schemas)? {
+            let dataset = open_dataset(dir, path, manifest).await?;
+            catalog
+                .datasets
+                .insert(dataset.id().to_string(), Arc::new(dataset));
+        }
+        Ok(catalog)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Dataset>> {
+        self.datasets.get(id)
+    }
+}
+
+pub async fn open_dataset(
+    catalog_dir: &Path,
+    manifest_path: PathBuf,
+    manifest: Manifest,
+) -> Result<Dataset, CatalogError> {
+    let data_err = |message: String| CatalogError::Data {
+        dataset: manifest.id.clone(),
+        message,
+    };
+    let location = data_location(catalog_dir, &manifest);
+    if !location.exists() {
+        return Err(data_err(format!(
+            "data not found at {}",
+            location.display()
+        )));
+    }
+    let location_str = location.to_string_lossy().to_string();
+    let ctx = SessionContext::new();
+    let registered = match manifest.source.format {
+        SourceFormat::Parquet => {
+            ctx.register_parquet("t", &location_str, ParquetReadOptions::default())
+                .await
+        }
+        SourceFormat::Csv => {
+            ctx.register_csv("t", &location_str, CsvReadOptions::new().has_header(true))
+                .await
+        }
+    };
+    registered.map_err(|e| data_err(format!("cannot open data: {e}")))?;
+    let provider = ctx
+        .table_provider("t")
+        .await
+        .map_err(|e| data_err(e.to_string()))?;
+    let schema = provider.schema();
+    for column in &manifest.columns {
+        if schema.field_with_name(&column.name).is_err() {
+            return Err(data_err(format!(
+                "column '{}' is declared but not in the data",
+                column.name
+            )));
+        }
+    }
+    for field in schema.fields() {
+        if manifest.column(field.name()).is_none() {
+            return Err(data_err(format!(
+                "column '{}' is in the data but has no classification in the manifest",
+                field.name()
+            )));
+        }
+    }
+    let num_rows = count_rows(&ctx)
+        .await
+        .map_err(|e| data_err(format!("cannot count rows: {e}")))?;
+    let num_bytes = disk_size(&location);
+    Ok(Dataset {
+        manifest,
+        provider,
+        schema,
+        num_rows,
+        num_bytes,
+        manifest_path,
+    })
+}
+
+async fn count_rows(ctx: &SessionContext) -> datafusion::error::Result<u64> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    let batches = ctx.sql("SELECT COUNT(*) FROM t").await?.collect().await?;
+    let n = batches
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .filter(|a| !a.is_empty())
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0);
+    Ok(n.max(0) as u64)
+}
+
+fn disk_size(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| disk_size(&e.path()))
+                    .sum()
+            })
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Rows made up from the schema and the declared bounds alone: what a buyer
+/// may see of a dataset before access. No real row is read.
+pub fn synthetic_preview(
+    dataset: &Dataset,
+    n: usize,
+) -> (Vec<serde_json::Value>, Vec<Vec<serde_json::Value>>) {
+    use serde_json::{Value, json};
+    let mut rng = crate::demo::Rng::new(0x5EED ^ dataset.id().len() as u64);
+    let columns = dataset
+        .schema
+        .fields()
+        .iter()
+        .map(|f| json!({ "name": f.name(), "type": f.data_type().to_string() }))
+        .collect();
+    let rows = (0..n)
+        .map(|i| {
+            dataset
+                .schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let bounds = dataset
+                        .manifest
+                        .column(f.name())
+                        .and_then(|c| c.bounds)
+                        .unwrap_or([0.0, 100.0]);
+                    let x = bounds[0] + rng.unit() * (bounds[1] - bounds[0]);
+                    match f.data_type() {
+                        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+                            json!(x.round() as i64)
+                        }
+                        DataType::UInt8
+                        | DataType::UInt16
+                        | DataType::UInt32
+                        | DataType::UInt64 => json!(x.round().max(0.0) as u64),
+                        DataType::Float32 | DataType::Float64 => json!((x * 100.0).round() / 100.0),
+                        DataType::Boolean => json!(rng.unit() < 0.5),
+                        DataType::Date32 | DataType::Date64 => {
+                            json!(format!("2025-01-{:02}", 1 + i % 28))
+                        }
+                        DataType::Timestamp(..) => json!(format!("2025-01-01T{:02}:00:00", i % 24)),
+                        _ => Value::String(format!("{}_{}", f.name(), 1 + rng.below(9))),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    (columns, rows)
+}

@@ -1,0 +1,90 @@
+//! Typed configuration: defaults, overridden by an optional JSON file
+//! (`--config`), overridden by command-line flags.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub listen: String,
+    pub catalog_dir: PathBuf,
+    pub policies_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits that protect the server from any single request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest accepted SQL text, in bytes.
+    pub max_sql_bytes: usize,
+    /// Most SQL tokens; bounds expression size and depth before planning.
+    pub max_sql_tokens: usize,
+    /// Deepest parenthesised nesting the parser accepts.
+    pub max_parser_depth: usize,
+    /// Wall-clock limit for one query, in milliseconds.
+    pub query_timeout_ms: u64,
+    /// Memory pool of one query, in bytes; spilling is off.
+    pub query_memory_bytes: usize,
+    /// Most rows one query may scan (known from table statistics before it runs).
+    pub max_rows_scanned: u64,
+    /// Most rows in one answer.
+    pub max_result_rows: usize,
+    /// Queries executing at once; more wait for a slot.
+    pub max_concurrent_queries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 256 * 1024,
+            max_sql_bytes: 64 * 1024,
+            max_sql_tokens: 4_000,
+            max_parser_depth: 50,
+            query_timeout_ms: 30_000,
+            query_memory_bytes: 512 * 1024 * 1024,
+            max_rows_scanned: 200_000_000,
+            max_result_rows: 10_000,
+            max_concurrent_queries: 4,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            catalog_dir: "catalog".into(),
+            policies_dir: "policies".into(),
+            data_dir: "data".into(),
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+}
+
+impl Settings {
+    pub fn load(file: Option<&Path>) -> Result<Settings, String> {
+        match file {
+            None => Ok(Settings::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("invalid config {}: {e}", path.display()))
+            }
+        }
+    }
+}

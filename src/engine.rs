@@ -1,0 +1,227 @@
+//! DataFusion, locked down for untrusted SQL: one parsed SELECT at a time, a
+//! session that holds only the tables of one grant, no table functions, URL
+//! tables, information_schema or recursive CTEs, and execution under a
+//! memory pool (spilling off), a row cap on the answer, and caps on SQL size
+//! that bound expression depth before anything recursive sees it.
+
+use crate::catalog::Dataset;
+use crate::config::Limits;
+use crate::error::ApiError;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, SchemaProvider,
+};
+use datafusion::common::TableReference;
+use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use datafusion::prelude::SessionConfig;
+use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const CATALOG: &str = "datafusion";
+const SCHEMA: &str = "public";
+
+pub struct Engine {
+    template: SessionState,
+    limits: Limits,
+}
+
+/// Maps an engine error to one that is safe to show: engine messages can
+/// quote data values (a failed cast names the string it could not cast), so
+/// none of their text passes.
+pub fn engine_error(e: DataFusionError) -> ApiError {
+    match e.find_root() {
+        DataFusionError::ResourcesExhausted(_) => {
+            ApiError::ResourceLimit("the query exceeded its memory limit".into())
+        }
+        _ => {
+            tracing::debug!(kind = error_kind(&e), "query failed during execution");
+            ApiError::SqlError("the query failed during execution".into())
+        }
+    }
+}
+
+fn error_kind(e: &DataFusionError) -> &'static str {
+    match e.find_root() {
+        DataFusionError::ArrowError(..) => "arrow",
+        DataFusionError::Execution(_) => "execution",
+        DataFusionError::Plan(_) => "plan",
+        DataFusionError::NotImplemented(_) => "not_implemented",
+        DataFusionError::Internal(_) => "internal",
+        _ => "other",
+    }
+}
+
+impl Engine {
+    pub fn new(limits: Limits) -> Engine {
+        let mut config = SessionConfig::new()
+            .with_information_schema(false)
+            .with_create_default_catalog_and_schema(false)
+            .with_default_catalog_and_schema(CATALOG, SCHEMA)
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let options = config.options_mut();
+        options.execution.enable_recursive_ctes = false;
+        let template = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            // No generate_series/range, no CREATE EXTERNAL TABLE factories.
+            .with_table_function_list(Vec::new())
+            .with_table_factories(HashMap::new())
+            .build();
+        Engine { template, limits }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Parses exactly one plain query; anything else is refused before planning.
+    pub fn parse(&self, sql: &str) -> Result<DFStatement, ApiError> {
+        if sql.len() > self.limits.max_sql_bytes {
+            return Err(ApiError::InvalidRequest(format!(
+                "SQL is longer than {} bytes",
+                self.limits.max_sql_bytes
+            )));
+        }
+        let dialect = GenericDialect {};
+        let tokens = Tokenizer::new(&dialect, sql)
+            .tokenize()
+            .map_err(|e| ApiError::SqlError(format!("cannot tokenize SQL: {e}")))?;
+        let significant = tokens
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .count();
+        if significant > self.limits.max_sql_tokens {
+            return Err(ApiError::ResourceLimit(format!(
+                "the query has {significant} tokens; at most {} are allowed",
+                self.limits.max_sql_tokens
+            )));
+        }
+        let mut statements = DFParserBuilder::new(sql)
+            .with_recursion_limit(self.limits.max_parser_depth)
+            .build()
+            .and_then(|mut p| p.parse_statements())
+            .map_err(|e| ApiError::SqlError(format!("cannot parse SQL: {e}")))?;
+        if statements.len() != 1 {
+            return Err(ApiError::StatementNotAllowed(
+                "exactly one SQL statement is allowed".into(),
+            ));
+        }
+        let statement = statements
+            .pop_front()
+            .ok_or_else(|| ApiError::SqlError("no statement".into()))?;
+        match &statement {
+            DFStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)) => {
+                Ok(statement)
+            }
+            _ => Err(ApiError::StatementNotAllowed(
+                "only a single SELECT query is allowed".into(),
+            )),
+        }
+    }
+
+    /// The tables a statement names (CTE names excluded).
+    pub fn table_references(
+        &self,
+        statement: &DFStatement,
+    ) -> Result<Vec<TableReference>, ApiError> {
+        self.template
+            .resolve_table_references(statement)
+            .map_err(|e| ApiError::SqlError(format!("cannot resolve tables: {e}")))
+    }
+
+    /// A session whose catalog holds exactly `tables`.
+    pub fn session(&self, tables: &[Arc<Dataset>]) -> Result<SessionState, ApiError> {
+        let schema = MemorySchemaProvider::new();
+        for d in tables {
+            schema
+                .register_table(d.id().to_string(), d.provider.clone())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        let catalog = MemoryCatalogProvider::new();
+        catalog
+            .register_schema(SCHEMA, Arc::new(schema))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let list = MemoryCatalogProviderList::new();
+        list.register_catalog(CATALOG.to_string(), Arc::new(catalog));
+        let mut state = self.template.clone();
+        state.register_catalog_list(Arc::new(list));
+        Ok(state)
+    }
+
+    pub async fn plan(
+        &self,
+        state: &SessionState,
+        statement: DFStatement,
+    ) -> Result<LogicalPlan, ApiError> {
+        // Planner errors describe the query against the schema (unknown
+        // column, type mismatch of the query's own literals), not data.
+        state
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| match e.find_root() {
+                DataFusionError::Plan(msg)
+                    if msg.contains("table") && msg.contains("not found") =>
+                {
+                    ApiError::SqlError("a table in the query is not available".into())
+                }
+                root => ApiError::SqlError(format!("cannot plan query: {root}")),
+            })
+    }
+
+    /// Runs a plan to completion under the per-query memory pool, refusing
+    /// answers longer than `max_rows`.
+    pub async fn execute(
+        &self,
+        state: &SessionState,
+        plan: &LogicalPlan,
+        max_rows: usize,
+    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), ApiError> {
+        let physical = state
+            .create_physical_plan(plan)
+            .await
+            .map_err(engine_error)?;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.query_memory_bytes, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let task = Arc::new(TaskContext::from(state).with_runtime(runtime));
+        let mut stream = execute_stream(physical.clone(), task).map_err(engine_error)?;
+        let mut batches = Vec::new();
+        let mut rows = 0usize;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(engine_error)?;
+            rows += batch.num_rows();
+            if rows > max_rows {
+                return Err(ApiError::ResourceLimit(format!(
+                    "the answer has more than {max_rows} rows"
+                )));
+            }
+            batches.push(batch);
+        }
+        Ok((batches, physical))
+    }
+}
+
+/// CPU time of all operators of an executed plan, in nanoseconds.
+pub fn cpu_ns(plan: &Arc<dyn ExecutionPlan>) -> u64 {
+    let own = plan
+        .metrics()
+        .and_then(|m| m.elapsed_compute())
+        .unwrap_or(0) as u64;
+    own + plan.children().into_iter().map(cpu_ns).sum::<u64>()
+}

@@ -1,0 +1,157 @@
+//! The one error type every request path returns, and its single mapping to HTTP.
+//!
+//! Messages are schema-level by construction: variants carry table, column,
+//! site and rule names, never a data value. Engine errors (whose text can
+//! quote data, e.g. a failed cast) are turned into [`ApiError::SqlError`] or
+//! [`ApiError::ResourceLimit`] with a fixed message before they get here.
+
+use actix_web::{HttpResponse, ResponseError, http::StatusCode};
+use serde_json::{Value, json};
+
+/// A refusal by the policy engine: the stable rule id plus schema-level facts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub rule: String,
+    pub message: String,
+    pub details: serde_json::Map<String, Value>,
+}
+
+impl Refusal {
+    pub fn new(rule: impl Into<String>, message: impl Into<String>) -> Self {
+        Refusal {
+            rule: rule.into(),
+            message: message.into(),
+            details: serde_json::Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid API key")]
+    Unauthenticated,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    SqlError(String),
+    #[error("{0}")]
+    StatementNotAllowed(String),
+    #[error("table '{0}' does not exist in the catalog")]
+    UnknownTable(String),
+    #[error("{0}")]
+    NoGrant(String),
+    #[error("{}", .0.message)]
+    PolicyViolation(Refusal),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
+    BudgetExhausted(String),
+    #[error("{0}")]
+    ResourceLimit(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        ApiError::PolicyViolation(r)
+    }
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge(_) => "invalid_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::SqlError(_) => "sql_error",
+            ApiError::StatementNotAllowed(_) => "statement_not_allowed",
+            ApiError::UnknownTable(_) => "unknown_table",
+            ApiError::NoGrant(_) => "no_grant",
+            ApiError::PolicyViolation(_) => "policy_violation",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
+            ApiError::BudgetExhausted(_) => "budget_exhausted",
+            ApiError::ResourceLimit(_) => "resource_limit",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The rule id recorded in the usage log for refusals.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            ApiError::PolicyViolation(r) => Some(&r.rule),
+            _ => None,
+        }
+    }
+
+    pub fn details(&self) -> Value {
+        match self {
+            ApiError::PolicyViolation(r) => {
+                let mut d = r.details.clone();
+                d.insert("rule".into(), Value::from(r.rule.clone()));
+                Value::Object(d)
+            }
+            ApiError::UnknownTable(t) => json!({ "table": t }),
+            _ => json!({}),
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        let message = match self {
+            // The cause of an internal error goes to the log, never to the client.
+            ApiError::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
+        };
+        json!({ "error": { "code": self.code(), "message": message, "details": self.details() } })
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) | ApiError::NoGrant(_) | ApiError::PolicyViolation(_) => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::InvalidRequest(_)
+            | ApiError::SqlError(_)
+            | ApiError::StatementNotAllowed(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) | ApiError::UnknownTable(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::QuotaExceeded(_) | ApiError::BudgetExhausted(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::ResourceLimit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(cause) = self {
+            tracing::error!(cause = %cause, "internal error");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthenticated) {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        response.json(self.body())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}

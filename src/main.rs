@@ -1,0 +1,366 @@
+//! The `frostglass` command line: serve the sandbox, manage principals and
+//! grants, generate demo data, check manifests and policies.
+
+use clap::{Parser, Subcommand};
+use frostglass::catalog::{self, Catalog};
+use frostglass::config::Settings;
+use frostglass::policy::Policies;
+use frostglass::startup::{self, Application};
+use frostglass::store::{NewGrant, Principal, Role, Store};
+use frostglass::validate::{Problem, Schemas};
+use frostglass::{auth, demo, telemetry};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "frostglass",
+    version,
+    about = "A privacy-preserving data trading sandbox"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the sandbox server (generates demo data and demo keys on first start).
+    Serve {
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// JSON configuration file (see README, "Configuration").
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage principals.
+    Principal {
+        #[command(subcommand)]
+        command: PrincipalCommand,
+    },
+    /// Manage grants.
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
+    },
+    /// (Re)generate the deterministic demo data.
+    DemoData {
+        #[arg(long, default_value = "catalog")]
+        catalog: PathBuf,
+        /// Multiplies every row count (e.g. 10 for benchmarks, 0.05 for quick tests).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// Validate every manifest and policy file against schemas/.
+    Check {
+        #[arg(long, default_value = "catalog")]
+        catalog: PathBuf,
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrincipalCommand {
+    /// Add a principal; prints its API key alone on the last line.
+    Add {
+        id: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long, default_value = "CN")]
+        region: String,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Grant a buyer access to datasets for a purpose; prints the grant id on the last line.
+    Add {
+        #[arg(long)]
+        buyer: String,
+        #[arg(long = "dataset", required = true)]
+        datasets: Vec<String>,
+        #[arg(long)]
+        purpose: String,
+        #[arg(long)]
+        queries_per_day: Option<u64>,
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// RFC 3339 timestamp after which the grant is inactive.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Reference of an approved cross-border assessment, for important data abroad.
+        #[arg(long)]
+        cross_border_assessment: Option<String>,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "catalog")]
+        catalog: PathBuf,
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            listen,
+            catalog,
+            policies,
+            data_dir,
+            config,
+        } => serve(listen, catalog, policies, data_dir, config),
+        Command::Principal {
+            command:
+                PrincipalCommand::Add {
+                    id,
+                    role,
+                    org,
+                    region,
+                    data_dir,
+                },
+        } => add_principal(id, role, org, region, &data_dir),
+        Command::Grant { command } => add_grant(command),
+        Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
+        Command::Check { catalog, policies } => check(&catalog, &policies),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    listen: Option<String>,
+    catalog: Option<PathBuf>,
+    policies: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<(), String> {
+    telemetry::init();
+    let mut settings = Settings::load(config.as_deref())?;
+    if let Some(l) = listen {
+        settings.listen = l;
+    }
+    if let Some(c) = catalog {
+        settings.catalog_dir = c;
+    }
+    if let Some(p) = policies {
+        settings.policies_dir = p;
+    }
+    if let Some(d) = data_dir {
+        settings.data_dir = d;
+    }
+    demo_data(&settings.catalog_dir, 1.0, false)?;
+    let rt = actix_web::rt::System::new();
+    rt.block_on(async move {
+        first_start(&settings).await?;
+        let app = Application::build(settings.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "Frostglass is serving on http://{}",
+            with_port(&settings.listen, app.port())
+        );
+        eprintln!("  catalog:  {}", settings.catalog_dir.display());
+        eprintln!("  policies: {}", settings.policies_dir.display());
+        eprintln!(
+            "  data:     {} (state, usage log)",
+            settings.data_dir.display()
+        );
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}
+
+fn with_port(listen: &str, port: u16) -> String {
+    match listen.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{port}"),
+        None => listen.to_string(),
+    }
+}
+
+/// On a first start (no principals yet) creates the demo principals and prints their keys once.
+async fn first_start(settings: &Settings) -> Result<(), String> {
+    let store = Store::open(&settings.data_dir).map_err(|e| e.to_string())?;
+    if store.principal_count().map_err(|e| e.to_string())? > 0 {
+        return Ok(());
+    }
+    let schemas = Schemas::compiled();
+    let policies = Policies::load(&settings.policies_dir, &schemas).map_err(problems_text)?;
+    let catalog = Catalog::load(&settings.catalog_dir, &schemas)
+        .await
+        .map_err(|e| e.to_string())?;
+    let keys = startup::bootstrap_demo_principals(&store, &catalog, &policies)
+        .map_err(|e| e.to_string())?;
+    let path = settings.data_dir.join("demo-keys.txt");
+    startup::write_keys_file(&path, &keys)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!(
+        "First start: created DEMO principals. These keys are shown once and saved (mode 0600) to {}:",
+        path.display()
+    );
+    for (id, role, key) in &keys.keys {
+        println!("  {id:<26} {:<8} {key}", role.as_str());
+    }
+    println!(
+        "The demo buyer holds a grant on every non-core dataset for purpose public_health_research."
+    );
+    Ok(())
+}
+
+fn problems_text(problems: Vec<Problem>) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn add_principal(
+    id: String,
+    role: Role,
+    org: Option<String>,
+    region: String,
+    data_dir: &Path,
+) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err("principal id must be 1 to 128 characters".into());
+    }
+    if region.len() != 2 || !region.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err("region must be a two-letter upper-case country code".into());
+    }
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let key = auth::generate_key();
+    let principal = Principal {
+        id: id.clone(),
+        role,
+        org,
+        region,
+    };
+    store
+        .add_principal(&principal, &auth::key_hash(&key))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "added {} principal {id}; its API key (shown once):",
+        role.as_str()
+    );
+    println!("{key}");
+    Ok(())
+}
+
+fn add_grant(command: GrantCommand) -> Result<(), String> {
+    let GrantCommand::Add {
+        buyer,
+        datasets,
+        purpose,
+        queries_per_day,
+        epsilon,
+        expires,
+        cross_border_assessment,
+        data_dir,
+        catalog,
+        policies,
+    } = command;
+    if let Some(e) = &expires {
+        chrono::DateTime::parse_from_rfc3339(e)
+            .map_err(|_| "--expires must be an RFC 3339 timestamp".to_string())?;
+    }
+    if epsilon.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
+        return Err("--epsilon must be a non-negative number".into());
+    }
+    let schemas = Schemas::compiled();
+    let policies = Policies::load(&policies, &schemas).map_err(problems_text)?;
+    policies.check_purpose(&purpose).map_err(|r| r.message)?;
+    let manifests = catalog::read_manifests(&catalog, &schemas).map_err(|e| e.to_string())?;
+    for d in &datasets {
+        let (_, m) = manifests
+            .iter()
+            .find(|(_, m)| &m.id == d)
+            .ok_or_else(|| format!("no dataset '{d}' in {}", catalog.display()))?;
+        if !policies.levels.rule(m.level).external_buyers {
+            return Err(format!(
+                "dataset '{d}' is {} data; no external buyer may be granted it",
+                m.level.as_str()
+            ));
+        }
+    }
+    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
+    let expires_at = expires.map(|e| {
+        chrono::DateTime::parse_from_rfc3339(&e)
+            .map(|t| {
+                t.with_timezone(&chrono::Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            })
+            .unwrap_or(e)
+    });
+    let grant = NewGrant {
+        buyer,
+        datasets,
+        purpose,
+        queries_per_day,
+        epsilon,
+        expires_at,
+        cross_border_assessment,
+    };
+    let id = store.add_grant(&grant).map_err(|e| e.to_string())?;
+    println!(
+        "granted {} access to {} for {}:",
+        grant.buyer,
+        grant.datasets.join(", "),
+        grant.purpose
+    );
+    println!("{id}");
+    Ok(())
+}
+
+/// Generates demo data: always when `force`, else only the files that are missing.
+fn demo_data(catalog_dir: &Path, scale: f64, force: bool) -> Result<(), String> {
+    let schemas = Schemas::compiled();
+    let manifests = catalog::read_manifests(catalog_dir, &schemas).map_err(|e| e.to_string())?;
+    let targets: Vec<_> = demo::demo_targets(catalog_dir, &manifests)
+        .into_iter()
+        .filter(|(_, path)| force || !path.exists())
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    eprintln!("Generating demo data (scale {scale}, fixed seed):");
+    demo::generate(&targets, scale, |line| eprintln!("{line}"))
+}
+
+fn check(catalog_dir: &Path, policies_dir: &Path) -> Result<(), String> {
+    let schemas = Schemas::compiled();
+    let mut problems = Vec::new();
+    let mut manifests = 0;
+    match catalog::read_manifests(catalog_dir, &schemas) {
+        Ok(found) => manifests = found.len(),
+        Err(catalog::CatalogError::Invalid(found)) => problems.extend(found),
+        Err(e) => return Err(e.to_string()),
+    }
+    if let Err(found) = Policies::load(policies_dir, &schemas) {
+        problems.extend(found);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        println!("ok: {manifests} manifests and 3 policy files are valid");
+        Ok(())
+    } else {
+        Err(format!("{} problem(s) found", problems.len()))
+    }
+}

@@ -1,0 +1,492 @@
+//! The query pipeline, top to bottom:
+//! parse → resolve the grant → plan in a session holding only the grant's
+//! tables → policy check → split at the release aggregates → execute under
+//! limits → threshold → run the rest on released values → meter → append the
+//! usage entry durably → answer with a receipt.
+//!
+//! Refusals are recorded too; nothing is answered before its entry is on disk.
+
+use crate::catalog::Dataset;
+use crate::error::ApiError;
+use crate::ledger::sha256_hex;
+use crate::metering::{self, Usage};
+use crate::policy::check::{self, Requester};
+use crate::release;
+use crate::startup::Sandbox;
+use crate::store::{Appended, Grant, LogEntry, Principal, Role, new_id, now_rfc3339};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::logical_expr::LogicalPlan;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QueryRequest {
+    pub sql: String,
+    #[serde(default)]
+    pub grant: Option<String>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+    #[serde(default)]
+    pub format: Option<Format>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// How a release was made, as the buyer sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseSummary {
+    pub mechanism: &'static str,
+    pub min_group_size: Option<u64>,
+    pub released_groups: u64,
+    pub suppressed_groups: u64,
+    pub noise: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Receipt {
+    pub ledger_index: u64,
+    pub entry_hash: String,
+    pub tree_size: u64,
+}
+
+/// An answered query: released values only.
+pub struct Answer {
+    pub query_id: String,
+    pub grant: String,
+    pub purpose: String,
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub rows: Vec<Vec<Value>>,
+    pub release: ReleaseSummary,
+    pub usage: Usage,
+    pub receipt: Receipt,
+}
+
+pub enum Outcome {
+    Answer(Box<Answer>),
+    DryRun(Value),
+}
+
+/// Facts gathered along the way, for the usage entry of a refusal as much as of an answer.
+#[derive(Default)]
+struct Trace {
+    grant: Option<String>,
+    purpose: Option<String>,
+    datasets: BTreeSet<String>,
+}
+
+struct Prepared {
+    grant: Grant,
+    session: datafusion::execution::session_state::SessionState,
+    split: release::ReleasePlan,
+    scanned: Vec<Arc<Dataset>>,
+}
+
+struct Executed {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    release: ReleaseSummary,
+    cpu_ns: u64,
+}
+
+pub async fn run(
+    sandbox: Arc<Sandbox>,
+    principal: Principal,
+    request: QueryRequest,
+) -> Result<Outcome, ApiError> {
+    let started = Instant::now();
+    let query_id = new_id("q");
+    let mut trace = Trace::default();
+    let timeout = Duration::from_millis(sandbox.settings.limits.query_timeout_ms);
+    let result =
+        match tokio::time::timeout(timeout, answer(&sandbox, &principal, &request, &mut trace))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::ResourceLimit(format!(
+                "the query ran longer than {} ms and was cancelled",
+                timeout.as_millis()
+            ))),
+        };
+    match result {
+        Ok(Step::DryRun(outline)) => Ok(Outcome::DryRun(outline)),
+        Ok(Step::Done(prepared, executed)) => {
+            let answer = finish(
+                &sandbox, &principal, &request, query_id, started, prepared, executed,
+            )
+            .await?;
+            Ok(Outcome::Answer(Box::new(answer)))
+        }
+        Err(e) => {
+            record_refusal(&sandbox, &principal, &request, &query_id, &trace, &e).await?;
+            Err(e)
+        }
+    }
+}
+
+enum Step {
+    DryRun(Value),
+    Done(Box<Prepared>, Executed),
+}
+
+async fn answer(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    request: &QueryRequest,
+    trace: &mut Trace,
+) -> Result<Step, ApiError> {
+    if principal.role != Role::Buyer {
+        return Err(ApiError::Forbidden("only buyers run queries".into()));
+    }
+    sandbox.policies.check_principal(&principal.id)?;
+    let prepared = prepare(sandbox, principal, request, trace).await?;
+    if request.dry_run {
+        return Ok(Step::DryRun(outline(sandbox, &prepared)));
+    }
+    let _slot = sandbox
+        .query_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal("query slots closed".into()))?;
+    let executed = execute(sandbox, &prepared).await?;
+    Ok(Step::Done(Box::new(prepared), executed))
+}
+
+async fn prepare(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    request: &QueryRequest,
+    trace: &mut Trace,
+) -> Result<Prepared, ApiError> {
+    let engine = &sandbox.engine;
+    let statement = engine.parse(&request.sql)?;
+    let mut named = Vec::new();
+    for reference in engine.table_references(&statement)? {
+        let name = reference.table();
+        let dataset = sandbox
+            .catalog
+            .get(name)
+            .ok_or_else(|| ApiError::UnknownTable(name.to_string()))?;
+        check::level_access(&sandbox.policies, dataset)?;
+        trace.datasets.insert(dataset.id().to_string());
+        named.push(dataset.clone());
+    }
+    let grant = choose_grant(sandbox, principal, request, &named)?;
+    trace.grant = Some(grant.id.clone());
+    trace.purpose = Some(grant.purpose.clone());
+    sandbox.policies.check_purpose(&grant.purpose)?;
+    if let Some(limit) = grant.queries_per_day
+        && sandbox.store.answered_today(&grant.id)? >= limit
+    {
+        return Err(ApiError::QuotaExceeded(format!(
+            "the grant's quota of {limit} queries per day is used up"
+        )));
+    }
+    let tables: Vec<Arc<Dataset>> = grant
+        .datasets
+        .iter()
+        .filter_map(|d| sandbox.catalog.get(d).cloned())
+        .collect();
+    let session = engine.session(&tables)?;
+    let plan = engine.plan(&session, statement).await?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|_| {
+            ApiError::StatementNotAllowed("only a single SELECT query is allowed".into())
+        })?;
+    let requester = Requester {
+        region: &principal.region,
+        cross_border_assessment: grant.cross_border_assessment.is_some(),
+    };
+    check::check(&plan, &sandbox.catalog, &sandbox.policies, &requester)?;
+    let scanned = scanned_datasets(sandbox, &plan);
+    let rows: u64 = scanned.iter().map(|d| d.num_rows).sum();
+    let cap = sandbox.settings.limits.max_rows_scanned;
+    if rows > cap {
+        return Err(ApiError::ResourceLimit(format!(
+            "the query would scan {rows} rows; at most {cap} are allowed"
+        )));
+    }
+    let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
+    Ok(Prepared {
+        grant,
+        session,
+        split,
+        scanned,
+    })
+}
+
+/// The buyer's active grant that covers every named table (and the requested grant or purpose, if any).
+fn choose_grant(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    request: &QueryRequest,
+    named: &[Arc<Dataset>],
+) -> Result<Grant, ApiError> {
+    let now = now_rfc3339();
+    let grants = sandbox.store.grants_of(&principal.id)?;
+    let candidates: Vec<&Grant> = grants
+        .iter()
+        .filter(|g| g.is_active(&now))
+        .filter(|g| request.grant.as_deref().is_none_or(|id| id == g.id))
+        .filter(|g| request.purpose.as_deref().is_none_or(|p| p == g.purpose))
+        .collect();
+    if let Some(g) = candidates
+        .iter()
+        .find(|g| named.iter().all(|d| g.covers(d.id())))
+    {
+        return Ok((*g).clone());
+    }
+    let uncovered: Vec<&str> = named
+        .iter()
+        .map(|d| d.id())
+        .filter(|d| !candidates.iter().any(|g| g.covers(d)))
+        .collect();
+    let message = match (request.grant.as_deref(), uncovered.is_empty()) {
+        (Some(id), _) if candidates.is_empty() => {
+            format!("grant '{id}' is not an active grant of yours for this purpose")
+        }
+        (_, false) => format!("no active grant covers: {}", uncovered.join(", ")),
+        (_, true) => "no single active grant covers all tables of the query".to_string(),
+    };
+    Err(ApiError::NoGrant(message))
+}
+
+/// Every dataset scan in the plan, once per scan (a self-join reads twice).
+fn scanned_datasets(sandbox: &Sandbox, plan: &LogicalPlan) -> Vec<Arc<Dataset>> {
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(d) = sandbox.catalog.get(scan.table_name.table())
+        {
+            out.push(d.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
+
+fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
+    let releases: Vec<Value> = p
+        .split
+        .jobs
+        .iter()
+        .map(|j| json!({ "datasets": j.datasets, "min_group_size": j.min_group_size, "counts": if j.counts_rows { "rows" } else { "distinct_privacy_units" } }))
+        .collect();
+    let usage = estimate(sandbox, p);
+    json!({
+        "decision": "allowed",
+        "grant": p.grant.id,
+        "purpose": p.grant.purpose,
+        "releases": releases,
+        "estimated_usage": usage,
+    })
+}
+
+/// Rows and bytes a query is metered for: whole tables per scan, from the
+/// catalog, so the figures never depend on what a filter matched.
+fn estimate(sandbox: &Sandbox, p: &Prepared) -> Usage {
+    let rows_scanned = p.scanned.iter().map(|d| d.num_rows).sum();
+    let bytes_scanned = p.scanned.iter().map(|d| d.num_bytes).sum();
+    let mut charge = 0i128;
+    let mut currency = None;
+    for d in &p.scanned {
+        if let Some(pricing) = &d.manifest.pricing {
+            charge += metering::price(
+                &pricing.per_query,
+                &pricing.per_million_rows_scanned,
+                d.num_rows,
+            )
+            .unwrap_or(0);
+            currency.get_or_insert_with(|| pricing.currency.clone());
+        }
+    }
+    let _ = sandbox;
+    Usage {
+        rows_scanned,
+        bytes_scanned,
+        charge: metering::format_money(charge),
+        currency,
+        ..Usage::default()
+    }
+}
+
+async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> {
+    let engine = &sandbox.engine;
+    let limits = &sandbox.settings.limits;
+    let mut cpu = 0u64;
+    let mut filled = Vec::new();
+    let (mut released_groups, mut suppressed_groups) = (0u64, 0u64);
+    let mut min_group_size: Option<u64> = None;
+    for job in &p.split.jobs {
+        let max_groups = job
+            .max_groups
+            .map_or(limits.max_result_rows.saturating_mul(100), |m| m as usize);
+        let (batches, physical) = engine.execute(&p.session, &job.plan, max_groups).await?;
+        cpu += crate::engine::cpu_ns(&physical);
+        let released = release::threshold(batches, job.min_group_size, &job.schema)?;
+        released_groups += released.released_groups;
+        suppressed_groups += released.suppressed_groups;
+        min_group_size =
+            Some(min_group_size.map_or(job.min_group_size, |m| m.max(job.min_group_size)));
+        let table = MemTable::try_new(job.schema.clone(), vec![released.batches])
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        filled.push((job.slot.clone(), Arc::new(table)));
+    }
+    let upper = release::fill(p.split.upper.clone(), filled)?;
+    let (batches, physical) = engine
+        .execute(&p.session, &upper, limits.max_result_rows)
+        .await?;
+    cpu += crate::engine::cpu_ns(&physical);
+    let release = ReleaseSummary {
+        mechanism: if p.split.jobs.is_empty() {
+            "none"
+        } else {
+            "threshold"
+        },
+        min_group_size,
+        released_groups,
+        suppressed_groups,
+        noise: None,
+    };
+    Ok(Executed {
+        schema: physical.schema(),
+        batches,
+        release,
+        cpu_ns: cpu,
+    })
+}
+
+async fn finish(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    request: &QueryRequest,
+    query_id: String,
+    started: Instant,
+    p: Box<Prepared>,
+    e: Executed,
+) -> Result<Answer, ApiError> {
+    let rows = crate::api::format::json_rows(&e.batches)?;
+    let mut usage = estimate(sandbox, &p);
+    usage.cpu_ms = e.cpu_ns / 1_000_000;
+    usage.wall_ms = started.elapsed().as_millis() as u64;
+    usage.groups_released = e.release.released_groups;
+    usage.groups_suppressed = e.release.suppressed_groups;
+    usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
+    let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
+    let datasets: BTreeSet<&str> = p.scanned.iter().map(|d| d.id()).collect();
+    let body = json!({
+        "v": 1,
+        "kind": "query",
+        "query_id": query_id,
+        "at": now_rfc3339(),
+        "principal": principal.id,
+        "grant": p.grant.id,
+        "purpose": p.grant.purpose,
+        "datasets": datasets,
+        "sql_sha256": sha256_hex(request.sql.as_bytes()),
+        "decision": "answered",
+        "release": e.release,
+        "usage": usage,
+        "result_sha256": result_sha256,
+    });
+    let appended = append(
+        sandbox,
+        principal,
+        Some(&p.grant.id),
+        "answered",
+        body,
+        &request.sql,
+    )
+    .await?;
+    Ok(Answer {
+        query_id,
+        grant: p.grant.id.clone(),
+        purpose: p.grant.purpose.clone(),
+        schema: e.schema,
+        batches: e.batches,
+        rows,
+        release: e.release,
+        usage,
+        receipt: Receipt {
+            ledger_index: appended.index,
+            entry_hash: appended.entry_hash,
+            tree_size: appended.index + 1,
+        },
+    })
+}
+
+async fn record_refusal(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    request: &QueryRequest,
+    query_id: &str,
+    trace: &Trace,
+    error: &ApiError,
+) -> Result<(), ApiError> {
+    let body = json!({
+        "v": 1,
+        "kind": "query",
+        "query_id": query_id,
+        "at": now_rfc3339(),
+        "principal": principal.id,
+        "grant": trace.grant,
+        "purpose": trace.purpose,
+        "datasets": trace.datasets,
+        "sql_sha256": sha256_hex(request.sql.as_bytes()),
+        "decision": "refused",
+        "code": error.code(),
+        "rule": error.rule(),
+    });
+    append(
+        sandbox,
+        principal,
+        trace.grant.as_deref(),
+        "refused",
+        body,
+        &request.sql,
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn append(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    grant: Option<&str>,
+    decision: &'static str,
+    body: Value,
+    sql: &str,
+) -> Result<Appended, ApiError> {
+    let entry = LogEntry {
+        kind: "query",
+        principal: Some(principal.id.clone()),
+        grant: grant.map(str::to_string),
+        decision,
+        body: body.to_string(),
+        sql: Some(sql.to_string()),
+    };
+    let store = sandbox.store.clone();
+    tokio::task::spawn_blocking(move || store.append(&entry))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}

@@ -1,0 +1,608 @@
+//! Release: the only way aggregates of protected data leave the sandbox.
+//!
+//! The plan is split at each *release aggregate* — the lowest aggregate above
+//! a protected scan. Each one runs on its own with one extra hidden output,
+//! the number of distinct privacy units behind every group (rows, for
+//! non-personal data with a threshold). Groups under the threshold are
+//! dropped, and only then does the rest of the query (HAVING, ORDER BY,
+//! LIMIT, arithmetic, joins of released results) run — on released values,
+//! never on exact ones.
+
+use crate::catalog::Catalog;
+use crate::error::{ApiError, Refusal};
+use crate::policy::Policies;
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::TableProvider;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, TableReference};
+use datafusion::datasource::{MemTable, empty::EmptyTable, provider_as_source};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{
+    Aggregate, Expr, Join, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias, Union, lit,
+};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+/// The hidden column that carries each row's privacy unit up to the release aggregate.
+const UNIT: &str = "__fg_unit";
+/// The hidden per-group count of distinct units the threshold is applied to.
+const UNITS: &str = "__fg_units";
+
+/// One release aggregate, ready to run.
+pub struct ReleaseJob {
+    /// The placeholder table standing for this aggregate's released output.
+    pub slot: String,
+    /// The aggregate with the hidden unit count as its last column.
+    pub plan: LogicalPlan,
+    /// The aggregate's own output schema (without the hidden column).
+    pub schema: SchemaRef,
+    pub min_group_size: u64,
+    pub max_groups: Option<u64>,
+    pub datasets: BTreeSet<String>,
+    pub counts_rows: bool,
+}
+
+pub struct ReleasePlan {
+    /// The query with each release aggregate replaced by a placeholder table.
+    pub upper: LogicalPlan,
+    pub jobs: Vec<ReleaseJob>,
+}
+
+/// What a release job's threshold let through.
+pub struct Released {
+    pub batches: Vec<RecordBatch>,
+    pub released_groups: u64,
+    pub suppressed_groups: u64,
+}
+
+pub fn split(
+    plan: &LogicalPlan,
+    catalog: &Catalog,
+    policies: &Policies,
+) -> Result<ReleasePlan, ApiError> {
+    let mut splitter = Splitter {
+        catalog,
+        policies,
+        jobs: Vec::new(),
+    };
+    let (upper, unreleased) = splitter.visit(plan)?;
+    if unreleased {
+        // The policy check refuses row-level output of protected data first;
+        // reaching this means the two disagree, which must not release anything.
+        return Err(ApiError::Internal(
+            "protected rows reached the output unreleased".into(),
+        ));
+    }
+    Ok(ReleasePlan {
+        upper,
+        jobs: splitter.jobs,
+    })
+}
+
+struct Splitter<'a> {
+    catalog: &'a Catalog,
+    policies: &'a Policies,
+    jobs: Vec<ReleaseJob>,
+}
+
+/// A subtree with the privacy unit threaded through it.
+struct Threaded {
+    plan: LogicalPlan,
+    /// Present when personal rows flow through: the unit's column name and
+    /// the output columns that hold it verbatim.
+    unit: Option<(String, HashSet<Column>)>,
+    /// Protected non-personal rows flow through: the threshold counts rows.
+    rows_guarded: bool,
+    datasets: BTreeSet<String>,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn refuse(rule: &str, message: &str) -> ApiError {
+    Refusal::new(rule, message).into()
+}
+
+impl Splitter<'_> {
+    /// Returns the rewritten subtree and whether protected rows leave it unaggregated.
+    fn visit(&mut self, plan: &LogicalPlan) -> Result<(LogicalPlan, bool), ApiError> {
+        if let LogicalPlan::TableScan(scan) = plan {
+            let guarded = self
+                .catalog
+                .get(scan.table_name.table())
+                .is_some_and(|d| d.manifest.is_guarded());
+            return Ok((plan.clone(), guarded));
+        }
+        let mut inputs = Vec::new();
+        let mut unreleased = false;
+        let mut changed = false;
+        for input in plan.inputs() {
+            let (new, guarded) = self.visit(input)?;
+            changed |= &new != input;
+            unreleased |= guarded;
+            inputs.push(new);
+        }
+        if let (LogicalPlan::Aggregate(agg), true) = (plan, unreleased) {
+            return Ok((self.release_aggregate(agg, inputs.remove(0))?, false));
+        }
+        let rebuilt = if changed {
+            plan.with_new_exprs(plan.expressions(), inputs)
+                .map_err(internal)?
+        } else {
+            plan.clone()
+        };
+        Ok((rebuilt, unreleased))
+    }
+
+    fn release_aggregate(
+        &mut self,
+        agg: &Aggregate,
+        input: LogicalPlan,
+    ) -> Result<LogicalPlan, ApiError> {
+        let threaded = self.thread(&input)?;
+        let units = match (&threaded.unit, threaded.rows_guarded) {
+            (Some(_), true) => {
+                return Err(refuse(
+                    "unsupported_query_shape",
+                    "personal and non-personal protected datasets cannot be combined in one aggregate",
+                ));
+            }
+            (Some(_), false) => {
+                let unit_col = unit_column(&threaded.plan)?;
+                count_distinct(Expr::Column(unit_col)).alias(UNITS)
+            }
+            (None, _) => count(lit(1i64)).alias(UNITS),
+        };
+        let mut aggr_expr = agg.aggr_expr.clone();
+        aggr_expr.push(units);
+        let job_plan = LogicalPlan::Aggregate(
+            Aggregate::try_new(Arc::new(threaded.plan), agg.group_expr.clone(), aggr_expr)
+                .map_err(internal)?,
+        );
+        let datasets = threaded.datasets;
+        let mut min_group_size = 1;
+        let mut max_groups: Option<u64> = None;
+        for id in &datasets {
+            if let Some(d) = self.catalog.get(id).filter(|d| d.manifest.is_guarded()) {
+                min_group_size = min_group_size.max(self.policies.min_group_size(&d.manifest));
+                if let Some(m) = d.manifest.release.max_groups {
+                    max_groups = Some(max_groups.map_or(m, |x| x.min(m)));
+                }
+            }
+        }
+        let slot = format!("__fg_release_{}", self.jobs.len());
+        let schema = Arc::new(agg.schema.as_arrow().clone());
+        let placeholder = slot_scan(&slot, Arc::new(EmptyTable::new(schema.clone())), agg)?;
+        self.jobs.push(ReleaseJob {
+            slot,
+            plan: job_plan,
+            schema,
+            min_group_size,
+            max_groups,
+            datasets,
+            counts_rows: threaded.unit.is_none(),
+        });
+        Ok(placeholder)
+    }
+
+    /// Rewrites the input of a release aggregate so every row carries its
+    /// privacy unit in a hidden column, through projections, aliases,
+    /// filters, joins and unions.
+    fn thread(&self, plan: &LogicalPlan) -> Result<Threaded, ApiError> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let dataset = self.catalog.get(scan.table_name.table());
+                let mut datasets = BTreeSet::new();
+                let Some(dataset) = dataset else {
+                    return Ok(Threaded {
+                        plan: plan.clone(),
+                        unit: None,
+                        rows_guarded: false,
+                        datasets,
+                    });
+                };
+                datasets.insert(dataset.id().to_string());
+                let m = &dataset.manifest;
+                match &m.privacy_unit {
+                    Some(unit) => {
+                        let unit_col = Column::new(Some(scan.table_name.clone()), unit);
+                        let mut exprs: Vec<Expr> = plan
+                            .schema()
+                            .columns()
+                            .into_iter()
+                            .map(Expr::Column)
+                            .collect();
+                        exprs.push(
+                            Expr::Column(unit_col.clone())
+                                .alias_qualified(Some(scan.table_name.clone()), UNIT),
+                        );
+                        let projected = project(exprs, plan.clone())?;
+                        let aliases = HashSet::from([
+                            unit_col,
+                            Column::new(Some(scan.table_name.clone()), UNIT),
+                        ]);
+                        Ok(Threaded {
+                            plan: projected,
+                            unit: Some((unit.clone(), aliases)),
+                            rows_guarded: false,
+                            datasets,
+                        })
+                    }
+                    None => Ok(Threaded {
+                        plan: plan.clone(),
+                        unit: None,
+                        rows_guarded: m.is_guarded(),
+                        datasets,
+                    }),
+                }
+            }
+            LogicalPlan::Projection(p) => {
+                let t = self.thread(&p.input)?;
+                let Some((name, aliases)) = &t.unit else {
+                    return t.rebuild_single(plan);
+                };
+                let mut exprs = p.expr.clone();
+                exprs.push(Expr::Column(unit_column(&t.plan)?));
+                let projected = project(exprs, t.plan.clone())?;
+                let mut out = HashSet::new();
+                for (i, e) in p.expr.iter().enumerate() {
+                    if let Expr::Column(c) = strip_alias(e)
+                        && aliases.contains(c)
+                    {
+                        out.insert(Column::from(projected.schema().qualified_field(i)));
+                    }
+                }
+                out.insert(unit_column(&projected)?);
+                Ok(Threaded {
+                    plan: projected,
+                    unit: Some((name.clone(), out)),
+                    ..t
+                })
+            }
+            LogicalPlan::SubqueryAlias(a) => {
+                let t = self.thread(&a.input)?;
+                let alias = a.alias.clone();
+                let plan = LogicalPlan::SubqueryAlias(
+                    SubqueryAlias::try_new(Arc::new(t.plan), alias.clone()).map_err(internal)?,
+                );
+                let unit = t.unit.map(|(name, aliases)| {
+                    let requalified = aliases
+                        .into_iter()
+                        .map(|c| Column::new(Some(alias.clone()), c.name))
+                        .collect();
+                    (name, requalified)
+                });
+                Ok(Threaded {
+                    plan,
+                    unit,
+                    rows_guarded: t.rows_guarded,
+                    datasets: t.datasets,
+                })
+            }
+            LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::Repartition(_) => {
+                let input = plan.inputs()[0];
+                self.thread(input)?.rebuild_single(plan)
+            }
+            LogicalPlan::Join(j) => self.thread_join(j),
+            LogicalPlan::Union(u) => {
+                let threaded: Vec<Threaded> = u
+                    .inputs
+                    .iter()
+                    .map(|i| self.thread(i))
+                    .collect::<Result<_, _>>()?;
+                let with_unit = threaded.iter().filter(|t| t.unit.is_some()).count();
+                if with_unit != 0 && with_unit != threaded.len() {
+                    return Err(refuse(
+                        "unsupported_query_shape",
+                        "a UNION must combine personal data only with personal data of the same privacy unit",
+                    ));
+                }
+                let names: BTreeSet<&String> = threaded
+                    .iter()
+                    .filter_map(|t| t.unit.as_ref().map(|u| &u.0))
+                    .collect();
+                if names.len() > 1 {
+                    return Err(refuse(
+                        "unsupported_query_shape",
+                        "a UNION combines different privacy units",
+                    ));
+                }
+                let name = names.into_iter().next().cloned();
+                let rows_guarded = threaded.iter().any(|t| t.rows_guarded);
+                let datasets = threaded
+                    .iter()
+                    .flat_map(|t| t.datasets.iter().cloned())
+                    .collect();
+                let inputs = threaded.into_iter().map(|t| Arc::new(t.plan)).collect();
+                let plan =
+                    LogicalPlan::Union(Union::try_new_with_loose_types(inputs).map_err(internal)?);
+                let unit = match name {
+                    Some(name) => Some((name, HashSet::from([unit_column(&plan)?]))),
+                    None => None,
+                };
+                Ok(Threaded {
+                    plan,
+                    unit,
+                    rows_guarded,
+                    datasets,
+                })
+            }
+            // Subtrees without protected rows (values, aggregates of open data) need no unit.
+            LogicalPlan::Aggregate(_) | LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+                Ok(Threaded {
+                    plan: plan.clone(),
+                    unit: None,
+                    rows_guarded: false,
+                    datasets: BTreeSet::new(),
+                })
+            }
+            LogicalPlan::Subquery(s) => self.thread(&s.subquery),
+            _ => Err(refuse(
+                "unsupported_query_shape",
+                "this query shape cannot be released",
+            )),
+        }
+    }
+
+    fn thread_join(&self, j: &Join) -> Result<Threaded, ApiError> {
+        let left = self.thread(&j.left)?;
+        let right = self.thread(&j.right)?;
+        let rows_guarded = left.rows_guarded || right.rows_guarded;
+        let mut datasets = left.datasets.clone();
+        datasets.extend(right.datasets.iter().cloned());
+        let both = match (&left.unit, &right.unit) {
+            (Some(l), Some(r)) => {
+                if l.0 != r.0 || !joined_on_unit(j, &l.1, &r.1) {
+                    return Err(refuse(
+                        "join_without_privacy_unit",
+                        "two personal datasets may only be joined on their common privacy unit",
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
+        let unit = left.unit.clone().or_else(|| right.unit.clone());
+        let joined = LogicalPlan::Join(
+            Join::try_new(
+                Arc::new(left.plan),
+                Arc::new(right.plan),
+                j.on.clone(),
+                j.filter.clone(),
+                j.join_type,
+                j.join_constraint,
+                j.null_equality,
+                j.null_aware,
+            )
+            .map_err(internal)?,
+        );
+        let kept = |t: &Option<(String, HashSet<Column>)>| {
+            t.as_ref()
+                .is_none_or(|(_, a)| a.iter().any(|c| joined.schema().has_column(c)))
+        };
+        if !kept(&left.unit) || !kept(&right.unit) {
+            return Err(refuse(
+                "unsupported_query_shape",
+                "a semi or anti join over personal data cannot be released",
+            ));
+        }
+        let Some((name, mut aliases)) = unit else {
+            return Ok(Threaded {
+                plan: joined,
+                unit: None,
+                rows_guarded,
+                datasets,
+            });
+        };
+        if let Some((_, r)) = &right.unit {
+            aliases.extend(r.iter().cloned());
+        }
+        let plan = if both {
+            // Keep one hidden unit column (they are equal): the left side's.
+            let right_unit = unit_columns(&joined)
+                .pop()
+                .ok_or_else(|| internal("joined unit column missing"))?;
+            aliases.remove(&right_unit);
+            let exprs = joined
+                .schema()
+                .columns()
+                .into_iter()
+                .filter(|c| *c != right_unit)
+                .map(Expr::Column)
+                .collect();
+            project(exprs, joined)?
+        } else {
+            joined
+        };
+        Ok(Threaded {
+            plan,
+            unit: Some((name, aliases)),
+            rows_guarded,
+            datasets,
+        })
+    }
+}
+
+impl Threaded {
+    /// Rebuilds a single-input node over the threaded input; its schema follows the input's.
+    fn rebuild_single(self, original: &LogicalPlan) -> Result<Threaded, ApiError> {
+        let plan = original
+            .with_new_exprs(original.expressions(), vec![self.plan])
+            .map_err(internal)?;
+        Ok(Threaded { plan, ..self })
+    }
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
+    }
+}
+
+fn project(exprs: Vec<Expr>, input: LogicalPlan) -> Result<LogicalPlan, ApiError> {
+    Ok(LogicalPlan::Projection(
+        Projection::try_new(exprs, Arc::new(input)).map_err(internal)?,
+    ))
+}
+
+fn unit_columns(plan: &LogicalPlan) -> Vec<Column> {
+    plan.schema()
+        .columns()
+        .into_iter()
+        .filter(|c| c.name == UNIT)
+        .collect()
+}
+
+fn unit_column(plan: &LogicalPlan) -> Result<Column, ApiError> {
+    let mut found = unit_columns(plan);
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(internal(format!(
+            "expected one hidden unit column, found {n}"
+        ))),
+    }
+}
+
+/// Whether the join's equi-keys (or an equality in its filter) connect the units of both sides.
+fn joined_on_unit(j: &Join, left: &HashSet<Column>, right: &HashSet<Column>) -> bool {
+    let connects = |a: &Expr, b: &Expr| match (strip_alias(a), strip_alias(b)) {
+        (Expr::Column(x), Expr::Column(y)) => {
+            (left.contains(x) && right.contains(y)) || (left.contains(y) && right.contains(x))
+        }
+        _ => false,
+    };
+    let in_on = j.on.iter().any(|(a, b)| connects(a, b));
+    let in_filter = j.filter.as_ref().is_some_and(|f| {
+        split_conjunction(f).into_iter().any(|c| match c {
+            Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                connects(&b.left, &b.right)
+            }
+            _ => false,
+        })
+    });
+    in_on || in_filter
+}
+
+/// A scan of `provider` under the name `slot`, projected back to exactly the
+/// aggregate's output schema (names and qualifiers), so the plan above it is unchanged.
+fn slot_scan(
+    slot: &str,
+    provider: Arc<dyn TableProvider>,
+    agg: &Aggregate,
+) -> Result<LogicalPlan, ApiError> {
+    let scan = LogicalPlanBuilder::scan(slot, provider_as_source(provider), None)
+        .and_then(|b| b.build())
+        .map_err(internal)?;
+    let slot_ref = TableReference::bare(slot);
+    let exprs = agg
+        .schema
+        .iter()
+        .map(|(qualifier, field)| {
+            Expr::Column(Column::new(Some(slot_ref.clone()), field.name()))
+                .alias_qualified(qualifier.cloned(), field.name())
+        })
+        .collect();
+    project(exprs, scan)
+}
+
+/// Replaces each placeholder with a table of its released rows.
+pub fn fill(
+    upper: LogicalPlan,
+    released: Vec<(String, Arc<MemTable>)>,
+) -> Result<LogicalPlan, ApiError> {
+    upper
+        .transform_up(|node| {
+            if let LogicalPlan::TableScan(scan) = &node
+                && let Some((_, table)) = released
+                    .iter()
+                    .find(|(slot, _)| scan.table_name.table() == slot)
+            {
+                let mut scan = scan.clone();
+                scan.source = provider_as_source(table.clone());
+                return Ok(Transformed::yes(LogicalPlan::TableScan(scan)));
+            }
+            Ok(Transformed::no(node))
+        })
+        .map(|t| t.data)
+        .map_err(internal)
+}
+
+/// Drops every group covering fewer than `min_group_size` units and the hidden count column.
+pub fn threshold(
+    batches: Vec<RecordBatch>,
+    min_group_size: u64,
+    schema: &SchemaRef,
+) -> Result<Released, ApiError> {
+    let mut out = Vec::with_capacity(batches.len());
+    let (mut released_groups, mut suppressed_groups) = (0u64, 0u64);
+    for batch in batches {
+        let last = batch
+            .num_columns()
+            .checked_sub(1)
+            .ok_or_else(|| internal("release batch without columns"))?;
+        let units = batch
+            .column(last)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| internal("unit count is not Int64"))?;
+        let keep: BooleanArray = units
+            .iter()
+            .map(|n| Some(n.is_some_and(|n| n >= 0 && n as u64 >= min_group_size)))
+            .collect();
+        let kept = keep.true_count() as u64;
+        released_groups += kept;
+        suppressed_groups += batch.num_rows() as u64 - kept;
+        let filtered = filter_record_batch(&batch, &keep).map_err(internal)?;
+        let columns = filtered.columns()[..last].to_vec();
+        out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
+    }
+    Ok(Released {
+        batches: out,
+        released_groups,
+        suppressed_groups,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn threshold_drops_small_groups_and_the_hidden_column() {
+        let out_schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let in_schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new(UNITS, DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            in_schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c", "d"])),
+                Arc::new(Int64Array::from(vec![100, 3, 50, 9])),
+                Arc::new(Int64Array::from(vec![Some(20), Some(3), Some(10), None])),
+            ],
+        )
+        .unwrap();
+        let r = threshold(vec![batch], 10, &out_schema).unwrap();
+        assert_eq!((r.released_groups, r.suppressed_groups), (2, 2));
+        let b = &r.batches[0];
+        assert_eq!(b.num_columns(), 2);
+        let g = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(g.iter().flatten().collect::<Vec<_>>(), vec!["a", "c"]);
+    }
+}

@@ -1,0 +1,399 @@
+//! Durable state in the data directory: principals and their API keys,
+//! grants, and the append-only usage log. SQLite in WAL mode with
+//! `synchronous=FULL`, so a committed row survives a crash and the CLI and a
+//! running server can share the file.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create data directory {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Buyer,
+    Auditor,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Buyer => "buyer",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "buyer" => Some(Role::Buyer),
+            "auditor" => Some(Role::Auditor),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Principal {
+    pub id: String,
+    pub role: Role,
+    pub org: Option<String>,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    pub id: String,
+    pub buyer: String,
+    pub datasets: Vec<String>,
+    pub purpose: String,
+    pub queries_per_day: Option<u64>,
+    pub epsilon: Option<f64>,
+    pub expires_at: Option<String>,
+    pub cross_border_assessment: Option<String>,
+    pub status: String,
+    pub created_at: String,
+}
+
+impl Grant {
+    pub fn is_active(&self, now: &str) -> bool {
+        self.status == "active" && self.expires_at.as_deref().is_none_or(|e| e > now)
+    }
+
+    pub fn covers(&self, dataset: &str) -> bool {
+        self.datasets.iter().any(|d| d == dataset)
+    }
+}
+
+/// A new grant, as the CLI or an owner's approval makes it.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub buyer: String,
+    pub datasets: Vec<String>,
+    pub purpose: String,
+    pub queries_per_day: Option<u64>,
+    pub epsilon: Option<f64>,
+    pub expires_at: Option<String>,
+    pub cross_border_assessment: Option<String>,
+}
+
+/// One usage-log entry, as appended.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    pub kind: &'static str,
+    pub principal: Option<String>,
+    pub grant: Option<String>,
+    /// `answered` or `refused`.
+    pub decision: &'static str,
+    /// Canonical JSON of the entry; its leaf hash is what receipts prove.
+    pub body: String,
+    /// The query text, kept beside the log so retention can drop it.
+    pub sql: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Appended {
+    pub index: u64,
+    pub entry_hash: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS principals (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    org TEXT,
+    region TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY,
+    principal_id TEXT NOT NULL REFERENCES principals(id),
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS grants (
+    id TEXT PRIMARY KEY,
+    buyer TEXT NOT NULL REFERENCES principals(id),
+    datasets TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    queries_per_day INTEGER,
+    epsilon REAL,
+    expires_at TEXT,
+    cross_border_assessment TEXT,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_log (
+    idx INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    principal TEXT,
+    grant_id TEXT,
+    decision TEXT NOT NULL,
+    body TEXT NOT NULL,
+    leaf_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
+CREATE TABLE IF NOT EXISTS usage_sql (
+    idx INTEGER PRIMARY KEY REFERENCES usage_log(idx),
+    sql TEXT NOT NULL
+);
+"#;
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn start_of_today() -> String {
+    let today = chrono::Utc::now().date_naive();
+    format!("{today}T00:00:00.000Z")
+}
+
+/// A short random id with a readable prefix, e.g. `g_3fa9c2d1e0b4a7c5`.
+pub fn new_id(prefix: &str) -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    // SystemRandom only fails if the OS has no entropy source; ids would then collide.
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("OS random source available");
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io(data_dir.to_path_buf(), e))?;
+        let conn = Connection::open(data_dir.join("frostglass.db"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_principal(&self, p: &Principal, key_hash: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
+            [&p.id],
+            |r| r.get(0),
+        )?;
+        if exists {
+            return Err(StoreError::Conflict(format!(
+                "principal '{}' already exists",
+                p.id
+            )));
+        }
+        let now = now_rfc3339();
+        tx.execute(
+            "INSERT INTO principals (id, role, org, region, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.id, p.role.as_str(), p.org, p.region, now],
+        )?;
+        tx.execute(
+            "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
+            params![key_hash, p.id, now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn principal_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM principals", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    pub fn principal(&self, id: &str) -> Result<Option<Principal>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT id, role, org, region FROM principals WHERE id = ?1",
+                [id],
+                principal_row,
+            )
+            .optional()?)
+    }
+
+    pub fn principal_by_key_hash(&self, key_hash: &str) -> Result<Option<Principal>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT p.id, p.role, p.org, p.region FROM api_keys k JOIN principals p ON p.id = k.principal_id
+                 WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
+                [key_hash],
+                principal_row,
+            )
+            .optional()?)
+    }
+
+    pub fn add_grant(&self, g: &NewGrant) -> Result<String, StoreError> {
+        let buyer = self
+            .principal(&g.buyer)?
+            .ok_or_else(|| StoreError::NotFound(format!("no principal '{}'", g.buyer)))?;
+        if buyer.role != Role::Buyer {
+            return Err(StoreError::Conflict(format!(
+                "principal '{}' is not a buyer",
+                g.buyer
+            )));
+        }
+        let id = new_id("g");
+        let datasets = serde_json::to_string(&g.datasets).unwrap_or_else(|_| "[]".into());
+        self.conn().execute(
+            "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
+            params![
+                id,
+                g.buyer,
+                datasets,
+                g.purpose,
+                g.queries_per_day.map(|n| n as i64),
+                g.epsilon,
+                g.expires_at,
+                g.cross_border_assessment,
+                now_rfc3339()
+            ],
+        )?;
+        Ok(id)
+    }
+
+    /// Grants of a buyer, oldest first (the order in which a query picks one).
+    pub fn grants_of(&self, buyer: &str) -> Result<Vec<Grant>, StoreError> {
+        Ok(self
+            .all_grants()?
+            .into_iter()
+            .filter(|g| g.buyer == buyer)
+            .collect())
+    }
+
+    /// Grants that cover a dataset.
+    pub fn grants_on(&self, dataset: &str) -> Result<Vec<Grant>, StoreError> {
+        Ok(self
+            .all_grants()?
+            .into_iter()
+            .filter(|g| g.covers(dataset))
+            .collect())
+    }
+
+    pub fn all_grants(&self) -> Result<Vec<Grant>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, buyer, datasets, purpose, queries_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
+             FROM grants ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let datasets: String = r.get(2)?;
+            Ok(Grant {
+                id: r.get(0)?,
+                buyer: r.get(1)?,
+                datasets: serde_json::from_str(&datasets).unwrap_or_default(),
+                purpose: r.get(3)?,
+                queries_per_day: r.get::<_, Option<i64>>(4)?.map(|n| n.max(0) as u64),
+                epsilon: r.get(5)?,
+                expires_at: r.get(6)?,
+                cross_border_assessment: r.get(7)?,
+                status: r.get(8)?,
+                created_at: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Queries answered today (UTC) under a grant: what the daily quota counts.
+    pub fn answered_today(&self, grant: &str) -> Result<u64, StoreError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM usage_log WHERE grant_id = ?1 AND decision = 'answered' AND created_at >= ?2",
+            params![grant, start_of_today()],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Appends an entry and commits it durably (fsync through WAL with
+    /// synchronous=FULL) before returning: callers answer only after this.
+    pub fn append(&self, entry: &LogEntry) -> Result<Appended, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let index: i64 =
+            tx.query_row("SELECT COALESCE(MAX(idx) + 1, 0) FROM usage_log", [], |r| {
+                r.get(0)
+            })?;
+        let entry_hash = crate::ledger::leaf_hash_hex(entry.body.as_bytes());
+        tx.execute(
+            "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![index, now_rfc3339(), entry.kind, entry.principal, entry.grant, entry.decision, entry.body, entry_hash],
+        )?;
+        if let Some(sql) = &entry.sql {
+            tx.execute(
+                "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
+                params![index, sql],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Appended {
+            index: index as u64,
+            entry_hash,
+        })
+    }
+
+    /// Entry bodies in index order, for usage reports and verification.
+    pub fn entries(&self, from: u64, limit: u64) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT idx, body, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+fn principal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
+    let role: String = r.get(1)?;
+    Ok(Principal {
+        id: r.get(0)?,
+        role: Role::parse(&role).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown role '{role}'").into(),
+            )
+        })?,
+        org: r.get(2)?,
+        region: r.get(3)?,
+    })
+}
