@@ -6,7 +6,7 @@
 
 use crate::catalog::Dataset;
 use crate::config::Limits;
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
@@ -122,9 +122,15 @@ impl Engine {
             .pop_front()
             .ok_or_else(|| ApiError::SqlError("no statement".into()))?;
         match &statement {
-            DFStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)) => {
-                Ok(statement)
-            }
+            DFStatement::Statement(s) => match s.as_ref() {
+                SqlStatement::Query(q) if q.with.as_ref().is_some_and(|w| w.recursive) => {
+                    Err(Refusal::new("recursive_query", "recursive queries are not allowed").into())
+                }
+                SqlStatement::Query(_) => Ok(statement),
+                _ => Err(ApiError::StatementNotAllowed(
+                    "only a single SELECT query is allowed".into(),
+                )),
+            },
             _ => Err(ApiError::StatementNotAllowed(
                 "only a single SELECT query is allowed".into(),
             )),

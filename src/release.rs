@@ -284,14 +284,20 @@ impl Splitter<'_> {
                     datasets: t.datasets,
                 })
             }
-            LogicalPlan::Filter(_)
-            | LogicalPlan::Sort(_)
+            // A comma join: the unit equality sits in the WHERE above the cross join.
+            LogicalPlan::Filter(f) => match f.input.as_ref() {
+                LogicalPlan::Join(j) => self
+                    .thread_join(j, &split_conjunction(&f.predicate))?
+                    .rebuild_single(plan),
+                input => self.thread(input)?.rebuild_single(plan),
+            },
+            LogicalPlan::Sort(_)
             | LogicalPlan::Limit(_)
             | LogicalPlan::Repartition(_) => {
                 let input = plan.inputs()[0];
                 self.thread(input)?.rebuild_single(plan)
             }
-            LogicalPlan::Join(j) => self.thread_join(j),
+            LogicalPlan::Join(j) => self.thread_join(j, &[]),
             LogicalPlan::Union(u) => {
                 let threaded: Vec<Threaded> = u
                     .inputs
@@ -352,7 +358,9 @@ impl Splitter<'_> {
         }
     }
 
-    fn thread_join(&self, j: &Join) -> Result<Threaded, ApiError> {
+    /// `conditions` are conjuncts of a filter directly above the join, which
+    /// may hold its key equality (`FROM a, b WHERE a.unit = b.unit`).
+    fn thread_join(&self, j: &Join, conditions: &[&Expr]) -> Result<Threaded, ApiError> {
         let left = self.thread(&j.left)?;
         let right = self.thread(&j.right)?;
         let rows_guarded = left.rows_guarded || right.rows_guarded;
@@ -360,7 +368,7 @@ impl Splitter<'_> {
         datasets.extend(right.datasets.iter().cloned());
         let both = match (&left.unit, &right.unit) {
             (Some(l), Some(r)) => {
-                if l.0 != r.0 || !joined_on_unit(j, &l.1, &r.1) {
+                if l.0 != r.0 || !joined_on_unit(j, conditions, &l.1, &r.1) {
                     return Err(refuse(
                         "join_without_privacy_unit",
                         "two personal datasets may only be joined on their common privacy unit",
@@ -472,24 +480,27 @@ fn unit_column(plan: &LogicalPlan) -> Result<Column, ApiError> {
     }
 }
 
-/// Whether the join's equi-keys (or an equality in its filter) connect the units of both sides.
-fn joined_on_unit(j: &Join, left: &HashSet<Column>, right: &HashSet<Column>) -> bool {
+/// Whether the join's equi-keys, or an equality in its filter or in the
+/// conditions above it, connect the units of both sides.
+fn joined_on_unit(j: &Join, conditions: &[&Expr], left: &HashSet<Column>, right: &HashSet<Column>) -> bool {
     let connects = |a: &Expr, b: &Expr| match (strip_alias(a), strip_alias(b)) {
         (Expr::Column(x), Expr::Column(y)) => {
             (left.contains(x) && right.contains(y)) || (left.contains(y) && right.contains(x))
         }
         _ => false,
     };
+    let is_unit_equality = |c: &&Expr| match c {
+        Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+            connects(&b.left, &b.right)
+        }
+        _ => false,
+    };
     let in_on = j.on.iter().any(|(a, b)| connects(a, b));
-    let in_filter = j.filter.as_ref().is_some_and(|f| {
-        split_conjunction(f).into_iter().any(|c| match c {
-            Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
-                connects(&b.left, &b.right)
-            }
-            _ => false,
-        })
-    });
-    in_on || in_filter
+    let in_filter = j
+        .filter
+        .as_ref()
+        .is_some_and(|f| split_conjunction(f).iter().any(is_unit_equality));
+    in_on || in_filter || conditions.iter().any(is_unit_equality)
 }
 
 /// A scan of `provider` under the name `slot`, projected back to exactly the

@@ -1,0 +1,223 @@
+//! Test harness: the real application on a random port, over real HTTP,
+//! with demo data generated once per test binary at a small scale.
+
+use frostglass::config::Settings;
+use frostglass::startup::Application;
+use frostglass::store::{NewGrant, Principal, Role, Store};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub const SCALE: f64 = 0.1;
+pub const PURPOSE: &str = "public_health_research";
+
+/// A catalog folder shared by all tests of this binary: the repo's manifests
+/// and freshly generated demo data.
+pub fn shared_catalog() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("fg-test-catalog-").tempdir().unwrap().keep();
+        for entry in std::fs::read_dir(repo().join("catalog")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let schemas = frostglass::validate::Schemas::compiled();
+        let manifests = frostglass::catalog::read_manifests(&dir, &schemas).unwrap();
+        frostglass::demo::generate(&frostglass::demo::demo_targets(&dir, &manifests), SCALE, |_| {}).unwrap();
+        dir
+    })
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub keys: HashMap<String, String>,
+    pub grants: HashMap<String, String>,
+    agent: ureq::Agent,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub bytes: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes).unwrap_or(Value::Null)
+    }
+
+    pub fn code(&self) -> Option<String> {
+        self.json()["error"]["code"].as_str().map(str::to_string)
+    }
+
+    pub fn rule(&self) -> Option<String> {
+        self.json()["error"]["details"]["rule"].as_str().map(str::to_string)
+    }
+}
+
+pub struct Options {
+    pub settings: Settings,
+    pub acme_queries_per_day: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { settings: Settings::default(), acme_queries_per_day: None }
+    }
+}
+
+pub fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default())
+}
+
+pub fn spawn_app_with(options: Options) -> TestApp {
+    let data_dir = tempfile::Builder::new().prefix("fg-test-data-").tempdir().unwrap().keep();
+    let store = Store::open(&data_dir).unwrap();
+    let mut keys = HashMap::new();
+    for (id, role, org, region) in [
+        ("owner:hospital", Role::Owner, "hospital", "CN"),
+        ("auditor:cac", Role::Auditor, "cac", "CN"),
+        ("buyer:acme", Role::Buyer, "acme", "CN"),
+        ("buyer:other", Role::Buyer, "other", "CN"),
+        ("buyer:abroad", Role::Buyer, "abroad", "US"),
+    ] {
+        let key = frostglass::auth::generate_key();
+        let p = Principal { id: id.into(), role, org: Some(org.into()), region: region.into() };
+        store.add_principal(&p, &frostglass::auth::key_hash(&key)).unwrap();
+        keys.insert(id.to_string(), key);
+    }
+    let mut grants = HashMap::new();
+    let all = ["city_health", "telecom_usage", "enterprise_registry", "power_grid"];
+    for (buyer, datasets, assessment, quota) in [
+        ("buyer:acme", &all[..], None, options.acme_queries_per_day),
+        ("buyer:abroad", &all[..], None, None),
+    ] {
+        let g = NewGrant {
+            buyer: buyer.into(),
+            datasets: datasets.iter().map(|s| s.to_string()).collect(),
+            purpose: PURPOSE.into(),
+            queries_per_day: quota,
+            epsilon: None,
+            expires_at: None,
+            cross_border_assessment: assessment,
+        };
+        grants.insert(buyer.to_string(), store.add_grant(&g).unwrap());
+    }
+    drop(store);
+
+    let mut settings = options.settings;
+    settings.listen = "127.0.0.1:0".into();
+    settings.catalog_dir = shared_catalog().to_path_buf();
+    settings.policies_dir = repo().join("policies");
+    settings.data_dir = data_dir.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let app = Application::build(settings).await.expect("the application starts");
+            tx.send(app.port()).unwrap();
+            let _ = app.run_until_stopped().await;
+        })
+    });
+    let port = rx.recv().expect("the application reports its port");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(120)))
+        .build()
+        .into();
+    TestApp { base: format!("http://127.0.0.1:{port}"), data_dir, keys, grants, agent }
+}
+
+impl TestApp {
+    pub fn key(&self, principal: &str) -> &str {
+        &self.keys[principal]
+    }
+
+    pub fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>, accept: Option<&str>) -> Response {
+        let url = format!("{}{path}", self.base);
+        let builder = ureq::http::Request::builder().method(method).uri(&url);
+        let builder = match key {
+            Some(k) => builder.header("Authorization", format!("Bearer {k}")),
+            None => builder,
+        };
+        let builder = match accept {
+            Some(a) => builder.header("Accept", a),
+            None => builder,
+        };
+        let result = match body {
+            Some(b) => self.agent.run(builder.header("Content-Type", "application/json").body(b.to_vec()).unwrap()),
+            None => self.agent.run(builder.body(()).unwrap()),
+        };
+        let mut response = result.expect("the server answers");
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let status = response.status().as_u16();
+        let bytes = response.body_mut().with_config().limit(64 * 1024 * 1024).read_to_vec().unwrap_or_default();
+        Response { status, headers, bytes }
+    }
+
+    pub fn get(&self, path: &str, key: Option<&str>) -> Response {
+        self.request("GET", path, key, None, None)
+    }
+
+    pub fn query_as(&self, principal: &str, body: Value) -> Response {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.request("POST", "/v1/queries", Some(self.key(principal)), Some(&bytes), None)
+    }
+
+    /// A query by the default buyer, acme, whose grant covers every non-core dataset.
+    pub fn query(&self, sql: &str) -> Response {
+        self.query_as("buyer:acme", json!({ "sql": sql }))
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.data_dir).unwrap()
+    }
+}
+
+/// Reads one string or integer column of a demo data file, for tests that
+/// must know the real values (to prove they never come out).
+pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
+    use datafusion::prelude::*;
+    let path = shared_catalog().join("data").join(format!("{dataset}.parquet"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ctx = SessionContext::new();
+        ctx.register_parquet("t", path.to_str().unwrap(), ParquetReadOptions::default()).await.unwrap();
+        let batches = ctx.sql(&format!("SELECT CAST({column} AS VARCHAR) FROM t")).await.unwrap().collect().await.unwrap();
+        let mut out = Vec::new();
+        for b in batches {
+            let col = datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+            let arr = col.as_any().downcast_ref::<datafusion::arrow::array::StringArray>().unwrap();
+            out.extend(arr.iter().flatten().map(str::to_string));
+        }
+        out
+    })
+}
+
+/// Runs a query directly on the raw data file: the ground truth tests compare releases with.
+pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
+    use datafusion::prelude::*;
+    let path = shared_catalog().join("data").join(format!("{dataset}.parquet"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ctx = SessionContext::new();
+        ctx.register_parquet(dataset, path.to_str().unwrap(), ParquetReadOptions::default()).await.unwrap();
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        frostglass::api::format::json_rows(&batches).unwrap()
+    })
+}

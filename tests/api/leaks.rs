@@ -1,0 +1,109 @@
+//! Nothing leaks: the real binary, its log captured, attacked with queries
+//! that try to pull identifiers out; no response body and no log line may
+//! contain a value of an identifier column.
+
+use crate::helpers::{column_values, repo, shared_catalog};
+use serde_json::{Value, json};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+#[test]
+fn no_identifier_value_reaches_a_response_or_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let bin = env!("CARGO_BIN_EXE_frostglass");
+    let add = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
+    };
+    let data_arg = data.to_str().unwrap();
+    let key = add(&["principal", "add", "buyer:x", "--role", "buyer", "--data-dir", data_arg]);
+    let catalog = shared_catalog().to_str().unwrap().to_string();
+    let policies = repo().join("policies");
+    add(&[
+        "grant", "add", "--buyer", "buyer:x", "--dataset", "city_health", "--dataset", "telecom_usage", "--purpose",
+        "public_health_research", "--data-dir", data_arg, "--catalog", &catalog, "--policies", policies.to_str().unwrap(),
+    ]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = Command::new(bin)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--catalog", &catalog, "--data-dir", data_arg])
+        .args(["--policies", policies.to_str().unwrap()])
+        .env("FROSTGLASS_LOG", "trace")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if agent.get(format!("{base}/healthz")).call().is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(up, "server did not start");
+
+    let attacks = [
+        "SELECT name, COUNT(*) FROM city_health GROUP BY name",
+        "SELECT * FROM city_health",
+        "SELECT id_card FROM city_health LIMIT 1",
+        "SELECT MIN(name) FROM city_health",
+        "SELECT district, MAX(id_card) FROM city_health GROUP BY district",
+        "SELECT COUNT(*) FROM city_health WHERE name LIKE 'W%'",
+        "SELECT CAST(name AS INT) AS x, COUNT(*) FROM city_health GROUP BY x",
+        "SELECT district, COUNT(*) FROM city_health GROUP BY district, person_id",
+        "SELECT string_agg(name, ',') FROM city_health",
+        "SELECT array_agg(id_card) FROM city_health",
+        "SELECT first_value(name) OVER () FROM city_health",
+        "SELECT COUNT(*) FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id WHERE c.id_card > '1'",
+        "SELECT district, COUNT(*) FROM city_health GROUP BY district",
+        "SELECT c.district, COUNT(DISTINCT c.person_id) FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY c.district",
+    ];
+    let mut bodies = String::new();
+    let mut answered = 0;
+    for sql in attacks {
+        let mut resp = agent
+            .post(format!("{base}/v1/queries"))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(json!({ "sql": sql }))
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_string().unwrap();
+        if status == 200 {
+            answered += 1;
+            let doc: Value = serde_json::from_str(&body).unwrap();
+            let ids: Vec<String> = column_values("city_health", "person_id");
+            for row in doc["rows"].as_array().unwrap() {
+                for cell in row.as_array().unwrap() {
+                    assert!(!ids.contains(&cell.to_string()), "{sql} released a person id");
+                }
+            }
+        }
+        bodies.push_str(&body);
+    }
+    assert_eq!(answered, 2, "only the two legitimate aggregates are answered");
+    server.kill().unwrap();
+    let _ = server.wait();
+
+    let log_lines: Vec<String> = std::io::BufReader::new(std::fs::File::open(&log_path).unwrap())
+        .lines()
+        .map(|l| l.unwrap())
+        .collect();
+    assert!(log_lines.len() > attacks.len(), "the server logged its requests");
+    let mut secrets = column_values("city_health", "name");
+    secrets.extend(column_values("city_health", "id_card"));
+    secrets.sort();
+    secrets.dedup();
+    for secret in &secrets {
+        assert!(!bodies.contains(secret.as_str()), "a response contains an identifier value");
+        assert!(!log_lines.iter().any(|l| l.contains(secret.as_str())), "a log line contains an identifier value");
+    }
+}

@@ -1,0 +1,127 @@
+//! Bad input gets a clear error, never a panic, a hang or a 500; the server stays up.
+
+use crate::helpers::{Options, spawn_app, spawn_app_with};
+use frostglass::config::Settings;
+use serde_json::json;
+
+fn still_serving(app: &crate::helpers::TestApp) {
+    let r = app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
+    assert_eq!(r.status, 200, "the server stopped answering: {}", r.text());
+}
+
+#[test]
+fn malformed_bodies_are_invalid_requests() {
+    let app = spawn_app();
+    let key = Some(app.key("buyer:acme"));
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"{not json".to_vec(), 400),
+        (b"".to_vec(), 400),
+        (vec![0xff, 0xfe, 0x00], 400),
+        (br#"{"sql": 42}"#.to_vec(), 400),
+        (br#"{"sql": "SELECT 1", "surprise": true}"#.to_vec(), 400),
+        (br#"{"sql": "SELECT 1", "format": "xml"}"#.to_vec(), 400),
+        (br#"{"sql": ""}"#.to_vec(), 400),
+        (vec![b' '; 300 * 1024], 413),
+    ];
+    for (body, status) in cases {
+        let r = app.request("POST", "/v1/queries", key, Some(&body), None);
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.code().as_deref(), Some("invalid_request"));
+    }
+    still_serving(&app);
+}
+
+#[test]
+fn deep_and_long_expressions_are_refused_before_planning() {
+    let app = spawn_app();
+    let nested = format!("SELECT {}1{} AS x", "(".repeat(5000), ")".repeat(5000));
+    let r = app.query(&nested);
+    assert!(r.status == 400 || r.status == 422, "{}", r.text());
+    let chain = format!("SELECT {} AS x", vec!["1"; 20_000].join(" + "));
+    let r = app.query(&chain);
+    assert_eq!(r.status, 400, "{}", &r.text()[..200.min(r.text().len())]);
+    assert_eq!(r.code().as_deref(), Some("invalid_request"));
+    // Under the byte cap but over the token cap.
+    let chain = format!("SELECT {} AS x", vec!["1"; 5_000].join("+"));
+    let r = app.query(&chain);
+    assert_eq!(r.code().as_deref(), Some("resource_limit"));
+    // Just under both caps: long but legal, and planned without overflowing the stack.
+    let legal = format!("SELECT district, COUNT(*) FROM city_health WHERE age > {} GROUP BY district", vec!["0"; 1_500].join("+"));
+    let r = app.query(&legal);
+    assert_eq!(r.status, 200, "{}", &r.text()[..300.min(r.text().len())]);
+    still_serving(&app);
+}
+
+#[test]
+fn endless_queries_are_cancelled() {
+    let mut settings = Settings::default();
+    settings.limits.query_timeout_ms = 1_500;
+    let app = spawn_app_with(Options { settings, ..Options::default() });
+    let started = std::time::Instant::now();
+    let r = app.query("SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district");
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.code().as_deref(), Some("resource_limit"));
+    assert!(started.elapsed().as_secs() < 30, "the timeout did not cut the query short");
+    still_serving(&app);
+}
+
+#[test]
+fn memory_and_answer_size_are_capped() {
+    let mut settings = Settings::default();
+    settings.limits.query_memory_bytes = 64 * 1024;
+    settings.limits.max_result_rows = 100;
+    let app = spawn_app_with(Options { settings, ..Options::default() });
+    let big = app.query("SELECT industry, COUNT(DISTINCT name) AS n FROM enterprise_registry GROUP BY industry");
+    assert_eq!(big.code().as_deref(), Some("resource_limit"), "{}", big.text());
+    assert!(big.text().contains("memory"), "{}", big.text());
+    let rows = app.query("SELECT name FROM enterprise_registry");
+    assert_eq!(rows.code().as_deref(), Some("resource_limit"), "{}", rows.text());
+    let small = app.query("SELECT name FROM enterprise_registry LIMIT 100");
+    assert_eq!(small.status, 200, "{}", small.text());
+}
+
+#[test]
+fn rows_scanned_cap_is_checked_before_reading() {
+    let mut settings = Settings::default();
+    settings.limits.max_rows_scanned = 50_000;
+    let app = spawn_app_with(Options { settings, ..Options::default() });
+    let r = app.query("SELECT district, SUM(load_mw) FROM power_grid GROUP BY district");
+    assert_eq!(r.code().as_deref(), Some("resource_limit"));
+    let ok = app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
+    assert_eq!(ok.status, 200);
+}
+
+#[test]
+fn daily_query_quota_is_enforced() {
+    let app = spawn_app_with(Options { acme_queries_per_day: Some(2), ..Options::default() });
+    let sql = "SELECT district, COUNT(*) FROM city_health GROUP BY district";
+    assert_eq!(app.query(sql).status, 200);
+    // Refusals do not use up the quota.
+    assert_eq!(app.query("SELECT name FROM city_health").status, 403);
+    assert_eq!(app.query(sql).status, 200);
+    let r = app.query(sql);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.code().as_deref(), Some("quota_exceeded"));
+    let grants = app.get("/v1/grants", Some(app.key("buyer:acme"))).json();
+    assert_eq!(grants["grants"][0]["queries_remaining_today"], 0);
+    // The other buyer's grant is unaffected.
+    let other = app.query_as("buyer:abroad", json!({ "sql": sql }));
+    assert_eq!(other.status, 200);
+}
+
+#[test]
+fn runtime_errors_never_quote_data() {
+    let app = spawn_app();
+    let names = crate::helpers::column_values("enterprise_registry", "name");
+    for sql in [
+        "SELECT CAST(name AS INT) FROM enterprise_registry",
+        "SELECT employees / (employees - employees) FROM enterprise_registry",
+        "SELECT to_timestamp(name) FROM enterprise_registry",
+    ] {
+        let r = app.query(sql);
+        assert!(r.status >= 400, "{sql}: {}", r.text());
+        assert_eq!(r.code().as_deref(), Some("sql_error"), "{sql}: {}", r.text());
+        let text = r.text();
+        assert!(!names.iter().any(|n| text.contains(n.as_str())), "{sql} leaked a value: {text}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real server, real HTTP.
+
+mod helpers;
+
+mod auth;
+mod catalog;
+mod cli;
+mod leaks;
+mod limits;
+mod policy;
+mod queries;
