@@ -133,7 +133,7 @@ pub async fn run(
             Ok(Outcome::Answer(Box::new(answer)))
         }
         Err(e) => {
-            record_refusal(&sandbox, &principal, &request, &query_id, &trace, &e).await?;
+            record_refusal(&sandbox, &principal, &request, &query_id, &trace, started, &e).await?;
             Err(e)
         }
     }
@@ -440,6 +440,7 @@ async fn record_refusal(
     request: &QueryRequest,
     query_id: &str,
     trace: &Trace,
+    started: Instant,
     error: &ApiError,
 ) -> Result<(), ApiError> {
     let body = json!({
@@ -455,6 +456,7 @@ async fn record_refusal(
         "decision": "refused",
         "code": error.code(),
         "rule": error.rule(),
+        "wall_ms": started.elapsed().as_millis() as u64,
     });
     append(
         sandbox,

@@ -270,3 +270,65 @@ impl Policies {
         manifest.release.min_group_size.unwrap_or(floor).max(floor)
     }
 }
+
+impl Classification {
+    /// The classification matrix as a Markdown table, as the README shows it.
+    pub fn markdown_table(&self) -> String {
+        let mut out = String::from(
+            "| class | output | group_by | filter | join_key | order_by | aggregate_arg | scalar functions |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        let word = |a: Allow| if a == Allow::Allow { "allow" } else { "deny" };
+        for class in [ColumnClass::Identifier, ColumnClass::QuasiIdentifier, ColumnClass::Sensitive, ColumnClass::Attribute] {
+            let r = self.rule(class);
+            let join = match r.join_key {
+                JoinKeyRule::Allow => "allow",
+                JoinKeyRule::Deny => "deny",
+                JoinKeyRule::JoinableOnly => "joinable only",
+            };
+            let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                class.as_str(),
+                word(r.output),
+                word(r.group_by),
+                word(r.filter),
+                join,
+                word(r.order_by),
+                list(&r.aggregate_arg),
+                list(&r.scalar_functions),
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_rule_table_is_the_shipped_classification() {
+        let schemas = Schemas::compiled();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let policies = Policies::load(&dir.join("policies"), &schemas).expect("shipped policies are valid");
+        let readme = std::fs::read_to_string(dir.join("README.md")).expect("README.md exists");
+        let table = policies.classification.markdown_table();
+        assert!(readme.contains(&table), "README's rule table is out of date; it should read:\n{table}");
+    }
+
+    #[test]
+    fn class_rules_decide_sites() {
+        let schemas = Schemas::compiled();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let c = Policies::load(&dir.join("policies"), &schemas).unwrap().classification;
+        let id = c.rule(ColumnClass::Identifier);
+        assert!(!id.allows(Site::Filter, true));
+        assert!(id.allows(Site::JoinKey, true));
+        assert!(!id.allows(Site::JoinKey, false));
+        assert!(id.allows_aggregate("count_distinct") && !id.allows_aggregate("max"));
+        let sensitive = c.rule(ColumnClass::Sensitive);
+        assert!(sensitive.allows_aggregate("sum") && !sensitive.allows_aggregate("min"));
+        assert!(!sensitive.allows(Site::GroupBy, false));
+        assert!(c.rule(ColumnClass::Attribute).allows_function("anything"));
+    }
+}
