@@ -198,6 +198,7 @@ impl Engine {
             .create_physical_plan(plan)
             .await
             .map_err(engine_error)?;
+        let physical = yield_after_joins(physical)?;
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.limits.query_memory_bytes, 1.0)
             .with_disk_manager_builder(
@@ -221,6 +222,26 @@ impl Engine {
         }
         Ok((batches, physical))
     }
+}
+
+/// Joins can emit many batches per input batch without ever polling a leaf,
+/// so DataFusion's cooperative leaves never make them yield and a timeout
+/// could not cut them short. Wrapping each join's output in a cooperative
+/// stream makes every join yield to the scheduler regularly.
+fn yield_after_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, ApiError> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::physical_plan::coop::CooperativeExec;
+    plan.transform_up(|node| {
+        if node.name().contains("Join") {
+            Ok(Transformed::yes(
+                Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>
+            ))
+        } else {
+            Ok(Transformed::no(node))
+        }
+    })
+    .map(|t| t.data)
+    .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// CPU time of all operators of an executed plan, in nanoseconds.

@@ -1,48 +1,524 @@
-//! Hashing of usage-log entries as leaves of an RFC 6962 Merkle tree
-//! (SHA-256, leaf prefix 0x00). Receipts carry the leaf hash, so a buyer can
-//! later prove which entry recorded its answer.
+//! The usage ledger: an append-only log whose entries are the leaves of an
+//! RFC 6962 Merkle tree, with Ed25519-signed tree heads.
+//!
+//! Appends go through one committer thread that gathers whatever is waiting
+//! into a single SQLite transaction (WAL, `synchronous=FULL`): concurrent
+//! queries share one fsync, and a receipt is handed out only after its
+//! transaction is durable. A failed commit stops the process: carrying on
+//! after a lost fsync could answer from a ledger the disk does not hold.
+//! The CLI appends through the same [`Writer`], catching up on entries the
+//! server wrote, so one tree serves both.
 
-use ring::digest::{Context, SHA256};
+use crate::merkle::{self, Frontier, Hash};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
 
-pub fn leaf_hash(entry: &[u8]) -> [u8; 32] {
-    let mut ctx = Context::new(&SHA256);
-    ctx.update(&[0x00]);
-    ctx.update(entry);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 pub fn leaf_hash_hex(entry: &[u8]) -> String {
-    hex::encode(leaf_hash(entry))
+    hex::encode(merkle::leaf_hash(entry))
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&SHA256, bytes).as_ref())
+const HEAD_DOMAIN: &[u8] = b"frostglass-tree-head-v1\n";
+const KEY_FILE: &str = "ledger-ed25519.pk8";
+const PUBLIC_KEY_FILE: &str = "ledger-ed25519.pub";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("ledger key: {0}")]
+    Key(String),
+    #[error("ledger is corrupt: {0}")]
+    Corrupt(String),
+    #[error("ledger committer stopped")]
+    Stopped,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A signed statement of the tree's size and root at a moment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignedHead {
+    pub tree_size: u64,
+    pub timestamp_ms: u64,
+    pub root_hash: String,
+    pub signature: String,
+    pub key_id: String,
+}
 
-    #[test]
-    fn empty_leaf_matches_rfc6962_vector() {
-        // RFC 6962 test vector: the hash of the empty leaf.
-        assert_eq!(
-            leaf_hash_hex(b""),
-            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
-        );
+impl SignedHead {
+    pub fn message(tree_size: u64, timestamp_ms: u64, root: &Hash) -> Vec<u8> {
+        let mut m = HEAD_DOMAIN.to_vec();
+        m.extend_from_slice(&tree_size.to_be_bytes());
+        m.extend_from_slice(&timestamp_ms.to_be_bytes());
+        m.extend_from_slice(root);
+        m
     }
 
-    #[test]
-    fn different_entries_hash_differently() {
-        assert_ne!(leaf_hash(b"a"), leaf_hash(b"b"));
-        assert_ne!(leaf_hash(b""), sha256_raw(b""));
+    /// Checks the signature against a public key (raw 32-byte Ed25519).
+    pub fn verify(&self, public_key: &[u8]) -> bool {
+        let (Ok(root), Ok(sig)) = (hex::decode(&self.root_hash), hex::decode(&self.signature))
+        else {
+            return false;
+        };
+        let Ok(root): Result<Hash, _> = root.try_into() else {
+            return false;
+        };
+        let message = Self::message(self.tree_size, self.timestamp_ms, &root);
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&message, &sig)
+            .is_ok()
     }
 
-    fn sha256_raw(b: &[u8]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ring::digest::digest(&SHA256, b).as_ref());
-        out
+    pub fn root(&self) -> Option<Hash> {
+        hex::decode(&self.root_hash).ok()?.try_into().ok()
+    }
+}
+
+/// What a client gets for an entry: enough to fetch and check an inclusion proof later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Receipt {
+    pub ledger_index: u64,
+    pub entry_hash: String,
+    pub tree_size: u64,
+    pub root_hash: String,
+    pub timestamp_ms: u64,
+    pub signature: String,
+    pub key_id: String,
+}
+
+pub struct Signer {
+    key_pair: Ed25519KeyPair,
+    pub key_id: String,
+}
+
+impl Signer {
+    /// Loads the ledger key from the data directory, making it (mode 0600) on first use.
+    pub fn load_or_create(data_dir: &Path) -> Result<Signer, LedgerError> {
+        let path = data_dir.join(KEY_FILE);
+        let pkcs8 = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(data_dir, &path)?,
+            Err(e) => {
+                return Err(LedgerError::Key(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let key_pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|e| LedgerError::Key(format!("{}: {e}", path.display())))?;
+        let key_id = key_id(key_pair.public_key().as_ref());
+        Ok(Signer { key_pair, key_id })
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        self.key_pair.public_key().as_ref()
+    }
+
+    pub fn sign_head(&self, tree_size: u64, root: &Hash) -> SignedHead {
+        let timestamp_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let sig = self
+            .key_pair
+            .sign(&SignedHead::message(tree_size, timestamp_ms, root));
+        SignedHead {
+            tree_size,
+            timestamp_ms,
+            root_hash: hex::encode(root),
+            signature: hex::encode(sig.as_ref()),
+            key_id: self.key_id.clone(),
+        }
+    }
+}
+
+pub fn key_id(public_key: &[u8]) -> String {
+    sha256_hex(public_key)[..16].to_string()
+}
+
+fn create_key(data_dir: &Path, path: &Path) -> Result<Vec<u8>, LedgerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| LedgerError::Key(e.to_string()))?;
+    let key_pair =
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| LedgerError::Key(e.to_string()))?;
+    let io = |e: std::io::Error| LedgerError::Key(format!("cannot write {}: {e}", path.display()));
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(pkcs8.as_ref()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::write(
+        data_dir.join(PUBLIC_KEY_FILE),
+        hex::encode(key_pair.public_key().as_ref()),
+    )
+    .map_err(io)?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(pkcs8.as_ref().to_vec())
+}
+
+/// One entry to append.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub kind: &'static str,
+    pub principal: Option<String>,
+    pub grant: Option<String>,
+    pub decision: &'static str,
+    /// Canonical JSON; its leaf hash is what receipts prove.
+    pub body: String,
+    /// Kept beside the tree so retention can delete it without breaking proofs.
+    pub sql: Option<String>,
+}
+
+/// The tree as the server knows it: every leaf hash and the latest signed head.
+#[derive(Default)]
+pub struct View {
+    pub leaves: Vec<Hash>,
+    pub frontier: Frontier,
+    pub head: Option<SignedHead>,
+}
+
+pub fn open_connection(data_dir: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open(data_dir.join("frostglass.db"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(crate::store::SCHEMA)?;
+    Ok(conn)
+}
+
+/// Appends entries; owns a connection and shares its view of the tree.
+pub struct Writer {
+    conn: Connection,
+    signer: Signer,
+    view: Arc<Mutex<View>>,
+}
+
+fn lock(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
+    view.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Writer {
+    pub fn open(data_dir: &Path) -> Result<Writer, LedgerError> {
+        let conn = open_connection(data_dir)?;
+        let signer = Signer::load_or_create(data_dir)?;
+        let writer = Writer {
+            conn,
+            signer,
+            view: Arc::new(Mutex::new(View::default())),
+        };
+        {
+            let mut view = lock(&writer.view);
+            catch_up(&writer.conn, &mut view)?;
+            view.head = latest_head(&writer.conn)?;
+        }
+        Ok(writer)
+    }
+
+    pub fn view(&self) -> Arc<Mutex<View>> {
+        self.view.clone()
+    }
+
+    pub fn public_key(&self) -> Vec<u8> {
+        self.signer.public_key().to_vec()
+    }
+
+    /// Appends all entries in one durable transaction and signs the new head.
+    pub fn append(&mut self, entries: &[NewEntry]) -> Result<Vec<Receipt>, LedgerError> {
+        let mut view = lock(&self.view);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Others (the CLI, another process) may have appended since we last looked.
+        catch_up(&tx, &mut view)?;
+        let mut frontier = view.frontier.clone();
+        let mut new_leaves = Vec::with_capacity(entries.len());
+        let now = crate::store::now_rfc3339();
+        for e in entries {
+            let index = frontier.len();
+            let leaf = merkle::leaf_hash(e.body.as_bytes());
+            tx.execute(
+                "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![index as i64, now, e.kind, e.principal, e.grant, e.decision, e.body, hex::encode(leaf)],
+            )?;
+            if let Some(sql) = &e.sql {
+                tx.execute(
+                    "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
+                    params![index as i64, sql],
+                )?;
+            }
+            frontier.push(leaf);
+            new_leaves.push(leaf);
+        }
+        let head = self.signer.sign_head(frontier.len(), &frontier.root());
+        save_head(&tx, &head)?;
+        tx.commit()?;
+        let first = view.leaves.len() as u64;
+        view.leaves.extend_from_slice(&new_leaves);
+        view.frontier = frontier;
+        view.head = Some(head.clone());
+        Ok(new_leaves
+            .iter()
+            .enumerate()
+            .map(|(i, leaf)| Receipt {
+                ledger_index: first + i as u64,
+                entry_hash: hex::encode(leaf),
+                tree_size: head.tree_size,
+                root_hash: head.root_hash.clone(),
+                timestamp_ms: head.timestamp_ms,
+                signature: head.signature.clone(),
+                key_id: head.key_id.clone(),
+            })
+            .collect())
+    }
+
+    /// A fresh signed head of the current tree (after catching up on others' appends).
+    pub fn sign_current(&mut self) -> Result<SignedHead, LedgerError> {
+        let mut view = lock(&self.view);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        catch_up(&tx, &mut view)?;
+        if let Some(head) = &view.head
+            && head.tree_size == view.frontier.len()
+        {
+            return Ok(head.clone());
+        }
+        let head = self
+            .signer
+            .sign_head(view.frontier.len(), &view.frontier.root());
+        save_head(&tx, &head)?;
+        tx.commit()?;
+        view.head = Some(head.clone());
+        Ok(head)
+    }
+}
+
+/// An event body: `fields` plus the version, kind and time every entry carries.
+pub fn event_body(kind: &str, fields: serde_json::Value) -> String {
+    let mut body = match fields {
+        serde_json::Value::Object(map) => map,
+        other => serde_json::Map::from_iter([("value".to_string(), other)]),
+    };
+    body.insert("v".into(), 1.into());
+    body.insert("kind".into(), kind.into());
+    body.insert("at".into(), crate::store::now_rfc3339().into());
+    serde_json::Value::Object(body).to_string()
+}
+
+/// Appends one state change (a principal, a grant) from outside the server, durably.
+pub fn record_event(
+    data_dir: &Path,
+    kind: &'static str,
+    fields: serde_json::Value,
+) -> Result<Receipt, LedgerError> {
+    let mut writer = Writer::open(data_dir)?;
+    let entry = NewEntry {
+        kind,
+        principal: None,
+        grant: None,
+        decision: "recorded",
+        body: event_body(kind, fields),
+        sql: None,
+    };
+    writer.append(&[entry])?.pop().ok_or(LedgerError::Stopped)
+}
+
+fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT idx, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx")?;
+    let mut rows = stmt.query([view.leaves.len() as i64])?;
+    while let Some(row) = rows.next()? {
+        let idx: i64 = row.get(0)?;
+        let leaf: String = row.get(1)?;
+        if idx as usize != view.leaves.len() {
+            return Err(LedgerError::Corrupt(format!(
+                "entry {} is missing",
+                view.leaves.len()
+            )));
+        }
+        let leaf: Hash = hex::decode(&leaf)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                LedgerError::Corrupt(format!("entry {idx} has a malformed leaf hash"))
+            })?;
+        view.leaves.push(leaf);
+        view.frontier.push(leaf);
+    }
+    Ok(())
+}
+
+fn save_head(conn: &Connection, head: &SignedHead) -> Result<(), LedgerError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO tree_heads (tree_size, timestamp_ms, root_hash, signature, key_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![head.tree_size as i64, head.timestamp_ms as i64, head.root_hash, head.signature, head.key_id],
+    )?;
+    Ok(())
+}
+
+pub fn heads(conn: &Connection) -> Result<Vec<SignedHead>, LedgerError> {
+    let mut stmt = conn.prepare("SELECT tree_size, timestamp_ms, root_hash, signature, key_id FROM tree_heads ORDER BY tree_size")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SignedHead {
+            tree_size: r.get::<_, i64>(0)? as u64,
+            timestamp_ms: r.get::<_, i64>(1)? as u64,
+            root_hash: r.get(2)?,
+            signature: r.get(3)?,
+            key_id: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn latest_head(conn: &Connection) -> Result<Option<SignedHead>, LedgerError> {
+    Ok(heads(conn)?.pop())
+}
+
+enum Job {
+    Append(
+        NewEntry,
+        tokio::sync::oneshot::Sender<Result<Receipt, String>>,
+    ),
+    Head(tokio::sync::oneshot::Sender<Result<SignedHead, String>>),
+}
+
+/// The server's handle on the ledger: appends are batched by a committer
+/// thread (group commit); reads use the shared view.
+pub struct Ledger {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    view: Arc<Mutex<View>>,
+    public_key: Vec<u8>,
+}
+
+/// Most entries one transaction takes.
+const MAX_BATCH: usize = 512;
+
+impl Ledger {
+    pub fn start(data_dir: &Path) -> Result<Ledger, LedgerError> {
+        let mut writer = Writer::open(data_dir)?;
+        let view = writer.view();
+        let public_key = writer.public_key();
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("fg-ledger".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(job) = next.take() {
+                        match job {
+                            Job::Append(entry, reply) => batch.push((entry, reply)),
+                            Job::Head(reply) => {
+                                let _ =
+                                    reply.send(writer.sign_current().map_err(|e| e.to_string()));
+                            }
+                        }
+                        if batch.len() < MAX_BATCH {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let entries: Vec<NewEntry> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    match writer.append(&entries) {
+                        Ok(receipts) => {
+                            for ((_, reply), receipt) in batch.into_iter().zip(receipts) {
+                                let _ = reply.send(Ok(receipt));
+                            }
+                        }
+                        Err(e) => {
+                            // A commit that may not be on disk must not be answered
+                            // around: stop, and let the restart recover from what is durable.
+                            tracing::error!(error = %e, "ledger commit failed; stopping");
+                            for (_, reply) in batch {
+                                let _ = reply.send(Err(e.to_string()));
+                            }
+                            std::process::abort();
+                        }
+                    }
+                }
+            })
+            .map_err(|e| LedgerError::Key(format!("cannot start the ledger thread: {e}")))?;
+        Ok(Ledger {
+            jobs: Mutex::new(tx),
+            view,
+            public_key,
+        })
+    }
+
+    /// Appends one entry; resolves once it is durable.
+    pub async fn append(&self, entry: NewEntry) -> Result<Receipt, LedgerError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Append(entry, reply))?;
+        rx.await
+            .map_err(|_| LedgerError::Stopped)?
+            .map_err(LedgerError::Corrupt)
+    }
+
+    fn send(&self, job: Job) -> Result<(), LedgerError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| LedgerError::Stopped)
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    pub fn key_id(&self) -> String {
+        key_id(&self.public_key)
+    }
+
+    /// The latest signed head; signs a fresh one if others (the CLI) appended since.
+    pub async fn head(&self) -> Result<SignedHead, LedgerError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Head(reply))?;
+        rx.await
+            .map_err(|_| LedgerError::Stopped)?
+            .map_err(LedgerError::Corrupt)
+    }
+
+    pub fn size(&self) -> u64 {
+        lock(&self.view).leaves.len() as u64
+    }
+
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
+        let view = lock(&self.view);
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|s| *s <= view.leaves.len())?;
+        merkle::inclusion_proof(&view.leaves[..size], usize::try_from(index).ok()?)
+    }
+
+    pub fn consistency_proof(&self, from: u64, to: u64) -> Option<Vec<Hash>> {
+        let view = lock(&self.view);
+        let to = usize::try_from(to)
+            .ok()
+            .filter(|s| *s <= view.leaves.len())?;
+        merkle::consistency_proof(&view.leaves[..to], usize::try_from(from).ok()?)
+    }
+
+    pub fn root_at(&self, size: u64) -> Option<Hash> {
+        let view = lock(&self.view);
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|s| *s <= view.leaves.len())?;
+        Some(merkle::root(&view.leaves[..size]))
     }
 }

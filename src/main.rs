@@ -4,11 +4,12 @@
 use clap::{Parser, Subcommand};
 use frostglass::catalog::{self, Catalog};
 use frostglass::config::Settings;
+use frostglass::ledger;
 use frostglass::policy::Policies;
 use frostglass::startup::{self, Application};
 use frostglass::store::{NewGrant, Principal, Role, Store};
 use frostglass::validate::{Problem, Schemas};
-use frostglass::{auth, demo, telemetry};
+use frostglass::{auth, demo, telemetry, verify};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -56,6 +57,26 @@ enum Command {
         /// Multiplies every row count (e.g. 10 for benchmarks, 0.05 for quick tests).
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+    },
+    /// Verify the usage ledger: leaves, tree, signed heads, growth since the last run, a receipt.
+    Verify {
+        /// A local data directory to verify.
+        #[arg(long, conflicts_with = "url")]
+        data_dir: Option<PathBuf>,
+        /// A running server to verify (with an auditor's key).
+        #[arg(long, requires = "key")]
+        url: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        /// The ledger's public key (hex); pins it instead of trusting the source.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Remembers the last verified head and key between runs.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// A receipt (or a whole query response) to check.
+        #[arg(long)]
+        receipt: Option<PathBuf>,
     },
     /// Validate every manifest and policy file against schemas/.
     Check {
@@ -134,6 +155,31 @@ fn main() -> ExitCode {
         Command::Grant { command } => add_grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::Verify {
+            data_dir,
+            url,
+            key,
+            public_key,
+            state,
+            receipt,
+        } => {
+            let source = match (url, key) {
+                (Some(url), Some(key)) => verify::Source::Remote { url, key },
+                _ => verify::Source::Local(data_dir.unwrap_or_else(|| PathBuf::from("data"))),
+            };
+            match verify::run(&verify::Options {
+                source,
+                public_key,
+                state,
+                receipt,
+            }) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    Ok(())
+                }
+                Err(failure) => Err(failure.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -317,6 +363,17 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         cross_border_assessment,
     };
     let id = store.add_grant(&grant).map_err(|e| e.to_string())?;
+    let made = store
+        .grants_of(&grant.buyer)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|g| g.id == id);
+    ledger::record_event(
+        &data_dir,
+        "grant_made",
+        serde_json::json!({ "grant": made }),
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "granted {} access to {} for {}:",
         grant.buyer,

@@ -9,11 +9,12 @@
 use crate::catalog::Dataset;
 use crate::error::ApiError;
 use crate::ledger::sha256_hex;
+use crate::ledger::{NewEntry, Receipt};
 use crate::metering::{self, Usage};
 use crate::policy::check::{self, Requester};
 use crate::release;
 use crate::startup::Sandbox;
-use crate::store::{Appended, Grant, LogEntry, Principal, Role, new_id, now_rfc3339};
+use crate::store::{Grant, Principal, Role, new_id, now_rfc3339};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -55,13 +56,6 @@ pub struct ReleaseSummary {
     pub released_groups: u64,
     pub suppressed_groups: u64,
     pub noise: Option<Value>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Receipt {
-    pub ledger_index: u64,
-    pub entry_hash: String,
-    pub tree_size: u64,
 }
 
 /// An answered query: released values only.
@@ -133,7 +127,10 @@ pub async fn run(
             Ok(Outcome::Answer(Box::new(answer)))
         }
         Err(e) => {
-            record_refusal(&sandbox, &principal, &request, &query_id, &trace, started, &e).await?;
+            record_refusal(
+                &sandbox, &principal, &request, &query_id, &trace, started, &e,
+            )
+            .await?;
             Err(e)
         }
     }
@@ -426,11 +423,7 @@ async fn finish(
         rows,
         release: e.release,
         usage,
-        receipt: Receipt {
-            ledger_index: appended.index,
-            entry_hash: appended.entry_hash,
-            tree_size: appended.index + 1,
-        },
+        receipt: appended,
     })
 }
 
@@ -477,8 +470,8 @@ async fn append(
     decision: &'static str,
     body: Value,
     sql: &str,
-) -> Result<Appended, ApiError> {
-    let entry = LogEntry {
+) -> Result<Receipt, ApiError> {
+    let entry = NewEntry {
         kind: "query",
         principal: Some(principal.id.clone()),
         grant: grant.map(str::to_string),
@@ -486,9 +479,9 @@ async fn append(
         body: body.to_string(),
         sql: Some(sql.to_string()),
     };
-    let store = sandbox.store.clone();
-    tokio::task::spawn_blocking(move || store.append(&entry))
+    sandbox
+        .ledger
+        .append(entry)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }

@@ -291,9 +291,7 @@ impl Splitter<'_> {
                     .rebuild_single(plan),
                 input => self.thread(input)?.rebuild_single(plan),
             },
-            LogicalPlan::Sort(_)
-            | LogicalPlan::Limit(_)
-            | LogicalPlan::Repartition(_) => {
+            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Repartition(_) => {
                 let input = plan.inputs()[0];
                 self.thread(input)?.rebuild_single(plan)
             }
@@ -482,7 +480,12 @@ fn unit_column(plan: &LogicalPlan) -> Result<Column, ApiError> {
 
 /// Whether the join's equi-keys, or an equality in its filter or in the
 /// conditions above it, connect the units of both sides.
-fn joined_on_unit(j: &Join, conditions: &[&Expr], left: &HashSet<Column>, right: &HashSet<Column>) -> bool {
+fn joined_on_unit(
+    j: &Join,
+    conditions: &[&Expr],
+    left: &HashSet<Column>,
+    right: &HashSet<Column>,
+) -> bool {
     let connects = |a: &Expr, b: &Expr| match (strip_alias(a), strip_alias(b)) {
         (Expr::Column(x), Expr::Column(y)) => {
             (left.contains(x) && right.contains(y)) || (left.contains(y) && right.contains(x))

@@ -22,6 +22,7 @@ pub struct Sandbox {
     pub policies: Policies,
     pub schemas: Schemas,
     pub store: Arc<Store>,
+    pub ledger: crate::ledger::Ledger,
     pub engine: Engine,
     pub query_slots: tokio::sync::Semaphore,
     pub runtime: QueryRuntime,
@@ -72,6 +73,8 @@ pub enum StartError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     #[error("cannot listen on {0}: {1}")]
     Listen(String, std::io::Error),
     #[error("{0}")]
@@ -85,6 +88,8 @@ impl Sandbox {
             Policies::load(&settings.policies_dir, &schemas).map_err(StartError::Policies)?;
         let catalog = Catalog::load(&settings.catalog_dir, &schemas).await?;
         let store = Arc::new(Store::open(&settings.data_dir)?);
+        let ledger = crate::ledger::Ledger::start(&settings.data_dir)?;
+        record_registrations(&store, &ledger, &catalog).await?;
         let engine = Engine::new(settings.limits.clone());
         let query_slots =
             tokio::sync::Semaphore::new(settings.limits.max_concurrent_queries.max(1));
@@ -94,11 +99,45 @@ impl Sandbox {
             policies,
             schemas,
             store,
+            ledger,
             engine,
             query_slots,
             runtime: QueryRuntime::new()?,
         })
     }
+}
+
+/// Records each dataset whose manifest is new or changed since its last registration entry.
+async fn record_registrations(
+    store: &Store,
+    ledger: &crate::ledger::Ledger,
+    catalog: &Catalog,
+) -> Result<(), StartError> {
+    let recorded = store.registered_manifests()?;
+    for d in catalog.datasets.values() {
+        let manifest = serde_json::to_string(&d.manifest).unwrap_or_default();
+        let digest = crate::ledger::sha256_hex(manifest.as_bytes());
+        if recorded.get(d.id()) == Some(&digest) {
+            continue;
+        }
+        let fields = serde_json::json!({
+            "dataset": d.id(),
+            "owner": d.manifest.owner,
+            "level": d.manifest.level,
+            "manifest_sha256": digest,
+            "rows": d.num_rows,
+        });
+        let entry = crate::ledger::NewEntry {
+            kind: "dataset_registered",
+            principal: None,
+            grant: None,
+            decision: "recorded",
+            body: crate::ledger::event_body("dataset_registered", fields),
+            sql: None,
+        };
+        ledger.append(entry).await?;
+    }
+    Ok(())
 }
 
 pub struct Application {
@@ -118,6 +157,12 @@ impl Application {
                     crate::telemetry::request_span,
                 ))
                 .app_data(sandbox.clone())
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    crate::error::ApiError::InvalidRequest(e.to_string()).into()
+                }))
+                .app_data(web::PathConfig::default().error_handler(|e, _| {
+                    crate::error::ApiError::InvalidRequest(e.to_string()).into()
+                }))
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         })

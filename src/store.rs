@@ -94,31 +94,11 @@ pub struct NewGrant {
     pub cross_border_assessment: Option<String>,
 }
 
-/// One usage-log entry, as appended.
-#[derive(Debug, Clone, Serialize)]
-pub struct LogEntry {
-    pub kind: &'static str,
-    pub principal: Option<String>,
-    pub grant: Option<String>,
-    /// `answered` or `refused`.
-    pub decision: &'static str,
-    /// Canonical JSON of the entry; its leaf hash is what receipts prove.
-    pub body: String,
-    /// The query text, kept beside the log so retention can drop it.
-    pub sql: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Appended {
-    pub index: u64,
-    pub entry_hash: String,
-}
-
 pub struct Store {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = r#"
+pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS principals (
     id TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -155,6 +135,13 @@ CREATE TABLE IF NOT EXISTS usage_log (
     leaf_hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
+CREATE TABLE IF NOT EXISTS tree_heads (
+    tree_size INTEGER PRIMARY KEY,
+    timestamp_ms INTEGER NOT NULL,
+    root_hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    key_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage_sql (
     idx INTEGER PRIMARY KEY REFERENCES usage_log(idx),
     sql TEXT NOT NULL
@@ -341,32 +328,17 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// Appends an entry and commits it durably (fsync through WAL with
-    /// synchronous=FULL) before returning: callers answer only after this.
-    pub fn append(&self, entry: &LogEntry) -> Result<Appended, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let index: i64 =
-            tx.query_row("SELECT COALESCE(MAX(idx) + 1, 0) FROM usage_log", [], |r| {
-                r.get(0)
-            })?;
-        let entry_hash = crate::ledger::leaf_hash_hex(entry.body.as_bytes());
-        tx.execute(
-            "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![index, now_rfc3339(), entry.kind, entry.principal, entry.grant, entry.decision, entry.body, entry_hash],
+    /// The manifest digest each dataset was last registered with, from the ledger.
+    pub fn registered_manifests(
+        &self,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT json_extract(body, '$.dataset'), json_extract(body, '$.manifest_sha256')
+             FROM usage_log WHERE kind = 'dataset_registered' ORDER BY idx",
         )?;
-        if let Some(sql) = &entry.sql {
-            tx.execute(
-                "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
-                params![index, sql],
-            )?;
-        }
-        tx.commit()?;
-        Ok(Appended {
-            index: index as u64,
-            entry_hash,
-        })
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Entry bodies in index order, for usage reports and verification.

@@ -2,6 +2,7 @@
 //! outcomes into responses. Errors become JSON in one place
 //! ([`crate::error::ApiError`]'s `ResponseError`).
 
+pub mod audit;
 pub mod format;
 
 use crate::catalog::Dataset;
@@ -24,7 +25,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/datasets/{id}", web::get().to(get_dataset))
             .route("/datasets/{id}/preview", web::get().to(preview_dataset))
             .route("/queries", web::post().to(post_query))
-            .route("/grants", web::get().to(list_grants)),
+            .route("/grants", web::get().to(list_grants))
+            .configure(audit::routes),
     );
 }
 

@@ -278,14 +278,25 @@ impl Classification {
             "| class | output | group_by | filter | join_key | order_by | aggregate_arg | scalar functions |\n|---|---|---|---|---|---|---|---|\n",
         );
         let word = |a: Allow| if a == Allow::Allow { "allow" } else { "deny" };
-        for class in [ColumnClass::Identifier, ColumnClass::QuasiIdentifier, ColumnClass::Sensitive, ColumnClass::Attribute] {
+        for class in [
+            ColumnClass::Identifier,
+            ColumnClass::QuasiIdentifier,
+            ColumnClass::Sensitive,
+            ColumnClass::Attribute,
+        ] {
             let r = self.rule(class);
             let join = match r.join_key {
                 JoinKeyRule::Allow => "allow",
                 JoinKeyRule::Deny => "deny",
                 JoinKeyRule::JoinableOnly => "joinable only",
             };
-            let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 class.as_str(),
@@ -310,17 +321,23 @@ mod tests {
     fn readme_rule_table_is_the_shipped_classification() {
         let schemas = Schemas::compiled();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let policies = Policies::load(&dir.join("policies"), &schemas).expect("shipped policies are valid");
+        let policies =
+            Policies::load(&dir.join("policies"), &schemas).expect("shipped policies are valid");
         let readme = std::fs::read_to_string(dir.join("README.md")).expect("README.md exists");
         let table = policies.classification.markdown_table();
-        assert!(readme.contains(&table), "README's rule table is out of date; it should read:\n{table}");
+        assert!(
+            readme.contains(&table),
+            "README's rule table is out of date; it should read:\n{table}"
+        );
     }
 
     #[test]
     fn class_rules_decide_sites() {
         let schemas = Schemas::compiled();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let c = Policies::load(&dir.join("policies"), &schemas).unwrap().classification;
+        let c = Policies::load(&dir.join("policies"), &schemas)
+            .unwrap()
+            .classification;
         let id = c.rule(ColumnClass::Identifier);
         assert!(!id.allows(Site::Filter, true));
         assert!(id.allows(Site::JoinKey, true));

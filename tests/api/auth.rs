@@ -14,11 +14,18 @@ fn health_check_needs_no_key() {
 fn missing_wrong_and_malformed_keys_are_unauthenticated() {
     let app = spawn_app();
     let body = serde_json::to_vec(&json!({ "sql": "SELECT 1" })).unwrap();
-    for key in [None, Some("wrong-key"), Some("fgk_0000000000000000000000000000000000000000000000000000000000000000")] {
+    for key in [
+        None,
+        Some("wrong-key"),
+        Some("fgk_0000000000000000000000000000000000000000000000000000000000000000"),
+    ] {
         let r = app.request("POST", "/v1/queries", key, Some(&body), None);
         assert_eq!(r.status, 401, "key {key:?}");
         assert_eq!(r.code().as_deref(), Some("unauthenticated"));
-        assert_eq!(r.headers.get("www-authenticate").map(String::as_str), Some("Bearer"));
+        assert_eq!(
+            r.headers.get("www-authenticate").map(String::as_str),
+            Some("Bearer")
+        );
     }
     let r = app.get("/v1/datasets", None);
     assert_eq!(r.status, 401);
@@ -28,7 +35,10 @@ fn missing_wrong_and_malformed_keys_are_unauthenticated() {
 fn only_buyers_run_queries() {
     let app = spawn_app();
     for who in ["owner:hospital", "auditor:cac"] {
-        let r = app.query_as(who, json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" }));
+        let r = app.query_as(
+            who,
+            json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" }),
+        );
         assert_eq!(r.status, 403, "{who}: {}", r.text());
         assert_eq!(r.code().as_deref(), Some("forbidden"));
     }

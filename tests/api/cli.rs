@@ -5,19 +5,43 @@ use serde_json::json;
 use std::process::Command;
 
 fn frostglass(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_frostglass")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_frostglass"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn last_line(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 #[test]
 fn principals_and_grants_added_while_serving_take_effect() {
     let app = spawn_app();
     let data = app.data_dir.to_str().unwrap();
-    let out = frostglass(&["principal", "add", "buyer:late", "--role", "buyer", "--org", "late", "--region", "CN", "--data-dir", data]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = frostglass(&[
+        "principal",
+        "add",
+        "buyer:late",
+        "--role",
+        "buyer",
+        "--org",
+        "late",
+        "--region",
+        "CN",
+        "--data-dir",
+        data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = last_line(&out);
     assert!(key.starts_with("fgk_"));
     // Only the hash is stored.
@@ -26,13 +50,34 @@ fn principals_and_grants_added_while_serving_take_effect() {
     let catalog = shared_catalog().to_str().unwrap().to_string();
     let policies = repo().join("policies");
     let out = frostglass(&[
-        "grant", "add", "--buyer", "buyer:late", "--dataset", "city_health", "--purpose", "public_health_research",
-        "--queries-per-day", "5", "--data-dir", data, "--catalog", &catalog, "--policies", policies.to_str().unwrap(),
+        "grant",
+        "add",
+        "--buyer",
+        "buyer:late",
+        "--dataset",
+        "city_health",
+        "--purpose",
+        "public_health_research",
+        "--queries-per-day",
+        "5",
+        "--data-dir",
+        data,
+        "--catalog",
+        &catalog,
+        "--policies",
+        policies.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let grant = last_line(&out);
     assert!(grant.starts_with("g_"));
-    let body = serde_json::to_vec(&json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" })).unwrap();
+    let body = serde_json::to_vec(
+        &json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" }),
+    )
+    .unwrap();
     let r = app.request("POST", "/v1/queries", Some(&key), Some(&body), None);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["grant"], grant.as_str());
@@ -44,9 +89,25 @@ fn grants_of_core_data_or_prohibited_purposes_are_refused() {
     let data = app.data_dir.to_str().unwrap();
     let catalog = shared_catalog().to_str().unwrap().to_string();
     let policies = repo().join("policies");
-    let base = ["grant", "add", "--buyer", "buyer:other", "--data-dir", data, "--catalog", &catalog, "--policies", policies.to_str().unwrap()];
+    let base = [
+        "grant",
+        "add",
+        "--buyer",
+        "buyer:other",
+        "--data-dir",
+        data,
+        "--catalog",
+        &catalog,
+        "--policies",
+        policies.to_str().unwrap(),
+    ];
     let mut core = base.to_vec();
-    core.extend(["--dataset", "population_registry", "--purpose", "public_health_research"]);
+    core.extend([
+        "--dataset",
+        "population_registry",
+        "--purpose",
+        "public_health_research",
+    ]);
     assert!(!frostglass(&core).status.success());
     let mut banned = base.to_vec();
     banned.extend(["--dataset", "city_health", "--purpose", "reidentification"]);
@@ -57,19 +118,38 @@ fn grants_of_core_data_or_prohibited_purposes_are_refused() {
 
 #[test]
 fn check_reports_each_problem_with_file_and_path() {
-    let out = frostglass(&["check", "--catalog", repo().join("catalog").to_str().unwrap(), "--policies", repo().join("policies").to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = frostglass(&[
+        "check",
+        "--catalog",
+        repo().join("catalog").to_str().unwrap(),
+        "--policies",
+        repo().join("policies").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let catalog = dir.path().join("catalog");
     std::fs::create_dir(&catalog).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("catalog/city_health.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("catalog/city_health.json")).unwrap(),
+    )
+    .unwrap();
     manifest["level"] = json!("secret");
     manifest["columns"][3]["class"] = json!("public");
     std::fs::write(catalog.join("broken.json"), manifest.to_string()).unwrap();
     std::fs::write(catalog.join("garbage.json"), "{ nope").unwrap();
-    let out = frostglass(&["check", "--catalog", catalog.to_str().unwrap(), "--policies", repo().join("policies").to_str().unwrap()]);
+    let out = frostglass(&[
+        "check",
+        "--catalog",
+        catalog.to_str().unwrap(),
+        "--policies",
+        repo().join("policies").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("broken.json: /level:"), "{text}");
@@ -82,14 +162,34 @@ fn demo_data_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = dir.path().join("catalog");
     std::fs::create_dir(&catalog).unwrap();
-    std::fs::copy(repo().join("catalog/enterprise_registry.json"), catalog.join("enterprise_registry.json")).unwrap();
+    std::fs::copy(
+        repo().join("catalog/enterprise_registry.json"),
+        catalog.join("enterprise_registry.json"),
+    )
+    .unwrap();
     let run = || {
-        let out = frostglass(&["demo-data", "--catalog", catalog.to_str().unwrap(), "--scale", "0.02"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = frostglass(&[
+            "demo-data",
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "--scale",
+            "0.02",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::read(catalog.join("data/enterprise_registry.parquet")).unwrap()
     };
     let first = run();
     assert_eq!(first, run());
-    let bad = frostglass(&["demo-data", "--catalog", catalog.to_str().unwrap(), "--scale", "-1"]);
+    let bad = frostglass(&[
+        "demo-data",
+        "--catalog",
+        catalog.to_str().unwrap(),
+        "--scale",
+        "-1",
+    ]);
     assert!(!bad.status.success());
 }

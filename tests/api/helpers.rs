@@ -17,7 +17,11 @@ pub const PURPOSE: &str = "public_health_research";
 pub fn shared_catalog() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("fg-test-catalog-").tempdir().unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix("fg-test-catalog-")
+            .tempdir()
+            .unwrap()
+            .keep();
         for entry in std::fs::read_dir(repo().join("catalog")).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "json") {
@@ -26,7 +30,12 @@ pub fn shared_catalog() -> &'static Path {
         }
         let schemas = frostglass::validate::Schemas::compiled();
         let manifests = frostglass::catalog::read_manifests(&dir, &schemas).unwrap();
-        frostglass::demo::generate(&frostglass::demo::demo_targets(&dir, &manifests), SCALE, |_| {}).unwrap();
+        frostglass::demo::generate(
+            &frostglass::demo::demo_targets(&dir, &manifests),
+            SCALE,
+            |_| {},
+        )
+        .unwrap();
         dir
     })
 }
@@ -63,7 +72,9 @@ impl Response {
     }
 
     pub fn rule(&self) -> Option<String> {
-        self.json()["error"]["details"]["rule"].as_str().map(str::to_string)
+        self.json()["error"]["details"]["rule"]
+            .as_str()
+            .map(str::to_string)
     }
 }
 
@@ -74,7 +85,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { settings: Settings::default(), acme_queries_per_day: None }
+        Options {
+            settings: Settings::default(),
+            acme_queries_per_day: None,
+        }
     }
 }
 
@@ -83,7 +97,11 @@ pub fn spawn_app() -> TestApp {
 }
 
 pub fn spawn_app_with(options: Options) -> TestApp {
-    let data_dir = tempfile::Builder::new().prefix("fg-test-data-").tempdir().unwrap().keep();
+    let data_dir = tempfile::Builder::new()
+        .prefix("fg-test-data-")
+        .tempdir()
+        .unwrap()
+        .keep();
     let store = Store::open(&data_dir).unwrap();
     let mut keys = HashMap::new();
     for (id, role, org, region) in [
@@ -94,12 +112,24 @@ pub fn spawn_app_with(options: Options) -> TestApp {
         ("buyer:abroad", Role::Buyer, "abroad", "US"),
     ] {
         let key = frostglass::auth::generate_key();
-        let p = Principal { id: id.into(), role, org: Some(org.into()), region: region.into() };
-        store.add_principal(&p, &frostglass::auth::key_hash(&key)).unwrap();
+        let p = Principal {
+            id: id.into(),
+            role,
+            org: Some(org.into()),
+            region: region.into(),
+        };
+        store
+            .add_principal(&p, &frostglass::auth::key_hash(&key))
+            .unwrap();
         keys.insert(id.to_string(), key);
     }
     let mut grants = HashMap::new();
-    let all = ["city_health", "telecom_usage", "enterprise_registry", "power_grid"];
+    let all = [
+        "city_health",
+        "telecom_usage",
+        "enterprise_registry",
+        "power_grid",
+    ];
     for (buyer, datasets, assessment, quota) in [
         ("buyer:acme", &all[..], None, options.acme_queries_per_day),
         ("buyer:abroad", &all[..], None, None),
@@ -125,7 +155,9 @@ pub fn spawn_app_with(options: Options) -> TestApp {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let app = Application::build(settings).await.expect("the application starts");
+            let app = Application::build(settings)
+                .await
+                .expect("the application starts");
             tx.send(app.port()).unwrap();
             let _ = app.run_until_stopped().await;
         })
@@ -136,7 +168,13 @@ pub fn spawn_app_with(options: Options) -> TestApp {
         .timeout_global(Some(std::time::Duration::from_secs(120)))
         .build()
         .into();
-    TestApp { base: format!("http://127.0.0.1:{port}"), data_dir, keys, grants, agent }
+    TestApp {
+        base: format!("http://127.0.0.1:{port}"),
+        data_dir,
+        keys,
+        grants,
+        agent,
+    }
 }
 
 impl TestApp {
@@ -144,7 +182,14 @@ impl TestApp {
         &self.keys[principal]
     }
 
-    pub fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>, accept: Option<&str>) -> Response {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&[u8]>,
+        accept: Option<&str>,
+    ) -> Response {
         let url = format!("{}{path}", self.base);
         let builder = ureq::http::Request::builder().method(method).uri(&url);
         let builder = match key {
@@ -156,7 +201,12 @@ impl TestApp {
             None => builder,
         };
         let result = match body {
-            Some(b) => self.agent.run(builder.header("Content-Type", "application/json").body(b.to_vec()).unwrap()),
+            Some(b) => self.agent.run(
+                builder
+                    .header("Content-Type", "application/json")
+                    .body(b.to_vec())
+                    .unwrap(),
+            ),
             None => self.agent.run(builder.body(()).unwrap()),
         };
         let mut response = result.expect("the server answers");
@@ -166,8 +216,17 @@ impl TestApp {
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
         let status = response.status().as_u16();
-        let bytes = response.body_mut().with_config().limit(64 * 1024 * 1024).read_to_vec().unwrap_or_default();
-        Response { status, headers, bytes }
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_vec()
+            .unwrap_or_default();
+        Response {
+            status,
+            headers,
+            bytes,
+        }
     }
 
     pub fn get(&self, path: &str, key: Option<&str>) -> Response {
@@ -176,7 +235,13 @@ impl TestApp {
 
     pub fn query_as(&self, principal: &str, body: Value) -> Response {
         let bytes = serde_json::to_vec(&body).unwrap();
-        self.request("POST", "/v1/queries", Some(self.key(principal)), Some(&bytes), None)
+        self.request(
+            "POST",
+            "/v1/queries",
+            Some(self.key(principal)),
+            Some(&bytes),
+            None,
+        )
     }
 
     /// A query by the default buyer, acme, whose grant covers every non-core dataset.
@@ -193,16 +258,33 @@ impl TestApp {
 /// must know the real values (to prove they never come out).
 pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
     use datafusion::prelude::*;
-    let path = shared_catalog().join("data").join(format!("{dataset}.parquet"));
+    let path = shared_catalog()
+        .join("data")
+        .join(format!("{dataset}.parquet"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = SessionContext::new();
-        ctx.register_parquet("t", path.to_str().unwrap(), ParquetReadOptions::default()).await.unwrap();
-        let batches = ctx.sql(&format!("SELECT CAST({column} AS VARCHAR) FROM t")).await.unwrap().collect().await.unwrap();
+        ctx.register_parquet("t", path.to_str().unwrap(), ParquetReadOptions::default())
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql(&format!("SELECT CAST({column} AS VARCHAR) FROM t"))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
         let mut out = Vec::new();
         for b in batches {
-            let col = datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
-            let arr = col.as_any().downcast_ref::<datafusion::arrow::array::StringArray>().unwrap();
+            let col = datafusion::arrow::compute::cast(
+                b.column(0),
+                &datafusion::arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            let arr = col
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+                .unwrap();
             out.extend(arr.iter().flatten().map(str::to_string));
         }
         out
@@ -212,11 +294,19 @@ pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
 /// Runs a query directly on the raw data file: the ground truth tests compare releases with.
 pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
     use datafusion::prelude::*;
-    let path = shared_catalog().join("data").join(format!("{dataset}.parquet"));
+    let path = shared_catalog()
+        .join("data")
+        .join(format!("{dataset}.parquet"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = SessionContext::new();
-        ctx.register_parquet(dataset, path.to_str().unwrap(), ParquetReadOptions::default()).await.unwrap();
+        ctx.register_parquet(
+            dataset,
+            path.to_str().unwrap(),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .unwrap();
         let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         frostglass::api::format::json_rows(&batches).unwrap()
     })

@@ -14,16 +14,48 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
     let bin = env!("CARGO_BIN_EXE_frostglass");
     let add = |args: &[&str]| {
         let out = Command::new(bin).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string()
     };
     let data_arg = data.to_str().unwrap();
-    let key = add(&["principal", "add", "buyer:x", "--role", "buyer", "--data-dir", data_arg]);
+    let key = add(&[
+        "principal",
+        "add",
+        "buyer:x",
+        "--role",
+        "buyer",
+        "--data-dir",
+        data_arg,
+    ]);
     let catalog = shared_catalog().to_str().unwrap().to_string();
     let policies = repo().join("policies");
     add(&[
-        "grant", "add", "--buyer", "buyer:x", "--dataset", "city_health", "--dataset", "telecom_usage", "--purpose",
-        "public_health_research", "--data-dir", data_arg, "--catalog", &catalog, "--policies", policies.to_str().unwrap(),
+        "grant",
+        "add",
+        "--buyer",
+        "buyer:x",
+        "--dataset",
+        "city_health",
+        "--dataset",
+        "telecom_usage",
+        "--purpose",
+        "public_health_research",
+        "--data-dir",
+        data_arg,
+        "--catalog",
+        &catalog,
+        "--policies",
+        policies.to_str().unwrap(),
     ]);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -32,14 +64,25 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
     let log_path = dir.path().join("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut server = Command::new(bin)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--catalog", &catalog, "--data-dir", data_arg])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--catalog",
+            &catalog,
+            "--data-dir",
+            data_arg,
+        ])
         .args(["--policies", policies.to_str().unwrap()])
         .env("FROSTGLASS_LOG", "trace")
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let base = format!("http://127.0.0.1:{port}");
     let mut up = false;
     for _ in 0..200 {
@@ -83,13 +126,19 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
             let ids: Vec<String> = column_values("city_health", "person_id");
             for row in doc["rows"].as_array().unwrap() {
                 for cell in row.as_array().unwrap() {
-                    assert!(!ids.contains(&cell.to_string()), "{sql} released a person id");
+                    assert!(
+                        !ids.contains(&cell.to_string()),
+                        "{sql} released a person id"
+                    );
                 }
             }
         }
         bodies.push_str(&body);
     }
-    assert_eq!(answered, 2, "only the two legitimate aggregates are answered");
+    assert_eq!(
+        answered, 2,
+        "only the two legitimate aggregates are answered"
+    );
     server.kill().unwrap();
     let _ = server.wait();
 
@@ -97,13 +146,22 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
         .lines()
         .map(|l| l.unwrap())
         .collect();
-    assert!(log_lines.len() > attacks.len(), "the server logged its requests");
+    assert!(
+        log_lines.len() > attacks.len(),
+        "the server logged its requests"
+    );
     let mut secrets = column_values("city_health", "name");
     secrets.extend(column_values("city_health", "id_card"));
     secrets.sort();
     secrets.dedup();
     for secret in &secrets {
-        assert!(!bodies.contains(secret.as_str()), "a response contains an identifier value");
-        assert!(!log_lines.iter().any(|l| l.contains(secret.as_str())), "a log line contains an identifier value");
+        assert!(
+            !bodies.contains(secret.as_str()),
+            "a response contains an identifier value"
+        );
+        assert!(
+            !log_lines.iter().any(|l| l.contains(secret.as_str())),
+            "a log line contains an identifier value"
+        );
     }
 }

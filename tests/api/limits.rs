@@ -46,7 +46,10 @@ fn deep_and_long_expressions_are_refused_before_planning() {
     let r = app.query(&chain);
     assert_eq!(r.code().as_deref(), Some("resource_limit"));
     // Just under both caps: long but legal, and planned without overflowing the stack.
-    let legal = format!("SELECT district, COUNT(*) FROM city_health WHERE age > {} GROUP BY district", vec!["0"; 1_500].join("+"));
+    let legal = format!(
+        "SELECT district, COUNT(*) FROM city_health WHERE age > {} GROUP BY district",
+        vec!["0"; 1_500].join("+")
+    );
     let r = app.query(&legal);
     assert_eq!(r.status, 200, "{}", &r.text()[..300.min(r.text().len())]);
     still_serving(&app);
@@ -56,12 +59,19 @@ fn deep_and_long_expressions_are_refused_before_planning() {
 fn endless_queries_are_cancelled() {
     let mut settings = Settings::default();
     settings.limits.query_timeout_ms = 1_500;
-    let app = spawn_app_with(Options { settings, ..Options::default() });
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
     let started = std::time::Instant::now();
-    let r = app.query("SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district");
+    let r =
+        app.query("SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district");
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.code().as_deref(), Some("resource_limit"));
-    assert!(started.elapsed().as_secs() < 30, "the timeout did not cut the query short");
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "the timeout did not cut the query short"
+    );
     still_serving(&app);
 }
 
@@ -70,12 +80,27 @@ fn memory_and_answer_size_are_capped() {
     let mut settings = Settings::default();
     settings.limits.query_memory_bytes = 64 * 1024;
     settings.limits.max_result_rows = 100;
-    let app = spawn_app_with(Options { settings, ..Options::default() });
-    let big = app.query("SELECT industry, COUNT(DISTINCT name) AS n FROM enterprise_registry GROUP BY industry");
-    assert_eq!(big.code().as_deref(), Some("resource_limit"), "{}", big.text());
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let big = app.query(
+        "SELECT industry, COUNT(DISTINCT name) AS n FROM enterprise_registry GROUP BY industry",
+    );
+    assert_eq!(
+        big.code().as_deref(),
+        Some("resource_limit"),
+        "{}",
+        big.text()
+    );
     assert!(big.text().contains("memory"), "{}", big.text());
     let rows = app.query("SELECT name FROM enterprise_registry");
-    assert_eq!(rows.code().as_deref(), Some("resource_limit"), "{}", rows.text());
+    assert_eq!(
+        rows.code().as_deref(),
+        Some("resource_limit"),
+        "{}",
+        rows.text()
+    );
     let small = app.query("SELECT name FROM enterprise_registry LIMIT 100");
     assert_eq!(small.status, 200, "{}", small.text());
 }
@@ -84,7 +109,10 @@ fn memory_and_answer_size_are_capped() {
 fn rows_scanned_cap_is_checked_before_reading() {
     let mut settings = Settings::default();
     settings.limits.max_rows_scanned = 50_000;
-    let app = spawn_app_with(Options { settings, ..Options::default() });
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
     let r = app.query("SELECT district, SUM(load_mw) FROM power_grid GROUP BY district");
     assert_eq!(r.code().as_deref(), Some("resource_limit"));
     let ok = app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
@@ -93,7 +121,10 @@ fn rows_scanned_cap_is_checked_before_reading() {
 
 #[test]
 fn daily_query_quota_is_enforced() {
-    let app = spawn_app_with(Options { acme_queries_per_day: Some(2), ..Options::default() });
+    let app = spawn_app_with(Options {
+        acme_queries_per_day: Some(2),
+        ..Options::default()
+    });
     let sql = "SELECT district, COUNT(*) FROM city_health GROUP BY district";
     assert_eq!(app.query(sql).status, 200);
     // Refusals do not use up the quota.
@@ -120,8 +151,16 @@ fn runtime_errors_never_quote_data() {
     ] {
         let r = app.query(sql);
         assert!(r.status >= 400, "{sql}: {}", r.text());
-        assert_eq!(r.code().as_deref(), Some("sql_error"), "{sql}: {}", r.text());
+        assert_eq!(
+            r.code().as_deref(),
+            Some("sql_error"),
+            "{sql}: {}",
+            r.text()
+        );
         let text = r.text();
-        assert!(!names.iter().any(|n| text.contains(n.as_str())), "{sql} leaked a value: {text}");
+        assert!(
+            !names.iter().any(|n| text.contains(n.as_str())),
+            "{sql} leaked a value: {text}"
+        );
     }
 }

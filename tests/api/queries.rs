@@ -8,7 +8,9 @@ fn rows(doc: &Value) -> Vec<Vec<Value>> {
 #[test]
 fn grouped_count_is_answered_with_release_usage_and_receipt() {
     let app = spawn_app();
-    let r = app.query("SELECT district, COUNT(*) AS visits FROM city_health GROUP BY district ORDER BY district");
+    let r = app.query(
+        "SELECT district, COUNT(*) AS visits FROM city_health GROUP BY district ORDER BY district",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert_eq!(doc["columns"][0]["name"], "district");
@@ -17,7 +19,10 @@ fn grouped_count_is_answered_with_release_usage_and_receipt() {
     assert_eq!(doc["release"]["min_group_size"], 10);
     assert_eq!(doc["purpose"], PURPOSE);
     // Every district is large, so the released counts are the exact truth.
-    let expected = truth("city_health", "SELECT district, COUNT(*) FROM city_health GROUP BY district ORDER BY district");
+    let expected = truth(
+        "city_health",
+        "SELECT district, COUNT(*) FROM city_health GROUP BY district ORDER BY district",
+    );
     assert_eq!(rows(&doc), expected);
     let usage = &doc["usage"];
     assert_eq!(usage["rows_scanned"], 20_000);
@@ -25,8 +30,11 @@ fn grouped_count_is_answered_with_release_usage_and_receipt() {
     // 0.50 per query + 2.00 per million rows x 20,000 rows = 0.54
     assert_eq!(usage["charge"], "0.54");
     let receipt = &doc["receipt"];
-    assert_eq!(receipt["ledger_index"], 0);
+    // The five dataset registrations come first.
+    assert_eq!(receipt["ledger_index"], 5);
+    assert_eq!(receipt["tree_size"], 6);
     assert_eq!(receipt["entry_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(receipt["signature"].as_str().unwrap().len(), 128);
 }
 
 #[test]
@@ -39,7 +47,10 @@ fn small_groups_are_suppressed_and_counted() {
     let doc = r.json();
     let released = rows(&doc);
     let suppressed = doc["release"]["suppressed_groups"].as_u64().unwrap();
-    let all_groups = truth("city_health", "SELECT COUNT(*) FROM (SELECT DISTINCT district, age FROM city_health)")[0][0]
+    let all_groups = truth(
+        "city_health",
+        "SELECT COUNT(*) FROM (SELECT DISTINCT district, age FROM city_health)",
+    )[0][0]
         .as_u64()
         .unwrap();
     let small = truth(
@@ -52,7 +63,11 @@ fn small_groups_are_suppressed_and_counted() {
     assert_eq!(suppressed, small);
     assert_eq!(released.len() as u64 + suppressed, all_groups);
     for row in &released {
-        assert!(row[2].as_u64().unwrap() >= 10, "released a group of {} persons", row[2]);
+        assert!(
+            row[2].as_u64().unwrap() >= 10,
+            "released a group of {} persons",
+            row[2]
+        );
     }
 }
 
@@ -66,15 +81,20 @@ fn operators_above_the_release_see_only_released_groups() {
     assert_eq!(having.status, 200, "{}", having.text());
     assert_eq!(rows(&having.json()).len(), 0);
     // Counting groups from outside counts only released ones.
-    let grouped = app.query("SELECT district, age, COUNT(*) FROM city_health GROUP BY district, age");
-    let released = grouped.json()["release"]["released_groups"].as_u64().unwrap();
+    let grouped =
+        app.query("SELECT district, age, COUNT(*) FROM city_health GROUP BY district, age");
+    let released = grouped.json()["release"]["released_groups"]
+        .as_u64()
+        .unwrap();
     let outer = app.query(
         "SELECT COUNT(*) AS groups FROM (SELECT district, age, COUNT(*) AS n FROM city_health GROUP BY district, age) t",
     );
     assert_eq!(outer.status, 200, "{}", outer.text());
     assert_eq!(rows(&outer.json())[0][0].as_u64().unwrap(), released);
     // ORDER BY and LIMIT apply to released rows.
-    let top = app.query("SELECT district, COUNT(*) AS n FROM city_health GROUP BY district ORDER BY n DESC LIMIT 3");
+    let top = app.query(
+        "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district ORDER BY n DESC LIMIT 3",
+    );
     let top_rows = rows(&top.json());
     assert_eq!(top_rows.len(), 3);
     assert!(top_rows[0][1].as_u64() >= top_rows[1][1].as_u64());
@@ -84,7 +104,8 @@ fn operators_above_the_release_see_only_released_groups() {
 fn a_lone_person_cannot_be_counted() {
     let app = spawn_app();
     // A global aggregate over a handful of rows is one small group: suppressed.
-    let r = app.query("SELECT COUNT(*) FROM city_health WHERE age = 100 AND district = 'mentougou'");
+    let r =
+        app.query("SELECT COUNT(*) FROM city_health WHERE age = 100 AND district = 'mentougou'");
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert_eq!(rows(&doc).len(), 0);
@@ -104,18 +125,24 @@ fn personal_datasets_join_on_the_privacy_unit() {
         "SELECT c.district, COUNT(*) FROM city_health c JOIN telecom_usage t ON c.district = t.district GROUP BY c.district",
     );
     assert_eq!(off_unit.status, 403);
-    assert_eq!(off_unit.rule().as_deref(), Some("join_without_privacy_unit"));
+    assert_eq!(
+        off_unit.rule().as_deref(),
+        Some("join_without_privacy_unit")
+    );
 }
 
 #[test]
 fn open_data_returns_rows() {
     let app = spawn_app();
-    let r = app.query("SELECT name, employees FROM enterprise_registry ORDER BY employees DESC, name LIMIT 5");
+    let r = app.query(
+        "SELECT name, employees FROM enterprise_registry ORDER BY employees DESC, name LIMIT 5",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert_eq!(rows(&doc).len(), 5);
     assert_eq!(doc["release"]["mechanism"], "none");
-    let agg = app.query("SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry");
+    let agg =
+        app.query("SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry");
     assert_eq!(agg.status, 200);
 }
 
@@ -142,10 +169,23 @@ fn csv_and_arrow_formats() {
     assert!(receipt["entry_hash"].is_string());
 
     let body = serde_json::to_vec(&json!({ "sql": sql })).unwrap();
-    let arrow = app.request("POST", "/v1/queries", Some(app.key("buyer:acme")), Some(&body), Some("application/vnd.apache.arrow.stream"));
+    let arrow = app.request(
+        "POST",
+        "/v1/queries",
+        Some(app.key("buyer:acme")),
+        Some(&body),
+        Some("application/vnd.apache.arrow.stream"),
+    );
     assert_eq!(arrow.status, 200);
-    assert_eq!(arrow.headers["content-type"], "application/vnd.apache.arrow.stream");
-    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.bytes), None).unwrap();
+    assert_eq!(
+        arrow.headers["content-type"],
+        "application/vnd.apache.arrow.stream"
+    );
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(
+        std::io::Cursor::new(arrow.bytes),
+        None,
+    )
+    .unwrap();
     let total: usize = reader.map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(total, 12);
     assert!(arrow.headers.contains_key("x-frostglass-release"));
@@ -158,18 +198,22 @@ fn answers_and_refusals_are_recorded_before_the_response() {
     let refused = app.query("SELECT name, COUNT(*) FROM city_health GROUP BY name");
     assert_eq!(refused.status, 403);
     let entries = app.store().entries(0, 100).unwrap();
-    assert_eq!(entries.len(), 2);
+    let queries: Vec<_> = entries
+        .iter()
+        .filter(|(_, body, _)| body.contains(r#""kind":"query""#))
+        .collect();
+    assert_eq!(queries.len(), 2);
     let index = ok.json()["receipt"]["ledger_index"].as_u64().unwrap();
     let (_, body, hash) = &entries[index as usize];
     assert_eq!(hash, ok.json()["receipt"]["entry_hash"].as_str().unwrap());
     assert_eq!(hash, &frostglass::ledger::leaf_hash_hex(body.as_bytes()));
     let answered: Value = serde_json::from_str(body).unwrap();
     assert_eq!(answered["decision"], "answered");
-    let refusal: Value = serde_json::from_str(&entries[1].1).unwrap();
+    let refusal: Value = serde_json::from_str(&queries[1].1).unwrap();
     assert_eq!(refusal["decision"], "refused");
     assert_eq!(refusal["rule"], "identifier_in_group_by");
     // The log holds a hash of the SQL, not the SQL.
-    assert!(!entries[1].1.contains("SELECT"));
+    assert!(!queries[1].1.contains("SELECT"));
 }
 
 #[test]
@@ -184,9 +228,17 @@ fn dry_run_decides_without_reading_or_recording() {
     assert_eq!(doc["decision"], "allowed");
     assert_eq!(doc["releases"][0]["min_group_size"], 10);
     assert_eq!(doc["estimated_usage"]["charge"], "0.54");
-    let refused = app.query_as("buyer:acme", json!({ "sql": "SELECT name FROM city_health", "dry_run": true }));
+    let refused = app.query_as(
+        "buyer:acme",
+        json!({ "sql": "SELECT name FROM city_health", "dry_run": true }),
+    );
     assert_eq!(refused.status, 403);
-    assert!(app.store().entries(0, 10).unwrap().len() == 1, "only the refusal is recorded");
+    let entries = app.store().entries(0, 100).unwrap();
+    let queries = entries
+        .iter()
+        .filter(|(_, body, _)| body.contains(r#""kind":"query""#))
+        .count();
+    assert_eq!(queries, 1, "only the refusal is recorded");
 }
 
 #[test]
@@ -200,5 +252,9 @@ fn grants_are_listed_per_role() {
     let none = app.get("/v1/grants", Some(app.key("buyer:other")));
     assert_eq!(none.json()["grants"].as_array().unwrap().len(), 0);
     let owner = app.get("/v1/grants", Some(app.key("owner:hospital")));
-    assert_eq!(owner.json()["grants"].as_array().unwrap().len(), 2, "both grants cover city_health");
+    assert_eq!(
+        owner.json()["grants"].as_array().unwrap().len(),
+        2,
+        "both grants cover city_health"
+    );
 }

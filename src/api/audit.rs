@@ -1,0 +1,131 @@
+//! Auditor endpoints: entries, signed tree heads, proofs and the public key.
+//! Everything here is metadata about use; none of it reads a dataset.
+
+use super::Authenticated;
+use crate::error::ApiError;
+use crate::startup::Sandbox;
+use crate::store::Role;
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/audit/entries", web::get().to(entries))
+        .route("/audit/head", web::get().to(head))
+        .route("/audit/public-key", web::get().to(public_key))
+        .route("/audit/proof/inclusion", web::get().to(inclusion))
+        .route("/audit/proof/consistency", web::get().to(consistency));
+}
+
+fn require_auditor(who: &Authenticated) -> Result<(), ApiError> {
+    match who.0.role {
+        Role::Auditor | Role::Admin => Ok(()),
+        _ => Err(ApiError::Forbidden("only auditors read the ledger".into())),
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    from: u64,
+    #[serde(default = "default_limit")]
+    limit: u64,
+}
+
+fn default_limit() -> u64 {
+    100
+}
+
+async fn entries(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    page: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    require_auditor(&who)?;
+    let limit = page.limit.clamp(1, 1000);
+    let from = page.from;
+    let store = sandbox.store.clone();
+    let rows = web::block(move || store.entries(from, limit))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let next = rows.last().map(|(i, _, _)| i + 1);
+    let entries: Vec<_> = rows
+        .into_iter()
+        .map(|(index, body, leaf_hash)| json!({ "index": index, "leaf_hash": leaf_hash, "body": body }))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "entries": entries, "next": next })))
+}
+
+async fn head(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+    require_auditor(&who)?;
+    let head = sandbox
+        .ledger
+        .head()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(head))
+}
+
+async fn public_key(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    require_auditor(&who)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "algorithm": "Ed25519",
+        "key_id": sandbox.ledger.key_id(),
+        "public_key": hex::encode(sandbox.ledger.public_key()),
+    })))
+}
+
+#[derive(Deserialize)]
+struct InclusionQuery {
+    index: u64,
+    size: u64,
+}
+
+async fn inclusion(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    q: web::Query<InclusionQuery>,
+) -> Result<HttpResponse, ApiError> {
+    require_auditor(&who)?;
+    let proof = sandbox
+        .ledger
+        .inclusion_proof(q.index, q.size)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "index must be below size, and size at most the tree size".into(),
+            )
+        })?;
+    Ok(HttpResponse::Ok().json(json!({
+        "index": q.index,
+        "size": q.size,
+        "proof": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct ConsistencyQuery {
+    from: u64,
+    to: u64,
+}
+
+async fn consistency(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    q: web::Query<ConsistencyQuery>,
+) -> Result<HttpResponse, ApiError> {
+    require_auditor(&who)?;
+    let proof = sandbox
+        .ledger
+        .consistency_proof(q.from, q.to)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest("from must be at most to, and to at most the tree size".into())
+        })?;
+    Ok(HttpResponse::Ok().json(json!({
+        "from": q.from,
+        "to": q.to,
+        "proof": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+    })))
+}

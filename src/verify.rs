@@ -1,0 +1,405 @@
+//! `frostglass verify`: checks a ledger without trusting whoever serves it.
+//! Recomputes every leaf and the tree, checks every signed head against a
+//! pinned public key, checks that the log only grew since the last head this
+//! verifier saw (kept in a state file), and checks receipts.
+
+use crate::ledger::{Receipt, SignedHead, key_id};
+use crate::merkle::{self, Frontier, Hash};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the ledger comes from.
+pub enum Source {
+    Local(PathBuf),
+    Remote { url: String, key: String },
+}
+
+pub struct Options {
+    pub source: Source,
+    pub public_key: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub receipt: Option<PathBuf>,
+}
+
+/// What a verifier remembers between runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub public_key: String,
+    pub head: SignedHead,
+}
+
+/// A broken ledger: the first index found broken, and why.
+#[derive(Debug)]
+pub struct Failure {
+    pub index: Option<u64>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "broken at index {i}: {}", self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+fn fail(index: Option<u64>, reason: impl Into<String>) -> Failure {
+    Failure {
+        index,
+        reason: reason.into(),
+    }
+}
+
+/// What was fetched, from either source.
+struct Ledger {
+    /// (index, body, stored leaf hash)
+    entries: Vec<(u64, String, Option<String>)>,
+    heads: Vec<SignedHead>,
+    public_key: Vec<u8>,
+    remote: Option<Remote>,
+}
+
+struct Remote {
+    agent: ureq::Agent,
+    url: String,
+    key: String,
+}
+
+impl Remote {
+    fn get(&self, path: &str) -> Result<serde_json::Value, Failure> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.key))
+            .call()
+            .map_err(|e| fail(None, format!("GET {path}: {e}")))?;
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| fail(None, format!("GET {path}: {e}")))?;
+        if status != 200 {
+            return Err(fail(None, format!("GET {path}: HTTP {status}: {body}")));
+        }
+        Ok(body)
+    }
+}
+
+fn decode_hash(s: &str) -> Option<Hash> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+fn read_public_key(path: &Path) -> Result<Vec<u8>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(None, format!("cannot read {}: {e}", path.display())))?;
+    hex::decode(text.trim())
+        .map_err(|_| fail(None, format!("{} is not a hex public key", path.display())))
+}
+
+fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> {
+    let db = dir.join("frostglass.db");
+    if !db.exists() {
+        return Err(fail(None, format!("no ledger at {}", db.display())));
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| fail(None, e.to_string()))?;
+    let sql = |e: rusqlite::Error| fail(None, e.to_string());
+    let mut stmt = conn
+        .prepare("SELECT idx, body, leaf_hash FROM usage_log ORDER BY idx")
+        .map_err(sql)?;
+    let entries = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                Some(r.get::<_, String>(2)?),
+            ))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(sql)?;
+    let heads = crate::ledger::heads(&conn).map_err(|e| fail(None, e.to_string()))?;
+    let key_path = public_key
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join("ledger-ed25519.pub"));
+    Ok(Ledger {
+        entries,
+        heads,
+        public_key: read_public_key(&key_path)?,
+        remote: None,
+    })
+}
+
+fn load_remote(url: &str, key: &str, public_key: Option<&Path>) -> Result<Ledger, Failure> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let remote = Remote {
+        agent,
+        url: url.to_string(),
+        key: key.to_string(),
+    };
+    let head: SignedHead = serde_json::from_value(remote.get("/v1/audit/head")?)
+        .map_err(|e| fail(None, e.to_string()))?;
+    let served_key = remote.get("/v1/audit/public-key")?;
+    let served_key = hex::decode(served_key["public_key"].as_str().unwrap_or(""))
+        .map_err(|_| fail(None, "the served public key is not hex"))?;
+    let public_key = match public_key {
+        Some(p) => read_public_key(p)?,
+        None => served_key,
+    };
+    let mut entries = Vec::new();
+    let mut from = 0u64;
+    while from < head.tree_size {
+        let page = remote.get(&format!("/v1/audit/entries?from={from}&limit=1000"))?;
+        let items = page["entries"].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        for item in items {
+            let index = item["index"]
+                .as_u64()
+                .ok_or_else(|| fail(None, "entry without index"))?;
+            let body = item["body"]
+                .as_str()
+                .ok_or_else(|| fail(Some(index), "entry without body"))?
+                .to_string();
+            entries.push((index, body, item["leaf_hash"].as_str().map(str::to_string)));
+        }
+        from = entries.last().map_or(from, |(i, _, _)| i + 1);
+    }
+    entries.truncate(head.tree_size as usize);
+    Ok(Ledger {
+        entries,
+        heads: vec![head],
+        public_key,
+        remote: Some(remote),
+    })
+}
+
+/// Verifies; on success returns a one-line summary.
+pub fn run(options: &Options) -> Result<String, Failure> {
+    let ledger = match &options.source {
+        Source::Local(dir) => load_local(dir, options.public_key.as_deref())?,
+        Source::Remote { url, key } => load_remote(url, key, options.public_key.as_deref())?,
+    };
+    let previous: Option<State> = match &options.state {
+        Some(path) if path.exists() => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(None, format!("cannot read state: {e}")))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| fail(None, format!("invalid state file: {e}")))?,
+            )
+        }
+        _ => None,
+    };
+    let public_key = match &previous {
+        Some(state) => {
+            let pinned = hex::decode(&state.public_key)
+                .map_err(|_| fail(None, "state file key is not hex"))?;
+            if pinned != ledger.public_key {
+                return Err(fail(
+                    None,
+                    format!(
+                        "the ledger's signing key changed (pinned {}, now {}): history may have been rewritten",
+                        key_id(&pinned),
+                        key_id(&ledger.public_key)
+                    ),
+                ));
+            }
+            pinned
+        }
+        None => ledger.public_key.clone(),
+    };
+
+    // Leaves: contiguous, and each the hash of its body.
+    let mut leaves: Vec<Hash> = Vec::with_capacity(ledger.entries.len());
+    for (expected, (index, body, stored)) in ledger.entries.iter().enumerate() {
+        if *index != expected as u64 {
+            return Err(fail(
+                Some(expected as u64),
+                format!("entry {expected} is missing"),
+            ));
+        }
+        let leaf = merkle::leaf_hash(body.as_bytes());
+        if let Some(stored) = stored
+            && decode_hash(stored) != Some(leaf)
+        {
+            return Err(fail(Some(*index), "the entry does not match its leaf hash"));
+        }
+        leaves.push(leaf);
+    }
+    let n = leaves.len() as u64;
+
+    // Every signed head: signed by the pinned key, and the root of its prefix.
+    let mut frontier = Frontier::default();
+    let mut verified_up_to = 0u64;
+    let mut heads = ledger.heads.clone();
+    heads.sort_by_key(|h| h.tree_size);
+    for head in &heads {
+        if !head.verify(&public_key) {
+            return Err(fail(
+                Some(verified_up_to),
+                format!("the head at size {} has a bad signature", head.tree_size),
+            ));
+        }
+        if head.tree_size > n {
+            return Err(fail(
+                Some(n),
+                format!(
+                    "a signed head covers {} entries but only {n} exist: the log was truncated",
+                    head.tree_size
+                ),
+            ));
+        }
+        while frontier.len() < head.tree_size {
+            frontier.push(leaves[frontier.len() as usize]);
+        }
+        if Some(frontier.root()) != head.root() {
+            return Err(fail(
+                Some(verified_up_to),
+                format!(
+                    "entries in [{verified_up_to}, {}) differ from what the head at size {} signed",
+                    head.tree_size, head.tree_size
+                ),
+            ));
+        }
+        verified_up_to = head.tree_size;
+    }
+    let latest = heads.last().cloned();
+
+    // Only growth since the last head this verifier saw.
+    if let Some(state) = &previous {
+        let old = &state.head;
+        if old.tree_size > n {
+            return Err(fail(
+                Some(n),
+                format!("the log shrank from {} to {n} entries", old.tree_size),
+            ));
+        }
+        if Some(merkle::root(&leaves[..old.tree_size as usize])) != old.root() {
+            return Err(fail(
+                None,
+                format!(
+                    "the first {} entries differ from the head seen before",
+                    old.tree_size
+                ),
+            ));
+        }
+        if let (Some(remote), Some(new)) = (&ledger.remote, &latest)
+            && old.tree_size > 0
+            && old.tree_size < new.tree_size
+        {
+            let doc = remote.get(&format!(
+                "/v1/audit/proof/consistency?from={}&to={}",
+                old.tree_size, new.tree_size
+            ))?;
+            let proof = hashes(&doc["proof"])?;
+            let (Some(old_root), Some(new_root)) = (old.root(), new.root()) else {
+                return Err(fail(None, "malformed root in a head"));
+            };
+            if !merkle::verify_consistency(
+                old.tree_size,
+                new.tree_size,
+                &old_root,
+                &new_root,
+                &proof,
+            ) {
+                return Err(fail(None, "the server's consistency proof does not verify"));
+            }
+        }
+    }
+
+    if let Some(path) = &options.receipt {
+        check_receipt(path, &leaves, &public_key, &ledger, latest.as_ref())?;
+    }
+
+    if let (Some(path), Some(head)) = (&options.state, &latest) {
+        let state = State {
+            public_key: hex::encode(&public_key),
+            head: head.clone(),
+        };
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+        std::fs::write(path, text).map_err(|e| fail(None, format!("cannot write state: {e}")))?;
+    }
+    let root = hex::encode(merkle::root(&leaves));
+    Ok(format!(
+        "ok: {n} entries, {} signed heads verified with key {}, root {root}",
+        heads.len(),
+        key_id(&public_key)
+    ))
+}
+
+fn hashes(value: &serde_json::Value) -> Result<Vec<Hash>, Failure> {
+    value
+        .as_array()
+        .ok_or_else(|| fail(None, "proof is not a list"))?
+        .iter()
+        .map(|h| {
+            h.as_str()
+                .and_then(decode_hash)
+                .ok_or_else(|| fail(None, "malformed hash in proof"))
+        })
+        .collect()
+}
+
+fn check_receipt(
+    path: &Path,
+    leaves: &[Hash],
+    key: &[u8],
+    ledger: &Ledger,
+    latest: Option<&SignedHead>,
+) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(None, format!("cannot read receipt: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(None, format!("invalid receipt: {e}")))?;
+    // Accept a bare receipt or a whole query response.
+    let receipt: Receipt = serde_json::from_value(value.get("receipt").cloned().unwrap_or(value))
+        .map_err(|e| fail(None, format!("invalid receipt: {e}")))?;
+    let i = receipt.ledger_index;
+    let leaf = decode_hash(&receipt.entry_hash)
+        .ok_or_else(|| fail(Some(i), "malformed entry hash in receipt"))?;
+    if leaves.get(i as usize) != Some(&leaf) {
+        return Err(fail(Some(i), "the receipt's entry is not in the ledger"));
+    }
+    let head = SignedHead {
+        tree_size: receipt.tree_size,
+        timestamp_ms: receipt.timestamp_ms,
+        root_hash: receipt.root_hash.clone(),
+        signature: receipt.signature.clone(),
+        key_id: receipt.key_id.clone(),
+    };
+    if !head.verify(key) {
+        return Err(fail(
+            Some(i),
+            "the receipt's tree head is not signed by the ledger key",
+        ));
+    }
+    let size = receipt.tree_size as usize;
+    if size > leaves.len() || Some(merkle::root(&leaves[..size])) != head.root() {
+        return Err(fail(
+            Some(i),
+            "the receipt's tree head does not match the ledger",
+        ));
+    }
+    if let (Some(remote), Some(latest)) = (&ledger.remote, latest) {
+        let doc = remote.get(&format!(
+            "/v1/audit/proof/inclusion?index={i}&size={}",
+            latest.tree_size
+        ))?;
+        let proof = hashes(&doc["proof"])?;
+        let root = latest.root().ok_or_else(|| fail(None, "malformed root"))?;
+        if !merkle::verify_inclusion(&leaf, i, latest.tree_size, &proof, &root) {
+            return Err(fail(
+                Some(i),
+                "the server's inclusion proof for the receipt does not verify",
+            ));
+        }
+    }
+    Ok(())
+}
