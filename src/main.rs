@@ -116,6 +116,10 @@ enum GrantCommand {
         #[arg(long)]
         queries_per_day: Option<u64>,
         #[arg(long)]
+        rows_per_day: Option<u64>,
+        #[arg(long)]
+        bytes_per_day: Option<u64>,
+        #[arg(long)]
         epsilon: Option<f64>,
         /// RFC 3339 timestamp after which the grant is inactive.
         #[arg(long)]
@@ -252,6 +256,23 @@ async fn first_start(settings: &Settings) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let keys = startup::bootstrap_demo_principals(&store, &catalog, &policies)
         .map_err(|e| e.to_string())?;
+    for (id, _, _) in &keys.keys {
+        let principal = store.principal(id).map_err(|e| e.to_string())?;
+        ledger::record_event(
+            &settings.data_dir,
+            "principal_added",
+            serde_json::json!({ "principal": principal }),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    for grant in store.all_grants().map_err(|e| e.to_string())? {
+        ledger::record_event(
+            &settings.data_dir,
+            "grant_made",
+            serde_json::json!({ "grant": grant }),
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let path = settings.data_dir.join("demo-keys.txt");
     startup::write_keys_file(&path, &keys)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -300,6 +321,12 @@ fn add_principal(
     store
         .add_principal(&principal, &auth::key_hash(&key))
         .map_err(|e| e.to_string())?;
+    ledger::record_event(
+        data_dir,
+        "principal_added",
+        serde_json::json!({ "principal": principal }),
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "added {} principal {id}; its API key (shown once):",
         role.as_str()
@@ -314,6 +341,8 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         datasets,
         purpose,
         queries_per_day,
+        rows_per_day,
+        bytes_per_day,
         epsilon,
         expires,
         cross_border_assessment,
@@ -358,6 +387,8 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         datasets,
         purpose,
         queries_per_day,
+        rows_per_day,
+        bytes_per_day,
         epsilon,
         expires_at,
         cross_border_assessment,

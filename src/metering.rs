@@ -1,6 +1,7 @@
 //! Metering and prices. Money is exact: decimal strings are parsed into
 //! integer millionths, never floats.
 
+use crate::store::DailyUse;
 use serde::Serialize;
 
 const SCALE: i128 = 1_000_000;
@@ -94,5 +95,208 @@ mod tests {
             price("0.1", "0.3", 2).map(format_money).as_deref(),
             Some("0.100001")
         );
+    }
+}
+
+/// Per-grant daily use, held in memory so that concurrent queries reserve
+/// quota atomically: two queries racing for the last unit cannot both pass.
+/// Each grant's day starts from the ledger (answered entries) and is kept
+/// up to date by reservations; a refusal gives its reservation back.
+#[derive(Default)]
+pub struct QuotaBook {
+    days: std::sync::Mutex<std::collections::HashMap<String, (String, DailyUse)>>,
+}
+
+/// Daily limits of a grant.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DailyLimits {
+    pub queries: Option<u64>,
+    pub rows: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+/// Quota held for one query; given back on drop unless committed.
+pub struct Reservation {
+    book: std::sync::Arc<QuotaBook>,
+    grant: String,
+    day: String,
+    amount: DailyUse,
+    committed: bool,
+}
+
+impl Reservation {
+    /// The query was answered: its use stands.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let mut days = self.book.days.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((day, used)) = days.get_mut(&self.grant)
+            && *day == self.day
+        {
+            used.queries = used.queries.saturating_sub(self.amount.queries);
+            used.rows = used.rows.saturating_sub(self.amount.rows);
+            used.bytes = used.bytes.saturating_sub(self.amount.bytes);
+        }
+    }
+}
+
+/// Which quota a query would exceed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverQuota {
+    pub quota: &'static str,
+    pub limit: u64,
+}
+
+impl QuotaBook {
+    /// Reserves `amount` of today's quota of `grant`, loading the day's use
+    /// with `load` the first time the grant is seen that day.
+    pub fn reserve<E>(
+        book: &std::sync::Arc<QuotaBook>,
+        grant: &str,
+        limits: DailyLimits,
+        amount: DailyUse,
+        load: impl FnOnce() -> Result<DailyUse, E>,
+    ) -> Result<Result<Reservation, OverQuota>, E> {
+        let today = chrono::Utc::now().date_naive().to_string();
+        let mut days = book.days.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = days.get(grant).is_none_or(|(day, _)| *day != today);
+        if fresh {
+            days.insert(grant.to_string(), (today.clone(), load()?));
+        }
+        let (_, used) = days
+            .entry(grant.to_string())
+            .or_insert_with(|| (today.clone(), DailyUse::default()));
+        let checks = [
+            (
+                "queries_per_day",
+                limits.queries,
+                used.queries,
+                amount.queries,
+            ),
+            ("rows_per_day", limits.rows, used.rows, amount.rows),
+            ("bytes_per_day", limits.bytes, used.bytes, amount.bytes),
+        ];
+        for (quota, limit, used, more) in checks {
+            if let Some(limit) = limit
+                && used.saturating_add(more) > limit
+            {
+                return Ok(Err(OverQuota { quota, limit }));
+            }
+        }
+        used.queries += amount.queries;
+        used.rows += amount.rows;
+        used.bytes += amount.bytes;
+        Ok(Ok(Reservation {
+            book: book.clone(),
+            grant: grant.to_string(),
+            day: today,
+            amount,
+            committed: false,
+        }))
+    }
+
+    /// Today's use of a grant as the book knows it (reservations included).
+    pub fn used(&self, grant: &str) -> Option<DailyUse> {
+        let today = chrono::Utc::now().date_naive().to_string();
+        let days = self.days.lock().unwrap_or_else(|p| p.into_inner());
+        days.get(grant)
+            .filter(|(d, _)| *d == today)
+            .map(|(_, u)| *u)
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn one(rows: u64) -> DailyUse {
+        DailyUse {
+            queries: 1,
+            rows,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn reservations_are_atomic_and_given_back_on_drop() {
+        let book = Arc::new(QuotaBook::default());
+        let limits = DailyLimits {
+            queries: Some(3),
+            rows: Some(1000),
+            bytes: None,
+        };
+        let load = || {
+            Ok::<_, ()>(DailyUse {
+                queries: 1,
+                rows: 0,
+                bytes: 0,
+            })
+        };
+        let a = QuotaBook::reserve(&book, "g", limits, one(100), load)
+            .unwrap()
+            .unwrap();
+        let b = QuotaBook::reserve(&book, "g", limits, one(100), load)
+            .unwrap()
+            .unwrap();
+        let over = QuotaBook::reserve(&book, "g", limits, one(100), load).unwrap();
+        assert_eq!(
+            over.err(),
+            Some(OverQuota {
+                quota: "queries_per_day",
+                limit: 3
+            })
+        );
+        drop(b);
+        let c = QuotaBook::reserve(&book, "g", limits, one(901), load).unwrap();
+        assert_eq!(
+            c.err(),
+            Some(OverQuota {
+                quota: "rows_per_day",
+                limit: 1000
+            })
+        );
+        a.commit();
+        assert_eq!(
+            book.used("g"),
+            Some(DailyUse {
+                queries: 2,
+                rows: 100,
+                bytes: 0
+            })
+        );
+    }
+
+    #[test]
+    fn concurrent_reservations_never_exceed_the_quota() {
+        let book = Arc::new(QuotaBook::default());
+        let limits = DailyLimits {
+            queries: Some(5),
+            ..DailyLimits::default()
+        };
+        let granted: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..32)
+                .map(|_| {
+                    let book = book.clone();
+                    s.spawn(move || {
+                        QuotaBook::reserve(&book, "g", limits, one(0), || {
+                            Ok::<_, ()>(DailyUse::default())
+                        })
+                        .unwrap()
+                        .map(Reservation::commit)
+                        .is_ok()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(granted.iter().filter(|g| **g).count(), 5);
     }
 }

@@ -10,10 +10,11 @@ use crate::catalog::Dataset;
 use crate::error::ApiError;
 use crate::ledger::sha256_hex;
 use crate::ledger::{NewEntry, Receipt};
-use crate::metering::{self, Usage};
+use crate::metering::{self, DailyLimits, QuotaBook, Reservation, Usage};
 use crate::policy::check::{self, Requester};
 use crate::release;
 use crate::startup::Sandbox;
+use crate::store::DailyUse;
 use crate::store::{Grant, Principal, Role, new_id, now_rfc3339};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -89,6 +90,7 @@ struct Prepared {
     session: datafusion::execution::session_state::SessionState,
     split: release::ReleasePlan,
     scanned: Vec<Arc<Dataset>>,
+    reservation: Reservation,
 }
 
 struct Executed {
@@ -187,13 +189,6 @@ async fn prepare(
     trace.grant = Some(grant.id.clone());
     trace.purpose = Some(grant.purpose.clone());
     sandbox.policies.check_purpose(&grant.purpose)?;
-    if let Some(limit) = grant.queries_per_day
-        && sandbox.store.answered_today(&grant.id)? >= limit
-    {
-        return Err(ApiError::QuotaExceeded(format!(
-            "the grant's quota of {limit} queries per day is used up"
-        )));
-    }
     let tables: Vec<Arc<Dataset>> = grant
         .datasets
         .iter()
@@ -223,12 +218,42 @@ async fn prepare(
         )));
     }
     let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
+    let reservation = reserve_quota(sandbox, &grant, &scanned)?;
     Ok(Prepared {
         grant,
         session,
         split,
         scanned,
+        reservation,
     })
+}
+
+/// Holds today's quota for this query: one query and the rows and bytes it
+/// is metered for (known before it runs, since metering is by whole table).
+fn reserve_quota(
+    sandbox: &Sandbox,
+    grant: &Grant,
+    scanned: &[Arc<Dataset>],
+) -> Result<Reservation, ApiError> {
+    let amount = DailyUse {
+        queries: 1,
+        rows: scanned.iter().map(|d| d.num_rows).sum(),
+        bytes: scanned.iter().map(|d| d.num_bytes).sum(),
+    };
+    let limits = DailyLimits {
+        queries: grant.queries_per_day,
+        rows: grant.rows_per_day,
+        bytes: grant.bytes_per_day,
+    };
+    match QuotaBook::reserve(&sandbox.quotas, &grant.id, limits, amount, || {
+        sandbox.store.used_today(&grant.id)
+    })? {
+        Ok(reservation) => Ok(reservation),
+        Err(over) => Err(ApiError::QuotaExceeded(format!(
+            "this query would exceed the grant's {} quota of {}",
+            over.quota, over.limit
+        ))),
+    }
 }
 
 /// The buyer's active grant that covers every named table (and the requested grant or purpose, if any).
@@ -414,10 +439,14 @@ async fn finish(
         &request.sql,
     )
     .await?;
+    let Prepared {
+        grant, reservation, ..
+    } = *p;
+    reservation.commit();
     Ok(Answer {
         query_id,
-        grant: p.grant.id.clone(),
-        purpose: p.grant.purpose.clone(),
+        grant: grant.id,
+        purpose: grant.purpose,
         schema: e.schema,
         batches: e.batches,
         rows,

@@ -65,6 +65,8 @@ pub struct Grant {
     pub datasets: Vec<String>,
     pub purpose: String,
     pub queries_per_day: Option<u64>,
+    pub rows_per_day: Option<u64>,
+    pub bytes_per_day: Option<u64>,
     pub epsilon: Option<f64>,
     pub expires_at: Option<String>,
     pub cross_border_assessment: Option<String>,
@@ -83,15 +85,29 @@ impl Grant {
 }
 
 /// A new grant, as the CLI or an owner's approval makes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewGrant {
     pub buyer: String,
     pub datasets: Vec<String>,
     pub purpose: String,
     pub queries_per_day: Option<u64>,
+    pub rows_per_day: Option<u64>,
+    pub bytes_per_day: Option<u64>,
     pub epsilon: Option<f64>,
     pub expires_at: Option<String>,
     pub cross_border_assessment: Option<String>,
+}
+
+/// One day's use of a grant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DailyUse {
+    pub queries: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+fn count(v: Option<i64>) -> Option<u64> {
+    v.map(|n| n.max(0) as u64)
 }
 
 pub struct Store {
@@ -118,6 +134,8 @@ CREATE TABLE IF NOT EXISTS grants (
     datasets TEXT NOT NULL,
     purpose TEXT NOT NULL,
     queries_per_day INTEGER,
+    rows_per_day INTEGER,
+    bytes_per_day INTEGER,
     epsilon REAL,
     expires_at TEXT,
     cross_border_assessment TEXT,
@@ -259,14 +277,16 @@ impl Store {
         let id = new_id("g");
         let datasets = serde_json::to_string(&g.datasets).unwrap_or_else(|_| "[]".into());
         self.conn().execute(
-            "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
+            "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11)",
             params![
                 id,
                 g.buyer,
                 datasets,
                 g.purpose,
                 g.queries_per_day.map(|n| n as i64),
+                g.rows_per_day.map(|n| n as i64),
+                g.bytes_per_day.map(|n| n as i64),
                 g.epsilon,
                 g.expires_at,
                 g.cross_border_assessment,
@@ -297,7 +317,7 @@ impl Store {
     pub fn all_grants(&self) -> Result<Vec<Grant>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, buyer, datasets, purpose, queries_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
+            "SELECT id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
              FROM grants ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -307,25 +327,34 @@ impl Store {
                 buyer: r.get(1)?,
                 datasets: serde_json::from_str(&datasets).unwrap_or_default(),
                 purpose: r.get(3)?,
-                queries_per_day: r.get::<_, Option<i64>>(4)?.map(|n| n.max(0) as u64),
-                epsilon: r.get(5)?,
-                expires_at: r.get(6)?,
-                cross_border_assessment: r.get(7)?,
-                status: r.get(8)?,
-                created_at: r.get(9)?,
+                queries_per_day: count(r.get(4)?),
+                rows_per_day: count(r.get(5)?),
+                bytes_per_day: count(r.get(6)?),
+                epsilon: r.get(7)?,
+                expires_at: r.get(8)?,
+                cross_border_assessment: r.get(9)?,
+                status: r.get(10)?,
+                created_at: r.get(11)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Queries answered today (UTC) under a grant: what the daily quota counts.
-    pub fn answered_today(&self, grant: &str) -> Result<u64, StoreError> {
-        let n: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM usage_log WHERE grant_id = ?1 AND decision = 'answered' AND created_at >= ?2",
+    /// What a grant used today (UTC), from the ledger: what the daily quotas count.
+    pub fn used_today(&self, grant: &str) -> Result<DailyUse, StoreError> {
+        let (queries, rows, bytes): (i64, i64, i64) = self.conn().query_row(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(json_extract(body, '$.usage.rows_scanned')), 0),
+                    COALESCE(SUM(json_extract(body, '$.usage.bytes_scanned')), 0)
+             FROM usage_log WHERE grant_id = ?1 AND decision = 'answered' AND created_at >= ?2",
             params![grant, start_of_today()],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        Ok(n.max(0) as u64)
+        Ok(DailyUse {
+            queries: queries.max(0) as u64,
+            rows: rows.max(0) as u64,
+            bytes: bytes.max(0) as u64,
+        })
     }
 
     /// The manifest digest each dataset was last registered with, from the ledger.

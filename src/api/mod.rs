@@ -163,6 +163,7 @@ async fn list_grants(
         .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
         .map(|d| d.id().to_string())
         .collect();
+    let quotas = sandbox.quotas.clone();
     let grants = web::block(move || -> Result<_, crate::store::StoreError> {
         let all = match principal.role {
             Role::Buyer => store.grants_of(&principal.id)?,
@@ -181,9 +182,20 @@ async fn list_grants(
         };
         let mut rows = Vec::with_capacity(all.len());
         for g in all {
-            let used_today = store.answered_today(&g.id)?;
-            let remaining = g.queries_per_day.map(|q| q.saturating_sub(used_today));
-            rows.push(json!({ "grant": g, "queries_today": used_today, "queries_remaining_today": remaining }));
+            let used = match quotas.used(&g.id) {
+                Some(used) => used,
+                None => store.used_today(&g.id)?,
+            };
+            let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
+            rows.push(json!({
+                "grant": g,
+                "used_today": used,
+                "remaining_today": {
+                    "queries": left(g.queries_per_day, used.queries),
+                    "rows": left(g.rows_per_day, used.rows),
+                    "bytes": left(g.bytes_per_day, used.bytes),
+                },
+            }));
         }
         Ok(rows)
     })

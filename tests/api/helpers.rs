@@ -139,6 +139,8 @@ pub fn spawn_app_with(options: Options) -> TestApp {
             datasets: datasets.iter().map(|s| s.to_string()).collect(),
             purpose: PURPOSE.into(),
             queries_per_day: quota,
+            rows_per_day: None,
+            bytes_per_day: None,
             epsilon: None,
             expires_at: None,
             cross_border_assessment: assessment,
@@ -310,4 +312,77 @@ pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
         let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         frostglass::api::format::json_rows(&batches).unwrap()
     })
+}
+
+/// The real binary serving a data directory, its output captured to a file; killed on drop.
+pub struct Server {
+    pub base: String,
+    child: std::process::Child,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Server {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"));
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--catalog", shared_catalog().to_str().unwrap()])
+            .args(["--policies", repo().join("policies").to_str().unwrap()])
+            .args(["--data-dir", data_dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::from(log.try_clone().unwrap()))
+            .stderr(std::process::Stdio::from(log));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().unwrap();
+        let server = Server {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        for _ in 0..300 {
+            if agent.get(format!("{}/healthz", server.base)).call().is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the server did not start");
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the frostglass binary with arguments; returns (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

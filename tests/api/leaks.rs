@@ -5,7 +5,7 @@
 use crate::helpers::{column_values, repo, shared_catalog};
 use serde_json::{Value, json};
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn no_identifier_value_reaches_a_response_or_a_log_line() {
@@ -39,6 +39,7 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
     ]);
     let catalog = shared_catalog().to_str().unwrap().to_string();
     let policies = repo().join("policies");
+    let _ = &catalog;
     add(&[
         "grant",
         "add",
@@ -57,42 +58,13 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
         "--policies",
         policies.to_str().unwrap(),
     ]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let log_path = dir.path().join("server.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut server = Command::new(bin)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--catalog",
-            &catalog,
-            "--data-dir",
-            data_arg,
-        ])
-        .args(["--policies", policies.to_str().unwrap()])
-        .env("FROSTGLASS_LOG", "trace")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
+    let server = crate::helpers::Server::start(&data, &log_path, &[("FROSTGLASS_LOG", "trace")]);
+    let base = server.base.clone();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if agent.get(format!("{base}/healthz")).call().is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(up, "server did not start");
 
     let attacks = [
         "SELECT name, COUNT(*) FROM city_health GROUP BY name",
@@ -139,8 +111,7 @@ fn no_identifier_value_reaches_a_response_or_a_log_line() {
         answered, 2,
         "only the two legitimate aggregates are answered"
     );
-    server.kill().unwrap();
-    let _ = server.wait();
+    drop(server);
 
     let log_lines: Vec<String> = std::io::BufReader::new(std::fs::File::open(&log_path).unwrap())
         .lines()

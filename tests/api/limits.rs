@@ -134,7 +134,7 @@ fn daily_query_quota_is_enforced() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.code().as_deref(), Some("quota_exceeded"));
     let grants = app.get("/v1/grants", Some(app.key("buyer:acme"))).json();
-    assert_eq!(grants["grants"][0]["queries_remaining_today"], 0);
+    assert_eq!(grants["grants"][0]["remaining_today"]["queries"], 0);
     // The other buyer's grant is unaffected.
     let other = app.query_as("buyer:abroad", json!({ "sql": sql }));
     assert_eq!(other.status, 200);

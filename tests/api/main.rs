@@ -6,6 +6,7 @@ mod auth;
 mod catalog;
 mod cli;
 mod leaks;
+mod ledger;
 mod limits;
 mod policy;
 mod queries;
