@@ -221,6 +221,7 @@ impl Writer {
         {
             let mut view = lock(&writer.view);
             catch_up(&writer.conn, &mut view)?;
+            check_heads(&writer.conn, &view, writer.signer.public_key())?;
             view.head = latest_head(&writer.conn)?;
         }
         Ok(writer)
@@ -336,27 +337,46 @@ pub fn record_event(
     writer.append(&[entry])?.pop().ok_or(LedgerError::Stopped)
 }
 
+/// Reads the entries appended since `view` last looked, recomputing each
+/// leaf from its body: an entry whose body no longer matches its hash, or a
+/// gap in the indexes, is corruption and is reported, never skipped.
 fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT idx, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, body, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx",
+    )?;
     let mut rows = stmt.query([view.leaves.len() as i64])?;
     while let Some(row) = rows.next()? {
         let idx: i64 = row.get(0)?;
-        let leaf: String = row.get(1)?;
+        let body: String = row.get(1)?;
+        let stored: String = row.get(2)?;
         if idx as usize != view.leaves.len() {
+            return Err(LedgerError::Corrupt(format!("entry {} is missing", view.leaves.len())));
+        }
+        let leaf = merkle::leaf_hash(body.as_bytes());
+        if hex::encode(leaf) != stored {
+            return Err(LedgerError::Corrupt(format!("entry {idx} does not match its leaf hash")));
+        }
+        view.leaves.push(leaf);
+        view.frontier.push(leaf);
+    }
+    Ok(())
+}
+
+/// Checks that every signed head on disk is a root of the entries on disk.
+fn check_heads(conn: &Connection, view: &View, public_key: &[u8]) -> Result<(), LedgerError> {
+    for head in heads(conn)? {
+        let size = head.tree_size as usize;
+        if size > view.leaves.len() {
             return Err(LedgerError::Corrupt(format!(
-                "entry {} is missing",
+                "a signed head covers {size} entries but only {} exist: the log lost its tail",
                 view.leaves.len()
             )));
         }
-        let leaf: Hash = hex::decode(&leaf)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                LedgerError::Corrupt(format!("entry {idx} has a malformed leaf hash"))
-            })?;
-        view.leaves.push(leaf);
-        view.frontier.push(leaf);
+        if !head.verify(public_key) || head.root() != Some(merkle::root(&view.leaves[..size])) {
+            return Err(LedgerError::Corrupt(format!(
+                "the entries before {size} differ from what was signed"
+            )));
+        }
     }
     Ok(())
 }
