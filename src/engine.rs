@@ -10,7 +10,7 @@ use crate::error::{ApiError, Refusal};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
-    MemorySchemaProvider, SchemaProvider,
+    MemorySchemaProvider, SchemaProvider, TableProvider,
 };
 use datafusion::common::TableReference;
 use datafusion::error::DataFusionError;
@@ -147,18 +147,30 @@ impl Engine {
             .map_err(|e| ApiError::SqlError(format!("cannot resolve tables: {e}")))
     }
 
+    /// A session whose catalog holds exactly the tables of `datasets`.
+    pub fn session(&self, datasets: &[Arc<Dataset>]) -> Result<SessionState, ApiError> {
+        self.session_with(
+            datasets
+                .iter()
+                .map(|d| (d.id().to_string(), d.provider.clone()))
+                .collect(),
+        )
+    }
+
     /// A session whose catalog holds exactly `tables`.
-    pub fn session(&self, tables: &[Arc<Dataset>]) -> Result<SessionState, ApiError> {
+    pub fn session_with(
+        &self,
+        tables: Vec<(String, Arc<dyn TableProvider>)>,
+    ) -> Result<SessionState, ApiError> {
+        let internal = |e: DataFusionError| ApiError::Internal(e.to_string());
         let schema = MemorySchemaProvider::new();
-        for d in tables {
-            schema
-                .register_table(d.id().to_string(), d.provider.clone())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        for (name, provider) in tables {
+            schema.register_table(name, provider).map_err(internal)?;
         }
         let catalog = MemoryCatalogProvider::new();
         catalog
             .register_schema(SCHEMA, Arc::new(schema))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(internal)?;
         let list = MemoryCatalogProviderList::new();
         list.register_catalog(CATALOG.to_string(), Arc::new(catalog));
         let mut state = self.template.clone();

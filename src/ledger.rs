@@ -350,11 +350,16 @@ fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
         let body: String = row.get(1)?;
         let stored: String = row.get(2)?;
         if idx as usize != view.leaves.len() {
-            return Err(LedgerError::Corrupt(format!("entry {} is missing", view.leaves.len())));
+            return Err(LedgerError::Corrupt(format!(
+                "entry {} is missing",
+                view.leaves.len()
+            )));
         }
         let leaf = merkle::leaf_hash(body.as_bytes());
         if hex::encode(leaf) != stored {
-            return Err(LedgerError::Corrupt(format!("entry {idx} does not match its leaf hash")));
+            return Err(LedgerError::Corrupt(format!(
+                "entry {idx} does not match its leaf hash"
+            )));
         }
         view.leaves.push(leaf);
         view.frontier.push(leaf);

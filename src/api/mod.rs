@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod format;
+pub mod usage;
 
 use crate::catalog::Dataset;
 use crate::error::ApiError;
@@ -26,7 +27,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/datasets/{id}/preview", web::get().to(preview_dataset))
             .route("/queries", web::post().to(post_query))
             .route("/grants", web::get().to(list_grants))
-            .configure(audit::routes),
+            .configure(audit::routes)
+            .configure(usage::routes),
     );
 }
 

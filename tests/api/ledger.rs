@@ -186,7 +186,10 @@ fn every_kind_of_tampering_is_caught() {
         // The server refuses to start on it too, except where only a verifier
         // that remembers an earlier head can tell (a new key, a cut with its heads).
         if !(name.contains("another key") || name.contains("and heads")) {
-            assert!(frostglass::ledger::Writer::open(&copy).is_err(), "{name}: the ledger opened");
+            assert!(
+                frostglass::ledger::Writer::open(&copy).is_err(),
+                "{name}: the ledger opened"
+            );
         }
         assert!(
             out.contains(expect),

@@ -8,5 +8,6 @@ mod cli;
 mod leaks;
 mod ledger;
 mod limits;
+mod metering;
 mod policy;
 mod queries;
