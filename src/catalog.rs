@@ -73,6 +73,26 @@ pub struct ColumnSpec {
     pub bounds: Option<[f64; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Narrows the scalar functions the class allows on this column (never widens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
+    /// Narrows the aggregates the class allows on this column (never widens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregates: Option<Vec<String>>,
+}
+
+impl ColumnSpec {
+    pub fn narrows_out_function(&self, name: &str) -> bool {
+        self.functions
+            .as_ref()
+            .is_some_and(|f| !f.iter().any(|x| x == name))
+    }
+
+    pub fn narrows_out_aggregate(&self, name: &str) -> bool {
+        self.aggregates
+            .as_ref()
+            .is_some_and(|a| !a.iter().any(|x| x == name))
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

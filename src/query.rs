@@ -91,6 +91,8 @@ struct Prepared {
     split: release::ReleasePlan,
     scanned: Vec<Arc<Dataset>>,
     reservation: Reservation,
+    /// Datasets whose rows were narrowed to data subjects who consented to the purpose.
+    consent_filters: BTreeSet<String>,
 }
 
 struct Executed {
@@ -217,9 +219,11 @@ async fn prepare(
             "the query would scan {rows} rows; at most {cap} are allowed"
         )));
     }
+    let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
     let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
     let reservation = reserve_quota(sandbox, &grant, &scanned)?;
     Ok(Prepared {
+        consent_filters,
         grant,
         session,
         split,
@@ -318,6 +322,10 @@ fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
         "decision": "allowed",
         "grant": p.grant.id,
         "purpose": p.grant.purpose,
+        "consent_filters": p.consent_filters.iter().map(|d| json!({
+            "dataset": d,
+            "rule": format!("only rows whose data subject consented to '{}'", p.grant.purpose),
+        })).collect::<Vec<_>>(),
         "releases": releases,
         "estimated_usage": usage,
     })

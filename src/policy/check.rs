@@ -376,7 +376,11 @@ impl<'a> Checker<'a> {
             self.expr(arg, Site::AggregateArg, scope)?;
             for source in self.lineage(arg, scope)?.0 {
                 let rule = self.policies.classification.rule(source.class);
-                if !rule.allows_aggregate(&name) {
+                if !rule.allows_aggregate(&name)
+                    || self
+                        .column_spec(&source)
+                        .is_some_and(|c| c.narrows_out_aggregate(&name))
+                {
                     return Err(Refusal::new(
                         "aggregate_not_allowed",
                         format!(
@@ -568,6 +572,12 @@ impl<'a> Checker<'a> {
         .into())
     }
 
+    fn column_spec(&self, s: &SourceCol) -> Option<&crate::catalog::ColumnSpec> {
+        self.catalog
+            .get(&s.dataset)
+            .and_then(|d| d.manifest.column(&s.column))
+    }
+
     fn banned_function(
         &self,
         name: &str,
@@ -616,11 +626,15 @@ impl<'a> Checker<'a> {
         self.banned_function(&name, &f.args, scope)?;
         for arg in &f.args {
             for s in self.lineage(arg, scope)?.0 {
-                if !self
-                    .policies
-                    .classification
-                    .rule(s.class)
-                    .allows_function(&name)
+                let narrowed = self
+                    .column_spec(&s)
+                    .is_some_and(|c| c.narrows_out_function(&name));
+                if narrowed
+                    || !self
+                        .policies
+                        .classification
+                        .rule(s.class)
+                        .allows_function(&name)
                 {
                     return Err(Refusal::new(
                         "function_not_allowed",

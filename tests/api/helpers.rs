@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 pub const SCALE: f64 = 0.1;
 pub const PURPOSE: &str = "public_health_research";
+/// The consent filter the sandbox applies for [`PURPOSE`], for computing ground truth.
+pub const CONSENTED: &str = "strpos(consented_purposes, ',public_health_research,') > 0";
 
 /// A catalog folder shared by all tests of this binary: the repo's manifests
 /// and freshly generated demo data.

@@ -146,6 +146,23 @@ const REFUSED: &[(&str, &str, Option<&str>)] = &[
         "policy_violation",
         Some("prohibited_function"),
     ),
+    // A manifest narrows what its class allows: visit_date only through date functions, cost only summed or averaged.
+    (
+        "SELECT to_char(visit_date, '%d') AS d, COUNT(*) FROM city_health GROUP BY d",
+        "policy_violation",
+        Some("function_not_allowed"),
+    ),
+    (
+        "SELECT district, COUNT(cost) FROM city_health GROUP BY district",
+        "policy_violation",
+        Some("aggregate_not_allowed"),
+    ),
+    // Prohibited dataset pairs.
+    (
+        "SELECT t.district, COUNT(*) FROM telecom_usage t JOIN power_grid p ON t.district = p.district GROUP BY t.district",
+        "policy_violation",
+        Some("prohibited_join"),
+    ),
     // Statements and tables outside the sandbox.
     (
         "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",

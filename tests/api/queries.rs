@@ -1,4 +1,4 @@
-use crate::helpers::{PURPOSE, spawn_app, truth};
+use crate::helpers::{CONSENTED, PURPOSE, spawn_app, truth};
 use serde_json::{Value, json};
 
 fn rows(doc: &Value) -> Vec<Vec<Value>> {
@@ -18,10 +18,13 @@ fn grouped_count_is_answered_with_release_usage_and_receipt() {
     assert_eq!(doc["release"]["mechanism"], "threshold");
     assert_eq!(doc["release"]["min_group_size"], 10);
     assert_eq!(doc["purpose"], PURPOSE);
-    // Every district is large, so the released counts are the exact truth.
+    // Every district is large, so the released counts are the exact truth
+    // (over the visits of persons who consented to the purpose).
     let expected = truth(
         "city_health",
-        "SELECT district, COUNT(*) FROM city_health GROUP BY district ORDER BY district",
+        &format!(
+            "SELECT district, COUNT(*) FROM city_health WHERE {CONSENTED} GROUP BY district ORDER BY district"
+        ),
     );
     assert_eq!(rows(&doc), expected);
     let usage = &doc["usage"];
@@ -49,13 +52,16 @@ fn small_groups_are_suppressed_and_counted() {
     let suppressed = doc["release"]["suppressed_groups"].as_u64().unwrap();
     let all_groups = truth(
         "city_health",
-        "SELECT COUNT(*) FROM (SELECT DISTINCT district, age FROM city_health)",
+        &format!("SELECT COUNT(*) FROM (SELECT DISTINCT district, age FROM city_health WHERE {CONSENTED})"),
     )[0][0]
         .as_u64()
         .unwrap();
     let small = truth(
         "city_health",
-        "SELECT COUNT(*) FROM (SELECT district, age FROM city_health GROUP BY district, age HAVING COUNT(DISTINCT person_id) < 10)",
+        &format!(
+            "SELECT COUNT(*) FROM (SELECT district, age FROM city_health WHERE {CONSENTED} \
+             GROUP BY district, age HAVING COUNT(DISTINCT person_id) < 10)"
+        ),
     )[0][0]
         .as_u64()
         .unwrap();
@@ -257,4 +263,66 @@ fn grants_are_listed_per_role() {
         2,
         "both grants cover city_health"
     );
+}
+
+#[test]
+fn only_consenting_persons_are_counted_for_the_purpose() {
+    let app = spawn_app();
+    let sql = "SELECT COUNT(DISTINCT person_id) AS persons FROM city_health";
+    let research = app.query(sql);
+    assert_eq!(research.status, 200, "{}", research.text());
+    let counted = rows(&research.json())[0][0].as_u64().unwrap();
+    let consenting = truth(
+        "city_health",
+        &format!("SELECT COUNT(DISTINCT person_id) FROM city_health WHERE {CONSENTED}"),
+    )[0][0]
+        .as_u64()
+        .unwrap();
+    let everyone = truth(
+        "city_health",
+        "SELECT COUNT(DISTINCT person_id) FROM city_health",
+    )[0][0]
+        .as_u64()
+        .unwrap();
+    assert_eq!(counted, consenting);
+    assert!(
+        counted < everyone,
+        "the demo data has persons who did not consent"
+    );
+    // Under another purpose, another set of persons.
+    let grant = app
+        .store()
+        .add_grant(&frostglass::store::NewGrant {
+            buyer: "buyer:other".into(),
+            datasets: vec!["city_health".into()],
+            purpose: "insurance_pricing".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let insurance = app.query_as("buyer:other", json!({ "sql": sql, "grant": grant }));
+    let insured = rows(&insurance.json())[0][0].as_u64().unwrap();
+    let expected = truth(
+        "city_health",
+        "SELECT COUNT(DISTINCT person_id) FROM city_health WHERE strpos(consented_purposes, ',insurance_pricing,') > 0",
+    )[0][0]
+        .as_u64()
+        .unwrap();
+    assert_eq!(insured, expected);
+    // The filter holds under every plan shape: a CTE, a derived table, a join.
+    for shaped in [
+        "WITH c AS (SELECT person_id FROM city_health) SELECT COUNT(DISTINCT person_id) FROM c",
+        "SELECT COUNT(DISTINCT x.person_id) FROM (SELECT * FROM city_health) x",
+        "SELECT COUNT(DISTINCT c.person_id) FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id",
+    ] {
+        let r = app.query(shaped);
+        assert_eq!(
+            rows(&r.json())[0][0].as_u64().unwrap(),
+            consenting,
+            "{shaped}"
+        );
+    }
+    let dry = app
+        .query_as("buyer:acme", json!({ "sql": sql, "dry_run": true }))
+        .json();
+    assert_eq!(dry["consent_filters"][0]["dataset"], "city_health");
 }
