@@ -105,6 +105,12 @@ enum PrincipalCommand {
 
 #[derive(Subcommand)]
 enum GrantCommand {
+    /// Revoke a grant; queries under it are refused from then on.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Grant a buyer access to datasets for a purpose; prints the grant id on the last line.
     Add {
         #[arg(long)]
@@ -156,7 +162,7 @@ fn main() -> ExitCode {
                     data_dir,
                 },
         } => add_principal(id, role, org, region, &data_dir),
-        Command::Grant { command } => add_grant(command),
+        Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
         Command::Verify {
@@ -335,6 +341,23 @@ fn add_principal(
     Ok(())
 }
 
+fn grant(command: GrantCommand) -> Result<(), String> {
+    let (id, data_dir) = match command {
+        GrantCommand::Revoke { id, data_dir } => (id, data_dir),
+        add => return add_grant(add),
+    };
+    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
+    store.revoke_grant(&id).map_err(|e| e.to_string())?;
+    ledger::record_event(
+        &data_dir,
+        "grant_revoked",
+        serde_json::json!({ "grant": id }),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("revoked grant {id}");
+    Ok(())
+}
+
 fn add_grant(command: GrantCommand) -> Result<(), String> {
     let GrantCommand::Add {
         buyer,
@@ -349,7 +372,10 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         data_dir,
         catalog,
         policies,
-    } = command;
+    } = command
+    else {
+        return Err("not a grant to add".into());
+    };
     if let Some(e) = &expires {
         chrono::DateTime::parse_from_rfc3339(e)
             .map_err(|_| "--expires must be an RFC 3339 timestamp".to_string())?;

@@ -93,6 +93,8 @@ struct Prepared {
     reservation: Reservation,
     /// Datasets whose rows were narrowed to data subjects who consented to the purpose.
     consent_filters: BTreeSet<String>,
+    /// Of the resolved plan as the buyer wrote it: equal for queries that differ only in spelling.
+    plan_sha256: String,
 }
 
 struct Executed {
@@ -219,10 +221,12 @@ async fn prepare(
             "the query would scan {rows} rows; at most {cap} are allowed"
         )));
     }
+    let plan_sha256 = sha256_hex(plan.display_indent().to_string().as_bytes());
     let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
     let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
     let reservation = reserve_quota(sandbox, &grant, &scanned)?;
     Ok(Prepared {
+        plan_sha256,
         consent_filters,
         grant,
         session,
@@ -433,6 +437,7 @@ async fn finish(
         "purpose": p.grant.purpose,
         "datasets": datasets,
         "sql_sha256": sha256_hex(request.sql.as_bytes()),
+        "plan_sha256": p.plan_sha256,
         "decision": "answered",
         "release": e.release,
         "usage": usage,

@@ -296,6 +296,17 @@ impl Store {
         Ok(id)
     }
 
+    pub fn revoke_grant(&self, id: &str) -> Result<(), StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE grants SET status = 'revoked' WHERE id = ?1 AND status = 'active'",
+            [id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no active grant '{id}'")));
+        }
+        Ok(())
+    }
+
     /// Grants of a buyer, oldest first (the order in which a query picks one).
     pub fn grants_of(&self, buyer: &str) -> Result<Vec<Grant>, StoreError> {
         Ok(self

@@ -934,3 +934,104 @@ fn is_condition(op: Operator) -> bool {
             | Operator::StringConcat
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{ColumnSpec, Level, Manifest, ReleaseRules, Source, SourceFormat};
+    use crate::validate::Schemas;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::empty::EmptyTable;
+
+    fn dataset(level: Level) -> Dataset {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        Dataset {
+            manifest: Manifest {
+                id: "d".into(),
+                title: "d".into(),
+                owner: "o".into(),
+                description: String::new(),
+                source: Source {
+                    format: SourceFormat::Parquet,
+                    location: "d.parquet".into(),
+                },
+                level,
+                region: "CN".into(),
+                personal_information: false,
+                privacy_unit: None,
+                consent_column: None,
+                columns: vec![ColumnSpec {
+                    name: "x".into(),
+                    class: ColumnClass::Attribute,
+                    joinable: false,
+                    bounds: None,
+                    description: None,
+                    functions: None,
+                    aggregates: None,
+                }],
+                release: ReleaseRules::default(),
+                pricing: None,
+            },
+            provider: Arc::new(EmptyTable::new(schema.clone())),
+            schema,
+            num_rows: 0,
+            num_bytes: 0,
+            manifest_path: "d.json".into(),
+        }
+    }
+
+    fn policies() -> Policies {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        Policies::load(&dir, &Schemas::compiled()).expect("shipped policies load")
+    }
+
+    fn rule_of(r: Result<(), ApiError>) -> Option<String> {
+        r.err().and_then(|e| e.rule().map(str::to_string))
+    }
+
+    #[test]
+    fn cross_border_rules_follow_the_level() {
+        let mut p = policies();
+        let abroad = Requester {
+            region: "US",
+            cross_border_assessment: false,
+        };
+        let assessed = Requester {
+            region: "US",
+            cross_border_assessment: true,
+        };
+        let home = Requester {
+            region: "CN",
+            cross_border_assessment: false,
+        };
+        let important = dataset(Level::Important);
+        assert_eq!(
+            rule_of(dataset_access(&p, &abroad, &important)).as_deref(),
+            Some("cross_border_assessment_required")
+        );
+        assert!(dataset_access(&p, &assessed, &important).is_ok());
+        assert!(dataset_access(&p, &home, &important).is_ok());
+        assert!(dataset_access(&p, &abroad, &dataset(Level::General)).is_ok());
+        // A level that denies crossing borders outright, even with an assessment.
+        p.levels.important.cross_border = super::super::CrossBorder::Deny;
+        assert_eq!(
+            rule_of(dataset_access(&p, &assessed, &important)).as_deref(),
+            Some("cross_border_denied")
+        );
+        assert!(dataset_access(&p, &home, &important).is_ok());
+        assert_eq!(
+            rule_of(dataset_access(&p, &home, &dataset(Level::Core))).as_deref(),
+            Some("core_data_denied")
+        );
+    }
+
+    #[test]
+    fn a_manifest_may_raise_but_never_lower_the_threshold() {
+        let p = policies();
+        let mut d = dataset(Level::Important);
+        d.manifest.release.min_group_size = Some(2);
+        assert_eq!(p.min_group_size(&d.manifest), 10);
+        d.manifest.release.min_group_size = Some(25);
+        assert_eq!(p.min_group_size(&d.manifest), 25);
+    }
+}

@@ -193,3 +193,39 @@ fn demo_data_is_deterministic() {
     ]);
     assert!(!bad.status.success());
 }
+
+#[test]
+fn a_revoked_grant_stops_answering_and_is_recorded() {
+    let app = spawn_app();
+    let data = app.data_dir.to_str().unwrap();
+    let sql = json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" });
+    assert_eq!(app.query_as("buyer:acme", sql.clone()).status, 200);
+    let out = frostglass(&[
+        "grant",
+        "revoke",
+        &app.grants["buyer:acme"],
+        "--data-dir",
+        data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = app.query_as("buyer:acme", sql);
+    assert_eq!(r.code().as_deref(), Some("no_grant"));
+    let entries = app.store().entries(0, 1000).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|(_, body, _)| body.contains(r#""kind":"grant_revoked""#))
+    );
+    let again = frostglass(&[
+        "grant",
+        "revoke",
+        &app.grants["buyer:acme"],
+        "--data-dir",
+        data,
+    ]);
+    assert!(!again.status.success());
+}

@@ -157,6 +157,11 @@ const REFUSED: &[(&str, &str, Option<&str>)] = &[
         "policy_violation",
         Some("aggregate_not_allowed"),
     ),
+    (
+        "SELECT c.age, c.gender, t.district, COUNT(*) FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id WHERE c.district = 'haidian' GROUP BY c.age, c.gender, t.district",
+        "policy_violation",
+        Some("too_many_quasi_identifiers"),
+    ),
     // Prohibited dataset pairs.
     (
         "SELECT t.district, COUNT(*) FROM telecom_usage t JOIN power_grid p ON t.district = p.district GROUP BY t.district",

@@ -326,3 +326,28 @@ fn only_consenting_persons_are_counted_for_the_purpose() {
         .json();
     assert_eq!(dry["consent_filters"][0]["dataset"], "city_health");
 }
+
+#[test]
+fn the_ledger_records_a_plan_hash_that_ignores_spelling() {
+    let app = spawn_app();
+    app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
+    app.query("select   DISTRICT, count(*)\nfrom CITY_HEALTH group by District");
+    app.query("SELECT district, COUNT(*) FROM city_health WHERE age > 50 GROUP BY district");
+    let hashes: Vec<(String, String)> = app
+        .store()
+        .entries(0, 100)
+        .unwrap()
+        .iter()
+        .filter_map(|(_, body, _)| {
+            let v: Value = serde_json::from_str(body).ok()?;
+            Some((
+                v["sql_sha256"].as_str()?.to_string(),
+                v["plan_sha256"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(hashes.len(), 3);
+    assert_ne!(hashes[0].0, hashes[1].0, "different SQL text");
+    assert_eq!(hashes[0].1, hashes[1].1, "the same plan");
+    assert_ne!(hashes[0].1, hashes[2].1);
+}
