@@ -10,7 +10,6 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod demo;
-pub mod dp;
 pub mod engine;
 pub mod error;
 pub mod ledger;

@@ -14,7 +14,7 @@ pub struct Usage {
     pub cpu_ms: u64,
     pub wall_ms: u64,
     pub groups_released: u64,
-    pub groups_suppressed: u64,
+    pub groups_suppressed: Option<u64>,
     pub cells_released: u64,
     pub epsilon: f64,
     pub charge: String,

@@ -12,7 +12,7 @@ use crate::ledger::sha256_hex;
 use crate::ledger::{NewEntry, Receipt};
 use crate::metering::{self, DailyLimits, QuotaBook, Reservation, Usage};
 use crate::policy::check::{self, Requester};
-use crate::release;
+use crate::release::{self, JobKind};
 use crate::startup::Sandbox;
 use crate::store::DailyUse;
 use crate::store::{Grant, Principal, Role, new_id, now_rfc3339};
@@ -55,7 +55,9 @@ pub struct ReleaseSummary {
     pub mechanism: &'static str,
     pub min_group_size: Option<u64>,
     pub released_groups: u64,
-    pub suppressed_groups: u64,
+    /// Not reported under differential privacy: the exact number of small
+    /// groups is itself a fact about the data.
+    pub suppressed_groups: Option<u64>,
     pub noise: Option<Value>,
 }
 
@@ -319,7 +321,19 @@ fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
         .split
         .jobs
         .iter()
-        .map(|j| json!({ "datasets": j.datasets, "min_group_size": j.min_group_size, "counts": if j.counts_rows { "rows" } else { "distinct_privacy_units" } }))
+        .map(|j| {
+            let mechanism = match &j.kind {
+                JobKind::Threshold { counts_rows: true } => json!({ "threshold": j.min_group_size, "counts": "rows" }),
+                JobKind::Threshold { counts_rows: false } => {
+                    json!({ "threshold": j.min_group_size, "counts": "distinct_privacy_units" })
+                }
+                JobKind::Dp(dp) => json!({
+                    "differential_privacy": dp.params,
+                    "selection_threshold": dp.selection_threshold(),
+                }),
+            };
+            json!({ "datasets": j.datasets, "min_group_size": j.min_group_size, "mechanism": mechanism, "epsilon": j.epsilon() })
+        })
         .collect();
     let usage = estimate(sandbox, p);
     json!({
@@ -368,20 +382,34 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
     let limits = &sandbox.settings.limits;
     let mut cpu = 0u64;
     let mut filled = Vec::new();
-    let (mut released_groups, mut suppressed_groups) = (0u64, 0u64);
+    let (mut released_groups, mut suppressed_groups) = (0u64, Some(0u64));
     let mut min_group_size: Option<u64> = None;
+    let mut noise = Vec::new();
     for job in &p.split.jobs {
         let max_groups = job
             .max_groups
             .map_or(limits.max_result_rows.saturating_mul(100), |m| m as usize);
         let (batches, physical) = engine.execute(&p.session, &job.plan, max_groups).await?;
         cpu += crate::engine::cpu_ns(&physical);
-        let released = release::threshold(batches, job.min_group_size, &job.schema)?;
-        released_groups += released.released_groups;
-        suppressed_groups += released.suppressed_groups;
+        let batches = match &job.kind {
+            JobKind::Threshold { .. } => {
+                let released = release::threshold(batches, job.min_group_size, &job.schema)?;
+                released_groups += released.released_groups;
+                suppressed_groups = suppressed_groups.map(|s| s + released.suppressed_groups);
+                released.batches
+            }
+            JobKind::Dp(dp_job) => {
+                let exact = release::dp::Exact::new(batches);
+                let (released, count) = release::dp::release(exact, dp_job, &job.schema, &sandbox.noise)?;
+                released_groups += count;
+                suppressed_groups = None;
+                noise.push(serde_json::to_value(dp_job.report(&job.schema)).unwrap_or_default());
+                released
+            }
+        };
         min_group_size =
             Some(min_group_size.map_or(job.min_group_size, |m| m.max(job.min_group_size)));
-        let table = MemTable::try_new(job.schema.clone(), vec![released.batches])
+        let table = MemTable::try_new(job.schema.clone(), vec![batches])
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         filled.push((job.slot.clone(), Arc::new(table)));
     }
@@ -390,16 +418,21 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
         .execute(&p.session, &upper, limits.max_result_rows)
         .await?;
     cpu += crate::engine::cpu_ns(&physical);
+    let mechanism = match (p.split.jobs.is_empty(), noise.is_empty()) {
+        (true, _) => "none",
+        (false, true) => "threshold",
+        (false, false) => "differential_privacy",
+    };
     let release = ReleaseSummary {
-        mechanism: if p.split.jobs.is_empty() {
-            "none"
-        } else {
-            "threshold"
-        },
+        mechanism,
         min_group_size,
         released_groups,
         suppressed_groups,
-        noise: None,
+        noise: match noise.len() {
+            0 => None,
+            1 => noise.pop(),
+            _ => Some(Value::Array(noise)),
+        },
     };
     Ok(Executed {
         schema: physical.schema(),
@@ -424,6 +457,7 @@ async fn finish(
     usage.wall_ms = started.elapsed().as_millis() as u64;
     usage.groups_released = e.release.released_groups;
     usage.groups_suppressed = e.release.suppressed_groups;
+    usage.epsilon = p.split.jobs.iter().map(|j| j.epsilon()).sum();
     usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
     let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
     let datasets: BTreeSet<&str> = p.scanned.iter().map(|d| d.id()).collect();

@@ -8,6 +8,9 @@
 //! LIMIT, arithmetic, joins of released results) run — on released values,
 //! never on exact ones.
 
+pub mod dp;
+pub mod noise;
+
 use crate::catalog::Catalog;
 use crate::error::{ApiError, Refusal};
 use crate::policy::Policies;
@@ -43,7 +46,24 @@ pub struct ReleaseJob {
     pub min_group_size: u64,
     pub max_groups: Option<u64>,
     pub datasets: BTreeSet<String>,
-    pub counts_rows: bool,
+    pub kind: JobKind,
+}
+
+pub enum JobKind {
+    /// Groups under `min_group_size` distinct units (or rows) are dropped.
+    Threshold { counts_rows: bool },
+    /// Noisy values, noisy selection.
+    Dp(dp::DpJob),
+}
+
+impl ReleaseJob {
+    /// The epsilon this job spends.
+    pub fn epsilon(&self) -> f64 {
+        match &self.kind {
+            JobKind::Dp(job) => job.params.epsilon,
+            JobKind::Threshold { .. } => 0.0,
+        }
+    }
 }
 
 pub struct ReleasePlan {
@@ -145,26 +165,7 @@ impl Splitter<'_> {
         input: LogicalPlan,
     ) -> Result<LogicalPlan, ApiError> {
         let threaded = self.thread(&input)?;
-        let units = match (&threaded.unit, threaded.rows_guarded) {
-            (Some(_), true) => {
-                return Err(refuse(
-                    "unsupported_query_shape",
-                    "personal and non-personal protected datasets cannot be combined in one aggregate",
-                ));
-            }
-            (Some(_), false) => {
-                let unit_col = unit_column(&threaded.plan)?;
-                count_distinct(Expr::Column(unit_col)).alias(UNITS)
-            }
-            (None, _) => count(lit(1i64)).alias(UNITS),
-        };
-        let mut aggr_expr = agg.aggr_expr.clone();
-        aggr_expr.push(units);
-        let job_plan = LogicalPlan::Aggregate(
-            Aggregate::try_new(Arc::new(threaded.plan), agg.group_expr.clone(), aggr_expr)
-                .map_err(internal)?,
-        );
-        let datasets = threaded.datasets;
+        let datasets = threaded.datasets.clone();
         let mut min_group_size = 1;
         let mut max_groups: Option<u64> = None;
         for id in &datasets {
@@ -175,6 +176,46 @@ impl Splitter<'_> {
                 }
             }
         }
+        let dp_params = dp::Params::strictest(
+            datasets.iter().filter_map(|id| self.catalog.get(id)).filter_map(|d| d.manifest.release.dp.as_ref()),
+        );
+        let (job_plan, kind) = match (&threaded.unit, threaded.rows_guarded, dp_params) {
+            (Some(_), true, _) => {
+                return Err(refuse(
+                    "unsupported_query_shape",
+                    "personal and non-personal protected datasets cannot be combined in one aggregate",
+                ));
+            }
+            (Some((_, aliases)), false, Some(params)) => {
+                let unit_col = unit_column(&threaded.plan)?;
+                let aliases = aliases.clone();
+                let (plan, job) = dp::plan(
+                    agg,
+                    threaded.plan,
+                    unit_col,
+                    &aliases,
+                    params,
+                    min_group_size,
+                    self.catalog,
+                    &datasets,
+                )?;
+                (plan, JobKind::Dp(job))
+            }
+            (unit, _, _) => {
+                let units = match unit {
+                    Some(_) => count_distinct(Expr::Column(unit_column(&threaded.plan)?)).alias(UNITS),
+                    None => count(lit(1i64)).alias(UNITS),
+                };
+                let counts_rows = unit.is_none();
+                let mut aggr_expr = agg.aggr_expr.clone();
+                aggr_expr.push(units);
+                let plan = LogicalPlan::Aggregate(
+                    Aggregate::try_new(Arc::new(threaded.plan), agg.group_expr.clone(), aggr_expr)
+                        .map_err(internal)?,
+                );
+                (plan, JobKind::Threshold { counts_rows })
+            }
+        };
         let slot = format!("__fg_release_{}", self.jobs.len());
         let schema = Arc::new(agg.schema.as_arrow().clone());
         let placeholder = slot_scan(&slot, Arc::new(EmptyTable::new(schema.clone())), agg)?;
@@ -185,7 +226,7 @@ impl Splitter<'_> {
             min_group_size,
             max_groups,
             datasets,
-            counts_rows: threaded.unit.is_none(),
+            kind,
         });
         Ok(placeholder)
     }

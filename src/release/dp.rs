@@ -1,0 +1,431 @@
+//! Differentially private release of one aggregate.
+//!
+//! The aggregate is rewritten so that contribution bounds are enforced, not
+//! assumed: every summed value is clamped to its column's declared bounds,
+//! rows are aggregated per (privacy unit, group), each unit keeps at most
+//! `max_groups_per_unit` groups and at most `max_rows_per_unit` rows over
+//! all of them (its per-group components scaled to the rows kept), and only
+//! then are groups summed. Sensitivities follow from those bounds alone: a
+//! unit moves a count by at most `max_rows_per_unit`, a sum by that times
+//! the largest bound, the number of units of at most `max_groups_per_unit`
+//! groups by one. The engine returns exact per-group components in a type
+//! that never leaves this module; [`release`] adds discrete noise, drops
+//! groups whose noisy unit count is under the selection threshold, and
+//! builds the released batch from noisy values only.
+
+use super::noise::{Noise, NoisePool};
+use crate::catalog::{Catalog, DpRules};
+use crate::error::{ApiError, Refusal};
+use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::Column;
+use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
+use datafusion::logical_expr::{
+    Aggregate, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, WindowFunctionDefinition, lit,
+    when,
+};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+const ROWS_PER_UNIT_GROUP: &str = "__fg_rows";
+const RANK: &str = "__fg_rank";
+const RUNNING: &str = "__fg_running_rows";
+const UNITS: &str = "__fg_units";
+
+/// How one output aggregate is computed from the noisy components.
+#[derive(Debug, Clone)]
+enum Output {
+    /// COUNT(*) or COUNT(col): one bounded count component.
+    Count { comp: usize },
+    /// COUNT(DISTINCT unit): the number of units in the group.
+    Units,
+    Sum { comp: usize, bound: f64 },
+    Avg { sum: usize, count: usize, lo: f64, hi: f64 },
+}
+
+/// The parameters of a DP release, from the strictest of the datasets involved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Params {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub max_groups_per_unit: u64,
+    pub max_rows_per_unit: u64,
+}
+
+impl Params {
+    pub fn strictest<'a>(rules: impl Iterator<Item = &'a DpRules>) -> Option<Params> {
+        let mut out: Option<Params> = None;
+        for r in rules {
+            let p = Params {
+                epsilon: r.epsilon_per_query,
+                delta: r.delta,
+                max_groups_per_unit: r.max_groups_per_unit.unwrap_or(1),
+                max_rows_per_unit: r.max_rows_per_unit.unwrap_or(1),
+            };
+            out = Some(match out {
+                None => p,
+                Some(o) => Params {
+                    epsilon: o.epsilon.min(p.epsilon),
+                    delta: o.delta.min(p.delta),
+                    max_groups_per_unit: o.max_groups_per_unit.min(p.max_groups_per_unit),
+                    max_rows_per_unit: o.max_rows_per_unit.min(p.max_rows_per_unit),
+                },
+            });
+        }
+        out
+    }
+}
+
+/// A DP job: how to read the engine's output and what noise to add.
+#[derive(Debug, Clone)]
+pub struct DpJob {
+    pub params: Params,
+    groups: usize,
+    components: usize,
+    outputs: Vec<Output>,
+    pub min_group_size: u64,
+}
+
+fn dp_refusal(message: impl Into<String>) -> ApiError {
+    Refusal::new("dp_unsupported", message).into()
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn strip(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip(&a.expr),
+        Expr::Cast(Cast { expr, .. }) => strip(expr),
+        other => other,
+    }
+}
+
+/// Declared bounds of the column an aggregate argument names; the widest if
+/// several datasets of the job have a column of that name.
+fn bounds_of(arg: &Expr, catalog: &Catalog, datasets: &BTreeSet<String>) -> Option<(f64, f64)> {
+    let Expr::Column(c) = strip(arg) else { return None };
+    let mut found: Option<(f64, f64)> = None;
+    for d in datasets.iter().filter_map(|id| catalog.get(id)) {
+        let qualifier_ok = c.relation.as_ref().is_none_or(|r| r.table() == d.id() || catalog.get(r.table()).is_none());
+        if let (true, Some([lo, hi])) = (qualifier_ok, d.manifest.column(&c.name).and_then(|s| s.bounds)) {
+            found = Some(found.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+    }
+    found
+}
+
+fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
+    let x = Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
+    when(x.clone().lt(lit(lo)), lit(lo)).when(x.clone().gt(lit(hi)), lit(hi)).otherwise(x).map_err(internal)
+}
+
+/// Builds the engine plan of a DP aggregate over `input`, which carries the
+/// privacy unit in `unit`. Output: the group columns, the exact components,
+/// and the number of units per group, last.
+pub fn plan(
+    agg: &Aggregate,
+    input: LogicalPlan,
+    unit: Column,
+    unit_aliases: &HashSet<Column>,
+    params: Params,
+    min_group_size: u64,
+    catalog: &Catalog,
+    datasets: &BTreeSet<String>,
+) -> Result<(LogicalPlan, DpJob), ApiError> {
+    if agg.group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) {
+        return Err(dp_refusal("GROUPING SETS, ROLLUP and CUBE are not supported under differential privacy"));
+    }
+    let max_rows = params.max_rows_per_unit as f64;
+    let mut components: Vec<Expr> = Vec::new();
+    let mut outputs = Vec::new();
+    for e in &agg.aggr_expr {
+        let Expr::AggregateFunction(AggregateFunction { func, params: p }) = strip(e) else {
+            return Err(dp_refusal("only aggregate function calls can be released"));
+        };
+        if p.filter.is_some() || !p.order_by.is_empty() {
+            return Err(dp_refusal("FILTER and ORDER BY inside aggregates are not supported under differential privacy"));
+        }
+        let name = func.name().to_ascii_lowercase();
+        let arg = p.args.first();
+        let is_unit = arg.is_some_and(|a| matches!(strip(a), Expr::Column(c) if unit_aliases.contains(c)));
+        let push = |components: &mut Vec<Expr>, expr: Expr| {
+            components.push(expr);
+            components.len() - 1
+        };
+        let output = match (name.as_str(), p.distinct) {
+            ("count", true) if is_unit => Output::Units,
+            ("count", false) => {
+                let counted = match arg.map(strip) {
+                    None | Some(Expr::Literal(..)) => count(lit(1i64)),
+                    Some(_) => count(p.args[0].clone()),
+                };
+                Output::Count { comp: push(&mut components, counted) }
+            }
+            ("sum", false) | ("avg", false) => {
+                let arg = arg.ok_or_else(|| dp_refusal("SUM and AVG need an argument"))?;
+                let (lo, hi) = bounds_of(arg, catalog, datasets).ok_or_else(|| {
+                    dp_refusal("SUM and AVG are released only over a column with declared bounds, named directly")
+                })?;
+                let summed = sum(clamp(arg.clone(), lo, hi)?);
+                let s = push(&mut components, summed);
+                if name == "sum" {
+                    Output::Sum { comp: s, bound: lo.abs().max(hi.abs()) }
+                } else {
+                    let c = push(&mut components, count(arg.clone()));
+                    Output::Avg { sum: s, count: c, lo, hi }
+                }
+            }
+            (other, distinct) => {
+                let what = if distinct { format!("{other}(DISTINCT …) other than of the privacy unit") } else { other.to_string() };
+                return Err(dp_refusal(format!("{what} cannot be released under differential privacy; use COUNT, COUNT(DISTINCT unit), SUM or AVG")));
+            }
+        };
+        outputs.push(output);
+    }
+
+    // Level 1: one row per (unit, group), with bounded per-unit components.
+    let groups = agg.group_expr.len();
+    let mut group1 = vec![Expr::Column(unit.clone())];
+    group1.extend(agg.group_expr.iter().cloned());
+    let mut aggs1: Vec<Expr> = components.iter().enumerate().map(|(i, e)| e.clone().alias(format!("__fg_c{i}"))).collect();
+    aggs1.push(count(lit(1i64)).alias(ROWS_PER_UNIT_GROUP));
+    let level1 = LogicalPlanBuilder::from(input).aggregate(group1, aggs1).map_err(internal)?.build().map_err(internal)?;
+    let cols1: Vec<Column> = level1.schema().columns();
+    let unit1 = Expr::Column(cols1[0].clone());
+    let group_cols1: Vec<Expr> = cols1[1..=groups].iter().cloned().map(Expr::Column).collect();
+
+    // Each unit keeps at most max_groups_per_unit groups (the first ones in
+    // group order) and at most max_rows_per_unit rows over all of them: its
+    // groups are taken in order, each with the rows still allowed, and its
+    // components scaled to the rows kept.
+    let rows1 = Expr::Column(cols1[1 + groups + components.len()].clone());
+    let mut builder = LogicalPlanBuilder::from(level1);
+    let rows_before = if groups > 0 {
+        let order: Vec<_> = group_cols1.iter().map(|g| g.clone().sort(true, true)).collect();
+        let rank = row_number()
+            .partition_by(vec![unit1.clone()])
+            .order_by(order.clone())
+            .build()
+            .map_err(internal)?
+            .alias(RANK);
+        let running = Expr::WindowFunction(Box::new(WindowFunction::new(
+            WindowFunctionDefinition::AggregateUDF(sum_udaf()),
+            vec![rows1.clone()],
+        )))
+        .partition_by(vec![unit1])
+        .order_by(order)
+        .build()
+        .map_err(internal)?
+        .alias(RUNNING);
+        builder = builder
+            .window(vec![rank, running])
+            .and_then(|b| {
+                b.filter(Expr::Column(Column::from_name(RANK)).lt_eq(lit(params.max_groups_per_unit as i64)))
+            })
+            .map_err(internal)?;
+        Expr::Column(Column::from_name(RUNNING)) - rows1.clone()
+    } else {
+        lit(0i64)
+    };
+    let as_f64 = |e: Expr| Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
+    let left = lit(max_rows) - as_f64(rows_before);
+    let allowed = when(left.clone().lt(lit(0.0)), lit(0.0))
+        .when(left.clone().gt(as_f64(rows1.clone())), as_f64(rows1.clone()))
+        .otherwise(left)
+        .map_err(internal)?;
+    let factor = allowed / as_f64(rows1);
+    let mut bounded: Vec<Expr> = group_cols1.clone();
+    for i in 0..components.len() {
+        let c = as_f64(Expr::Column(cols1[1 + groups + i].clone()));
+        bounded.push((c * factor.clone()).alias(format!("__fg_b{i}")));
+    }
+    let level1b = builder.project(bounded).map_err(internal)?.build().map_err(internal)?;
+    let cols1b = level1b.schema().columns();
+
+    // Level 2: sum the bounded components per group; rows here are units.
+    let group2: Vec<Expr> = cols1b[..groups].iter().cloned().map(Expr::Column).collect();
+    let mut aggs2: Vec<Expr> =
+        (0..components.len()).map(|i| sum(Expr::Column(cols1b[groups + i].clone())).alias(format!("__fg_s{i}"))).collect();
+    aggs2.push(count(lit(1i64)).alias(UNITS));
+    let level2 = LogicalPlanBuilder::from(level1b).aggregate(group2, aggs2).map_err(internal)?.build().map_err(internal)?;
+    Ok((level2, DpJob { params, groups, components: components.len(), outputs, min_group_size }))
+}
+
+/// What a DP release reports about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mechanism: &'static str,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub max_groups_per_unit: u64,
+    pub max_rows_per_unit: u64,
+    /// Groups are released when their noisy unit count reaches this.
+    pub selection_threshold: f64,
+    /// Per released column: the noise scale and the half-width of its 95% interval.
+    pub columns: Vec<ColumnNoise>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnNoise {
+    pub column: String,
+    /// Absent for AVG: a ratio of two noisy values, whose error depends on the group's size.
+    pub scale: Option<f64>,
+    pub error_95: Option<f64>,
+}
+
+/// Sums are noised in fixed point with this many units per 1.
+const FIXED: f64 = 100.0;
+
+impl DpJob {
+    fn draws(&self) -> usize {
+        1 + self.outputs.iter().map(|o| if matches!(o, Output::Avg { .. }) { 2 } else { 1 }).sum::<usize>()
+    }
+
+    /// Each noisy value gets an equal share of epsilon; the selection one share too.
+    fn epsilon_each(&self) -> f64 {
+        self.params.epsilon / self.draws() as f64
+    }
+
+    /// A unit adds at most max_rows_per_unit rows over all groups.
+    fn count_noise(&self) -> Noise {
+        Noise::laplace(self.params.max_rows_per_unit as f64 / self.epsilon_each())
+    }
+
+    fn unit_noise(&self) -> Noise {
+        Noise::laplace(self.params.max_groups_per_unit as f64 / self.epsilon_each())
+    }
+
+    /// ... each of them clamped to the column's bounds.
+    fn sum_noise(&self, bound: f64) -> Noise {
+        let l1 = self.params.max_rows_per_unit as f64 * bound;
+        Noise::laplace(l1 * FIXED / self.epsilon_each())
+    }
+
+    /// A new group (one unit, in up to max_groups groups) is released with
+    /// probability at most delta.
+    pub fn selection_threshold(&self) -> f64 {
+        let b = self.unit_noise().scale();
+        let l0 = self.params.max_groups_per_unit as f64;
+        let tau = 1.0 + b * (l0 / (2.0 * self.params.delta.max(1e-300))).ln();
+        tau.max(self.min_group_size as f64)
+    }
+
+    pub fn report(&self, schema: &SchemaRef) -> Report {
+        let columns = self
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let name = schema.field(self.groups + i).name().clone();
+                let (scale, error_95) = match o {
+                    Output::Count { .. } => (Some(self.count_noise().scale()), Some(self.count_noise().bound(0.95))),
+                    Output::Units => (Some(self.unit_noise().scale()), Some(self.unit_noise().bound(0.95))),
+                    Output::Sum { bound, .. } => {
+                        let n = self.sum_noise(*bound);
+                        (Some(n.scale() / FIXED), Some(n.bound(0.95) / FIXED))
+                    }
+                    Output::Avg { .. } => (None, None),
+                };
+                ColumnNoise { column: name, scale, error_95 }
+            })
+            .collect();
+        Report {
+            mechanism: "discrete_laplace",
+            epsilon: self.params.epsilon,
+            delta: self.params.delta,
+            max_groups_per_unit: self.params.max_groups_per_unit,
+            max_rows_per_unit: self.params.max_rows_per_unit,
+            selection_threshold: self.selection_threshold(),
+            columns,
+        }
+    }
+}
+
+/// Exact components from the engine; deliberately neither `Clone` nor
+/// `Serialize`, and consumed by [`release`], so exact values cannot reach a response.
+pub struct Exact(Vec<RecordBatch>);
+
+impl Exact {
+    pub fn new(batches: Vec<RecordBatch>) -> Exact {
+        Exact(batches)
+    }
+}
+
+/// Noisy selection and noisy values; returns the released batches (in the
+/// aggregate's own schema) and how many groups were released.
+pub fn release(exact: Exact, job: &DpJob, schema: &SchemaRef, pool: &NoisePool) -> Result<(Vec<RecordBatch>, u64), ApiError> {
+    let tau = job.selection_threshold();
+    let mut out = Vec::new();
+    let mut released = 0u64;
+    for batch in exact.0 {
+        let n = batch.num_rows();
+        let f64_col = |i: usize| -> Result<Vec<Option<f64>>, ApiError> {
+            let c = cast(batch.column(i), &DataType::Float64).map_err(internal)?;
+            let a = c.as_any().downcast_ref::<Float64Array>().ok_or_else(|| internal("component not f64"))?;
+            Ok((0..n).map(|r| (!a.is_null(r)).then(|| a.value(r))).collect())
+        };
+        let comps: Vec<Vec<Option<f64>>> = (0..job.components).map(|i| f64_col(job.groups + i)).collect::<Result<_, _>>()?;
+        let units = f64_col(job.groups + job.components)?;
+        let mut keep: Vec<u32> = Vec::new();
+        let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
+        for row in 0..n {
+            let exact_units = units[row].unwrap_or(0.0);
+            // Every group pays for its noise draws whether or not it is released.
+            let noisy_units = exact_units + pool.take(job.unit_noise()) as f64;
+            let drawn: Vec<Option<f64>> = job
+                .outputs
+                .iter()
+                .map(|o| noisy_value(o, row, &comps, exact_units, job, pool))
+                .collect();
+            if noisy_units < tau {
+                continue;
+            }
+            keep.push(row as u32);
+            for (v, d) in values.iter_mut().zip(drawn) {
+                v.push(d);
+            }
+        }
+        released += keep.len() as u64;
+        let indices = UInt32Array::from(keep);
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for g in 0..job.groups {
+            columns.push(take(batch.column(g), &indices, None).map_err(internal)?);
+        }
+        for (i, v) in values.into_iter().enumerate() {
+            let field = schema.field(job.groups + i);
+            let array: ArrayRef = match field.data_type() {
+                DataType::Int64 => Arc::new(Int64Array::from(v.into_iter().map(|x| x.map(|x| x.round() as i64)).collect::<Vec<_>>())),
+                other => cast(&(Arc::new(Float64Array::from(v)) as ArrayRef), other).map_err(internal)?,
+            };
+            columns.push(array);
+        }
+        out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
+    }
+    Ok((out, released))
+}
+
+fn noisy_value(o: &Output, row: usize, comps: &[Vec<Option<f64>>], units: f64, job: &DpJob, pool: &NoisePool) -> Option<f64> {
+    let noisy_count = |c: usize| comps[c][row].unwrap_or(0.0) + pool.take(job.count_noise()) as f64;
+    let noisy_sum = |c: usize, bound: f64| {
+        let fixed = (comps[c][row].unwrap_or(0.0) * FIXED).round() + pool.take(job.sum_noise(bound)) as f64;
+        fixed / FIXED
+    };
+    Some(match *o {
+        Output::Count { comp } => noisy_count(comp).max(0.0),
+        Output::Units => (units + pool.take(job.unit_noise()) as f64).max(0.0),
+        Output::Sum { comp, bound } => noisy_sum(comp, bound),
+        Output::Avg { sum, count, lo, hi } => {
+            let s = noisy_sum(sum, lo.abs().max(hi.abs()));
+            let c = noisy_count(count).max(1.0);
+            (s / c).clamp(lo, hi)
+        }
+    })
+}
