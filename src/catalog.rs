@@ -100,6 +100,9 @@ pub struct DpRules {
     pub epsilon_per_query: f64,
     #[serde(default)]
     pub delta: f64,
+    /// The dataset's lifetime epsilon, shared by all buyers; the server default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_total: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_groups_per_unit: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +173,9 @@ impl Manifest {
             {
                 problems.push(format!("column '{}' has bounds with lower > upper", c.name));
             }
+        }
+        if self.release.dp.is_some() && self.privacy_unit.is_none() {
+            problems.push("differential privacy (release.dp) needs a privacy_unit".into());
         }
         if self.personal_information && self.privacy_unit.is_none() {
             problems.push("personal_information is true but no privacy_unit is declared".into());

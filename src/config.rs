@@ -44,6 +44,10 @@ pub struct Limits {
     pub max_result_rows: usize,
     /// Queries executing at once; more wait for a slot.
     pub max_concurrent_queries: usize,
+    /// Lifetime epsilon of a grant made without `--epsilon`.
+    pub default_grant_epsilon: f64,
+    /// Lifetime epsilon of a DP dataset whose manifest sets no `epsilon_total`.
+    pub default_dataset_epsilon: f64,
 }
 
 impl Default for Limits {
@@ -58,6 +62,8 @@ impl Default for Limits {
             max_rows_scanned: 200_000_000,
             max_result_rows: 10_000,
             max_concurrent_queries: 4,
+            default_grant_epsilon: 10.0,
+            default_dataset_epsilon: 1000.0,
         }
     }
 }

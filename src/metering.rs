@@ -431,3 +431,127 @@ pub fn summarize<'a>(records: impl Iterator<Item = &'a UsageRecord>) -> Vec<Usag
         })
         .collect()
 }
+
+/// Epsilon spent per grant and per dataset, in millionths so that sums are
+/// exact. Like [`QuotaBook`], loaded from the ledger on first use and kept
+/// current by reservations, so concurrent queries cannot overspend.
+#[derive(Default)]
+pub struct BudgetBook {
+    spent: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+pub fn to_micro(epsilon: f64) -> u64 {
+    (epsilon * 1e6).round().max(0.0) as u64
+}
+
+/// Epsilon reserved for one query: refunded on drop unless committed.
+/// Committed once the query starts to read data: from then on it stands,
+/// whether the query is answered or fails.
+pub struct Charge {
+    book: std::sync::Arc<BudgetBook>,
+    items: Vec<(String, u64)>,
+    committed: bool,
+}
+
+impl Charge {
+    pub fn commit(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let mut spent = self.book.spent.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, amount) in &self.items {
+            if let Some(s) = spent.get_mut(key) {
+                *s = s.saturating_sub(*amount);
+            }
+        }
+    }
+}
+
+/// The budget a query would overspend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverBudget {
+    pub budget: String,
+    pub limit: f64,
+    pub remaining: f64,
+}
+
+impl BudgetBook {
+    /// Reserves every `(budget key, limit, epsilon)` or none of them.
+    pub fn reserve<E>(
+        book: &std::sync::Arc<BudgetBook>,
+        items: &[(String, f64, f64)],
+        load: impl Fn(&str) -> Result<f64, E>,
+    ) -> Result<Result<Charge, OverBudget>, E> {
+        let mut spent = book.spent.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, _, _) in items {
+            if !spent.contains_key(key) {
+                spent.insert(key.clone(), to_micro(load(key)?));
+            }
+        }
+        for (key, limit, amount) in items {
+            let used = spent.get(key).copied().unwrap_or(0);
+            if used.saturating_add(to_micro(*amount)) > to_micro(*limit) {
+                let remaining = to_micro(*limit).saturating_sub(used) as f64 / 1e6;
+                return Ok(Err(OverBudget {
+                    budget: key.clone(),
+                    limit: *limit,
+                    remaining,
+                }));
+            }
+        }
+        let mut reserved = Vec::with_capacity(items.len());
+        for (key, _, amount) in items {
+            *spent.entry(key.clone()).or_default() += to_micro(*amount);
+            reserved.push((key.clone(), to_micro(*amount)));
+        }
+        Ok(Ok(Charge {
+            book: book.clone(),
+            items: reserved,
+            committed: false,
+        }))
+    }
+
+    /// Epsilon spent on a budget key as the book knows it.
+    pub fn spent(&self, key: &str) -> Option<f64> {
+        let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        spent.get(key).map(|m| *m as f64 / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_budget_is_reserved_whole_or_not_at_all_and_refunded_unless_committed() {
+        let book = Arc::new(BudgetBook::default());
+        let load = |_: &str| Ok::<_, ()>(0.0);
+        let both = |eps: f64| {
+            vec![
+                ("grant:a".to_string(), 1.0, eps),
+                ("dataset:d".to_string(), 1.2, eps),
+            ]
+        };
+        let mut first = BudgetBook::reserve(&book, &both(0.5), load)
+            .unwrap()
+            .unwrap();
+        first.commit();
+        drop(first);
+        let second = BudgetBook::reserve(&book, &both(0.5), load)
+            .unwrap()
+            .unwrap();
+        // The grant is full; the dataset would have room, but nothing is reserved.
+        let third = BudgetBook::reserve(&book, &both(0.1), load).unwrap();
+        assert_eq!(third.err().map(|o| o.budget), Some("grant:a".to_string()));
+        drop(second);
+        assert_eq!(book.spent("grant:a"), Some(0.5));
+        assert_eq!(book.spent("dataset:d"), Some(0.5));
+    }
+}

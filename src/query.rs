@@ -10,7 +10,7 @@ use crate::catalog::Dataset;
 use crate::error::ApiError;
 use crate::ledger::sha256_hex;
 use crate::ledger::{NewEntry, Receipt};
-use crate::metering::{self, DailyLimits, QuotaBook, Reservation, Usage};
+use crate::metering::{self, BudgetBook, Charge, DailyLimits, QuotaBook, Reservation, Usage};
 use crate::policy::check::{self, Requester};
 use crate::release::{self, JobKind};
 use crate::startup::Sandbox;
@@ -24,7 +24,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::LogicalPlan;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,9 +50,9 @@ pub struct QueryRequest {
 }
 
 /// How a release was made, as the buyer sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleaseSummary {
-    pub mechanism: &'static str,
+    pub mechanism: String,
     pub min_group_size: Option<u64>,
     pub released_groups: u64,
     /// Not reported under differential privacy: the exact number of small
@@ -71,7 +71,35 @@ pub struct Answer {
     pub rows: Vec<Vec<Value>>,
     pub release: ReleaseSummary,
     pub usage: Usage,
+    /// The grant's privacy budget after this query.
+    pub budget: Budget,
     pub receipt: Receipt,
+}
+
+/// Epsilon of a grant: its lifetime limit and what is left.
+#[derive(Debug, Clone, Serialize)]
+pub struct Budget {
+    pub epsilon_limit: f64,
+    pub epsilon_spent: f64,
+    pub epsilon_remaining: f64,
+}
+
+impl Budget {
+    pub fn of(sandbox: &Sandbox, grant: &Grant) -> Result<Budget, ApiError> {
+        let key = format!("grant:{}", grant.id);
+        let spent = match sandbox.budgets.spent(&key) {
+            Some(s) => s,
+            None => sandbox.store.epsilon_spent(&key)?,
+        };
+        let limit = grant
+            .epsilon
+            .unwrap_or(sandbox.settings.limits.default_grant_epsilon);
+        Ok(Budget {
+            epsilon_limit: limit,
+            epsilon_spent: spent,
+            epsilon_remaining: (limit - spent).max(0.0),
+        })
+    }
 }
 
 pub enum Outcome {
@@ -85,6 +113,9 @@ struct Trace {
     grant: Option<String>,
     purpose: Option<String>,
     datasets: BTreeSet<String>,
+    /// Epsilon that stands even if the query now fails.
+    epsilon_charged: f64,
+    epsilon_by_dataset: BTreeMap<String, f64>,
 }
 
 struct Prepared {
@@ -95,8 +126,15 @@ struct Prepared {
     reservation: Reservation,
     /// Datasets whose rows were narrowed to data subjects who consented to the purpose.
     consent_filters: BTreeSet<String>,
-    /// Of the resolved plan as the buyer wrote it: equal for queries that differ only in spelling.
+    /// Of the optimised plan: equal for queries that differ only in spelling.
     plan_sha256: String,
+    /// Epsilon this query spends, in all and per dataset.
+    epsilon: f64,
+    epsilon_by_dataset: BTreeMap<String, f64>,
+    /// Held until the query starts reading data; from then on it stands.
+    charge: Option<Charge>,
+    /// The answer released before to the same query under the same grant.
+    cached: Option<(Vec<u8>, String)>,
 }
 
 struct Executed {
@@ -159,9 +197,18 @@ async fn answer(
         return Err(ApiError::Forbidden("only buyers run queries".into()));
     }
     sandbox.policies.check_principal(&principal.id)?;
-    let prepared = prepare(sandbox, principal, request, trace).await?;
+    let mut prepared = prepare(sandbox, principal, request, trace).await?;
     if request.dry_run {
         return Ok(Step::DryRun(outline(sandbox, &prepared)));
+    }
+    if let Some((answer, release)) = &prepared.cached {
+        let executed = from_cache(answer, release)?;
+        return Ok(Step::Done(Box::new(prepared), executed));
+    }
+    if let Some(charge) = prepared.charge.as_mut() {
+        charge.commit();
+        trace.epsilon_charged = prepared.epsilon;
+        trace.epsilon_by_dataset = prepared.epsilon_by_dataset.clone();
     }
     let _slot = sandbox
         .query_slots
@@ -223,11 +270,33 @@ async fn prepare(
             "the query would scan {rows} rows; at most {cap} are allowed"
         )));
     }
-    let plan_sha256 = sha256_hex(plan.display_indent().to_string().as_bytes());
+    // Hashed after optimisation, so that spelling, aliases of tables and
+    // trivially simplified conditions map to the same plan.
+    let normalized = session.optimize(&plan).unwrap_or_else(|_| plan.clone());
+    let plan_sha256 = sha256_hex(normalized.display_indent().to_string().as_bytes());
     let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
     let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
     let reservation = reserve_quota(sandbox, &grant, &scanned)?;
+    let (epsilon, epsilon_by_dataset) = epsilon_of(sandbox, &split);
+    let cached = if epsilon > 0.0 {
+        sandbox.store.cached_answer(&grant.id, &plan_sha256)?
+    } else {
+        None
+    };
+    let charge = match (&cached, epsilon > 0.0) {
+        (None, true) => Some(reserve_budget(
+            sandbox,
+            &grant,
+            &epsilon_by_dataset,
+            epsilon,
+        )?),
+        _ => None,
+    };
     Ok(Prepared {
+        epsilon,
+        epsilon_by_dataset,
+        charge,
+        cached,
         plan_sha256,
         consent_filters,
         grant,
@@ -235,6 +304,86 @@ async fn prepare(
         split,
         scanned,
         reservation,
+    })
+}
+
+/// What the release jobs spend: the grant pays their sum, each dataset the
+/// jobs that read it.
+fn epsilon_of(sandbox: &Sandbox, split: &release::ReleasePlan) -> (f64, BTreeMap<String, f64>) {
+    let mut by_dataset = BTreeMap::new();
+    let mut total = 0.0;
+    for job in &split.jobs {
+        let eps = job.epsilon();
+        if eps <= 0.0 {
+            continue;
+        }
+        total += eps;
+        for d in &job.datasets {
+            if sandbox
+                .catalog
+                .get(d)
+                .is_some_and(|d| d.manifest.release.dp.is_some())
+            {
+                *by_dataset.entry(d.clone()).or_insert(0.0) += eps;
+            }
+        }
+    }
+    (total, by_dataset)
+}
+
+/// Reserves the query's epsilon from the grant's budget and from each
+/// dataset's budget shared by all buyers, all or nothing.
+fn reserve_budget(
+    sandbox: &Sandbox,
+    grant: &Grant,
+    by_dataset: &BTreeMap<String, f64>,
+    epsilon: f64,
+) -> Result<Charge, ApiError> {
+    let limits = &sandbox.settings.limits;
+    let mut items = vec![(
+        format!("grant:{}", grant.id),
+        grant.epsilon.unwrap_or(limits.default_grant_epsilon),
+        epsilon,
+    )];
+    for (d, eps) in by_dataset {
+        let total = sandbox
+            .catalog
+            .get(d)
+            .and_then(|d| d.manifest.release.dp.as_ref())
+            .and_then(|dp| dp.epsilon_total)
+            .unwrap_or(limits.default_dataset_epsilon);
+        items.push((format!("dataset:{d}"), total, *eps));
+    }
+    match BudgetBook::reserve(&sandbox.budgets, &items, |key| {
+        sandbox.store.epsilon_spent(key)
+    })? {
+        Ok(charge) => Ok(charge),
+        Err(over) => Err(ApiError::BudgetExhausted(format!(
+            "the privacy budget of {} is spent: {} of {} epsilon left, this query needs {epsilon}",
+            over.budget, over.remaining, over.limit
+        ))),
+    }
+}
+
+/// Rebuilds an answer released before.
+fn from_cache(answer: &[u8], release: &str) -> Result<Executed, ApiError> {
+    let internal = |e: String| ApiError::Internal(format!("cached answer unreadable: {e}"));
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(
+        std::io::Cursor::new(answer.to_vec()),
+        None,
+    )
+    .map_err(|e| internal(e.to_string()))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| internal(e.to_string()))?;
+    let release: ReleaseSummary =
+        serde_json::from_str(release).map_err(|e| internal(e.to_string()))?;
+    Ok(Executed {
+        schema,
+        batches,
+        release,
+        cpu_ns: 0,
     })
 }
 
@@ -400,7 +549,8 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
             }
             JobKind::Dp(dp_job) => {
                 let exact = release::dp::Exact::new(batches);
-                let (released, count) = release::dp::release(exact, dp_job, &job.schema, &sandbox.noise)?;
+                let (released, count) =
+                    release::dp::release(exact, dp_job, &job.schema, &sandbox.noise)?;
                 released_groups += count;
                 suppressed_groups = None;
                 noise.push(serde_json::to_value(dp_job.report(&job.schema)).unwrap_or_default());
@@ -424,7 +574,7 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
         (false, false) => "differential_privacy",
     };
     let release = ReleaseSummary {
-        mechanism,
+        mechanism: mechanism.to_string(),
         min_group_size,
         released_groups,
         suppressed_groups,
@@ -457,7 +607,13 @@ async fn finish(
     usage.wall_ms = started.elapsed().as_millis() as u64;
     usage.groups_released = e.release.released_groups;
     usage.groups_suppressed = e.release.suppressed_groups;
-    usage.epsilon = p.split.jobs.iter().map(|j| j.epsilon()).sum();
+    let cached = p.cached.is_some();
+    let (epsilon, by_dataset) = if cached {
+        (0.0, BTreeMap::new())
+    } else {
+        (p.epsilon, p.epsilon_by_dataset.clone())
+    };
+    usage.epsilon = epsilon;
     usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
     let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
     let datasets: BTreeSet<&str> = p.scanned.iter().map(|d| d.id()).collect();
@@ -473,8 +629,11 @@ async fn finish(
         "sql_sha256": sha256_hex(request.sql.as_bytes()),
         "plan_sha256": p.plan_sha256,
         "decision": "answered",
+        "cached": cached,
         "release": e.release,
         "usage": usage,
+        "epsilon_charged": epsilon,
+        "epsilon_by_dataset": by_dataset,
         "result_sha256": result_sha256,
     });
     let appended = append(
@@ -486,11 +645,21 @@ async fn finish(
         &request.sql,
     )
     .await?;
+    if epsilon > 0.0 {
+        // Asking again returns this answer, not fresh noise to average away.
+        let ipc = crate::api::format::arrow_stream(&e.schema, &e.batches)?;
+        let release = serde_json::to_string(&e.release).unwrap_or_default();
+        sandbox
+            .store
+            .cache_answer(&p.grant.id, &p.plan_sha256, &ipc, &release)?;
+    }
     let Prepared {
         grant, reservation, ..
     } = *p;
     reservation.commit();
+    let budget = Budget::of(sandbox, &grant)?;
     Ok(Answer {
+        budget,
         query_id,
         grant: grant.id,
         purpose: grant.purpose,
@@ -526,6 +695,8 @@ async fn record_refusal(
         "code": error.code(),
         "rule": error.rule(),
         "wall_ms": started.elapsed().as_millis() as u64,
+        "epsilon_charged": trace.epsilon_charged,
+        "epsilon_by_dataset": trace.epsilon_by_dataset,
     });
     append(
         sandbox,

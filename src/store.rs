@@ -160,6 +160,14 @@ CREATE TABLE IF NOT EXISTS tree_heads (
     signature TEXT NOT NULL,
     key_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS answer_cache (
+    grant_id TEXT NOT NULL,
+    plan_sha256 TEXT NOT NULL,
+    answer BLOB NOT NULL,
+    release TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (grant_id, plan_sha256)
+);
 CREATE TABLE IF NOT EXISTS usage_sql (
     idx INTEGER PRIMARY KEY REFERENCES usage_log(idx),
     sql TEXT NOT NULL
@@ -366,6 +374,56 @@ impl Store {
             rows: rows.max(0) as u64,
             bytes: bytes.max(0) as u64,
         })
+    }
+
+    /// Epsilon charged to a budget, from the ledger: `grant:<id>` or `dataset:<id>`.
+    pub fn epsilon_spent(&self, budget: &str) -> Result<f64, StoreError> {
+        let conn = self.conn();
+        let spent: f64 = match budget.split_once(':') {
+            Some(("grant", id)) => conn.query_row(
+                "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_charged')), 0.0) FROM usage_log WHERE grant_id = ?1",
+                [id],
+                |r| r.get(0),
+            )?,
+            Some(("dataset", id)) => conn.query_row(
+                "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_by_dataset.' || ?1)), 0.0) FROM usage_log
+                 WHERE kind = 'query' AND json_extract(body, '$.epsilon_by_dataset.' || ?1) IS NOT NULL",
+                [id],
+                |r| r.get(0),
+            )?,
+            _ => 0.0,
+        };
+        Ok(spent)
+    }
+
+    /// A released answer kept so that asking again costs no new epsilon.
+    pub fn cached_answer(
+        &self,
+        grant: &str,
+        plan_sha256: &str,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT answer, release FROM answer_cache WHERE grant_id = ?1 AND plan_sha256 = ?2",
+                params![grant, plan_sha256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    pub fn cache_answer(
+        &self,
+        grant: &str,
+        plan_sha256: &str,
+        answer: &[u8],
+        release: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO answer_cache (grant_id, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![grant, plan_sha256, answer, release, now_rfc3339()],
+        )?;
+        Ok(())
     }
 
     /// The manifest digest each dataset was last registered with, from the ledger.

@@ -166,6 +166,8 @@ async fn list_grants(
         .map(|d| d.id().to_string())
         .collect();
     let quotas = sandbox.quotas.clone();
+    let budgets = sandbox.budgets.clone();
+    let default_epsilon = sandbox.settings.limits.default_grant_epsilon;
     let grants = web::block(move || -> Result<_, crate::store::StoreError> {
         let all = match principal.role {
             Role::Buyer => store.grants_of(&principal.id)?,
@@ -191,6 +193,7 @@ async fn list_grants(
             let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
             rows.push(json!({
                 "grant": g,
+                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": budgets.spent(&format!("grant:{}", g.id)).map_or_else(|| store.epsilon_spent(&format!("grant:{}", g.id)), Ok)? },
                 "used_today": used,
                 "remaining_today": {
                     "queries": left(g.queries_per_day, used.queries),
@@ -282,6 +285,7 @@ async fn post_query(
             "rows": answer.rows,
             "release": answer.release,
             "usage": answer.usage,
+            "budget": answer.budget,
             "receipt": answer.receipt,
         }))),
         Format::Csv | Format::Arrow => {
@@ -297,6 +301,7 @@ async fn post_query(
                 .insert_header(("X-Frostglass-Query-Id", answer.query_id.clone()))
                 .insert_header(("X-Frostglass-Release", meta(&answer.release)))
                 .insert_header(("X-Frostglass-Usage", meta(&answer.usage)))
+                .insert_header(("X-Frostglass-Budget", meta(&answer.budget)))
                 .insert_header(("X-Frostglass-Receipt", meta(&answer.receipt)))
                 .body(bytes))
         }

@@ -26,8 +26,8 @@ use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
 use datafusion::logical_expr::{
-    Aggregate, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, WindowFunctionDefinition, lit,
-    when,
+    Aggregate, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder,
+    WindowFunctionDefinition, lit, when,
 };
 use serde::Serialize;
 use std::collections::{BTreeSet, HashSet};
@@ -42,11 +42,21 @@ const UNITS: &str = "__fg_units";
 #[derive(Debug, Clone)]
 enum Output {
     /// COUNT(*) or COUNT(col): one bounded count component.
-    Count { comp: usize },
+    Count {
+        comp: usize,
+    },
     /// COUNT(DISTINCT unit): the number of units in the group.
     Units,
-    Sum { comp: usize, bound: f64 },
-    Avg { sum: usize, count: usize, lo: f64, hi: f64 },
+    Sum {
+        comp: usize,
+        bound: f64,
+    },
+    Avg {
+        sum: usize,
+        count: usize,
+        lo: f64,
+        hi: f64,
+    },
 }
 
 /// The parameters of a DP release, from the strictest of the datasets involved.
@@ -111,11 +121,19 @@ fn strip(e: &Expr) -> &Expr {
 /// Declared bounds of the column an aggregate argument names; the widest if
 /// several datasets of the job have a column of that name.
 fn bounds_of(arg: &Expr, catalog: &Catalog, datasets: &BTreeSet<String>) -> Option<(f64, f64)> {
-    let Expr::Column(c) = strip(arg) else { return None };
+    let Expr::Column(c) = strip(arg) else {
+        return None;
+    };
     let mut found: Option<(f64, f64)> = None;
     for d in datasets.iter().filter_map(|id| catalog.get(id)) {
-        let qualifier_ok = c.relation.as_ref().is_none_or(|r| r.table() == d.id() || catalog.get(r.table()).is_none());
-        if let (true, Some([lo, hi])) = (qualifier_ok, d.manifest.column(&c.name).and_then(|s| s.bounds)) {
+        let qualifier_ok = c
+            .relation
+            .as_ref()
+            .is_none_or(|r| r.table() == d.id() || catalog.get(r.table()).is_none());
+        if let (true, Some([lo, hi])) = (
+            qualifier_ok,
+            d.manifest.column(&c.name).and_then(|s| s.bounds),
+        ) {
             found = Some(found.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
         }
     }
@@ -124,7 +142,10 @@ fn bounds_of(arg: &Expr, catalog: &Catalog, datasets: &BTreeSet<String>) -> Opti
 
 fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
     let x = Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
-    when(x.clone().lt(lit(lo)), lit(lo)).when(x.clone().gt(lit(hi)), lit(hi)).otherwise(x).map_err(internal)
+    when(x.clone().lt(lit(lo)), lit(lo))
+        .when(x.clone().gt(lit(hi)), lit(hi))
+        .otherwise(x)
+        .map_err(internal)
 }
 
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
@@ -140,8 +161,14 @@ pub fn plan(
     catalog: &Catalog,
     datasets: &BTreeSet<String>,
 ) -> Result<(LogicalPlan, DpJob), ApiError> {
-    if agg.group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) {
-        return Err(dp_refusal("GROUPING SETS, ROLLUP and CUBE are not supported under differential privacy"));
+    if agg
+        .group_expr
+        .iter()
+        .any(|g| matches!(g, Expr::GroupingSet(_)))
+    {
+        return Err(dp_refusal(
+            "GROUPING SETS, ROLLUP and CUBE are not supported under differential privacy",
+        ));
     }
     let max_rows = params.max_rows_per_unit as f64;
     let mut components: Vec<Expr> = Vec::new();
@@ -151,11 +178,14 @@ pub fn plan(
             return Err(dp_refusal("only aggregate function calls can be released"));
         };
         if p.filter.is_some() || !p.order_by.is_empty() {
-            return Err(dp_refusal("FILTER and ORDER BY inside aggregates are not supported under differential privacy"));
+            return Err(dp_refusal(
+                "FILTER and ORDER BY inside aggregates are not supported under differential privacy",
+            ));
         }
         let name = func.name().to_ascii_lowercase();
         let arg = p.args.first();
-        let is_unit = arg.is_some_and(|a| matches!(strip(a), Expr::Column(c) if unit_aliases.contains(c)));
+        let is_unit =
+            arg.is_some_and(|a| matches!(strip(a), Expr::Column(c) if unit_aliases.contains(c)));
         let push = |components: &mut Vec<Expr>, expr: Expr| {
             components.push(expr);
             components.len() - 1
@@ -167,7 +197,9 @@ pub fn plan(
                     None | Some(Expr::Literal(..)) => count(lit(1i64)),
                     Some(_) => count(p.args[0].clone()),
                 };
-                Output::Count { comp: push(&mut components, counted) }
+                Output::Count {
+                    comp: push(&mut components, counted),
+                }
             }
             ("sum", false) | ("avg", false) => {
                 let arg = arg.ok_or_else(|| dp_refusal("SUM and AVG need an argument"))?;
@@ -177,15 +209,29 @@ pub fn plan(
                 let summed = sum(clamp(arg.clone(), lo, hi)?);
                 let s = push(&mut components, summed);
                 if name == "sum" {
-                    Output::Sum { comp: s, bound: lo.abs().max(hi.abs()) }
+                    Output::Sum {
+                        comp: s,
+                        bound: lo.abs().max(hi.abs()),
+                    }
                 } else {
                     let c = push(&mut components, count(arg.clone()));
-                    Output::Avg { sum: s, count: c, lo, hi }
+                    Output::Avg {
+                        sum: s,
+                        count: c,
+                        lo,
+                        hi,
+                    }
                 }
             }
             (other, distinct) => {
-                let what = if distinct { format!("{other}(DISTINCT …) other than of the privacy unit") } else { other.to_string() };
-                return Err(dp_refusal(format!("{what} cannot be released under differential privacy; use COUNT, COUNT(DISTINCT unit), SUM or AVG")));
+                let what = if distinct {
+                    format!("{other}(DISTINCT …) other than of the privacy unit")
+                } else {
+                    other.to_string()
+                };
+                return Err(dp_refusal(format!(
+                    "{what} cannot be released under differential privacy; use COUNT, COUNT(DISTINCT unit), SUM or AVG"
+                )));
             }
         };
         outputs.push(output);
@@ -195,12 +241,24 @@ pub fn plan(
     let groups = agg.group_expr.len();
     let mut group1 = vec![Expr::Column(unit.clone())];
     group1.extend(agg.group_expr.iter().cloned());
-    let mut aggs1: Vec<Expr> = components.iter().enumerate().map(|(i, e)| e.clone().alias(format!("__fg_c{i}"))).collect();
+    let mut aggs1: Vec<Expr> = components
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.clone().alias(format!("__fg_c{i}")))
+        .collect();
     aggs1.push(count(lit(1i64)).alias(ROWS_PER_UNIT_GROUP));
-    let level1 = LogicalPlanBuilder::from(input).aggregate(group1, aggs1).map_err(internal)?.build().map_err(internal)?;
+    let level1 = LogicalPlanBuilder::from(input)
+        .aggregate(group1, aggs1)
+        .map_err(internal)?
+        .build()
+        .map_err(internal)?;
     let cols1: Vec<Column> = level1.schema().columns();
     let unit1 = Expr::Column(cols1[0].clone());
-    let group_cols1: Vec<Expr> = cols1[1..=groups].iter().cloned().map(Expr::Column).collect();
+    let group_cols1: Vec<Expr> = cols1[1..=groups]
+        .iter()
+        .cloned()
+        .map(Expr::Column)
+        .collect();
 
     // Each unit keeps at most max_groups_per_unit groups (the first ones in
     // group order) and at most max_rows_per_unit rows over all of them: its
@@ -209,7 +267,10 @@ pub fn plan(
     let rows1 = Expr::Column(cols1[1 + groups + components.len()].clone());
     let mut builder = LogicalPlanBuilder::from(level1);
     let rows_before = if groups > 0 {
-        let order: Vec<_> = group_cols1.iter().map(|g| g.clone().sort(true, true)).collect();
+        let order: Vec<_> = group_cols1
+            .iter()
+            .map(|g| g.clone().sort(true, true))
+            .collect();
         let rank = row_number()
             .partition_by(vec![unit1.clone()])
             .order_by(order.clone())
@@ -228,7 +289,10 @@ pub fn plan(
         builder = builder
             .window(vec![rank, running])
             .and_then(|b| {
-                b.filter(Expr::Column(Column::from_name(RANK)).lt_eq(lit(params.max_groups_per_unit as i64)))
+                b.filter(
+                    Expr::Column(Column::from_name(RANK))
+                        .lt_eq(lit(params.max_groups_per_unit as i64)),
+                )
             })
             .map_err(internal)?;
         Expr::Column(Column::from_name(RUNNING)) - rows1.clone()
@@ -238,7 +302,10 @@ pub fn plan(
     let as_f64 = |e: Expr| Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
     let left = lit(max_rows) - as_f64(rows_before);
     let allowed = when(left.clone().lt(lit(0.0)), lit(0.0))
-        .when(left.clone().gt(as_f64(rows1.clone())), as_f64(rows1.clone()))
+        .when(
+            left.clone().gt(as_f64(rows1.clone())),
+            as_f64(rows1.clone()),
+        )
         .otherwise(left)
         .map_err(internal)?;
     let factor = allowed / as_f64(rows1);
@@ -247,16 +314,34 @@ pub fn plan(
         let c = as_f64(Expr::Column(cols1[1 + groups + i].clone()));
         bounded.push((c * factor.clone()).alias(format!("__fg_b{i}")));
     }
-    let level1b = builder.project(bounded).map_err(internal)?.build().map_err(internal)?;
+    let level1b = builder
+        .project(bounded)
+        .map_err(internal)?
+        .build()
+        .map_err(internal)?;
     let cols1b = level1b.schema().columns();
 
     // Level 2: sum the bounded components per group; rows here are units.
     let group2: Vec<Expr> = cols1b[..groups].iter().cloned().map(Expr::Column).collect();
-    let mut aggs2: Vec<Expr> =
-        (0..components.len()).map(|i| sum(Expr::Column(cols1b[groups + i].clone())).alias(format!("__fg_s{i}"))).collect();
+    let mut aggs2: Vec<Expr> = (0..components.len())
+        .map(|i| sum(Expr::Column(cols1b[groups + i].clone())).alias(format!("__fg_s{i}")))
+        .collect();
     aggs2.push(count(lit(1i64)).alias(UNITS));
-    let level2 = LogicalPlanBuilder::from(level1b).aggregate(group2, aggs2).map_err(internal)?.build().map_err(internal)?;
-    Ok((level2, DpJob { params, groups, components: components.len(), outputs, min_group_size }))
+    let level2 = LogicalPlanBuilder::from(level1b)
+        .aggregate(group2, aggs2)
+        .map_err(internal)?
+        .build()
+        .map_err(internal)?;
+    Ok((
+        level2,
+        DpJob {
+            params,
+            groups,
+            components: components.len(),
+            outputs,
+            min_group_size,
+        },
+    ))
 }
 
 /// What a DP release reports about itself.
@@ -286,7 +371,17 @@ const FIXED: f64 = 100.0;
 
 impl DpJob {
     fn draws(&self) -> usize {
-        1 + self.outputs.iter().map(|o| if matches!(o, Output::Avg { .. }) { 2 } else { 1 }).sum::<usize>()
+        1 + self
+            .outputs
+            .iter()
+            .map(|o| {
+                if matches!(o, Output::Avg { .. }) {
+                    2
+                } else {
+                    1
+                }
+            })
+            .sum::<usize>()
     }
 
     /// Each noisy value gets an equal share of epsilon; the selection one share too.
@@ -326,15 +421,25 @@ impl DpJob {
             .map(|(i, o)| {
                 let name = schema.field(self.groups + i).name().clone();
                 let (scale, error_95) = match o {
-                    Output::Count { .. } => (Some(self.count_noise().scale()), Some(self.count_noise().bound(0.95))),
-                    Output::Units => (Some(self.unit_noise().scale()), Some(self.unit_noise().bound(0.95))),
+                    Output::Count { .. } => (
+                        Some(self.count_noise().scale()),
+                        Some(self.count_noise().bound(0.95)),
+                    ),
+                    Output::Units => (
+                        Some(self.unit_noise().scale()),
+                        Some(self.unit_noise().bound(0.95)),
+                    ),
                     Output::Sum { bound, .. } => {
                         let n = self.sum_noise(*bound);
                         (Some(n.scale() / FIXED), Some(n.bound(0.95) / FIXED))
                     }
                     Output::Avg { .. } => (None, None),
                 };
-                ColumnNoise { column: name, scale, error_95 }
+                ColumnNoise {
+                    column: name,
+                    scale,
+                    error_95,
+                }
             })
             .collect();
         Report {
@@ -361,7 +466,12 @@ impl Exact {
 
 /// Noisy selection and noisy values; returns the released batches (in the
 /// aggregate's own schema) and how many groups were released.
-pub fn release(exact: Exact, job: &DpJob, schema: &SchemaRef, pool: &NoisePool) -> Result<(Vec<RecordBatch>, u64), ApiError> {
+pub fn release(
+    exact: Exact,
+    job: &DpJob,
+    schema: &SchemaRef,
+    pool: &NoisePool,
+) -> Result<(Vec<RecordBatch>, u64), ApiError> {
     let tau = job.selection_threshold();
     let mut out = Vec::new();
     let mut released = 0u64;
@@ -369,10 +479,17 @@ pub fn release(exact: Exact, job: &DpJob, schema: &SchemaRef, pool: &NoisePool) 
         let n = batch.num_rows();
         let f64_col = |i: usize| -> Result<Vec<Option<f64>>, ApiError> {
             let c = cast(batch.column(i), &DataType::Float64).map_err(internal)?;
-            let a = c.as_any().downcast_ref::<Float64Array>().ok_or_else(|| internal("component not f64"))?;
-            Ok((0..n).map(|r| (!a.is_null(r)).then(|| a.value(r))).collect())
+            let a = c
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .ok_or_else(|| internal("component not f64"))?;
+            Ok((0..n)
+                .map(|r| (!a.is_null(r)).then(|| a.value(r)))
+                .collect())
         };
-        let comps: Vec<Vec<Option<f64>>> = (0..job.components).map(|i| f64_col(job.groups + i)).collect::<Result<_, _>>()?;
+        let comps: Vec<Vec<Option<f64>>> = (0..job.components)
+            .map(|i| f64_col(job.groups + i))
+            .collect::<Result<_, _>>()?;
         let units = f64_col(job.groups + job.components)?;
         let mut keep: Vec<u32> = Vec::new();
         let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
@@ -402,8 +519,14 @@ pub fn release(exact: Exact, job: &DpJob, schema: &SchemaRef, pool: &NoisePool) 
         for (i, v) in values.into_iter().enumerate() {
             let field = schema.field(job.groups + i);
             let array: ArrayRef = match field.data_type() {
-                DataType::Int64 => Arc::new(Int64Array::from(v.into_iter().map(|x| x.map(|x| x.round() as i64)).collect::<Vec<_>>())),
-                other => cast(&(Arc::new(Float64Array::from(v)) as ArrayRef), other).map_err(internal)?,
+                DataType::Int64 => Arc::new(Int64Array::from(
+                    v.into_iter()
+                        .map(|x| x.map(|x| x.round() as i64))
+                        .collect::<Vec<_>>(),
+                )),
+                other => {
+                    cast(&(Arc::new(Float64Array::from(v)) as ArrayRef), other).map_err(internal)?
+                }
             };
             columns.push(array);
         }
@@ -412,10 +535,18 @@ pub fn release(exact: Exact, job: &DpJob, schema: &SchemaRef, pool: &NoisePool) 
     Ok((out, released))
 }
 
-fn noisy_value(o: &Output, row: usize, comps: &[Vec<Option<f64>>], units: f64, job: &DpJob, pool: &NoisePool) -> Option<f64> {
+fn noisy_value(
+    o: &Output,
+    row: usize,
+    comps: &[Vec<Option<f64>>],
+    units: f64,
+    job: &DpJob,
+    pool: &NoisePool,
+) -> Option<f64> {
     let noisy_count = |c: usize| comps[c][row].unwrap_or(0.0) + pool.take(job.count_noise()) as f64;
     let noisy_sum = |c: usize, bound: f64| {
-        let fixed = (comps[c][row].unwrap_or(0.0) * FIXED).round() + pool.take(job.sum_noise(bound)) as f64;
+        let fixed =
+            (comps[c][row].unwrap_or(0.0) * FIXED).round() + pool.take(job.sum_noise(bound)) as f64;
         fixed / FIXED
     };
     Some(match *o {

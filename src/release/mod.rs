@@ -177,7 +177,10 @@ impl Splitter<'_> {
             }
         }
         let dp_params = dp::Params::strictest(
-            datasets.iter().filter_map(|id| self.catalog.get(id)).filter_map(|d| d.manifest.release.dp.as_ref()),
+            datasets
+                .iter()
+                .filter_map(|id| self.catalog.get(id))
+                .filter_map(|d| d.manifest.release.dp.as_ref()),
         );
         let (job_plan, kind) = match (&threaded.unit, threaded.rows_guarded, dp_params) {
             (Some(_), true, _) => {
@@ -203,7 +206,9 @@ impl Splitter<'_> {
             }
             (unit, _, _) => {
                 let units = match unit {
-                    Some(_) => count_distinct(Expr::Column(unit_column(&threaded.plan)?)).alias(UNITS),
+                    Some(_) => {
+                        count_distinct(Expr::Column(unit_column(&threaded.plan)?)).alias(UNITS)
+                    }
                     None => count(lit(1i64)).alias(UNITS),
                 };
                 let counts_rows = unit.is_none();

@@ -117,11 +117,15 @@ pub fn discrete_gaussian(rng: &mut impl Uniform, sigma2_num: u128, sigma2_den: u
         let y = discrete_laplace(rng, t, 1);
         // Accept with probability exp(-(|y| - sigma²/t)² / (2 sigma²)):
         // (|y|·t·den - num)² / (2·num·den·t²)
-        let a = (y.unsigned_abs() as u128).checked_mul(t).and_then(|x| x.checked_mul(sigma2_den));
+        let a = (y.unsigned_abs() as u128)
+            .checked_mul(t)
+            .and_then(|x| x.checked_mul(sigma2_den));
         let Some(a) = a else { continue };
         let diff = a.abs_diff(sigma2_num);
         let num = diff.checked_mul(diff);
-        let den = sigma2_num.checked_mul(sigma2_den).and_then(|x| x.checked_mul(2 * t * t));
+        let den = sigma2_num
+            .checked_mul(sigma2_den)
+            .and_then(|x| x.checked_mul(2 * t * t));
         match (num, den) {
             (Some(num), Some(den)) if bernoulli_exp(rng, num, den) => return y,
             (Some(_), Some(_)) => continue,
@@ -161,7 +165,10 @@ impl Noise {
         let den = 1000u128;
         let num = ((b.max(1e-3)) * den as f64).round() as u128;
         let g = gcd(num, den);
-        Noise::Laplace { num: num / g, den: den / g }
+        Noise::Laplace {
+            num: num / g,
+            den: den / g,
+        }
     }
 
     pub fn scale(&self) -> f64 {
@@ -201,7 +208,10 @@ pub struct NoisePool {
 
 impl Default for NoisePool {
     fn default() -> Self {
-        NoisePool { pools: Mutex::new(HashMap::new()), batch: 256 }
+        NoisePool {
+            pools: Mutex::new(HashMap::new()),
+            batch: 256,
+        }
     }
 }
 
@@ -243,7 +253,8 @@ mod tests {
         let mut rng = SecureUniform::default();
         for (num, den) in [(1u128, 2u128), (3, 2), (5, 1)] {
             let n = 40_000;
-            let hits = (0..n).filter(|_| bernoulli_exp(&mut rng, num, den)).count() as f64 / n as f64;
+            let hits =
+                (0..n).filter(|_| bernoulli_exp(&mut rng, num, den)).count() as f64 / n as f64;
             let p = (-(num as f64) / den as f64).exp();
             // Four standard errors.
             let tol = 4.0 * (p * (1.0 - p) / n as f64).sqrt();
@@ -260,12 +271,22 @@ mod tests {
             // Variance of the discrete Laplace with parameter e^(-1/b): 2q/(1-q)².
             let q = (-1.0 / b).exp();
             let expected = 2.0 * q / (1.0 - q).powi(2);
-            assert!(mean.abs() < 5.0 * (expected / xs.len() as f64).sqrt() + 1e-9, "b={b}: mean {mean}");
-            assert!((var / expected - 1.0).abs() < 0.08, "b={b}: variance {var} vs {expected}");
+            assert!(
+                mean.abs() < 5.0 * (expected / xs.len() as f64).sqrt() + 1e-9,
+                "b={b}: mean {mean}"
+            );
+            assert!(
+                (var / expected - 1.0).abs() < 0.08,
+                "b={b}: variance {var} vs {expected}"
+            );
             // P(X = 0) = (1-q)/(1+q).
             let p0 = xs.iter().filter(|&&x| x == 0).count() as f64 / xs.len() as f64;
             let expected0 = (1.0 - q) / (1.0 + q);
-            assert!((p0 - expected0).abs() < 4.0 * (expected0 * (1.0 - expected0) / xs.len() as f64).sqrt(), "b={b}: P(0) {p0} vs {expected0}");
+            assert!(
+                (p0 - expected0).abs()
+                    < 4.0 * (expected0 * (1.0 - expected0) / xs.len() as f64).sqrt(),
+                "b={b}: P(0) {p0} vs {expected0}"
+            );
             // Symmetric.
             let pos = xs.iter().filter(|&&x| x > 0).count() as f64;
             let neg = xs.iter().filter(|&&x| x < 0).count() as f64;
@@ -279,9 +300,15 @@ mod tests {
             let sigma2 = num as f64 / den as f64;
             let xs = draws(Noise::Gaussian { num, den }, 30_000);
             let (mean, var) = mean_var(&xs);
-            assert!(mean.abs() < 5.0 * (sigma2 / xs.len() as f64).sqrt(), "sigma²={sigma2}: mean {mean}");
+            assert!(
+                mean.abs() < 5.0 * (sigma2 / xs.len() as f64).sqrt(),
+                "sigma²={sigma2}: mean {mean}"
+            );
             // For sigma ≥ 1 the discrete Gaussian's variance is within a hair of sigma².
-            assert!((var / sigma2 - 1.0).abs() < 0.08, "sigma²={sigma2}: variance {var}");
+            assert!(
+                (var / sigma2 - 1.0).abs() < 0.08,
+                "sigma²={sigma2}: variance {var}"
+            );
         }
     }
 

@@ -5,8 +5,22 @@ fn rows(doc: &Value) -> Vec<Vec<Value>> {
     serde_json::from_value(doc["rows"].clone()).unwrap()
 }
 
+/// The noise scale the release reports for output column `i` (after the group columns).
+fn scale(doc: &Value, column: &str) -> f64 {
+    doc["release"]["noise"]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["column"] == column)
+        .and_then(|c| c["scale"].as_f64())
+        .unwrap_or_else(|| panic!("no noise reported for {column}: {doc}"))
+}
+
+/// Far enough into the tail that a correct release never lands outside it (p < 1e-6 per value).
+const TAIL: f64 = 14.0;
+
 #[test]
-fn grouped_count_is_answered_with_release_usage_and_receipt() {
+fn grouped_count_is_released_with_noise_usage_and_receipt() {
     let app = spawn_app();
     let r = app.query(
         "SELECT district, COUNT(*) AS visits FROM city_health GROUP BY district ORDER BY district",
@@ -15,23 +29,48 @@ fn grouped_count_is_answered_with_release_usage_and_receipt() {
     let doc = r.json();
     assert_eq!(doc["columns"][0]["name"], "district");
     assert_eq!(doc["columns"][1]["name"], "visits");
-    assert_eq!(doc["release"]["mechanism"], "threshold");
-    assert_eq!(doc["release"]["min_group_size"], 10);
     assert_eq!(doc["purpose"], PURPOSE);
-    // Every district is large, so the released counts are the exact truth
-    // (over the visits of persons who consented to the purpose).
-    let expected = truth(
+    let release = &doc["release"];
+    assert_eq!(release["mechanism"], "differential_privacy");
+    assert_eq!(release["noise"]["mechanism"], "discrete_laplace");
+    assert_eq!(release["noise"]["epsilon"], 0.5);
+    assert!(
+        release["suppressed_groups"].is_null(),
+        "an exact count of small groups would leak"
+    );
+    // The truth the release estimates: consenting persons only, each person's
+    // visits capped at max_rows_per_unit (20).
+    let truth_rows = truth(
         "city_health",
         &format!(
-            "SELECT district, COUNT(*) FROM city_health WHERE {CONSENTED} GROUP BY district ORDER BY district"
+            "SELECT district, SUM(CASE WHEN n > 20 THEN 20 ELSE n END) FROM \
+             (SELECT district, person_id, COUNT(*) AS n FROM city_health WHERE {CONSENTED} GROUP BY district, person_id) \
+             GROUP BY district ORDER BY district"
         ),
     );
-    assert_eq!(rows(&doc), expected);
+    let b = scale(&doc, "count(Int64(1))");
+    // Sensitivity max_rows_per_unit = 20, epsilon split over selection and one value.
+    assert_eq!(b, 20.0 / 0.25);
+    let released = rows(&doc);
+    assert!(!released.is_empty());
+    for row in &released {
+        let t = truth_rows.iter().find(|t| t[0] == row[0]).unwrap()[1]
+            .as_f64()
+            .unwrap();
+        let v = row[1].as_f64().unwrap();
+        assert!(
+            (v - t).abs() <= TAIL * b,
+            "{}: released {v}, truth {t}, scale {b}",
+            row[0]
+        );
+    }
     let usage = &doc["usage"];
     assert_eq!(usage["rows_scanned"], 20_000);
-    assert_eq!(usage["cells_released"], expected.len() as u64 * 2);
+    assert_eq!(usage["epsilon"], 0.5);
+    assert_eq!(usage["cells_released"], released.len() as u64 * 2);
     // 0.50 per query + 2.00 per million rows x 20,000 rows = 0.54
     assert_eq!(usage["charge"], "0.54");
+    assert_eq!(doc["budget"]["epsilon_spent"], 0.5);
     let receipt = &doc["receipt"];
     // The five dataset registrations come first.
     assert_eq!(receipt["ledger_index"], 5);
@@ -41,40 +80,39 @@ fn grouped_count_is_answered_with_release_usage_and_receipt() {
 }
 
 #[test]
-fn small_groups_are_suppressed_and_counted() {
+fn small_groups_never_come_out() {
     let app = spawn_app();
     let r = app.query(
         "SELECT district, age, COUNT(DISTINCT person_id) AS persons FROM city_health GROUP BY district, age",
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
-    let released = rows(&doc);
-    let suppressed = doc["release"]["suppressed_groups"].as_u64().unwrap();
-    let all_groups = truth(
-        "city_health",
-        &format!("SELECT COUNT(*) FROM (SELECT DISTINCT district, age FROM city_health WHERE {CONSENTED})"),
-    )[0][0]
-        .as_u64()
-        .unwrap();
-    let small = truth(
+    let truth_rows = truth(
         "city_health",
         &format!(
-            "SELECT COUNT(*) FROM (SELECT district, age FROM city_health WHERE {CONSENTED} \
-             GROUP BY district, age HAVING COUNT(DISTINCT person_id) < 10)"
+            "SELECT district, age, COUNT(DISTINCT person_id) FROM city_health WHERE {CONSENTED} GROUP BY district, age"
         ),
-    )[0][0]
-        .as_u64()
-        .unwrap();
+    );
+    let small = truth_rows
+        .iter()
+        .filter(|t| t[2].as_u64().unwrap() < 10)
+        .count();
     assert!(small > 0, "the test needs small groups to exist");
-    assert_eq!(suppressed, small);
-    assert_eq!(released.len() as u64 + suppressed, all_groups);
-    for row in &released {
+    for row in rows(&doc) {
+        let t = truth_rows
+            .iter()
+            .find(|t| t[0] == row[0] && t[1] == row[1])
+            .unwrap();
         assert!(
-            row[2].as_u64().unwrap() >= 10,
+            t[2].as_u64().unwrap() >= 10,
             "released a group of {} persons",
-            row[2]
+            t[2]
         );
     }
+    let threshold = doc["release"]["noise"]["selection_threshold"]
+        .as_f64()
+        .unwrap();
+    assert!(threshold >= 10.0);
 }
 
 #[test]
@@ -86,17 +124,24 @@ fn operators_above_the_release_see_only_released_groups() {
     );
     assert_eq!(having.status, 200, "{}", having.text());
     assert_eq!(rows(&having.json()).len(), 0);
-    // Counting groups from outside counts only released ones.
-    let grouped =
-        app.query("SELECT district, age, COUNT(*) FROM city_health GROUP BY district, age");
-    let released = grouped.json()["release"]["released_groups"]
-        .as_u64()
-        .unwrap();
+    // Counting groups from outside counts only the released ones.
     let outer = app.query(
-        "SELECT COUNT(*) AS groups FROM (SELECT district, age, COUNT(*) AS n FROM city_health GROUP BY district, age) t",
+        "SELECT COUNT(*) AS groups FROM (SELECT district, gender, COUNT(*) AS n FROM city_health GROUP BY district, gender) t",
     );
     assert_eq!(outer.status, 200, "{}", outer.text());
-    assert_eq!(rows(&outer.json())[0][0].as_u64().unwrap(), released);
+    let doc = outer.json();
+    let all_groups = truth(
+        "city_health",
+        "SELECT COUNT(DISTINCT district || gender) FROM city_health",
+    )[0][0]
+        .as_u64()
+        .unwrap();
+    let released = doc["release"]["released_groups"].as_u64().unwrap();
+    assert!(
+        released < all_groups,
+        "the test needs some groups held back"
+    );
+    assert_eq!(rows(&doc)[0][0].as_u64().unwrap(), released);
     // ORDER BY and LIMIT apply to released rows.
     let top = app.query(
         "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district ORDER BY n DESC LIMIT 3",
@@ -109,13 +154,13 @@ fn operators_above_the_release_see_only_released_groups() {
 #[test]
 fn a_lone_person_cannot_be_counted() {
     let app = spawn_app();
-    // A global aggregate over a handful of rows is one small group: suppressed.
+    // A global aggregate over a handful of persons is one small group: not released.
     let r =
         app.query("SELECT COUNT(*) FROM city_health WHERE age = 100 AND district = 'mentougou'");
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert_eq!(rows(&doc).len(), 0);
-    assert_eq!(doc["release"]["suppressed_groups"], 1);
+    assert_eq!(doc["release"]["released_groups"], 0);
 }
 
 #[test]
@@ -126,7 +171,18 @@ fn personal_datasets_join_on_the_privacy_unit() {
          FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY c.district",
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(rows(&r.json()).len() >= 10);
+    let doc = r.json();
+    // The strictest parameters of the two datasets apply.
+    assert_eq!(doc["release"]["noise"]["max_rows_per_unit"], 12);
+    assert_eq!(doc["release"]["noise"]["max_groups_per_unit"], 4);
+    assert!(!rows(&doc).is_empty());
+    for row in rows(&doc) {
+        let calls = row[2].as_f64().unwrap();
+        assert!(
+            (0.0..=3000.0).contains(&calls),
+            "an average outside the declared bounds: {calls}"
+        );
+    }
     let off_unit = app.query(
         "SELECT c.district, COUNT(*) FROM city_health c JOIN telecom_usage t ON c.district = t.district GROUP BY c.district",
     );
@@ -164,13 +220,20 @@ fn non_personal_important_data_is_thresholded_on_rows() {
 #[test]
 fn csv_and_arrow_formats() {
     let app = spawn_app();
-    let sql = "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district ORDER BY district";
+    // Row-thresholded data: exact, so the formats can be compared with the truth.
+    let sql = "SELECT district, COUNT(*) AS n FROM power_grid GROUP BY district ORDER BY district";
+    let groups = truth(
+        "power_grid",
+        "SELECT COUNT(DISTINCT district) FROM power_grid",
+    )[0][0]
+        .as_u64()
+        .unwrap() as usize;
     let csv = app.query_as("buyer:acme", json!({ "sql": sql, "format": "csv" }));
     assert_eq!(csv.status, 200);
     assert!(csv.headers["content-type"].starts_with("text/csv"));
     let text = csv.text();
     assert_eq!(text.lines().next(), Some("district,n"));
-    assert_eq!(text.lines().count(), 13);
+    assert_eq!(text.lines().count(), groups + 1);
     let receipt: Value = serde_json::from_str(&csv.headers["x-frostglass-receipt"]).unwrap();
     assert!(receipt["entry_hash"].is_string());
 
@@ -193,7 +256,7 @@ fn csv_and_arrow_formats() {
     )
     .unwrap();
     let total: usize = reader.map(|b| b.unwrap().num_rows()).sum();
-    assert_eq!(total, 12);
+    assert_eq!(total, groups);
     assert!(arrow.headers.contains_key("x-frostglass-release"));
 }
 
@@ -269,45 +332,48 @@ fn grants_are_listed_per_role() {
 fn only_consenting_persons_are_counted_for_the_purpose() {
     let app = spawn_app();
     let sql = "SELECT COUNT(DISTINCT person_id) AS persons FROM city_health";
-    let research = app.query(sql);
-    assert_eq!(research.status, 200, "{}", research.text());
-    let counted = rows(&research.json())[0][0].as_u64().unwrap();
-    let consenting = truth(
-        "city_health",
-        &format!("SELECT COUNT(DISTINCT person_id) FROM city_health WHERE {CONSENTED}"),
-    )[0][0]
-        .as_u64()
-        .unwrap();
-    let everyone = truth(
-        "city_health",
-        "SELECT COUNT(DISTINCT person_id) FROM city_health",
-    )[0][0]
-        .as_u64()
-        .unwrap();
-    assert_eq!(counted, consenting);
+    let count = |r: &crate::helpers::Response| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let doc = r.json();
+        (
+            rows(&doc)[0][0].as_f64().unwrap(),
+            scale(&doc, "count(DISTINCT city_health.person_id)"),
+        )
+    };
+    let persons = |condition: &str| {
+        truth(
+            "city_health",
+            &format!("SELECT COUNT(DISTINCT person_id) FROM city_health WHERE {condition}"),
+        )[0][0]
+            .as_f64()
+            .unwrap()
+    };
+    let consenting = persons(CONSENTED);
+    let (research, b) = count(&app.query(sql));
     assert!(
-        counted < everyone,
-        "the demo data has persons who did not consent"
+        (research - consenting).abs() <= TAIL * b,
+        "{research} vs {consenting}"
     );
     // Under another purpose, another set of persons.
     let grant = app
         .store()
         .add_grant(&frostglass::store::NewGrant {
             buyer: "buyer:other".into(),
-            datasets: vec!["city_health".into()],
+            datasets: vec!["city_health".into(), "telecom_usage".into()],
             purpose: "insurance_pricing".into(),
             ..Default::default()
         })
         .unwrap();
-    let insurance = app.query_as("buyer:other", json!({ "sql": sql, "grant": grant }));
-    let insured = rows(&insurance.json())[0][0].as_u64().unwrap();
-    let expected = truth(
-        "city_health",
-        "SELECT COUNT(DISTINCT person_id) FROM city_health WHERE strpos(consented_purposes, ',insurance_pricing,') > 0",
-    )[0][0]
-        .as_u64()
-        .unwrap();
-    assert_eq!(insured, expected);
+    let (insured, b) = count(&app.query_as("buyer:other", json!({ "sql": sql, "grant": grant })));
+    let expected = persons("strpos(consented_purposes, ',insurance_pricing,') > 0");
+    assert!(
+        (insured - expected).abs() <= TAIL * b,
+        "{insured} vs {expected}"
+    );
+    assert!(
+        (consenting - expected).abs() > 2.0 * TAIL * b,
+        "the two purposes must select clearly different persons"
+    );
     // The filter holds under every plan shape: a CTE, a derived table, a join.
     for shaped in [
         "WITH c AS (SELECT person_id FROM city_health) SELECT COUNT(DISTINCT person_id) FROM c",
@@ -315,10 +381,15 @@ fn only_consenting_persons_are_counted_for_the_purpose() {
         "SELECT COUNT(DISTINCT c.person_id) FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id",
     ] {
         let r = app.query(shaped);
-        assert_eq!(
-            rows(&r.json())[0][0].as_u64().unwrap(),
-            consenting,
-            "{shaped}"
+        assert_eq!(r.status, 200, "{shaped}: {}", r.text());
+        let doc = r.json();
+        let v = rows(&doc)[0][0].as_f64().unwrap();
+        let b = doc["release"]["noise"]["columns"][0]["scale"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (v - consenting).abs() <= TAIL * b,
+            "{shaped}: {v} vs {consenting}"
         );
     }
     let dry = app
