@@ -560,3 +560,98 @@ fn noisy_value(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    fn job() -> DpJob {
+        DpJob {
+            params: Params {
+                epsilon: 1.0,
+                delta: 1e-6,
+                max_groups_per_unit: 1,
+                max_rows_per_unit: 1,
+            },
+            groups: 1,
+            components: 0,
+            outputs: vec![Output::Units],
+            min_group_size: 10,
+        }
+    }
+
+    fn exact(units: i64, groups: usize) -> Exact {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new(UNITS, DataType::Int64, true),
+        ]));
+        let names: Vec<String> = (0..groups).map(|i| format!("g{i}")).collect();
+        Exact::new(vec![
+            RecordBatch::try_new(
+                schema,
+                vec![
+                    Arc::new(StringArray::from(names)),
+                    Arc::new(Int64Array::from(vec![units; groups])),
+                ],
+            )
+            .unwrap(),
+        ])
+    }
+
+    fn out_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]))
+    }
+
+    #[test]
+    fn group_presence_is_decided_by_a_noisy_count() {
+        let job = job();
+        let pool = NoisePool::default();
+        let tau = job.selection_threshold();
+        // Groups sitting exactly at the threshold come out about half the time:
+        // whether a group appears is not an exact membership oracle.
+        let (_, released) =
+            release(exact(tau.round() as i64, 2000), &job, &out_schema(), &pool).unwrap();
+        let share = released as f64 / 2000.0;
+        assert!(
+            (0.35..0.65).contains(&share),
+            "released {share} of groups at the threshold"
+        );
+        // Far below it: never; far above it: always.
+        let (_, low) = release(exact(1, 2000), &job, &out_schema(), &pool).unwrap();
+        assert_eq!(low, 0);
+        let (batches, high) =
+            release(exact((tau * 3.0) as i64, 500), &job, &out_schema(), &pool).unwrap();
+        assert_eq!(high, 500);
+        // Released values are noisy, not the exact count.
+        let n = batches[0]
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        let exact_share = n
+            .iter()
+            .flatten()
+            .filter(|v| *v == (tau * 3.0) as i64)
+            .count() as f64
+            / 500.0;
+        assert!(
+            exact_share < 0.5,
+            "{exact_share} of released values were exact"
+        );
+    }
+
+    #[test]
+    fn the_threshold_bounds_the_chance_of_releasing_a_new_group() {
+        let job = job();
+        // A single unit's group passes with probability at most delta.
+        let b = job.unit_noise().scale();
+        let p_release = 0.5 * (-(job.selection_threshold() - 1.0) / b).exp();
+        assert!(p_release <= job.params.delta * 1.0001, "{p_release}");
+        assert!(job.selection_threshold() >= job.min_group_size as f64);
+    }
+}

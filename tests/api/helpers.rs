@@ -80,18 +80,33 @@ impl Response {
     }
 }
 
+#[derive(Default)]
 pub struct Options {
     pub settings: Settings,
     pub acme_queries_per_day: Option<u64>,
+    /// A catalog other than the shared one (see [`catalog_with`]).
+    pub catalog: Option<PathBuf>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            settings: Settings::default(),
-            acme_queries_per_day: None,
+/// A catalog of the shared data whose manifests `edit` may change.
+pub fn catalog_with(edit: impl Fn(&mut Value)) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix("fg-test-catalog-edit-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    for entry in std::fs::read_dir(shared_catalog()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let mut manifest: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let location = shared_catalog().join(manifest["source"]["location"].as_str().unwrap());
+            manifest["source"]["location"] = json!(location.to_str().unwrap());
+            edit(&mut manifest);
+            std::fs::write(dir.join(path.file_name().unwrap()), manifest.to_string()).unwrap();
         }
     }
+    dir
 }
 
 pub fn spawn_app() -> TestApp {
@@ -153,7 +168,9 @@ pub fn spawn_app_with(options: Options) -> TestApp {
 
     let mut settings = options.settings;
     settings.listen = "127.0.0.1:0".into();
-    settings.catalog_dir = shared_catalog().to_path_buf();
+    settings.catalog_dir = options
+        .catalog
+        .unwrap_or_else(|| shared_catalog().to_path_buf());
     settings.policies_dir = repo().join("policies");
     settings.data_dir = data_dir.clone();
     let (tx, rx) = std::sync::mpsc::channel();

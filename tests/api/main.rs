@@ -10,4 +10,5 @@ mod ledger;
 mod limits;
 mod metering;
 mod policy;
+mod privacy;
 mod queries;
