@@ -95,8 +95,21 @@ impl ColumnSpec {
     }
 }
 
+/// The noise added to released values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpMechanism {
+    /// Discrete Laplace: pure epsilon for the values.
+    #[default]
+    Laplace,
+    /// Discrete Gaussian: (epsilon, delta), lighter tails.
+    Gaussian,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DpRules {
+    #[serde(default)]
+    pub mechanism: DpMechanism,
     pub epsilon_per_query: f64,
     #[serde(default)]
     pub delta: f64,

@@ -14,7 +14,7 @@
 //! builds the released batch from noisy values only.
 
 use super::noise::{Noise, NoisePool};
-use crate::catalog::{Catalog, DpRules};
+use crate::catalog::{Catalog, DpMechanism, DpRules};
 use crate::error::{ApiError, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use datafusion::arrow::compute::{cast, take};
@@ -62,6 +62,7 @@ enum Output {
 /// The parameters of a DP release, from the strictest of the datasets involved.
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
+    pub mechanism: DpMechanism,
     pub epsilon: f64,
     pub delta: f64,
     pub max_groups_per_unit: u64,
@@ -73,6 +74,7 @@ impl Params {
         let mut out: Option<Params> = None;
         for r in rules {
             let p = Params {
+                mechanism: r.mechanism,
                 epsilon: r.epsilon_per_query,
                 delta: r.delta,
                 max_groups_per_unit: r.max_groups_per_unit.unwrap_or(1),
@@ -81,6 +83,12 @@ impl Params {
             out = Some(match out {
                 None => p,
                 Some(o) => Params {
+                    // Pure epsilon wins when the datasets disagree.
+                    mechanism: if o.mechanism == p.mechanism {
+                        o.mechanism
+                    } else {
+                        DpMechanism::Laplace
+                    },
                     epsilon: o.epsilon.min(p.epsilon),
                     delta: o.delta.min(p.delta),
                     max_groups_per_unit: o.max_groups_per_unit.min(p.max_groups_per_unit),
@@ -332,16 +340,15 @@ pub fn plan(
         .map_err(internal)?
         .build()
         .map_err(internal)?;
-    Ok((
-        level2,
-        DpJob {
-            params,
-            groups,
-            components: components.len(),
-            outputs,
-            min_group_size,
-        },
-    ))
+    let job = DpJob {
+        params,
+        groups,
+        components: components.len(),
+        outputs,
+        min_group_size,
+    };
+    job.check_samplable()?;
+    Ok((level2, job))
 }
 
 /// What a DP release reports about itself.
@@ -389,27 +396,82 @@ impl DpJob {
         self.params.epsilon / self.draws() as f64
     }
 
-    /// A unit adds at most max_rows_per_unit rows over all groups.
-    fn count_noise(&self) -> Noise {
-        Noise::laplace(self.params.max_rows_per_unit as f64 / self.epsilon_each())
+    /// Noise for a released value whose L1 and L2 sensitivities are given.
+    /// Laplace: scale L1/ε. Gaussian: σ = L2·sqrt(2 ln(1.25/δ'))/ε, with δ'
+    /// the value's share of the half of δ not used by the selection.
+    fn value_noise(&self, l1: f64, l2: f64) -> Noise {
+        let eps = self.epsilon_each();
+        match self.params.mechanism {
+            DpMechanism::Laplace => Noise::laplace(l1 / eps),
+            DpMechanism::Gaussian => {
+                let delta = self.params.delta / 2.0 / (self.draws() - 1).max(1) as f64;
+                Noise::gaussian(l2 * (2.0 * (1.25 / delta).ln()).sqrt() / eps)
+            }
+        }
     }
 
+    /// Exact Gaussian sampling works on 128-bit integers, which hold standard
+    /// deviations up to about a million; larger ones (sums of wide bounds)
+    /// are refused at plan time rather than sampled inexactly.
+    fn check_samplable(&self) -> Result<(), ApiError> {
+        if self.params.mechanism != DpMechanism::Gaussian {
+            return Ok(());
+        }
+        let widest = self
+            .outputs
+            .iter()
+            .map(|o| match o {
+                Output::Count { .. } => self.count_noise().scale(),
+                Output::Units => self.unit_noise().scale(),
+                Output::Sum { bound, .. } => self.sum_noise(*bound).scale(),
+                Output::Avg { lo, hi, .. } => self.sum_noise(lo.abs().max(hi.abs())).scale(),
+            })
+            .fold(0.0, f64::max);
+        if widest > 1e6 {
+            return Err(dp_refusal(
+                "the Gaussian noise this release needs is too wide to sample exactly; the dataset should use Laplace",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The δ the group selection may use.
+    fn selection_delta(&self) -> f64 {
+        match self.params.mechanism {
+            DpMechanism::Laplace => self.params.delta,
+            DpMechanism::Gaussian => self.params.delta / 2.0,
+        }
+    }
+
+    /// A unit adds at most max_rows_per_unit rows over all groups.
+    fn count_noise(&self) -> Noise {
+        let rows = self.params.max_rows_per_unit as f64;
+        self.value_noise(rows, rows)
+    }
+
+    /// A unit is one of the persons of at most max_groups_per_unit groups.
     fn unit_noise(&self) -> Noise {
+        let groups = self.params.max_groups_per_unit as f64;
+        self.value_noise(groups, groups.sqrt())
+    }
+
+    /// The selection's noise: always Laplace, so that its tail bound gives δ.
+    fn selection_noise(&self) -> Noise {
         Noise::laplace(self.params.max_groups_per_unit as f64 / self.epsilon_each())
     }
 
-    /// ... each of them clamped to the column's bounds.
+    /// ... each of them clamped to the column's bounds (in fixed point).
     fn sum_noise(&self, bound: f64) -> Noise {
-        let l1 = self.params.max_rows_per_unit as f64 * bound;
-        Noise::laplace(l1 * FIXED / self.epsilon_each())
+        let l1 = self.params.max_rows_per_unit as f64 * bound * FIXED;
+        self.value_noise(l1, l1)
     }
 
     /// A new group (one unit, in up to max_groups groups) is released with
     /// probability at most delta.
     pub fn selection_threshold(&self) -> f64 {
-        let b = self.unit_noise().scale();
+        let b = self.selection_noise().scale();
         let l0 = self.params.max_groups_per_unit as f64;
-        let tau = 1.0 + b * (l0 / (2.0 * self.params.delta.max(1e-300))).ln();
+        let tau = 1.0 + b * (l0 / (2.0 * self.selection_delta().max(1e-300))).ln();
         tau.max(self.min_group_size as f64)
     }
 
@@ -443,7 +505,10 @@ impl DpJob {
             })
             .collect();
         Report {
-            mechanism: "discrete_laplace",
+            mechanism: match self.params.mechanism {
+                DpMechanism::Laplace => "discrete_laplace",
+                DpMechanism::Gaussian => "discrete_gaussian",
+            },
             epsilon: self.params.epsilon,
             delta: self.params.delta,
             max_groups_per_unit: self.params.max_groups_per_unit,
@@ -496,7 +561,7 @@ pub fn release(
         for row in 0..n {
             let exact_units = units[row].unwrap_or(0.0);
             // Every group pays for its noise draws whether or not it is released.
-            let noisy_units = exact_units + pool.take(job.unit_noise()) as f64;
+            let noisy_units = exact_units + pool.take(job.selection_noise()) as f64;
             let drawn: Vec<Option<f64>> = job
                 .outputs
                 .iter()
@@ -570,6 +635,7 @@ mod tests {
     fn job() -> DpJob {
         DpJob {
             params: Params {
+                mechanism: DpMechanism::Laplace,
                 epsilon: 1.0,
                 delta: 1e-6,
                 max_groups_per_unit: 1,
@@ -649,9 +715,48 @@ mod tests {
     fn the_threshold_bounds_the_chance_of_releasing_a_new_group() {
         let job = job();
         // A single unit's group passes with probability at most delta.
-        let b = job.unit_noise().scale();
+        let b = job.selection_noise().scale();
         let p_release = 0.5 * (-(job.selection_threshold() - 1.0) / b).exp();
         assert!(p_release <= job.params.delta * 1.0001, "{p_release}");
         assert!(job.selection_threshold() >= job.min_group_size as f64);
+    }
+}
+
+#[cfg(test)]
+mod gaussian_tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn gaussian_values_are_calibrated_to_l2_sensitivity_and_delta() {
+        let job = DpJob {
+            params: Params {
+                mechanism: DpMechanism::Gaussian,
+                epsilon: 1.0,
+                delta: 1e-6,
+                max_groups_per_unit: 4,
+                max_rows_per_unit: 20,
+            },
+            groups: 1,
+            components: 1,
+            outputs: vec![Output::Count { comp: 0 }],
+            min_group_size: 10,
+        };
+        // Two draws: selection and the count; each gets epsilon 0.5, the count delta 0.5e-6.
+        let sigma = 20.0 * (2.0 * (1.25f64 / 0.5e-6).ln()).sqrt() / 0.5;
+        let noise = job.count_noise();
+        assert!(matches!(noise, Noise::Gaussian { .. }));
+        assert!(
+            (noise.scale() - sigma).abs() / sigma < 1e-3,
+            "{} vs {sigma}",
+            noise.scale()
+        );
+        // The selection stays Laplace, with the other half of delta.
+        assert!(matches!(job.selection_noise(), Noise::Laplace { .. }));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        assert_eq!(job.report(&schema).mechanism, "discrete_gaussian");
     }
 }

@@ -113,6 +113,10 @@ pub fn discrete_laplace(rng: &mut impl Uniform, num: u128, den: u128) -> i64 {
 pub fn discrete_gaussian(rng: &mut impl Uniform, sigma2_num: u128, sigma2_den: u128) -> i64 {
     // t = floor(sigma) + 1, with sigma = sqrt(sigma2) computed exactly on integers.
     let t = isqrt(sigma2_num / sigma2_den) + 1;
+    // Callers keep sigma small enough for 128-bit arithmetic; should a draw
+    // land so far in the tail that it overflows anyway, it is rejected, and
+    // this bound keeps even that from looping without end.
+    let mut overflows = 0u32;
     loop {
         let y = discrete_laplace(rng, t, 1);
         // Accept with probability exp(-(|y| - sigma²/t)² / (2 sigma²)):
@@ -120,7 +124,13 @@ pub fn discrete_gaussian(rng: &mut impl Uniform, sigma2_num: u128, sigma2_den: u
         let a = (y.unsigned_abs() as u128)
             .checked_mul(t)
             .and_then(|x| x.checked_mul(sigma2_den));
-        let Some(a) = a else { continue };
+        let Some(a) = a else {
+            overflows += 1;
+            if overflows > 10_000 {
+                return y;
+            }
+            continue;
+        };
         let diff = a.abs_diff(sigma2_num);
         let num = diff.checked_mul(diff);
         let den = sigma2_num
@@ -129,8 +139,13 @@ pub fn discrete_gaussian(rng: &mut impl Uniform, sigma2_num: u128, sigma2_den: u
         match (num, den) {
             (Some(num), Some(den)) if bernoulli_exp(rng, num, den) => return y,
             (Some(_), Some(_)) => continue,
-            // Far in the tail: the acceptance probability underflows any representation.
-            _ => continue,
+            // Far in the tail: the acceptance probability is far below any
+            // representable value; reject, but never forever.
+            _ if overflows < 10_000 => {
+                overflows += 1;
+                continue;
+            }
+            _ => return y,
         }
     }
 }
@@ -166,6 +181,17 @@ impl Noise {
         let num = ((b.max(1e-3)) * den as f64).round() as u128;
         let g = gcd(num, den);
         Noise::Laplace {
+            num: num / g,
+            den: den / g,
+        }
+    }
+
+    /// The discrete Gaussian of standard deviation `sigma`, its variance represented to 1/1000.
+    pub fn gaussian(sigma: f64) -> Noise {
+        let den = 1000u128;
+        let num = ((sigma * sigma).max(1e-3) * den as f64).round() as u128;
+        let g = gcd(num, den);
+        Noise::Gaussian {
             num: num / g,
             den: den / g,
         }

@@ -309,3 +309,46 @@ fn failures_after_reading_data_still_charge_the_budget() {
     let grants = app.get("/v1/grants", Some(&key)).json();
     assert_eq!(grants["grants"][0]["budget"]["epsilon_spent"], 0.5);
 }
+
+#[test]
+fn a_dataset_may_ask_for_gaussian_noise() {
+    let catalog = catalog_with(|m| {
+        if m["id"] == "telecom_usage" {
+            m["release"]["dp"]["mechanism"] = json!("gaussian");
+        }
+    });
+    let app = spawn_app_with(Options {
+        catalog: Some(catalog),
+        ..Options::default()
+    });
+    let r = app.query(
+        "SELECT month, COUNT(DISTINCT person_id) AS persons FROM telecom_usage GROUP BY month",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    assert_eq!(doc["release"]["noise"]["mechanism"], "discrete_gaussian");
+    let truth_persons = truth(
+        "telecom_usage",
+        "SELECT COUNT(DISTINCT person_id) FROM telecom_usage WHERE strpos(consented_purposes, ',public_health_research,') > 0",
+    )[0][0]
+        .as_f64()
+        .unwrap();
+    let sigma = doc["release"]["noise"]["columns"][0]["scale"]
+        .as_f64()
+        .unwrap();
+    for row in doc["rows"].as_array().unwrap() {
+        let v = row[1].as_f64().unwrap();
+        assert!(
+            (v - truth_persons).abs() <= 6.0 * sigma,
+            "{v} vs {truth_persons} (sigma {sigma})"
+        );
+    }
+    // Sums of wide bounds would need noise too wide to sample exactly.
+    let sum = app.query("SELECT month, SUM(calls) FROM telecom_usage GROUP BY month");
+    assert_eq!(
+        sum.rule().as_deref(),
+        Some("dp_unsupported"),
+        "{}",
+        sum.text()
+    );
+}
