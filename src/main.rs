@@ -78,6 +78,28 @@ enum Command {
         #[arg(long)]
         receipt: Option<PathBuf>,
     },
+    /// Benchmark the sandbox against plain DataFusion, side by side (build with --release).
+    Bench {
+        #[arg(long, default_value = "catalog")]
+        catalog: PathBuf,
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// Demo data scale: 50 gives 10 million city_health rows.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Timed runs per query and mode (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Where generated data and bench state go (data is reused across runs).
+        #[arg(long, default_value = "/tmp/frostglass-bench")]
+        work_dir: PathBuf,
+        #[arg(long, default_value = "bench.json")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        http_clients: usize,
+        #[arg(long, default_value_t = 10)]
+        http_seconds: u64,
+    },
     /// Validate every manifest and policy file against schemas/.
     Check {
         #[arg(long, default_value = "catalog")]
@@ -165,6 +187,25 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::Bench {
+            catalog,
+            policies,
+            scale,
+            runs,
+            work_dir,
+            out,
+            http_clients,
+            http_seconds,
+        } => frostglass::bench::run(frostglass::bench::Options {
+            catalog,
+            policies,
+            scale,
+            runs: runs.max(1),
+            work_dir,
+            out,
+            http_clients: http_clients.max(1),
+            http_seconds: http_seconds.max(1),
+        }),
         Command::Verify {
             data_dir,
             url,

@@ -535,10 +535,10 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
     let mut min_group_size: Option<u64> = None;
     let mut noise = Vec::new();
     for job in &p.split.jobs {
-        let max_groups = job
-            .max_groups
-            .map_or(limits.max_result_rows.saturating_mul(100), |m| m as usize);
-        let (batches, physical) = engine.execute(&p.session, &job.plan, max_groups).await?;
+        // Groups before release only bound memory; the owner's max_groups
+        // applies to what is released (a count the answer shows anyway).
+        let candidates = limits.max_result_rows.saturating_mul(100);
+        let (batches, physical) = engine.execute(&p.session, &job.plan, candidates).await?;
         cpu += crate::engine::cpu_ns(&physical);
         let batches = match &job.kind {
             JobKind::Threshold { .. } => {
@@ -557,6 +557,14 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
                 released
             }
         };
+        let released_rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if let Some(max) = job.max_groups
+            && released_rows as u64 > max
+        {
+            return Err(ApiError::ResourceLimit(format!(
+                "the release has more than the {max} groups its dataset allows"
+            )));
+        }
         min_group_size =
             Some(min_group_size.map_or(job.min_group_size, |m| m.max(job.min_group_size)));
         let table = MemTable::try_new(job.schema.clone(), vec![batches])

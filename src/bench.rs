@@ -1,0 +1,430 @@
+//! `frostglass bench`: the sandbox measured against plain DataFusion on the
+//! same Parquet files and the same queries, side by side in one run, in four
+//! modes — (a) plain DataFusion, (b) the sandbox pipeline in-process with
+//! threshold release, (c) with differential privacy, (d) end to end over HTTP
+//! with the durable ledger — plus policy-check latency, an HTTP load test and
+//! the process's peak memory. Prints a table and writes JSON.
+
+use crate::config::Settings;
+use crate::query::{self, QueryRequest};
+use crate::startup::{Application, Sandbox};
+use crate::store::{NewGrant, Principal, Role, Store};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    pub catalog: PathBuf,
+    pub policies: PathBuf,
+    pub scale: f64,
+    pub runs: usize,
+    pub work_dir: PathBuf,
+    pub out: PathBuf,
+    pub http_clients: usize,
+    pub http_seconds: u64,
+}
+
+const SUITE: [(&str, &str); 5] = [
+    (
+        "grouped_count",
+        "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district",
+    ),
+    (
+        "sum_avg_two_keys",
+        "SELECT district, gender, SUM(cost) AS total, AVG(cost) AS mean FROM city_health GROUP BY district, gender",
+    ),
+    (
+        "join_on_person",
+        "SELECT c.district, COUNT(DISTINCT c.person_id) AS persons, AVG(t.calls) AS calls \
+         FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY c.district",
+    ),
+    (
+        "selective_filter",
+        "SELECT district, COUNT(*) AS n FROM city_health WHERE age > 85 GROUP BY district",
+    ),
+    (
+        "high_cardinality",
+        "SELECT age, date_trunc('day', visit_date) AS day, COUNT(*) AS n FROM city_health GROUP BY age, day",
+    ),
+];
+
+const SMALL_QUERY: &str =
+    "SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+fn timing(mut samples: Vec<f64>) -> Timing {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let median = samples[samples.len() / 2];
+    Timing {
+        median_ms: median,
+        min_ms: samples[0],
+        max_ms: samples[samples.len() - 1],
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A catalog of the demo manifests over data at the given scale; without DP when `dp` is false.
+fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, String> {
+    let dir = options.work_dir.join(if dp {
+        "catalog-dp"
+    } else {
+        "catalog-threshold"
+    });
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    for path in crate::catalog::manifest_files(&options.catalog).map_err(|e| e.to_string())? {
+        let mut m: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        let file = Path::new(m["source"]["location"].as_str().unwrap_or(""))
+            .file_name()
+            .map(PathBuf::from);
+        if let Some(file) = file {
+            m["source"]["location"] = json!(data.join(file).to_string_lossy());
+        }
+        if let Some(release) = m.get_mut("release").and_then(|r| r.as_object_mut()) {
+            match release.get_mut("dp") {
+                Some(dp_rules) if dp => dp_rules["epsilon_total"] = json!(1e12),
+                Some(_) => {
+                    release.remove("dp");
+                }
+                None => {}
+            }
+        }
+        let name = path.file_name().ok_or("manifest without a name")?;
+        std::fs::write(dir.join(name), m.to_string()).map_err(|e| e.to_string())?;
+    }
+    Ok(dir)
+}
+
+fn ensure_data(options: &Options) -> Result<PathBuf, String> {
+    let data = options
+        .work_dir
+        .join(format!("data-scale-{}", options.scale));
+    let marker = data.join(".complete");
+    if marker.exists() {
+        return Ok(data);
+    }
+    let schemas = crate::validate::Schemas::compiled();
+    let manifests =
+        crate::catalog::read_manifests(&options.catalog, &schemas).map_err(|e| e.to_string())?;
+    let targets: Vec<(String, PathBuf)> = crate::demo::demo_targets(&options.catalog, &manifests)
+        .into_iter()
+        .filter_map(|(id, path)| Some((id, data.join(path.file_name()?))))
+        .collect();
+    eprintln!(
+        "generating demo data at scale {} in {}",
+        options.scale,
+        data.display()
+    );
+    crate::demo::generate(&targets, options.scale, |l| eprintln!("{l}"))?;
+    std::fs::write(&marker, "").map_err(|e| e.to_string())?;
+    Ok(data)
+}
+
+fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
+    let mut s = Settings::default();
+    s.catalog_dir = catalog;
+    s.policies_dir = options.policies.clone();
+    s.data_dir = options
+        .work_dir
+        .join(format!("state-{name}-{}", std::process::id()));
+    s.limits.query_timeout_ms = 600_000;
+    s.limits.max_rows_scanned = u64::MAX;
+    s.limits.max_result_rows = 1_000_000;
+    s.limits.query_memory_bytes = 4 << 30;
+    s.limits.default_grant_epsilon = 1e12;
+    s
+}
+
+fn buyer(store: &Store) -> Result<(Principal, String), String> {
+    let key = crate::auth::generate_key();
+    let p = Principal {
+        id: "buyer:bench".into(),
+        role: Role::Buyer,
+        org: Some("bench".into()),
+        region: "CN".into(),
+    };
+    store
+        .add_principal(&p, &crate::auth::key_hash(&key))
+        .map_err(|e| e.to_string())?;
+    Ok((p, key))
+}
+
+fn grant(store: &Store) -> Result<String, String> {
+    store
+        .add_grant(&NewGrant {
+            buyer: "buyer:bench".into(),
+            datasets: vec![
+                "city_health".into(),
+                "telecom_usage".into(),
+                "enterprise_registry".into(),
+                "power_grid".into(),
+            ],
+            purpose: "public_health_research".into(),
+            epsilon: Some(1e12),
+            ..NewGrant::default()
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Runs one query through the pipeline under a fresh grant (so DP answers are computed, not served from the cache).
+fn sandbox_query(
+    rt: &tokio::runtime::Runtime,
+    sandbox: &Arc<Sandbox>,
+    principal: &Principal,
+    sql: &str,
+    dry_run: bool,
+) -> Result<Duration, String> {
+    let grant = grant(&sandbox.store)?;
+    let request = QueryRequest {
+        sql: sql.into(),
+        grant: Some(grant),
+        purpose: None,
+        format: None,
+        dry_run,
+    };
+    let started = Instant::now();
+    let handle = sandbox
+        .runtime
+        .spawn(query::run(sandbox.clone(), principal.clone(), request));
+    rt.block_on(handle)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{sql}: {e}"))?;
+    Ok(started.elapsed())
+}
+
+pub fn run(options: Options) -> Result<(), String> {
+    let data = ensure_data(&options)?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let threshold_catalog = prepare_catalog(&options, &data, false)?;
+    let dp_catalog = prepare_catalog(&options, &data, true)?;
+    let threshold = Arc::new(
+        rt.block_on(Sandbox::open(settings(
+            &options,
+            threshold_catalog,
+            "threshold",
+        )))
+        .map_err(|e| e.to_string())?,
+    );
+    let dp = Arc::new(
+        rt.block_on(Sandbox::open(settings(&options, dp_catalog.clone(), "dp")))
+            .map_err(|e| e.to_string())?,
+    );
+    let (principal, _) = buyer(&threshold.store)?;
+    buyer(&dp.store)?;
+
+    // The HTTP server: DP release, durable ledger, its own state.
+    let http_settings = settings(&options, dp_catalog, "http");
+    let store = Store::open(&http_settings.data_dir).map_err(|e| e.to_string())?;
+    let (_, key) = buyer(&store)?;
+    let mut http_settings = http_settings;
+    http_settings.listen = "127.0.0.1:0".into();
+    http_settings.limits.max_concurrent_queries = 8;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            match Application::build(http_settings).await {
+                Ok(app) => {
+                    let _ = tx.send(Ok(app.port()));
+                    let _ = app.run_until_stopped().await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
+    });
+    let port = rx.recv().map_err(|e| e.to_string())??;
+    let base = format!("http://127.0.0.1:{port}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let http_query = |sql: &str, grant: &str| -> Result<Duration, String> {
+        let started = Instant::now();
+        let mut resp = agent
+            .post(format!("{base}/v1/queries"))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(json!({ "sql": sql, "grant": grant }))
+            .map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed();
+        if resp.status() != 200 {
+            return Err(format!(
+                "HTTP {}: {}",
+                resp.status(),
+                resp.body_mut().read_to_string().unwrap_or_default()
+            ));
+        }
+        Ok(elapsed)
+    };
+
+    let plain = datafusion::prelude::SessionContext::new();
+    for name in ["city_health", "telecom_usage", "enterprise_registry"] {
+        let path = data.join(format!("{name}.parquet"));
+        rt.block_on(plain.register_parquet(
+            name,
+            path.to_string_lossy().as_ref(),
+            Default::default(),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+
+    let mut rows = Vec::new();
+    println!(
+        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7}",
+        "query", "plain ms", "thresh ms", "dp ms", "http ms", "b/a", "c/a", "d/a"
+    );
+    for (name, sql) in SUITE {
+        let mut samples: [Vec<f64>; 4] = Default::default();
+        // One warm-up of each mode, then the modes interleaved run by run, so
+        // that they share the machine's state as evenly as possible.
+        for run in 0..=options.runs {
+            let started = Instant::now();
+            rt.block_on(async { plain.sql(sql).await?.collect().await })
+                .map_err(|e| e.to_string())?;
+            let a = started.elapsed();
+            let b = sandbox_query(&rt, &threshold, &principal, sql, false)?;
+            let c = sandbox_query(&rt, &dp, &principal, sql, false)?;
+            let d = http_query(sql, &grant(&store)?)?;
+            if run > 0 {
+                for (s, t) in samples.iter_mut().zip([a, b, c, d]) {
+                    s.push(ms(t));
+                }
+            }
+        }
+        let [a, b, c, d] = samples.map(timing);
+        println!(
+            "{:<18} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2} {:>7.2}",
+            name,
+            a.median_ms,
+            b.median_ms,
+            c.median_ms,
+            d.median_ms,
+            b.median_ms / a.median_ms,
+            c.median_ms / a.median_ms,
+            d.median_ms / a.median_ms
+        );
+        rows.push(json!({
+            "query": name, "sql": sql, "plain": a, "threshold": b, "dp": c, "http": d,
+            "ratio_threshold": b.median_ms / a.median_ms, "ratio_dp": c.median_ms / a.median_ms, "ratio_http": d.median_ms / a.median_ms,
+        }));
+    }
+    let median_ratio = |key: &str| {
+        let mut r: Vec<f64> = rows.iter().filter_map(|row| row[key].as_f64()).collect();
+        r.sort_by(|a, b| a.total_cmp(b));
+        percentile(&r, 0.5)
+    };
+    println!(
+        "median ratio over the suite: threshold {:.2}x, dp {:.2}x, http {:.2}x",
+        median_ratio("ratio_threshold"),
+        median_ratio("ratio_dp"),
+        median_ratio("ratio_http")
+    );
+
+    // Policy check and rewrite alone: a dry run is parse → plan → check → rewrite.
+    let mut policy = Vec::new();
+    for (name, sql) in SUITE {
+        let mut samples = Vec::new();
+        for _ in 0..50 {
+            samples.push(ms(sandbox_query(&rt, &dp, &principal, sql, true)?));
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+        println!("policy check + rewrite {name:<18} median {p50:.2} ms, p99 {p99:.2} ms");
+        policy.push(json!({ "query": name, "median_ms": p50, "p99_ms": p99 }));
+    }
+
+    // Many small aggregate queries from concurrent clients, each answer durably logged.
+    let small_grant = grant(&store)?;
+    let deadline = Instant::now() + Duration::from_secs(options.http_seconds);
+    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..options.http_clients)
+            .map(|_| {
+                let small_grant = small_grant.clone();
+                let http_query = &http_query;
+                s.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    while Instant::now() < deadline {
+                        match http_query(SMALL_QUERY, &small_grant) {
+                            Ok(d) => lat.push(ms(d)),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut latencies: Vec<f64> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    let errors: usize = results.iter().map(|(_, e)| e).sum();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let qps = latencies.len() as f64 / options.http_seconds as f64;
+    let load = json!({
+        "clients": options.http_clients, "seconds": options.http_seconds, "answered": latencies.len(), "errors": errors,
+        "queries_per_second": qps, "p50_ms": percentile(&latencies, 0.5), "p99_ms": percentile(&latencies, 0.99),
+    });
+    println!(
+        "HTTP load: {} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+        options.http_clients,
+        qps,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        errors
+    );
+    let rss = peak_rss_mb();
+    println!(
+        "peak RSS of this process (server included): {:.0} MiB",
+        rss.unwrap_or(f64::NAN)
+    );
+
+    let report = json!({
+        "scale": options.scale,
+        "runs": options.runs,
+        "machine": { "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) },
+        "suite": rows,
+        "median_ratio": { "threshold": median_ratio("ratio_threshold"), "dp": median_ratio("ratio_dp"), "http": median_ratio("ratio_http") },
+        "policy_check": policy,
+        "http_load": load,
+        "peak_rss_mib": rss,
+    });
+    std::fs::write(
+        &options.out,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("wrote {}", options.out.display());
+    Ok(())
+}
