@@ -44,6 +44,18 @@ pub struct Limits {
     pub max_result_rows: usize,
     /// Queries executing at once; more wait for a slot.
     pub max_concurrent_queries: usize,
+    /// Requests per second one principal may make, sustained, and in a burst.
+    pub requests_per_second: f64,
+    pub request_burst: f64,
+    /// Queries one principal may have running at once.
+    pub max_concurrent_queries_per_principal: usize,
+    /// How long a query waits for a free slot before the answer is 503.
+    pub queue_wait_ms: u64,
+    /// Open connections the server accepts at once.
+    pub max_connections: usize,
+    /// Time a client has to send its request head (slow clients are cut off).
+    pub client_request_timeout_ms: u64,
+    pub keep_alive_s: u64,
     /// Lifetime epsilon of a grant made without `--epsilon`.
     pub default_grant_epsilon: f64,
     /// Lifetime epsilon of a DP dataset whose manifest sets no `epsilon_total`.
@@ -62,6 +74,13 @@ impl Default for Limits {
             max_rows_scanned: 200_000_000,
             max_result_rows: 10_000,
             max_concurrent_queries: 4,
+            requests_per_second: 50.0,
+            request_burst: 200.0,
+            max_concurrent_queries_per_principal: 8,
+            queue_wait_ms: 10_000,
+            max_connections: 1024,
+            client_request_timeout_ms: 5_000,
+            keep_alive_s: 30,
             default_grant_epsilon: 10.0,
             default_dataset_epsilon: 1000.0,
         }

@@ -59,6 +59,12 @@ pub enum ApiError {
     BudgetExhausted(String),
     #[error("{0}")]
     ResourceLimit(String),
+    #[error("{0}")]
+    RateLimited(String),
+    #[error("the sandbox is busy; try again shortly")]
+    Overloaded,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed(Vec<&'static str>),
     #[error("internal error")]
     Internal(String),
 }
@@ -84,6 +90,9 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::BudgetExhausted(_) => "budget_exhausted",
             ApiError::ResourceLimit(_) => "resource_limit",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Overloaded => "overloaded",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -134,6 +143,9 @@ impl ResponseError for ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::ResourceLimit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -143,8 +155,17 @@ impl ResponseError for ApiError {
             tracing::error!(cause = %cause, "internal error");
         }
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthenticated) {
-            response.insert_header(("WWW-Authenticate", "Bearer"));
+        match self {
+            ApiError::Unauthenticated => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            ApiError::MethodNotAllowed(allowed) => {
+                response.insert_header(("Allow", allowed.join(", ")));
+            }
+            ApiError::RateLimited(_) | ApiError::Overloaded => {
+                response.insert_header(("Retry-After", "1"));
+            }
+            _ => {}
         }
         response.json(self.body())
     }

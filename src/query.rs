@@ -210,10 +210,11 @@ async fn answer(
         trace.epsilon_charged = prepared.epsilon;
         trace.epsilon_by_dataset = prepared.epsilon_by_dataset.clone();
     }
-    let _slot = sandbox
-        .query_slots
-        .acquire()
+    // A bounded wait: under overload, answer 503 quickly rather than pile up.
+    let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
+    let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire())
         .await
+        .map_err(|_| ApiError::Overloaded)?
         .map_err(|_| ApiError::Internal("query slots closed".into()))?;
     let executed = execute(sandbox, &prepared).await?;
     Ok(Step::Done(Box::new(prepared), executed))

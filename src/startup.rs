@@ -25,6 +25,7 @@ pub struct Sandbox {
     pub ledger: crate::ledger::Ledger,
     pub quotas: Arc<crate::metering::QuotaBook>,
     pub budgets: Arc<crate::metering::BudgetBook>,
+    pub throttle: crate::api::throttle::Throttle,
     pub noise: crate::release::noise::NoisePool,
     pub engine: Engine,
     pub query_slots: tokio::sync::Semaphore,
@@ -105,6 +106,7 @@ impl Sandbox {
             ledger,
             quotas: Arc::default(),
             budgets: Arc::default(),
+            throttle: Default::default(),
             noise: Default::default(),
             engine,
             query_slots,
@@ -156,6 +158,7 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen)
             .map_err(|e| StartError::Listen(settings.listen.clone(), e))?;
         let port = listener.local_addr()?.port();
+        let limits = settings.limits.clone();
         let sandbox = web::Data::new(Sandbox::open(settings).await?);
         let server = HttpServer::new(move || {
             App::new()
@@ -172,6 +175,12 @@ impl Application {
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         })
+        .max_connections(limits.max_connections)
+        .client_request_timeout(std::time::Duration::from_millis(
+            limits.client_request_timeout_ms,
+        ))
+        .client_disconnect_timeout(std::time::Duration::from_secs(2))
+        .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s))
         .listen(listener)?
         .run();
         Ok(Application { port, server })

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod format;
+pub mod throttle;
 pub mod usage;
 
 use crate::catalog::Dataset;
@@ -20,20 +21,58 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz)).service(
-        web::scope("/v1")
-            .route("/datasets", web::get().to(list_datasets))
-            .route("/datasets/{id}", web::get().to(get_dataset))
-            .route("/datasets/{id}/preview", web::get().to(preview_dataset))
-            .route("/queries", web::post().to(post_query))
-            .route("/grants", web::get().to(list_grants))
-            .configure(audit::routes)
-            .configure(usage::routes),
-    );
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/openapi.json", web::get().to(openapi))
+        .service(
+            web::scope("/v1")
+                .route("/datasets", web::get().to(list_datasets))
+                .route("/datasets/{id}", web::get().to(get_dataset))
+                .route("/datasets/{id}/preview", web::get().to(preview_dataset))
+                .route("/queries", web::post().to(post_query))
+                .route("/grants", web::get().to(list_grants))
+                .configure(audit::routes)
+                .configure(usage::routes),
+        );
 }
 
-pub async fn not_found() -> HttpResponse {
-    actix_web::ResponseError::error_response(&ApiError::NotFound("no such route".into()))
+/// Every route of the API: the 405 answers and the OpenAPI test read this table.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/datasets"),
+    ("GET", "/v1/datasets/{id}"),
+    ("GET", "/v1/datasets/{id}/preview"),
+    ("POST", "/v1/queries"),
+    ("GET", "/v1/grants"),
+    ("GET", "/v1/usage"),
+    ("GET", "/v1/audit/entries"),
+    ("GET", "/v1/audit/head"),
+    ("GET", "/v1/audit/public-key"),
+    ("GET", "/v1/audit/proof/inclusion"),
+    ("GET", "/v1/audit/proof/consistency"),
+    ("POST", "/v1/audit/sql"),
+];
+
+/// No route matched: 405 with the allowed methods where the path exists, else 404.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    let allowed: Vec<&'static str> = ROUTES
+        .iter()
+        .filter(|(_, pattern)| actix_web::dev::ResourceDef::new(*pattern).is_match(req.path()))
+        .map(|(method, _)| *method)
+        .collect();
+    let error = if allowed.is_empty() {
+        ApiError::NotFound("no such route".into())
+    } else {
+        ApiError::MethodNotAllowed(allowed)
+    };
+    actix_web::ResponseError::error_response(&error)
+}
+
+/// The OpenAPI document of this API, kept in the repository and served as is.
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(include_str!("../../openapi.json"))
 }
 
 async fn healthz() -> HttpResponse {
@@ -63,9 +102,14 @@ impl FromRequest for Authenticated {
             let principal = web::block(move || store.principal_by_key_hash(&hash))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
-            principal
-                .map(Authenticated)
-                .ok_or(ApiError::Unauthenticated)
+            let principal = principal.ok_or(ApiError::Unauthenticated)?;
+            let limits = &sandbox.settings.limits;
+            sandbox.throttle.admit(
+                &principal.id,
+                limits.requests_per_second,
+                limits.request_burst,
+            )?;
+            Ok(Authenticated(principal))
         })
     }
 }
@@ -266,6 +310,10 @@ async fn post_query(
     let body = read_body(payload, sandbox.settings.limits.max_body_bytes).await?;
     let request = parse_query_request(&sandbox, &body)?;
     let format = negotiate(&req, request.format);
+    let _running = sandbox.throttle.start(
+        &who.0.id,
+        sandbox.settings.limits.max_concurrent_queries_per_principal,
+    )?;
     let sandbox = sandbox.into_inner();
     let outcome = sandbox
         .runtime

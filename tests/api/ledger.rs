@@ -399,11 +399,14 @@ fn receipts_survive_sigkill_and_quotas_are_not_double_spent() {
                             else {
                                 break;
                             };
-                            if resp.status() == 200 {
-                                let doc: Value = resp.body_mut().read_json().unwrap();
-                                receipts.push(doc["receipt"].clone());
-                            } else if resp.status() == 429 {
-                                break;
+                            let doc: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+                            match (resp.status().as_u16(), doc["error"]["code"].as_str()) {
+                                (200, _) => receipts.push(doc["receipt"].clone()),
+                                (_, Some("rate_limited")) => {
+                                    std::thread::sleep(std::time::Duration::from_millis(50))
+                                }
+                                (_, Some("quota_exceeded")) => break,
+                                _ => {}
                             }
                         }
                         receipts

@@ -2,6 +2,8 @@
 
 mod helpers;
 
+mod hardening;
+
 mod auth;
 mod catalog;
 mod cli;

@@ -1,0 +1,180 @@
+//! Abuse limits and the API contract: every limit reached and answered with
+//! its code while others keep being served; 405s; the OpenAPI document.
+
+use crate::helpers::{Options, spawn_app, spawn_app_with};
+use frostglass::config::Settings;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const SLOW: &str = "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district";
+const QUICK: &str = "SELECT industry, COUNT(*) FROM enterprise_registry GROUP BY industry";
+
+#[test]
+fn wrong_methods_answer_405_with_the_allowed_ones() {
+    let app = spawn_app();
+    let r = app.get("/v1/queries", Some(app.key("buyer:acme")));
+    assert_eq!(r.status, 405);
+    assert_eq!(r.code().as_deref(), Some("method_not_allowed"));
+    assert_eq!(r.headers.get("allow").map(String::as_str), Some("POST"));
+    let r = app.request(
+        "DELETE",
+        "/v1/datasets/city_health",
+        Some(app.key("buyer:acme")),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers.get("allow").map(String::as_str), Some("GET"));
+}
+
+#[test]
+fn the_openapi_document_is_valid_and_matches_the_served_routes() {
+    let app = spawn_app();
+    let r = app.get("/openapi.json", None);
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert_eq!(doc["openapi"], "3.0.3");
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    let mut served: Vec<(String, String)> = frostglass::api::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
+    // Every documented route is really served: neither 404 nor 405.
+    let auditor = app.key("auditor:cac").to_string();
+    for (method, path) in &served {
+        let path = path.replace("{id}", "city_health");
+        let path = match path.as_str() {
+            "/v1/audit/proof/inclusion" => format!("{path}?index=0&size=1"),
+            "/v1/audit/proof/consistency" => format!("{path}?from=0&to=1"),
+            _ => path,
+        };
+        let body = serde_json::to_vec(&json!({ "sql": "SELECT 1" })).unwrap();
+        let r = app.request(
+            method,
+            &path,
+            Some(&auditor),
+            (method == "POST").then_some(&body[..]),
+            None,
+        );
+        assert!(
+            r.status != 404 && r.status != 405,
+            "{method} {path}: {}",
+            r.status
+        );
+    }
+    // The query request schema in the document is the one the server validates with.
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../schemas/query-request.schema.json")).unwrap();
+    let documented = &doc["paths"]["/v1/queries"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(documented["properties"], schema["properties"]);
+}
+
+#[test]
+fn a_principal_over_its_request_rate_is_slowed_while_others_are_served() {
+    let mut settings = Settings::default();
+    settings.limits.requests_per_second = 0.5;
+    settings.limits.request_burst = 3.0;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let key = app.key("buyer:acme").to_string();
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| app.get("/v1/datasets", Some(&key)).status)
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    let r = app.get("/v1/datasets", Some(&key));
+    assert_eq!(r.code().as_deref(), Some("rate_limited"));
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    assert_eq!(
+        app.get("/v1/datasets", Some(app.key("buyer:other"))).status,
+        200
+    );
+}
+
+#[test]
+fn one_principal_cannot_hold_every_query_slot() {
+    let mut settings = Settings::default();
+    settings.limits.max_concurrent_queries_per_principal = 1;
+    settings.limits.query_timeout_ms = 3_000;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| app.query(SLOW));
+        std::thread::sleep(Duration::from_millis(400));
+        let second = app.query(QUICK);
+        assert_eq!(second.status, 429, "{}", second.text());
+        assert_eq!(second.code().as_deref(), Some("rate_limited"));
+        let other = app.query_as("buyer:abroad", json!({ "sql": QUICK }));
+        assert_eq!(other.status, 200, "{}", other.text());
+        assert_eq!(
+            slow.join().unwrap().code().as_deref(),
+            Some("resource_limit")
+        );
+    });
+}
+
+#[test]
+fn overload_is_answered_503_quickly() {
+    let mut settings = Settings::default();
+    settings.limits.max_concurrent_queries = 1;
+    settings.limits.queue_wait_ms = 200;
+    settings.limits.query_timeout_ms = 3_000;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| app.query(SLOW));
+        std::thread::sleep(Duration::from_millis(400));
+        let started = Instant::now();
+        let r = app.query_as("buyer:abroad", json!({ "sql": QUICK }));
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.code().as_deref(), Some("overloaded"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        slow.join().unwrap();
+    });
+    // Once the slot is free again, queries are answered.
+    assert_eq!(app.query(QUICK).status, 200);
+}
+
+#[test]
+fn slow_clients_are_cut_off_and_do_not_block_others() {
+    let mut settings = Settings::default();
+    settings.limits.client_request_timeout_ms = 500;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"POST /v1/queries HTTP/1.1\r\nHost: x\r\nContent-Le")
+        .unwrap();
+    // Meanwhile a normal client is served.
+    assert_eq!(app.get("/healthz", None).status, 200);
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the slow client was not cut off"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
