@@ -123,6 +123,18 @@ enum PrincipalCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Give a principal a second key (rotation); prints it alone on the last line.
+    KeyAdd {
+        id: String,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Revoke one key (given as the key itself); requests with it are refused from then on.
+    KeyRevoke {
+        key: String,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +196,12 @@ fn main() -> ExitCode {
                     data_dir,
                 },
         } => add_principal(id, role, org, region, &data_dir),
+        Command::Principal {
+            command: PrincipalCommand::KeyAdd { id, data_dir },
+        } => add_key(&id, &data_dir),
+        Command::Principal {
+            command: PrincipalCommand::KeyRevoke { key, data_dir },
+        } => revoke_key(&key, &data_dir),
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
@@ -342,6 +360,36 @@ fn problems_text(problems: Vec<Problem>) -> String {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn add_key(id: &str, data_dir: &Path) -> Result<(), String> {
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let key = auth::generate_key();
+    let hash = auth::key_hash(&key);
+    store.add_key(id, &hash).map_err(|e| e.to_string())?;
+    ledger::record_event(
+        data_dir,
+        "key_added",
+        serde_json::json!({ "principal": id, "key_hash_prefix": &hash[..12] }),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("added a key for {id} (shown once):");
+    println!("{key}");
+    Ok(())
+}
+
+fn revoke_key(key: &str, data_dir: &Path) -> Result<(), String> {
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let hash = auth::key_hash(key);
+    let principal = store.revoke_key(&hash).map_err(|e| e.to_string())?;
+    ledger::record_event(
+        data_dir,
+        "key_revoked",
+        serde_json::json!({ "principal": principal, "key_hash_prefix": &hash[..12] }),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("revoked a key of {principal}");
+    Ok(())
 }
 
 fn add_principal(

@@ -241,6 +241,55 @@ impl Store {
         Ok(())
     }
 
+    /// Adds a key to a principal, which may hold at most two active keys (for rotation).
+    pub fn add_key(&self, principal: &str, key_hash: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
+            [principal],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Err(StoreError::NotFound(format!("no principal '{principal}'")));
+        }
+        let active: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM api_keys WHERE principal_id = ?1 AND revoked_at IS NULL",
+            [principal],
+            |r| r.get(0),
+        )?;
+        if active >= 2 {
+            return Err(StoreError::Conflict(format!(
+                "'{principal}' already has two active keys; revoke one first"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
+            params![key_hash, principal, now_rfc3339()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Revokes the key with this hash; returns whose it was.
+    pub fn revoke_key(&self, key_hash: &str) -> Result<String, StoreError> {
+        let conn = self.conn();
+        let principal: Option<String> = conn
+            .query_row(
+                "SELECT principal_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+                [key_hash],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let principal =
+            principal.ok_or_else(|| StoreError::NotFound("no active key like that".into()))?;
+        conn.execute(
+            "UPDATE api_keys SET revoked_at = ?1 WHERE key_hash = ?2",
+            params![now_rfc3339(), key_hash],
+        )?;
+        Ok(principal)
+    }
+
     pub fn principal_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()

@@ -229,3 +229,41 @@ fn a_revoked_grant_stops_answering_and_is_recorded() {
     ]);
     assert!(!again.status.success());
 }
+
+#[test]
+fn keys_rotate_two_at_a_time_and_revoked_ones_stop_working() {
+    let app = spawn_app();
+    let data = app.data_dir.to_str().unwrap();
+    let old = app.key("buyer:acme").to_string();
+    let out = frostglass(&["principal", "key-add", "buyer:acme", "--data-dir", data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = last_line(&out);
+    assert_ne!(new, old);
+    for key in [&old, &new] {
+        assert_eq!(app.get("/v1/grants", Some(key)).status, 200);
+    }
+    let third = frostglass(&["principal", "key-add", "buyer:acme", "--data-dir", data]);
+    assert!(!third.status.success(), "a third active key is refused");
+    let out = frostglass(&["principal", "key-revoke", &old, "--data-dir", data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(app.get("/v1/grants", Some(&old)).status, 401);
+    assert_eq!(app.get("/v1/grants", Some(&new)).status, 200);
+    let entries = app.store().entries(0, 1000).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|(_, b, _)| b.contains(r#""kind":"key_revoked""#))
+    );
+    assert!(
+        !entries.iter().any(|(_, b, _)| b.contains(&old[4..])),
+        "no key material in the ledger"
+    );
+}
