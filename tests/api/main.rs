@@ -14,3 +14,4 @@ mod metering;
 mod policy;
 mod privacy;
 mod queries;
+mod random_sql;
