@@ -13,6 +13,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub limits: Limits,
     pub tls: Option<TlsSettings>,
+    /// Serve plain HTTP on an address other than loopback (behind a TLS proxy, say).
+    pub allow_plain_http: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +98,7 @@ impl Default for Settings {
             data_dir: "data".into(),
             limits: Limits::default(),
             tls: None,
+            allow_plain_http: false,
         }
     }
 }

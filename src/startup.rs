@@ -148,6 +148,24 @@ async fn record_registrations(
     Ok(())
 }
 
+/// TLS 1.2 and 1.3 only, with rustls's modern cipher suites (ring provider).
+fn tls_config(tls: &crate::config::TlsSettings) -> Result<rustls::ServerConfig, StartError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let bad = |what: &str, e: String| StartError::Config(format!("TLS {what}: {e}"));
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("certificate", format!("{}: {e}", tls.cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| bad("key", format!("{}: {e}", tls.key.display())))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| bad("versions", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate", e.to_string()))
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -155,9 +173,19 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let tls = match &settings.tls {
+            Some(tls) => Some(tls_config(tls)?),
+            None => None,
+        };
         let listener = TcpListener::bind(&settings.listen)
             .map_err(|e| StartError::Listen(settings.listen.clone(), e))?;
-        let port = listener.local_addr()?.port();
+        let local = listener.local_addr()?;
+        let port = local.port();
+        if tls.is_none() && !local.ip().is_loopback() && !settings.allow_plain_http {
+            return Err(StartError::Config(format!(
+                "refusing plain HTTP on {local}: configure tls (cert, key) or set allow_plain_http"
+            )));
+        }
         let limits = settings.limits.clone();
         let sandbox = web::Data::new(Sandbox::open(settings).await?);
         let server = HttpServer::new(move || {
@@ -180,8 +208,11 @@ impl Application {
             limits.client_request_timeout_ms,
         ))
         .client_disconnect_timeout(std::time::Duration::from_secs(2))
-        .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s))
-        .listen(listener)?
+        .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s));
+        let server = match tls {
+            Some(config) => server.listen_rustls_0_23(listener, config)?,
+            None => server.listen(listener)?,
+        }
         .run();
         Ok(Application { port, server })
     }

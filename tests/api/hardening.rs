@@ -178,3 +178,64 @@ fn slow_clients_are_cut_off_and_do_not_block_others() {
         "{text}"
     );
 }
+
+#[test]
+fn tls_serves_https_and_plain_http_is_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut settings = Settings::default();
+    settings.tls = Some(frostglass::config::TlsSettings {
+        cert: cert_path,
+        key: key_path,
+    });
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let port = app.base.rsplit(':').next().unwrap().to_string();
+    let root = ureq::tls::Certificate::from_der(cert.cert.der()).to_owned();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+            root,
+        ])))
+        .build();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("https://localhost:{port}/healthz"))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.body_mut().read_to_string().unwrap().contains("ok"));
+    // A client that does not trust the certificate cannot talk to it.
+    let untrusting: ureq::Agent = ureq::Agent::config_builder().build().into();
+    assert!(
+        untrusting
+            .get(format!("https://localhost:{port}/healthz"))
+            .call()
+            .is_err()
+    );
+    // Plain HTTP on the TLS port gets nowhere.
+    assert!(
+        ureq::get(format!("http://127.0.0.1:{port}/healthz"))
+            .call()
+            .is_err()
+    );
+
+    // Without TLS, anything but loopback is refused at start.
+    let mut open = Settings::default();
+    open.listen = "0.0.0.0:0".into();
+    open.catalog_dir = crate::helpers::shared_catalog().to_path_buf();
+    open.policies_dir = crate::helpers::repo().join("policies");
+    open.data_dir = tempfile::tempdir().unwrap().keep();
+    let started =
+        actix_web::rt::System::new().block_on(frostglass::startup::Application::build(open));
+    let error = started.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("refusing plain HTTP"), "{error}");
+}
