@@ -15,6 +15,7 @@ use datafusion::catalog::{
 use datafusion::common::TableReference;
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
@@ -35,6 +36,9 @@ const SCHEMA: &str = "public";
 pub struct Engine {
     template: SessionState,
     limits: Limits,
+    /// File listings, statistics and Parquet footers, shared by every
+    /// query's runtime (each has its own memory pool) so they are read once.
+    caches: CacheManagerConfig,
 }
 
 /// Maps an engine error to one that is safe to show: engine messages can
@@ -79,7 +83,16 @@ impl Engine {
             .with_table_function_list(Vec::new())
             .with_table_factories(HashMap::new())
             .build();
-        Engine { template, limits }
+        let shared = &template.runtime_env().cache_manager;
+        let caches = CacheManagerConfig::default()
+            .with_file_metadata_cache(Some(shared.get_file_metadata_cache()))
+            .with_file_statistics_cache(shared.get_file_statistic_cache())
+            .with_list_files_cache(shared.get_list_files_cache());
+        Engine {
+            template,
+            limits,
+            caches,
+        }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -212,6 +225,7 @@ impl Engine {
             .map_err(engine_error)?;
         let physical = yield_after_joins(physical)?;
         let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(self.caches.clone())
             .with_memory_limit(self.limits.query_memory_bytes, 1.0)
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),

@@ -152,6 +152,7 @@ CREATE TABLE IF NOT EXISTS usage_log (
     body TEXT NOT NULL,
     leaf_hash TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS grants_buyer ON grants (buyer);
 CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
 CREATE TABLE IF NOT EXISTS tree_heads (
     tree_size INTEGER PRIMARY KEY,
@@ -366,11 +367,7 @@ impl Store {
 
     /// Grants of a buyer, oldest first (the order in which a query picks one).
     pub fn grants_of(&self, buyer: &str) -> Result<Vec<Grant>, StoreError> {
-        Ok(self
-            .all_grants()?
-            .into_iter()
-            .filter(|g| g.buyer == buyer)
-            .collect())
+        self.query_grants("WHERE buyer = ?1", &[&buyer])
     }
 
     /// Grants that cover a dataset.
@@ -383,12 +380,20 @@ impl Store {
     }
 
     pub fn all_grants(&self) -> Result<Vec<Grant>, StoreError> {
+        self.query_grants("", &[])
+    }
+
+    fn query_grants(
+        &self,
+        condition: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<Grant>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
-             FROM grants ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map([], |r| {
+             FROM grants {condition} ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
             let datasets: String = r.get(2)?;
             Ok(Grant {
                 id: r.get(0)?,
