@@ -626,25 +626,24 @@ async fn finish(
     usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
     let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
     let datasets: BTreeSet<&str> = p.scanned.iter().map(|d| d.id()).collect();
-    let body = json!({
-        "v": 1,
-        "kind": "query",
-        "query_id": query_id,
-        "at": now_rfc3339(),
-        "principal": principal.id,
-        "grant": p.grant.id,
-        "purpose": p.grant.purpose,
-        "datasets": datasets,
-        "sql_sha256": sha256_hex(request.sql.as_bytes()),
-        "plan_sha256": p.plan_sha256,
-        "decision": "answered",
-        "cached": cached,
-        "release": e.release,
-        "usage": usage,
-        "epsilon_charged": epsilon,
-        "epsilon_by_dataset": by_dataset,
-        "result_sha256": result_sha256,
-    });
+    let body = entry(
+        &query_id,
+        principal,
+        Some(&p.grant.id),
+        Some(&p.grant.purpose),
+        &datasets,
+        request,
+        json!({
+            "plan_sha256": p.plan_sha256,
+            "decision": "answered",
+            "cached": cached,
+            "release": e.release,
+            "usage": usage,
+            "epsilon_charged": epsilon,
+            "epsilon_by_dataset": by_dataset,
+            "result_sha256": result_sha256,
+        }),
+    );
     let appended = append(
         sandbox,
         principal,
@@ -681,6 +680,33 @@ async fn finish(
     })
 }
 
+/// A query's ledger entry: who asked what (the SQL only as a hash), then `outcome`'s fields.
+fn entry<D: Serialize>(
+    query_id: &str,
+    principal: &Principal,
+    grant: Option<&str>,
+    purpose: Option<&str>,
+    datasets: &D,
+    request: &QueryRequest,
+    outcome: Value,
+) -> Value {
+    let mut body = json!({
+        "v": 1,
+        "kind": "query",
+        "query_id": query_id,
+        "at": now_rfc3339(),
+        "principal": principal.id,
+        "grant": grant,
+        "purpose": purpose,
+        "datasets": datasets,
+        "sql_sha256": sha256_hex(request.sql.as_bytes()),
+    });
+    if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), outcome) {
+        body.extend(fields);
+    }
+    body
+}
+
 async fn record_refusal(
     sandbox: &Sandbox,
     principal: &Principal,
@@ -690,23 +716,22 @@ async fn record_refusal(
     started: Instant,
     error: &ApiError,
 ) -> Result<(), ApiError> {
-    let body = json!({
-        "v": 1,
-        "kind": "query",
-        "query_id": query_id,
-        "at": now_rfc3339(),
-        "principal": principal.id,
-        "grant": trace.grant,
-        "purpose": trace.purpose,
-        "datasets": trace.datasets,
-        "sql_sha256": sha256_hex(request.sql.as_bytes()),
-        "decision": "refused",
-        "code": error.code(),
-        "rule": error.rule(),
-        "wall_ms": started.elapsed().as_millis() as u64,
-        "epsilon_charged": trace.epsilon_charged,
-        "epsilon_by_dataset": trace.epsilon_by_dataset,
-    });
+    let body = entry(
+        query_id,
+        principal,
+        trace.grant.as_deref(),
+        trace.purpose.as_deref(),
+        &trace.datasets,
+        request,
+        json!({
+            "decision": "refused",
+            "code": error.code(),
+            "rule": error.rule(),
+            "wall_ms": started.elapsed().as_millis() as u64,
+            "epsilon_charged": trace.epsilon_charged,
+            "epsilon_by_dataset": trace.epsilon_by_dataset,
+        }),
+    );
     append(
         sandbox,
         principal,
