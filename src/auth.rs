@@ -20,6 +20,38 @@ pub fn key_hash(key: &str) -> String {
     crate::ledger::sha256_hex(key.as_bytes())
 }
 
+/// SHA-256 (hex) of a certificate's SubjectPublicKeyInfo: what a principal is
+/// bound to, so that reissuing a certificate for the same key keeps the binding.
+pub fn spki_sha256(cert_der: &[u8]) -> Option<String> {
+    let der = rustls::pki_types::CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    Some(crate::ledger::sha256_hex(
+        cert.subject_public_key_info().as_ref(),
+    ))
+}
+
+/// The client certificate a TLS connection presented, kept with the connection.
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub spki_sha256: String,
+}
+
+/// Called for every new connection: remembers the client certificate, if any.
+pub fn capture_client_cert(conn: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    let Some(tls) = conn.downcast_ref::<Tls>() else {
+        return;
+    };
+    let (_, session) = tls.get_ref();
+    if let Some(spki_sha256) = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| spki_sha256(c))
+    {
+        data.insert(ClientCert { spki_sha256 });
+    }
+}
+
 /// The bearer token of an `Authorization` header value, if well formed.
 pub fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.split_once(' ')?;

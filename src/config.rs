@@ -22,6 +22,10 @@ pub struct Settings {
 pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// CA of client certificates: when set, clients may present one, and
+    /// principals bound to a certificate must.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Limits that protect the server from any single request.

@@ -129,6 +129,14 @@ enum PrincipalCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Bind a principal to a client certificate (PEM): its keys then work only over mutual TLS with that certificate's key.
+    BindCert {
+        id: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Revoke one key (given as the key itself); requests with it are refused from then on.
     KeyRevoke {
         key: String,
@@ -199,6 +207,9 @@ fn main() -> ExitCode {
         Command::Principal {
             command: PrincipalCommand::KeyAdd { id, data_dir },
         } => add_key(&id, &data_dir),
+        Command::Principal {
+            command: PrincipalCommand::BindCert { id, cert, data_dir },
+        } => bind_cert(&id, &cert, &data_dir),
         Command::Principal {
             command: PrincipalCommand::KeyRevoke { key, data_dir },
         } => revoke_key(&key, &data_dir),
@@ -375,6 +386,24 @@ fn add_key(id: &str, data_dir: &Path) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     println!("added a key for {id} (shown once):");
     println!("{key}");
+    Ok(())
+}
+
+fn bind_cert(id: &str, cert: &Path, data_dir: &Path) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_file(cert)
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+    let spki = auth::spki_sha256(&der)
+        .ok_or_else(|| format!("{} is not a usable certificate", cert.display()))?;
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    store.bind_cert(id, &spki).map_err(|e| e.to_string())?;
+    ledger::record_event(
+        data_dir,
+        "certificate_bound",
+        serde_json::json!({ "principal": id, "spki_sha256": spki }),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("bound {id} to the certificate key {spki}");
     Ok(())
 }
 

@@ -158,10 +158,32 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<rustls::ServerConfig, 
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| bad("key", format!("{}: {e}", tls.key.display())))?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ServerConfig::builder_with_provider(provider)
+    let provider_builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| bad("versions", e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| bad("versions", e.to_string()))?;
+    let builder = match &tls.client_ca {
+        None => provider_builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in
+                CertificateDer::pem_file_iter(ca).map_err(|e| bad("client CA", e.to_string()))?
+            {
+                roots
+                    .add(c.map_err(|e| bad("client CA", e.to_string()))?)
+                    .map_err(|e| bad("client CA", e.to_string()))?;
+            }
+            // Optional at the TLS layer; principals bound to a certificate are held to it per request.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad("client CA", e.to_string()))?;
+            provider_builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
         .with_single_cert(certs, key)
         .map_err(|e| bad("certificate", e.to_string()))
 }
@@ -208,7 +230,8 @@ impl Application {
             limits.client_request_timeout_ms,
         ))
         .client_disconnect_timeout(std::time::Duration::from_secs(2))
-        .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s));
+        .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s))
+        .on_connect(crate::auth::capture_client_cert);
         let server = match tls {
             Some(config) => server.listen_rustls_0_23(listener, config)?,
             None => server.listen(listener)?,

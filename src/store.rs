@@ -128,6 +128,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at TEXT NOT NULL,
     revoked_at TEXT
 );
+CREATE TABLE IF NOT EXISTS principal_certs (
+    principal_id TEXT PRIMARY KEY REFERENCES principals(id),
+    spki_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS grants (
     id TEXT PRIMARY KEY,
     buyer TEXT NOT NULL REFERENCES principals(id),
@@ -310,16 +315,33 @@ impl Store {
             .optional()?)
     }
 
-    pub fn principal_by_key_hash(&self, key_hash: &str) -> Result<Option<Principal>, StoreError> {
+    /// The principal holding a key, and the client certificate it is bound to, if any.
+    pub fn principal_by_key_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(Principal, Option<String>)>, StoreError> {
         let conn = self.conn();
         Ok(conn
             .query_row(
-                "SELECT p.id, p.role, p.org, p.region FROM api_keys k JOIN principals p ON p.id = k.principal_id
+                "SELECT p.id, p.role, p.org, p.region, c.spki_sha256 FROM api_keys k JOIN principals p ON p.id = k.principal_id
+                 LEFT JOIN principal_certs c ON c.principal_id = p.id
                  WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
                 [key_hash],
-                principal_row,
+                |r| Ok((principal_row(r)?, r.get(4)?)),
             )
             .optional()?)
+    }
+
+    /// Binds a principal to a client certificate (by the SHA-256 of its public key).
+    pub fn bind_cert(&self, principal: &str, spki_sha256: &str) -> Result<(), StoreError> {
+        if self.principal(principal)?.is_none() {
+            return Err(StoreError::NotFound(format!("no principal '{principal}'")));
+        }
+        self.conn().execute(
+            "INSERT OR REPLACE INTO principal_certs (principal_id, spki_sha256, created_at) VALUES (?1, ?2, ?3)",
+            params![principal, spki_sha256, now_rfc3339()],
+        )?;
+        Ok(())
     }
 
     pub fn add_grant(&self, g: &NewGrant) -> Result<String, StoreError> {

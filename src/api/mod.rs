@@ -88,6 +88,7 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let sandbox = req.app_data::<web::Data<Sandbox>>().cloned();
+        let cert = req.conn_data::<crate::auth::ClientCert>().cloned();
         let token = req
             .headers()
             .get("Authorization")
@@ -102,7 +103,13 @@ impl FromRequest for Authenticated {
             let principal = web::block(move || store.principal_by_key_hash(&hash))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
-            let principal = principal.ok_or(ApiError::Unauthenticated)?;
+            let (principal, bound) = principal.ok_or(ApiError::Unauthenticated)?;
+            // A key bound to a client certificate only works with that certificate.
+            if let Some(bound) = bound
+                && cert.as_ref().is_none_or(|c| c.spki_sha256 != bound)
+            {
+                return Err(ApiError::Unauthenticated);
+            }
             let limits = &sandbox.settings.limits;
             sandbox.throttle.admit(
                 &principal.id,

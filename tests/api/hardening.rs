@@ -190,6 +190,7 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
     settings.tls = Some(frostglass::config::TlsSettings {
         cert: cert_path,
         key: key_path,
+        client_ca: None,
     });
     let app = spawn_app_with(Options {
         settings,
@@ -238,4 +239,104 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
         actix_web::rt::System::new().block_on(frostglass::startup::Application::build(open));
     let error = started.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("refusing plain HTTP"), "{error}");
+}
+
+#[test]
+fn mutual_tls_binds_a_principal_to_its_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // A CA for clients, a server certificate, and two client certificates.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert, key)
+    };
+    let (good_cert, good_key) = client("acme");
+    let (other_cert, other_key) = client("mallory");
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let mut settings = Settings::default();
+    settings.tls = Some(frostglass::config::TlsSettings {
+        cert: write("server.pem", server.cert.pem()),
+        key: write("server.key", server.signing_key.serialize_pem()),
+        client_ca: Some(write("ca.pem", ca_cert.pem())),
+    });
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let port = app.base.rsplit(':').next().unwrap().to_string();
+    let good_path = write("good.pem", good_cert.pem());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"))
+        .args([
+            "principal",
+            "bind-cert",
+            "buyer:acme",
+            "--cert",
+            good_path.to_str().unwrap(),
+            "--data-dir",
+            app.data_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let agent = |client: Option<(&rcgen::Certificate, &KeyPair)>| -> ureq::Agent {
+        let root = ureq::tls::Certificate::from_der(server.cert.der()).to_owned();
+        let mut tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(
+            std::sync::Arc::new(vec![root]),
+        ));
+        if let Some((cert, key)) = client {
+            let chain = vec![ureq::tls::Certificate::from_der(cert.der()).to_owned()];
+            let key = ureq::tls::PrivateKey::from_pem(key.serialize_pem().as_bytes()).unwrap();
+            tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
+        }
+        ureq::Agent::config_builder()
+            .tls_config(tls.build())
+            .http_status_as_error(false)
+            .build()
+            .into()
+    };
+    let grants = |agent: &ureq::Agent, key: &str| {
+        agent
+            .get(format!("https://localhost:{port}/v1/grants"))
+            .header("Authorization", &format!("Bearer {key}"))
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let acme = app.key("buyer:acme").to_string();
+    assert_eq!(
+        grants(&agent(Some((&good_cert, &good_key))), &acme),
+        200,
+        "key and its certificate"
+    );
+    assert_eq!(
+        grants(&agent(None), &acme),
+        401,
+        "the key without a certificate"
+    );
+    assert_eq!(
+        grants(&agent(Some((&other_cert, &other_key))), &acme),
+        401,
+        "the key with another principal's certificate"
+    );
+    // Principals not bound to a certificate are unaffected.
+    assert_eq!(grants(&agent(None), app.key("buyer:other")), 200);
 }
