@@ -8,7 +8,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::TableProvider;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -216,9 +216,41 @@ pub struct Dataset {
     /// Size of the data on disk; with `num_rows`, what a scan is metered as.
     pub num_bytes: u64,
     pub manifest_path: PathBuf,
+    /// Groupable columns that hold one value per privacy unit, measured at
+    /// registration; valid while the data on disk is unchanged (`fingerprint`).
+    pub unit_constant: BTreeSet<String>,
+    pub(crate) location: PathBuf,
+    pub(crate) fingerprint: Fingerprint,
+}
+
+/// What the data on disk looked like when its statistics were taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Fingerprint(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    let mut files = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                if let Ok(entries) = std::fs::read_dir(&p) {
+                    stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+                }
+            }
+            Ok(m) => files.push((p, m.len(), m.modified().ok())),
+            Err(_) => files.push((p, 0, None)),
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Fingerprint(files)
 }
 
 impl Dataset {
+    /// Whether `column` holds one value per privacy unit in the data as it is now.
+    pub fn is_unit_constant(&self, column: &str) -> bool {
+        self.unit_constant.contains(column) && fingerprint(&self.location) == self.fingerprint
+    }
+
     pub fn id(&self) -> &str {
         &self.manifest.id
     }
@@ -377,6 +409,17 @@ pub async fn open_dataset(
         .await
         .map_err(|e| data_err(format!("cannot count rows: {e}")))?;
     let num_bytes = disk_size(&location);
+    let fingerprint = fingerprint(&location);
+    let unit_constant = match measured(&location, &fingerprint, &manifest) {
+        Some(known) => known,
+        None => {
+            let found = unit_constant_columns(&ctx, &manifest)
+                .await
+                .map_err(|e| data_err(format!("cannot measure the data: {e}")))?;
+            remember(&location, &fingerprint, &manifest, &found);
+            found
+        }
+    };
     Ok(Dataset {
         manifest,
         provider,
@@ -384,7 +427,103 @@ pub async fn open_dataset(
         num_rows,
         num_bytes,
         manifest_path,
+        unit_constant,
+        location,
+        fingerprint,
     })
+}
+
+/// Measurements of unchanged data, kept for the life of the process (several
+/// sandboxes in one process, as in tests and the benchmark, measure once).
+type Measurements = std::collections::HashMap<(PathBuf, String), (Fingerprint, BTreeSet<String>)>;
+
+/// What a measurement depends on besides the data: the unit and the declared columns.
+fn measured_key(location: &Path, manifest: &Manifest) -> (PathBuf, String) {
+    let declared =
+        serde_json::to_string(&(&manifest.privacy_unit, &manifest.columns)).unwrap_or_default();
+    (location.to_path_buf(), declared)
+}
+
+fn measurements() -> &'static std::sync::Mutex<Measurements> {
+    static MEASURED: std::sync::OnceLock<std::sync::Mutex<Measurements>> =
+        std::sync::OnceLock::new();
+    MEASURED.get_or_init(Default::default)
+}
+
+fn measured(
+    location: &Path,
+    fingerprint: &Fingerprint,
+    manifest: &Manifest,
+) -> Option<BTreeSet<String>> {
+    let known = measurements().lock().unwrap_or_else(|p| p.into_inner());
+    let (at, columns) = known.get(&measured_key(location, manifest))?;
+    (at == fingerprint).then(|| columns.clone())
+}
+
+fn remember(
+    location: &Path,
+    fingerprint: &Fingerprint,
+    manifest: &Manifest,
+    columns: &BTreeSet<String>,
+) {
+    let mut known = measurements().lock().unwrap_or_else(|p| p.into_inner());
+    known.insert(
+        measured_key(location, manifest),
+        (fingerprint.clone(), columns.clone()),
+    );
+}
+
+/// The groupable columns with a single value (NULL counting as one) per privacy unit.
+async fn unit_constant_columns(
+    ctx: &SessionContext,
+    manifest: &Manifest,
+) -> datafusion::error::Result<BTreeSet<String>> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    let Some(unit) = &manifest.privacy_unit else {
+        return Ok(BTreeSet::new());
+    };
+    let candidates: Vec<&ColumnSpec> = manifest
+        .columns
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.class,
+                ColumnClass::QuasiIdentifier | ColumnClass::Attribute
+            ) && &c.name != unit
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let per_unit: Vec<String> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "COUNT(DISTINCT \"{0}\") + MAX(CASE WHEN \"{0}\" IS NULL THEN 1 ELSE 0 END) AS v{i}",
+                c.name
+            )
+        })
+        .collect();
+    let widest: Vec<String> = (0..candidates.len())
+        .map(|i| format!("MAX(v{i})"))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM (SELECT {} FROM t GROUP BY \"{unit}\")",
+        widest.join(", "),
+        per_unit.join(", ")
+    );
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    let mut out = BTreeSet::new();
+    if let Some(batch) = batches.first().filter(|b| b.num_rows() == 1) {
+        for (i, c) in candidates.iter().enumerate() {
+            let values = batch.column(i).as_any().downcast_ref::<Int64Array>();
+            if values.is_some_and(|v| !v.is_null(0) && v.value(0) <= 1) {
+                out.insert(c.name.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn count_rows(ctx: &SessionContext) -> datafusion::error::Result<u64> {
@@ -466,4 +605,43 @@ pub fn synthetic_preview(
         })
         .collect();
     (columns, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unit_constant_columns_are_measured_and_forgotten_when_the_data_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
+        for m in ["city_health.json", "telecom_usage.json"] {
+            std::fs::copy(repo.join(m), dir.path().join(m)).unwrap();
+        }
+        let schemas = crate::validate::Schemas::compiled();
+        let manifests = read_manifests(dir.path(), &schemas).unwrap();
+        crate::demo::generate(
+            &crate::demo::demo_targets(dir.path(), &manifests),
+            0.01,
+            |_| {},
+        )
+        .unwrap();
+        let catalog = Catalog::load(dir.path(), &schemas).await.unwrap();
+        let health = catalog.get("city_health").unwrap();
+        for c in ["district", "age", "gender"] {
+            assert!(health.is_unit_constant(c), "{c} is one value per person");
+        }
+        assert!(!health.is_unit_constant("visit_date"));
+        let telecom = catalog.get("telecom_usage").unwrap();
+        assert!(telecom.is_unit_constant("district") && !telecom.is_unit_constant("month"));
+        // New data under the same name: the measurement no longer holds.
+        let path = data_location(dir.path(), &health.manifest);
+        let bytes = std::fs::read(&path).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, [bytes.as_slice(), b""].concat()).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(!health.is_unit_constant("district"));
+    }
 }

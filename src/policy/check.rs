@@ -977,6 +977,9 @@ mod tests {
             num_rows: 0,
             num_bytes: 0,
             manifest_path: "d.json".into(),
+            unit_constant: Default::default(),
+            location: "d.parquet".into(),
+            fingerprint: Default::default(),
         }
     }
 

@@ -168,6 +168,7 @@ pub fn plan(
     min_group_size: u64,
     catalog: &Catalog,
     datasets: &BTreeSet<String>,
+    one_group_per_unit: bool,
 ) -> Result<(LogicalPlan, DpJob), ApiError> {
     if agg
         .group_expr
@@ -274,7 +275,10 @@ pub fn plan(
     // components scaled to the rows kept.
     let rows1 = Expr::Column(cols1[1 + groups + components.len()].clone());
     let mut builder = LogicalPlanBuilder::from(level1);
-    let rows_before = if groups > 0 {
+    // When every unit falls into one group (its grouping columns hold one
+    // value per unit), the group bound holds by itself and the unit's rows
+    // before this group are none: no window, which is most of the cost.
+    let rows_before = if groups > 0 && !one_group_per_unit {
         let order: Vec<_> = group_cols1
             .iter()
             .map(|g| g.clone().sort(true, true))

@@ -192,6 +192,7 @@ impl Splitter<'_> {
             (Some((_, aliases)), false, Some(params)) => {
                 let unit_col = unit_column(&threaded.plan)?;
                 let aliases = aliases.clone();
+                let one_group_per_unit = self.one_group_per_unit(agg, &input);
                 let (plan, job) = dp::plan(
                     agg,
                     threaded.plan,
@@ -201,6 +202,7 @@ impl Splitter<'_> {
                     min_group_size,
                     self.catalog,
                     &datasets,
+                    one_group_per_unit,
                 )?;
                 (plan, JobKind::Dp(job))
             }
@@ -234,6 +236,34 @@ impl Splitter<'_> {
             kind,
         });
         Ok(placeholder)
+    }
+
+    /// Whether every group key is a function of columns that hold one value
+    /// per privacy unit (measured at registration, on the data as it still
+    /// is), so each unit falls into exactly one group and the per-unit group
+    /// bound holds without being enforced. Columns are traced back to the
+    /// table column they are, verbatim; anything computed or renamed on the
+    /// way does not count.
+    fn one_group_per_unit(&self, agg: &Aggregate, input: &LogicalPlan) -> bool {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        let mut all = true;
+        for g in &agg.group_expr {
+            if matches!(g, Expr::GroupingSet(_)) {
+                return false;
+            }
+            let _ = g.apply(|e| {
+                if let Expr::Column(c) = e {
+                    let constant = base_column(input, c).and_then(|(table, column)| {
+                        self.catalog
+                            .get(&table)
+                            .map(|d| d.is_unit_constant(&column))
+                    });
+                    all &= constant == Some(true);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        all
     }
 
     /// Rewrites the input of a release aggregate so every row carries its
@@ -493,6 +523,44 @@ impl Threaded {
     }
 }
 
+/// The table column that `column` of `plan`'s output is, unchanged, if any:
+/// followed through bare projections, aliases, filters, sorts, limits and joins.
+fn base_column(plan: &LogicalPlan, column: &Column) -> Option<(String, String)> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let i = plan.schema().index_of_column(column).ok()?;
+            Some((
+                scan.table_name.table().to_string(),
+                scan.projected_schema.field(i).name().clone(),
+            ))
+        }
+        LogicalPlan::Projection(p) => {
+            let i = plan.schema().index_of_column(column).ok()?;
+            match strip_alias(p.expr.get(i)?) {
+                Expr::Column(inner) => base_column(&p.input, inner),
+                _ => None,
+            }
+        }
+        LogicalPlan::SubqueryAlias(a) => {
+            let i = plan.schema().index_of_column(column).ok()?;
+            let inner = Column::from(a.input.schema().qualified_field(i));
+            base_column(&a.input, &inner)
+        }
+        LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::Repartition(_) => base_column(plan.inputs()[0], column),
+        LogicalPlan::Join(j) => {
+            if j.left.schema().index_of_column(column).is_ok() {
+                base_column(&j.left, column)
+            } else {
+                base_column(&j.right, column)
+            }
+        }
+        _ => None,
+    }
+}
+
 fn strip_alias(e: &Expr) -> &Expr {
     match e {
         Expr::Alias(a) => strip_alias(&a.expr),
@@ -699,5 +767,72 @@ mod tests {
         assert_eq!(b.num_columns(), 2);
         let g = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
         assert_eq!(g.iter().flatten().collect::<Vec<_>>(), vec!["a", "c"]);
+    }
+}
+
+#[cfg(test)]
+mod base_column_tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    /// The group keys of the first aggregate of `sql`, traced to their table columns.
+    async fn traced(sql: &str) -> Vec<Option<(String, String)>> {
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Int64, true),
+            Field::new("district", DataType::Utf8, true),
+            Field::new("visit_date", DataType::Utf8, true),
+        ]));
+        ctx.register_table("city_health", Arc::new(EmptyTable::new(schema)))
+            .unwrap();
+        let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+        let mut found = None;
+        let _ = plan.apply(|node| {
+            if let LogicalPlan::Aggregate(a) = node {
+                found = Some(a.clone());
+                return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        let agg = found.unwrap();
+        agg.group_expr
+            .iter()
+            .map(|g| match g {
+                Expr::Column(c) => base_column(&agg.input, c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn column(t: &str, c: &str) -> Option<(String, String)> {
+        Some((t.to_string(), c.to_string()))
+    }
+
+    #[tokio::test]
+    async fn group_keys_are_traced_only_when_they_are_the_table_column_itself() {
+        assert_eq!(
+            traced("SELECT district, COUNT(*) FROM city_health GROUP BY district").await,
+            vec![column("city_health", "district")]
+        );
+        assert_eq!(
+            traced("SELECT c.district, COUNT(*) FROM city_health c WHERE c.person_id > 3 GROUP BY c.district").await,
+            vec![column("city_health", "district")]
+        );
+        assert_eq!(
+            traced("WITH t AS (SELECT district AS d FROM city_health) SELECT d, COUNT(*) FROM t GROUP BY d").await,
+            vec![column("city_health", "district")],
+            "a plain rename is still the same column"
+        );
+        // Renaming another column to a constant column's name must not pass for it.
+        assert_eq!(
+            traced("SELECT district, COUNT(*) FROM (SELECT visit_date AS district FROM city_health) t GROUP BY district").await,
+            vec![column("city_health", "visit_date")]
+        );
+        assert_eq!(
+            traced("SELECT d, COUNT(*) FROM (SELECT upper(district) AS d FROM city_health) t GROUP BY d").await,
+            vec![None],
+            "computed keys are not traced"
+        );
     }
 }
