@@ -413,9 +413,15 @@ pub async fn open_dataset(
     let unit_constant = match measured(&location, &fingerprint, &manifest) {
         Some(known) => known,
         None => {
-            let found = unit_constant_columns(&ctx, &manifest)
-                .await
-                .map_err(|e| data_err(format!("cannot measure the data: {e}")))?;
+            // A measurement that fails (say, out of its memory) just leaves
+            // the columns unmeasured: releases then bound groups the slow way.
+            let found = match unit_constant_columns(&location_str, &manifest).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(dataset = %manifest.id, error = %e, "per-unit statistics not measured");
+                    BTreeSet::new()
+                }
+            };
             remember(&location, &fingerprint, &manifest, &found);
             found
         }
@@ -432,6 +438,9 @@ pub async fn open_dataset(
         fingerprint,
     })
 }
+
+/// Memory the registration statistics may use.
+const MEASURE_MEMORY: usize = 1 << 30;
 
 /// Measurements of unchanged data, kept for the life of the process (several
 /// sandboxes in one process, as in tests and the benchmark, measure once).
@@ -475,7 +484,7 @@ fn remember(
 
 /// The groupable columns with a single value (NULL counting as one) per privacy unit.
 async fn unit_constant_columns(
-    ctx: &SessionContext,
+    location: &str,
     manifest: &Manifest,
 ) -> datafusion::error::Result<BTreeSet<String>> {
     use datafusion::arrow::array::{Array, Int64Array};
@@ -495,30 +504,48 @@ async fn unit_constant_columns(
     if candidates.is_empty() {
         return Ok(BTreeSet::new());
     }
+    // Per unit: 1 when the column is all NULL, or never NULL with one value.
+    // MIN, MAX and COUNT keep a few bytes per unit; COUNT(DISTINCT) would
+    // keep a hash set per unit and does not fit in memory at scale.
     let per_unit: Vec<String> = candidates
         .iter()
         .enumerate()
         .map(|(i, c)| {
             format!(
-                "COUNT(DISTINCT \"{0}\") + MAX(CASE WHEN \"{0}\" IS NULL THEN 1 ELSE 0 END) AS v{i}",
+                "CASE WHEN COUNT(\"{0}\") = 0 THEN 1 \
+                 WHEN COUNT(\"{0}\") = COUNT(*) AND MIN(\"{0}\") = MAX(\"{0}\") THEN 1 ELSE 0 END AS v{i}",
                 c.name
             )
         })
         .collect();
     let widest: Vec<String> = (0..candidates.len())
-        .map(|i| format!("MAX(v{i})"))
+        .map(|i| format!("1 - MIN(v{i})"))
         .collect();
     let sql = format!(
         "SELECT {} FROM (SELECT {} FROM t GROUP BY \"{unit}\")",
         widest.join(", "),
         per_unit.join(", ")
     );
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(MEASURE_MEMORY, 1.0)
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
+    match manifest.source.format {
+        SourceFormat::Parquet => {
+            ctx.register_parquet("t", location, ParquetReadOptions::default())
+                .await?
+        }
+        SourceFormat::Csv => {
+            ctx.register_csv("t", location, CsvReadOptions::new().has_header(true))
+                .await?
+        }
+    }
     let batches = ctx.sql(&sql).await?.collect().await?;
     let mut out = BTreeSet::new();
     if let Some(batch) = batches.first().filter(|b| b.num_rows() == 1) {
         for (i, c) in candidates.iter().enumerate() {
             let values = batch.column(i).as_any().downcast_ref::<Int64Array>();
-            if values.is_some_and(|v| !v.is_null(0) && v.value(0) <= 1) {
+            if values.is_some_and(|v| !v.is_null(0) && v.value(0) == 0) {
                 out.insert(c.name.clone());
             }
         }
