@@ -275,45 +275,9 @@ impl TestApp {
     }
 }
 
-/// Reads one string or integer column of a demo data file, for tests that
-/// must know the real values (to prove they never come out).
-pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
-    use datafusion::prelude::*;
-    let path = shared_catalog()
-        .join("data")
-        .join(format!("{dataset}.parquet"));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ctx = SessionContext::new();
-        ctx.register_parquet("t", path.to_str().unwrap(), ParquetReadOptions::default())
-            .await
-            .unwrap();
-        let batches = ctx
-            .sql(&format!("SELECT CAST({column} AS VARCHAR) FROM t"))
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        for b in batches {
-            let col = datafusion::arrow::compute::cast(
-                b.column(0),
-                &datafusion::arrow::datatypes::DataType::Utf8,
-            )
-            .unwrap();
-            let arr = col
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::StringArray>()
-                .unwrap();
-            out.extend(arr.iter().flatten().map(str::to_string));
-        }
-        out
-    })
-}
-
-/// Runs a query directly on the raw data file: the ground truth tests compare releases with.
-pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
+/// Runs `sql` on the raw data file of `dataset` (registered under its own
+/// name): the ground truth tests compare releases with.
+fn raw_batches(dataset: &str, sql: &str) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
     use datafusion::prelude::*;
     let path = shared_catalog()
         .join("data")
@@ -328,9 +292,35 @@ pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
         )
         .await
         .unwrap();
-        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-        frostglass::api::format::json_rows(&batches).unwrap()
+        ctx.sql(sql).await.unwrap().collect().await.unwrap()
     })
+}
+
+/// Reads one string or integer column of a demo data file, for tests that
+/// must know the real values (to prove they never come out).
+pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in raw_batches(
+        dataset,
+        &format!("SELECT CAST({column} AS VARCHAR) FROM {dataset}"),
+    ) {
+        let col = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let arr = col
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .unwrap();
+        out.extend(arr.iter().flatten().map(str::to_string));
+    }
+    out
+}
+
+/// Runs a query directly on the raw data file: the ground truth tests compare releases with.
+pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
+    frostglass::api::format::json_rows(&raw_batches(dataset, sql)).unwrap()
 }
 
 /// The real binary serving a data directory, its output captured to a file; killed on drop.

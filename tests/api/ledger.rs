@@ -26,6 +26,17 @@ fn snapshot(from: &Path) -> PathBuf {
     to
 }
 
+fn hash(value: &Value) -> [u8; 32] {
+    hex::decode(value.as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+fn hashes(value: &Value) -> Vec<[u8; 32]> {
+    value.as_array().unwrap().iter().map(hash).collect()
+}
+
 fn db(dir: &Path) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(dir.join("frostglass.db")).unwrap();
     // A forger does not respect our constraints.
@@ -100,37 +111,18 @@ fn inclusion_and_consistency_proofs_from_the_api_verify() {
     let head = app.get("/v1/audit/head", Some(auditor)).json();
     let size = head["tree_size"].as_u64().unwrap();
     assert_eq!(size, 7);
-    let root: [u8; 32] = hex::decode(head["root_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let root = hash(&head["root_hash"]);
     let index = receipt["ledger_index"].as_u64().unwrap();
-    let leaf: [u8; 32] = hex::decode(receipt["entry_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let leaf = hash(&receipt["entry_hash"]);
     let proof = app
         .get(
             &format!("/v1/audit/proof/inclusion?index={index}&size={size}"),
             Some(auditor),
         )
         .json();
-    let path: Vec<[u8; 32]> = proof["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            hex::decode(h.as_str().unwrap())
-                .unwrap()
-                .try_into()
-                .unwrap()
-        })
-        .collect();
+    let path = hashes(&proof["proof"]);
     assert!(merkle::verify_inclusion(&leaf, index, size, &path, &root));
-    let old_root: [u8; 32] = hex::decode(receipt["root_hash"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let old_root = hash(&receipt["root_hash"]);
     let old_size = receipt["tree_size"].as_u64().unwrap();
     let c = app
         .get(
@@ -138,17 +130,7 @@ fn inclusion_and_consistency_proofs_from_the_api_verify() {
             Some(auditor),
         )
         .json();
-    let cpath: Vec<[u8; 32]> = c["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            hex::decode(h.as_str().unwrap())
-                .unwrap()
-                .try_into()
-                .unwrap()
-        })
-        .collect();
+    let cpath = hashes(&c["proof"]);
     assert!(merkle::verify_consistency(
         old_size, size, &old_root, &root, &cpath
     ));
