@@ -35,30 +35,47 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// Every route of the API: the 405 answers and the OpenAPI test read this table.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v1/datasets"),
-    ("GET", "/v1/datasets/{id}"),
-    ("GET", "/v1/datasets/{id}/preview"),
-    ("POST", "/v1/queries"),
-    ("GET", "/v1/grants"),
-    ("GET", "/v1/usage"),
-    ("GET", "/v1/audit/entries"),
-    ("GET", "/v1/audit/head"),
-    ("GET", "/v1/audit/public-key"),
-    ("GET", "/v1/audit/proof/inclusion"),
-    ("GET", "/v1/audit/proof/consistency"),
-    ("POST", "/v1/audit/sql"),
+const ANY_ROLE: &[Role] = &[Role::Owner, Role::Buyer, Role::Auditor, Role::Admin];
+const BUYERS: &[Role] = &[Role::Buyer];
+const AUDITORS: &[Role] = &[Role::Auditor, Role::Admin];
+
+/// Every route of the API and the roles that may call it (empty: no key
+/// needed). Roles are enforced here, in one place, by [`Authenticated`]; the
+/// 405 answers and the OpenAPI test read this table too.
+pub const ROUTES: &[(&str, &str, &[Role])] = &[
+    ("GET", "/healthz", &[]),
+    ("GET", "/openapi.json", &[]),
+    ("GET", "/v1/datasets", ANY_ROLE),
+    ("GET", "/v1/datasets/{id}", ANY_ROLE),
+    ("GET", "/v1/datasets/{id}/preview", ANY_ROLE),
+    ("POST", "/v1/queries", BUYERS),
+    ("GET", "/v1/grants", ANY_ROLE),
+    ("GET", "/v1/usage", ANY_ROLE),
+    ("GET", "/v1/audit/entries", AUDITORS),
+    ("GET", "/v1/audit/head", AUDITORS),
+    ("GET", "/v1/audit/public-key", AUDITORS),
+    ("GET", "/v1/audit/proof/inclusion", AUDITORS),
+    ("GET", "/v1/audit/proof/consistency", AUDITORS),
+    ("POST", "/v1/audit/sql", AUDITORS),
 ];
+
+/// The roles allowed on the route a request matched; none if it matched none.
+fn allowed_roles(req: &HttpRequest) -> &'static [Role] {
+    let pattern = req.match_pattern();
+    ROUTES
+        .iter()
+        .find(|(method, path, _)| {
+            *method == req.method().as_str() && pattern.as_deref() == Some(*path)
+        })
+        .map_or(&[], |(_, _, roles)| *roles)
+}
 
 /// No route matched: 405 with the allowed methods where the path exists, else 404.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
     let allowed: Vec<&'static str> = ROUTES
         .iter()
-        .filter(|(_, pattern)| actix_web::dev::ResourceDef::new(*pattern).is_match(req.path()))
-        .map(|(method, _)| *method)
+        .filter(|(_, pattern, _)| actix_web::dev::ResourceDef::new(*pattern).is_match(req.path()))
+        .map(|(method, _, _)| *method)
         .collect();
     let error = if allowed.is_empty() {
         ApiError::NotFound("no such route".into())
@@ -89,6 +106,7 @@ impl FromRequest for Authenticated {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let sandbox = req.app_data::<web::Data<Sandbox>>().cloned();
         let cert = req.conn_data::<crate::auth::ClientCert>().cloned();
+        let roles = allowed_roles(req);
         let token = req
             .headers()
             .get("Authorization")
@@ -109,6 +127,12 @@ impl FromRequest for Authenticated {
                 && cert.as_ref().is_none_or(|c| c.spki_sha256 != bound)
             {
                 return Err(ApiError::Unauthenticated);
+            }
+            if !roles.contains(&principal.role) {
+                return Err(ApiError::Forbidden(format!(
+                    "a principal with role {} may not call this route",
+                    principal.role.as_str()
+                )));
             }
             let limits = &sandbox.settings.limits;
             sandbox.throttle.admit(

@@ -115,14 +115,9 @@ fn usage_batch(records: &[UsageRecord]) -> Result<RecordBatch, ApiError> {
 /// session holds that one table and nothing else.
 async fn audit_sql(
     sandbox: web::Data<Sandbox>,
-    who: Authenticated,
+    _: Authenticated,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    if !matches!(who.0.role, Role::Auditor | Role::Admin) {
-        return Err(ApiError::Forbidden(
-            "only auditors query usage metadata".into(),
-        ));
-    }
     if body.len() > sandbox.settings.limits.max_body_bytes {
         return Err(ApiError::PayloadTooLarge(
             sandbox.settings.limits.max_body_bytes,

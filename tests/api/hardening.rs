@@ -43,7 +43,7 @@ fn the_openapi_document_is_valid_and_matches_the_served_routes() {
     }
     let mut served: Vec<(String, String)> = frostglass::api::ROUTES
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
         .collect();
     documented.sort();
     served.sort();
@@ -339,4 +339,50 @@ fn mutual_tls_binds_a_principal_to_its_client_certificate() {
     );
     // Principals not bound to a certificate are unaffected.
     assert_eq!(grants(&agent(None), app.key("buyer:other")), 200);
+}
+
+#[test]
+fn every_route_admits_exactly_the_roles_of_the_route_table() {
+    let app = spawn_app();
+    let keys = [
+        (
+            frostglass::store::Role::Owner,
+            app.key("owner:hospital").to_string(),
+        ),
+        (
+            frostglass::store::Role::Buyer,
+            app.key("buyer:acme").to_string(),
+        ),
+        (
+            frostglass::store::Role::Auditor,
+            app.key("auditor:cac").to_string(),
+        ),
+    ];
+    let body = serde_json::to_vec(&json!({ "sql": "SELECT 1" })).unwrap();
+    for (method, path, roles) in frostglass::api::ROUTES
+        .iter()
+        .filter(|(_, _, roles)| !roles.is_empty())
+    {
+        let path = path.replace("{id}", "city_health");
+        let path = match path.as_str() {
+            "/v1/audit/proof/inclusion" => format!("{path}?index=0&size=1"),
+            "/v1/audit/proof/consistency" => format!("{path}?from=0&to=1"),
+            _ => path,
+        };
+        for (role, key) in &keys {
+            let r = app.request(
+                method,
+                &path,
+                Some(key),
+                (*method == "POST").then_some(&body[..]),
+                None,
+            );
+            if roles.contains(role) {
+                assert_ne!(r.status, 403, "{role:?} {method} {path}: {}", r.text());
+            } else {
+                assert_eq!(r.status, 403, "{role:?} {method} {path}: {}", r.text());
+                assert_eq!(r.code().as_deref(), Some("forbidden"));
+            }
+        }
+    }
 }
