@@ -68,6 +68,9 @@ enum Command {
         url: Option<String>,
         #[arg(long)]
         key: Option<String>,
+        /// CA certificate (PEM) to trust for an https --url, e.g. a self-signed server's.
+        #[arg(long, requires = "url")]
+        ca: Option<PathBuf>,
         /// The ledger's public key (hex); pins it instead of trusting the source.
         #[arg(long)]
         public_key: Option<PathBuf>,
@@ -239,12 +242,13 @@ fn main() -> ExitCode {
             data_dir,
             url,
             key,
+            ca,
             public_key,
             state,
             receipt,
         } => {
             let source = match (url, key) {
-                (Some(url), Some(key)) => verify::Source::Remote { url, key },
+                (Some(url), Some(key)) => verify::Source::Remote { url, key, ca },
                 _ => verify::Source::Local(data_dir.unwrap_or_else(|| PathBuf::from("data"))),
             };
             match verify::run(&verify::Options {

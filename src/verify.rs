@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 /// Where the ledger comes from.
 pub enum Source {
     Local(PathBuf),
-    Remote { url: String, key: String },
+    /// A running server; `ca` is a PEM file of the CA to trust for its
+    /// certificate (public CAs when absent).
+    Remote {
+        url: String,
+        key: String,
+        ca: Option<PathBuf>,
+    },
 }
 
 pub struct Options {
@@ -132,11 +138,31 @@ fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> 
     })
 }
 
-fn load_remote(url: &str, key: &str, public_key: Option<&Path>) -> Result<Ledger, Failure> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+fn load_remote(
+    url: &str,
+    key: &str,
+    ca: Option<&Path>,
+    public_key: Option<&Path>,
+) -> Result<Ledger, Failure> {
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| fail(None, format!("cannot read {}: {e}", ca.display())))?;
+        let roots = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        if roots.is_empty() {
+            return Err(fail(None, format!("{} holds no certificate", ca.display())));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+            .build();
+        config = config.tls_config(tls);
+    }
+    let agent: ureq::Agent = config.build().into();
     let remote = Remote {
         agent,
         url: url.to_string(),
@@ -184,7 +210,9 @@ fn load_remote(url: &str, key: &str, public_key: Option<&Path>) -> Result<Ledger
 pub fn run(options: &Options) -> Result<String, Failure> {
     let ledger = match &options.source {
         Source::Local(dir) => load_local(dir, options.public_key.as_deref())?,
-        Source::Remote { url, key } => load_remote(url, key, options.public_key.as_deref())?,
+        Source::Remote { url, key, ca } => {
+            load_remote(url, key, ca.as_deref(), options.public_key.as_deref())?
+        }
     };
     let previous: Option<State> = match &options.state {
         Some(path) if path.exists() => {

@@ -228,6 +228,28 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
             .call()
             .is_err()
     );
+    // An auditor verifies the ledger over HTTPS, trusting this server's certificate.
+    let ca = dir.path().join("server-ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let url = format!("https://localhost:{port}");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--url", &url, "--key", app.key("auditor:cac")];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&["--ca", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !verify(&[]).status.success(),
+        "an untrusted certificate is refused"
+    );
 
     // Without TLS, anything but loopback is refused at start.
     let mut open = Settings::default();
