@@ -566,6 +566,7 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, ApiError> 
                 "the release has more than the {max} groups its dataset allows"
             )));
         }
+        let batches = release::in_key_order(batches, job.groups, &job.schema)?;
         min_group_size =
             Some(min_group_size.map_or(job.min_group_size, |m| m.max(job.min_group_size)));
         let table = MemTable::try_new(job.schema.clone(), vec![batches])

@@ -30,7 +30,7 @@ use datafusion::logical_expr::{
     WindowFunctionDefinition, lit, when,
 };
 use serde::Serialize;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 const ROWS_PER_UNIT_GROUP: &str = "__fg_rows";
@@ -126,26 +126,15 @@ fn strip(e: &Expr) -> &Expr {
     }
 }
 
-/// Declared bounds of the column an aggregate argument names; the widest if
-/// several datasets of the job have a column of that name.
-fn bounds_of(arg: &Expr, catalog: &Catalog, datasets: &BTreeSet<String>) -> Option<(f64, f64)> {
+/// Declared bounds of the table column an aggregate argument is, traced
+/// through the plan (a renamed or computed column has none).
+fn bounds_of(arg: &Expr, input: &LogicalPlan, catalog: &Catalog) -> Option<(f64, f64)> {
     let Expr::Column(c) = strip(arg) else {
         return None;
     };
-    let mut found: Option<(f64, f64)> = None;
-    for d in datasets.iter().filter_map(|id| catalog.get(id)) {
-        let qualifier_ok = c
-            .relation
-            .as_ref()
-            .is_none_or(|r| r.table() == d.id() || catalog.get(r.table()).is_none());
-        if let (true, Some([lo, hi])) = (
-            qualifier_ok,
-            d.manifest.column(&c.name).and_then(|s| s.bounds),
-        ) {
-            found = Some(found.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
-        }
-    }
-    found
+    let (table, column) = super::base_column(input, c)?;
+    let [lo, hi] = catalog.get(&table)?.manifest.column(&column)?.bounds?;
+    Some((lo, hi))
 }
 
 fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
@@ -167,7 +156,6 @@ pub fn plan(
     params: Params,
     min_group_size: u64,
     catalog: &Catalog,
-    datasets: &BTreeSet<String>,
     one_group_per_unit: bool,
 ) -> Result<(LogicalPlan, DpJob), ApiError> {
     if agg
@@ -212,7 +200,7 @@ pub fn plan(
             }
             ("sum", false) | ("avg", false) => {
                 let arg = arg.ok_or_else(|| dp_refusal("SUM and AVG need an argument"))?;
-                let (lo, hi) = bounds_of(arg, catalog, datasets).ok_or_else(|| {
+                let (lo, hi) = bounds_of(arg, &input, catalog).ok_or_else(|| {
                     dp_refusal("SUM and AVG are released only over a column with declared bounds, named directly")
                 })?;
                 let summed = sum(clamp(arg.clone(), lo, hi)?);

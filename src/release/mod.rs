@@ -47,6 +47,8 @@ pub struct ReleaseJob {
     pub max_groups: Option<u64>,
     pub datasets: BTreeSet<String>,
     pub kind: JobKind,
+    /// How many leading columns of `schema` are group keys.
+    pub groups: usize,
 }
 
 pub enum JobKind {
@@ -201,7 +203,6 @@ impl Splitter<'_> {
                     params,
                     min_group_size,
                     self.catalog,
-                    &datasets,
                     one_group_per_unit,
                 )?;
                 (plan, JobKind::Dp(job))
@@ -234,6 +235,7 @@ impl Splitter<'_> {
             max_groups,
             datasets,
             kind,
+            groups: agg.group_expr.len(),
         });
         Ok(placeholder)
     }
@@ -701,6 +703,32 @@ pub fn fill(
         .map_err(internal)
 }
 
+/// Puts released groups in the order of their keys. The engine hands them
+/// out in hash-table order, which follows the data — including groups that
+/// were held back — so that order is not allowed to reach a buyer.
+pub fn in_key_order(
+    batches: Vec<RecordBatch>,
+    groups: usize,
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>, ApiError> {
+    use datafusion::arrow::compute::{
+        SortColumn, concat_batches, lexsort_to_indices, take_record_batch,
+    };
+    let all = concat_batches(schema, &batches).map_err(internal)?;
+    if groups == 0 || all.num_rows() < 2 {
+        return Ok(vec![all]);
+    }
+    let keys: Vec<SortColumn> = all.columns()[..groups]
+        .iter()
+        .map(|c| SortColumn {
+            values: c.clone(),
+            options: None,
+        })
+        .collect();
+    let order = lexsort_to_indices(&keys, None).map_err(internal)?;
+    Ok(vec![take_record_batch(&all, &order).map_err(internal)?])
+}
+
 /// Drops every group covering fewer than `min_group_size` units and the hidden count column.
 pub fn threshold(
     batches: Vec<RecordBatch>,
@@ -742,6 +770,42 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn released_groups_leave_in_key_order_not_hash_order() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let batch = |g: Vec<&str>, n: Vec<i64>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(g)),
+                    Arc::new(Int64Array::from(n)),
+                ],
+            )
+            .unwrap()
+        };
+        let out = in_key_order(
+            vec![batch(vec!["c", "a"], vec![3, 1]), batch(vec!["b"], vec![2])],
+            1,
+            &schema,
+        )
+        .unwrap();
+        let g = out[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let n = out[0]
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(g.iter().flatten().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        assert_eq!(n.iter().flatten().collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
 
     #[test]
     fn threshold_drops_small_groups_and_the_hidden_column() {
