@@ -12,6 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod per_unit;
+pub use per_unit::{Part, ROWS, UnitSummary, clamped};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
@@ -219,6 +222,8 @@ pub struct Dataset {
     /// Groupable columns that hold one value per privacy unit, measured at
     /// registration; valid while the data on disk is unchanged (`fingerprint`).
     pub unit_constant: BTreeSet<String>,
+    /// One row per privacy unit, taken at registration; valid like `unit_constant`.
+    pub(crate) summary: Option<Arc<UnitSummary>>,
     pub(crate) location: PathBuf,
     pub(crate) fingerprint: Fingerprint,
 }
@@ -249,6 +254,13 @@ impl Dataset {
     /// Whether `column` holds one value per privacy unit in the data as it is now.
     pub fn is_unit_constant(&self, column: &str) -> bool {
         self.unit_constant.contains(column) && fingerprint(&self.location) == self.fingerprint
+    }
+
+    /// The unit summary, if the data on disk is still what it was taken from.
+    pub fn summary(&self) -> Option<&Arc<UnitSummary>> {
+        self.summary
+            .as_ref()
+            .filter(|_| fingerprint(&self.location) == self.fingerprint)
     }
 
     pub fn id(&self) -> &str {
@@ -410,22 +422,7 @@ pub async fn open_dataset(
         .map_err(|e| data_err(format!("cannot count rows: {e}")))?;
     let num_bytes = disk_size(&location);
     let fingerprint = fingerprint(&location);
-    let unit_constant = match measured(&location, &fingerprint, &manifest) {
-        Some(known) => known,
-        None => {
-            // A measurement that fails (say, out of its memory) just leaves
-            // the columns unmeasured: releases then bound groups the slow way.
-            let found = match unit_constant_columns(&location_str, &manifest).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(dataset = %manifest.id, error = %e, "per-unit statistics not measured");
-                    BTreeSet::new()
-                }
-            };
-            remember(&location, &fingerprint, &manifest, &found);
-            found
-        }
-    };
+    let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
     Ok(Dataset {
         manifest,
         provider,
@@ -433,124 +430,11 @@ pub async fn open_dataset(
         num_rows,
         num_bytes,
         manifest_path,
-        unit_constant,
+        unit_constant: per_unit.constant,
+        summary: per_unit.summary,
         location,
         fingerprint,
     })
-}
-
-/// Memory the registration statistics may use.
-const MEASURE_MEMORY: usize = 1 << 30;
-
-/// Measurements of unchanged data, kept for the life of the process (several
-/// sandboxes in one process, as in tests and the benchmark, measure once).
-type Measurements = std::collections::HashMap<(PathBuf, String), (Fingerprint, BTreeSet<String>)>;
-
-/// What a measurement depends on besides the data: the unit and the declared columns.
-fn measured_key(location: &Path, manifest: &Manifest) -> (PathBuf, String) {
-    let declared =
-        serde_json::to_string(&(&manifest.privacy_unit, &manifest.columns)).unwrap_or_default();
-    (location.to_path_buf(), declared)
-}
-
-fn measurements() -> &'static std::sync::Mutex<Measurements> {
-    static MEASURED: std::sync::OnceLock<std::sync::Mutex<Measurements>> =
-        std::sync::OnceLock::new();
-    MEASURED.get_or_init(Default::default)
-}
-
-fn measured(
-    location: &Path,
-    fingerprint: &Fingerprint,
-    manifest: &Manifest,
-) -> Option<BTreeSet<String>> {
-    let known = measurements().lock().unwrap_or_else(|p| p.into_inner());
-    let (at, columns) = known.get(&measured_key(location, manifest))?;
-    (at == fingerprint).then(|| columns.clone())
-}
-
-fn remember(
-    location: &Path,
-    fingerprint: &Fingerprint,
-    manifest: &Manifest,
-    columns: &BTreeSet<String>,
-) {
-    let mut known = measurements().lock().unwrap_or_else(|p| p.into_inner());
-    known.insert(
-        measured_key(location, manifest),
-        (fingerprint.clone(), columns.clone()),
-    );
-}
-
-/// The groupable columns with a single value (NULL counting as one) per privacy unit.
-async fn unit_constant_columns(
-    location: &str,
-    manifest: &Manifest,
-) -> datafusion::error::Result<BTreeSet<String>> {
-    use datafusion::arrow::array::{Array, Int64Array};
-    let Some(unit) = &manifest.privacy_unit else {
-        return Ok(BTreeSet::new());
-    };
-    let candidates: Vec<&ColumnSpec> = manifest
-        .columns
-        .iter()
-        .filter(|c| {
-            matches!(
-                c.class,
-                ColumnClass::QuasiIdentifier | ColumnClass::Attribute
-            ) && &c.name != unit
-        })
-        .collect();
-    if candidates.is_empty() {
-        return Ok(BTreeSet::new());
-    }
-    // Per unit: 1 when the column is all NULL, or never NULL with one value.
-    // MIN, MAX and COUNT keep a few bytes per unit; COUNT(DISTINCT) would
-    // keep a hash set per unit and does not fit in memory at scale.
-    let per_unit: Vec<String> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            format!(
-                "CASE WHEN COUNT(\"{0}\") = 0 THEN 1 \
-                 WHEN COUNT(\"{0}\") = COUNT(*) AND MIN(\"{0}\") = MAX(\"{0}\") THEN 1 ELSE 0 END AS v{i}",
-                c.name
-            )
-        })
-        .collect();
-    let widest: Vec<String> = (0..candidates.len())
-        .map(|i| format!("1 - MIN(v{i})"))
-        .collect();
-    let sql = format!(
-        "SELECT {} FROM (SELECT {} FROM t GROUP BY \"{unit}\")",
-        widest.join(", "),
-        per_unit.join(", ")
-    );
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(MEASURE_MEMORY, 1.0)
-        .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
-    match manifest.source.format {
-        SourceFormat::Parquet => {
-            ctx.register_parquet("t", location, ParquetReadOptions::default())
-                .await?
-        }
-        SourceFormat::Csv => {
-            ctx.register_csv("t", location, CsvReadOptions::new().has_header(true))
-                .await?
-        }
-    }
-    let batches = ctx.sql(&sql).await?.collect().await?;
-    let mut out = BTreeSet::new();
-    if let Some(batch) = batches.first().filter(|b| b.num_rows() == 1) {
-        for (i, c) in candidates.iter().enumerate() {
-            let values = batch.column(i).as_any().downcast_ref::<Int64Array>();
-            if values.is_some_and(|v| !v.is_null(0) && v.value(0) == 0) {
-                out.insert(c.name.clone());
-            }
-        }
-    }
-    Ok(out)
 }
 
 async fn count_rows(ctx: &SessionContext) -> datafusion::error::Result<u64> {

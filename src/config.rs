@@ -15,6 +15,9 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// Serve plain HTTP on an address other than loopback (behind a TLS proxy, say).
     pub allow_plain_http: bool,
+    /// Answer releases from the per-unit summaries taken at registration
+    /// where they cover the query (same answers, far fewer rows read).
+    pub unit_summaries: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +106,7 @@ impl Default for Settings {
             limits: Limits::default(),
             tls: None,
             allow_plain_http: false,
+            unit_summaries: true,
         }
     }
 }

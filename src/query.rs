@@ -276,7 +276,12 @@ async fn prepare(
     let normalized = session.optimize(&plan).unwrap_or_else(|_| plan.clone());
     let plan_sha256 = sha256_hex(normalized.display_indent().to_string().as_bytes());
     let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
-    let split = release::split(&plan, &sandbox.catalog, &sandbox.policies)?;
+    let split = release::split(
+        &plan,
+        &sandbox.catalog,
+        &sandbox.policies,
+        sandbox.settings.unit_summaries,
+    )?;
     let reservation = reserve_quota(sandbox, &grant, &scanned)?;
     let (epsilon, epsilon_by_dataset) = epsilon_of(sandbox, &split);
     let cached = if epsilon > 0.0 {

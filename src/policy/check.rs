@@ -978,6 +978,7 @@ mod tests {
             num_bytes: 0,
             manifest_path: "d.json".into(),
             unit_constant: Default::default(),
+            summary: None,
             location: "d.parquet".into(),
             fingerprint: Default::default(),
         }

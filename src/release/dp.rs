@@ -38,6 +38,28 @@ const RANK: &str = "__fg_rank";
 const RUNNING: &str = "__fg_running_rows";
 const UNITS: &str = "__fg_units";
 
+/// One exact per-(unit, group) value a release is computed from.
+#[derive(Debug, Clone)]
+pub enum Component {
+    /// The unit's rows in the group.
+    Rows,
+    /// Its non-NULL values of a column.
+    Count(Expr),
+    /// The sum of its values of a column, each clamped to the declared bounds.
+    ClampedSum { arg: Expr, lo: f64, hi: f64 },
+}
+
+impl Component {
+    /// The aggregate computing this component from rows.
+    fn over_rows(&self) -> Result<Expr, ApiError> {
+        Ok(match self {
+            Component::Rows => count(lit(1i64)),
+            Component::Count(arg) => count(arg.clone()),
+            Component::ClampedSum { arg, lo, hi } => sum(clamp(arg.clone(), *lo, *hi)?),
+        })
+    }
+}
+
 /// How one output aggregate is computed from the noisy components.
 #[derive(Debug, Clone)]
 enum Output {
@@ -138,11 +160,7 @@ fn bounds_of(arg: &Expr, input: &LogicalPlan, catalog: &Catalog) -> Option<(f64,
 }
 
 fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
-    let x = Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
-    when(x.clone().lt(lit(lo)), lit(lo))
-        .when(x.clone().gt(lit(hi)), lit(hi))
-        .otherwise(x)
-        .map_err(internal)
+    crate::catalog::clamped(e, lo, hi).map_err(internal)
 }
 
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
@@ -157,6 +175,7 @@ pub fn plan(
     min_group_size: u64,
     catalog: &Catalog,
     one_group_per_unit: bool,
+    summary: Option<&super::summary::Source>,
 ) -> Result<(LogicalPlan, DpJob), ApiError> {
     if agg
         .group_expr
@@ -168,7 +187,7 @@ pub fn plan(
         ));
     }
     let max_rows = params.max_rows_per_unit as f64;
-    let mut components: Vec<Expr> = Vec::new();
+    let mut components: Vec<Component> = Vec::new();
     let mut outputs = Vec::new();
     for e in &agg.aggr_expr {
         let Expr::AggregateFunction(AggregateFunction { func, params: p }) = strip(e) else {
@@ -183,7 +202,7 @@ pub fn plan(
         let arg = p.args.first();
         let is_unit =
             arg.is_some_and(|a| matches!(strip(a), Expr::Column(c) if unit_aliases.contains(c)));
-        let push = |components: &mut Vec<Expr>, expr: Expr| {
+        let push = |components: &mut Vec<Component>, expr: Component| {
             components.push(expr);
             components.len() - 1
         };
@@ -191,8 +210,8 @@ pub fn plan(
             ("count", true) if is_unit => Output::Units,
             ("count", false) => {
                 let counted = match arg.map(strip) {
-                    None | Some(Expr::Literal(..)) => count(lit(1i64)),
-                    Some(_) => count(p.args[0].clone()),
+                    None | Some(Expr::Literal(..)) => Component::Rows,
+                    Some(_) => Component::Count(p.args[0].clone()),
                 };
                 Output::Count {
                     comp: push(&mut components, counted),
@@ -203,7 +222,11 @@ pub fn plan(
                 let (lo, hi) = bounds_of(arg, &input, catalog).ok_or_else(|| {
                     dp_refusal("SUM and AVG are released only over a column with declared bounds, named directly")
                 })?;
-                let summed = sum(clamp(arg.clone(), lo, hi)?);
+                let summed = Component::ClampedSum {
+                    arg: arg.clone(),
+                    lo,
+                    hi,
+                };
                 let s = push(&mut components, summed);
                 if name == "sum" {
                     Output::Sum {
@@ -211,7 +234,7 @@ pub fn plan(
                         bound: lo.abs().max(hi.abs()),
                     }
                 } else {
-                    let c = push(&mut components, count(arg.clone()));
+                    let c = push(&mut components, Component::Count(arg.clone()));
                     Output::Avg {
                         sum: s,
                         count: c,
@@ -234,21 +257,28 @@ pub fn plan(
         outputs.push(output);
     }
 
-    // Level 1: one row per (unit, group), with bounded per-unit components.
+    // Level 1: one row per (unit, group), with bounded per-unit components,
+    // read off the unit summary when it covers the query.
     let groups = agg.group_expr.len();
-    let mut group1 = vec![Expr::Column(unit.clone())];
-    group1.extend(agg.group_expr.iter().cloned());
-    let mut aggs1: Vec<Expr> = components
-        .iter()
-        .enumerate()
-        .map(|(i, e)| e.clone().alias(format!("__fg_c{i}")))
-        .collect();
-    aggs1.push(count(lit(1i64)).alias(ROWS_PER_UNIT_GROUP));
-    let level1 = LogicalPlanBuilder::from(input)
-        .aggregate(group1, aggs1)
-        .map_err(internal)?
-        .build()
-        .map_err(internal)?;
+    let from_summary = summary.and_then(|s| s.dp_level1(&agg.group_expr, &components, &input));
+    let one_group_per_unit = one_group_per_unit || from_summary.is_some();
+    let level1 = match from_summary {
+        Some(level1) => level1,
+        None => {
+            let mut group1 = vec![Expr::Column(unit.clone())];
+            group1.extend(agg.group_expr.iter().cloned());
+            let mut aggs1: Vec<Expr> = Vec::new();
+            for (i, c) in components.iter().enumerate() {
+                aggs1.push(c.over_rows()?.alias(format!("__fg_c{i}")));
+            }
+            aggs1.push(count(lit(1i64)).alias(ROWS_PER_UNIT_GROUP));
+            LogicalPlanBuilder::from(input)
+                .aggregate(group1, aggs1)
+                .map_err(internal)?
+                .build()
+                .map_err(internal)?
+        }
+    };
     let cols1: Vec<Column> = level1.schema().columns();
     let unit1 = Expr::Column(cols1[0].clone());
     let group_cols1: Vec<Expr> = cols1[1..=groups]

@@ -10,6 +10,7 @@
 
 pub mod dp;
 pub mod noise;
+mod summary;
 
 use crate::catalog::Catalog;
 use crate::error::{ApiError, Refusal};
@@ -81,14 +82,18 @@ pub struct Released {
     pub suppressed_groups: u64,
 }
 
+/// `use_summaries`: read release aggregates off the datasets' unit
+/// summaries where they cover the query (the same answer, from fewer rows).
 pub fn split(
     plan: &LogicalPlan,
     catalog: &Catalog,
     policies: &Policies,
+    use_summaries: bool,
 ) -> Result<ReleasePlan, ApiError> {
     let mut splitter = Splitter {
         catalog,
         policies,
+        use_summaries,
         jobs: Vec::new(),
     };
     let (upper, unreleased) = splitter.visit(plan)?;
@@ -108,6 +113,7 @@ pub fn split(
 struct Splitter<'a> {
     catalog: &'a Catalog,
     policies: &'a Policies,
+    use_summaries: bool,
     jobs: Vec<ReleaseJob>,
 }
 
@@ -168,6 +174,10 @@ impl Splitter<'_> {
     ) -> Result<LogicalPlan, ApiError> {
         let threaded = self.thread(&input)?;
         let datasets = threaded.datasets.clone();
+        let summary = self
+            .use_summaries
+            .then(|| summary::Source::find(&input, self.catalog))
+            .flatten();
         let mut min_group_size = 1;
         let mut max_groups: Option<u64> = None;
         for id in &datasets {
@@ -204,8 +214,16 @@ impl Splitter<'_> {
                     min_group_size,
                     self.catalog,
                     one_group_per_unit,
+                    summary.as_ref(),
                 )?;
                 (plan, JobKind::Dp(job))
+            }
+            (Some(_), _, _)
+                if let Some(plan) = summary
+                    .as_ref()
+                    .and_then(|s| s.threshold(agg, &input, UNITS)) =>
+            {
+                (plan, JobKind::Threshold { counts_rows: false })
             }
             (unit, _, _) => {
                 let units = match unit {
