@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod ledger;
 pub mod merkle;
 pub mod metering;

@@ -250,14 +250,7 @@ async fn prepare(
         .collect();
     let session = engine.session(&tables)?;
     let plan = engine.plan(&session, statement).await?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(&plan)
-        .map_err(|_| {
-            ApiError::StatementNotAllowed("only a single SELECT query is allowed".into())
-        })?;
+    only_select(&plan)?;
     let requester = Requester {
         region: &principal.region,
         cross_border_assessment: grant.cross_border_assessment.is_some(),
@@ -311,6 +304,16 @@ async fn prepare(
         scanned,
         reservation,
     })
+}
+
+/// Refuses DDL, DML and statements (SET, transactions and the like).
+pub fn only_select(plan: &LogicalPlan) -> Result<(), ApiError> {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(plan)
+        .map_err(|_| ApiError::StatementNotAllowed("only a single SELECT query is allowed".into()))
 }
 
 /// What the release jobs spend: the grant pays their sum, each dataset the

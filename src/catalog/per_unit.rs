@@ -71,6 +71,8 @@ pub struct UnitSummary {
     pub table: Arc<MemTable>,
     /// The privacy unit's column.
     pub unit: String,
+    /// How many units (rows) it holds.
+    pub units: usize,
     /// Columns carried verbatim: they hold one value per unit.
     pub constant: BTreeSet<String>,
     /// Numeric columns with declared bounds, summarised into their [`Part`]s.
@@ -128,7 +130,15 @@ pub async fn measure(
         }
     }
     let found = match scan(location, manifest, schema).await {
-        Ok(found) => found,
+        Ok(found) => {
+            tracing::info!(
+                dataset = %manifest.id,
+                constant = ?found.constant,
+                summary_units = found.summary.as_ref().map(|s| s.units),
+                "per-unit statistics measured"
+            );
+            found
+        }
         Err(e) => {
             tracing::warn!(dataset = %manifest.id, error = %e, "per-unit statistics not measured");
             PerUnit::default()
@@ -250,6 +260,17 @@ async fn scan(
     Ok(PerUnit { constant, summary })
 }
 
+/// String views out of an aggregate point into the pages they were read
+/// from; copied out, the summary keeps only its own bytes.
+fn compacted(array: &ArrayRef) -> ArrayRef {
+    use datafusion::arrow::array::AsArray;
+    match array.data_type() {
+        DataType::Utf8View => Arc::new(array.as_string_view().gc()),
+        DataType::BinaryView => Arc::new(array.as_binary_view().gc()),
+        _ => array.clone(),
+    }
+}
+
 /// The summary's columns out of the per-unit scan: the unit, the constant
 /// columns, the row count and the bounded columns' parts.
 fn summary_of(
@@ -276,11 +297,15 @@ fn summary_of(
             |(i, f)| Ok((i, f.clone())),
         )?;
         fields.push(field);
-        columns.push(whole.column(i).clone());
+        columns.push(compacted(whole.column(i)));
     }
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     if batch.get_array_memory_size() > MAX_SUMMARY_BYTES {
+        tracing::info!(
+            bytes = batch.get_array_memory_size(),
+            "unit summary too large to keep"
+        );
         return Ok(None);
     }
     // Two partitions let both cores work on a release.
@@ -292,6 +317,7 @@ fn summary_of(
     Ok(Some(Arc::new(UnitSummary {
         table: Arc::new(MemTable::try_new(schema, partitions)?),
         unit: unit.to_string(),
+        units: batch.num_rows(),
         constant: constant.clone(),
         bounded: bounded.iter().map(|(b, _, _)| b.to_string()).collect(),
     })))

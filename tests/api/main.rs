@@ -7,6 +7,7 @@ mod hardening;
 mod auth;
 mod catalog;
 mod cli;
+mod fuzz_replay;
 mod leaks;
 mod ledger;
 mod limits;

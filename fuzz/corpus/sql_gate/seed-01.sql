@@ -1,0 +1,1 @@
+SELECT district, gender, SUM(cost) AS total, AVG(cost) AS mean FROM city_health GROUP BY district, gender

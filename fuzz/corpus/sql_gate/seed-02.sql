@@ -1,0 +1,1 @@
+SELECT c.district, COUNT(DISTINCT c.person_id) AS persons, AVG(t.calls) AS calls FROM city_health c JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY c.district

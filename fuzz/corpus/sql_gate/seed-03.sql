@@ -1,0 +1,1 @@
+SELECT district, COUNT(*) AS n FROM city_health WHERE age > 85 GROUP BY district

@@ -1,0 +1,1 @@
+SELECT date_trunc('month', visit_date) AS m, COUNT(*) FROM city_health GROUP BY m

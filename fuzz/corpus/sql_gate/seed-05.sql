@@ -1,0 +1,1 @@
+SELECT district, COUNT(*) AS n FROM city_health GROUP BY district HAVING COUNT(*) > 100 ORDER BY n DESC LIMIT 5

@@ -1,0 +1,1 @@
+SELECT industry, COUNT(*) AS n, AVG(employees) FROM enterprise_registry GROUP BY industry

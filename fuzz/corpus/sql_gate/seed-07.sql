@@ -1,0 +1,1 @@
+SELECT district, AVG(load_mw) AS load FROM power_grid GROUP BY district

@@ -1,0 +1,1 @@
+SELECT name FROM city_health WHERE district = 'haidian'

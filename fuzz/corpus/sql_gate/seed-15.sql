@@ -1,0 +1,1 @@
+SELECT COUNT(*) FROM enterprise_registry WHERE district IN (SELECT district FROM city_health WHERE age > 99)

@@ -1,0 +1,1 @@
+SELECT d, COUNT(*) FROM (SELECT district AS d FROM city_health UNION ALL SELECT name FROM city_health) u GROUP BY d

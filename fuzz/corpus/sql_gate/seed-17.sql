@@ -1,0 +1,1 @@
+SELECT c.district, COUNT(*) FROM city_health c, telecom_usage t WHERE c.person_id = t.person_id GROUP BY c.district

@@ -1,0 +1,1 @@
+SELECT district, COUNT(*) FROM city_health GROUP BY GROUPING SETS ((district), (gender))

@@ -1,0 +1,1 @@
+SELECT district, ROW_NUMBER() OVER (ORDER BY district) FROM (SELECT district, COUNT(*) AS n FROM city_health GROUP BY district) t

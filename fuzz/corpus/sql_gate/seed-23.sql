@@ -1,0 +1,1 @@
+SELECT CAST(name AS INT) AS x, COUNT(*) FROM city_health GROUP BY x

@@ -1,0 +1,1 @@
+SELECT array_agg(id_card) FROM city_health

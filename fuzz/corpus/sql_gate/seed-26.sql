@@ -1,0 +1,1 @@
+SELECT district, COUNT(*) FROM city_health WHERE consented_purposes LIKE '%marketing%' GROUP BY district

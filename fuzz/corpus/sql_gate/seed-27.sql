@@ -1,0 +1,1 @@
+SELECT month, SUM(calls), AVG(data_gb) FROM telecom_usage GROUP BY month

@@ -1,0 +1,1 @@
+SELECT district, MIN(cost), MAX(cost) FROM city_health GROUP BY district

@@ -1,0 +1,1 @@
+SELECT é, COUNT(*) FROM city_health GROUP BY 1
