@@ -217,9 +217,12 @@ fn sandbox_query(
         dry_run,
     };
     let started = Instant::now();
-    let handle = sandbox
-        .runtime
-        .spawn(query::run(sandbox.clone(), principal.clone(), request));
+    let handle = sandbox.runtime.spawn(query::run(
+        sandbox.clone(),
+        principal.clone(),
+        request,
+        std::future::pending(),
+    ));
     rt.block_on(handle)
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{sql}: {e}"))?;

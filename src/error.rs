@@ -63,6 +63,9 @@ pub enum ApiError {
     RateLimited(String),
     #[error("the sandbox is busy; try again shortly")]
     Overloaded,
+    /// The client hung up while its query ran; the query was cancelled.
+    #[error("the client closed the connection; the query was cancelled")]
+    ClientClosed,
     #[error("method not allowed on this route")]
     MethodNotAllowed(Vec<&'static str>),
     #[error("internal error")]
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::ResourceLimit(_) => "resource_limit",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Overloaded => "overloaded",
+            ApiError::ClientClosed => "client_closed",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal",
         }
@@ -145,6 +149,8 @@ impl ResponseError for ApiError {
             ApiError::ResourceLimit(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            // nginx's "client closed request": nobody reads it, the ledger records it.
+            ApiError::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

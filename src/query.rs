@@ -25,6 +25,7 @@ use datafusion::logical_expr::LogicalPlan;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,25 +145,27 @@ struct Executed {
     cpu_ns: u64,
 }
 
+/// Runs one query to its answer or refusal, both recorded. Cancelled when
+/// it runs out of time or `client_gone` resolves (nobody waits for it).
 pub async fn run(
     sandbox: Arc<Sandbox>,
     principal: Principal,
     request: QueryRequest,
+    client_gone: impl Future<Output = ()> + Send,
 ) -> Result<Outcome, ApiError> {
     let started = Instant::now();
     let query_id = new_id("q");
     let mut trace = Trace::default();
     let timeout = Duration::from_millis(sandbox.settings.limits.query_timeout_ms);
-    let result =
-        match tokio::time::timeout(timeout, answer(&sandbox, &principal, &request, &mut trace))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ApiError::ResourceLimit(format!(
-                "the query ran longer than {} ms and was cancelled",
-                timeout.as_millis()
-            ))),
-        };
+    let answered =
+        tokio::time::timeout(timeout, answer(&sandbox, &principal, &request, &mut trace));
+    let result = tokio::select! {
+        r = answered => r.unwrap_or_else(|_| Err(ApiError::ResourceLimit(format!(
+            "the query ran longer than {} ms and was cancelled",
+            timeout.as_millis()
+        )))),
+        () = client_gone => Err(ApiError::ClientClosed),
+    };
     match result {
         Ok(Step::DryRun(outline)) => Ok(Outcome::DryRun(outline)),
         Ok(Step::Done(prepared, executed)) => {

@@ -231,7 +231,10 @@ impl Application {
         ))
         .client_disconnect_timeout(std::time::Duration::from_secs(2))
         .keep_alive(std::time::Duration::from_secs(limits.keep_alive_s))
-        .on_connect(crate::auth::capture_client_cert);
+        .on_connect(|conn, data| {
+            crate::auth::capture_client_cert(conn, data);
+            crate::api::connection::remember(conn, data);
+        });
         let server = match tls {
             Some(config) => server.listen_rustls_0_23(listener, config)?,
             None => server.listen(listener)?,

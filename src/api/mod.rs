@@ -3,6 +3,7 @@
 //! ([`crate::error::ApiError`]'s `ResponseError`).
 
 pub mod audit;
+pub mod connection;
 pub mod format;
 pub mod throttle;
 pub mod usage;
@@ -346,9 +347,10 @@ async fn post_query(
         sandbox.settings.limits.max_concurrent_queries_per_principal,
     )?;
     let sandbox = sandbox.into_inner();
+    let client_gone = connection::gone(&req);
     let outcome = sandbox
         .runtime
-        .spawn(query::run(sandbox.clone(), who.0, request))
+        .spawn(query::run(sandbox.clone(), who.0, request, client_gone))
         .await
         .map_err(|e| ApiError::Internal(format!("query task failed: {e}")))??;
     let answer = match outcome {

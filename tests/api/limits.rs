@@ -164,3 +164,53 @@ fn runtime_errors_never_quote_data() {
         );
     }
 }
+
+#[test]
+fn a_query_whose_client_hangs_up_is_cancelled_and_recorded() {
+    use std::io::Write;
+    let mut settings = Settings::default();
+    settings.limits.query_timeout_ms = 300_000;
+    // One slot: the next query waits for it, so it is answered only once the
+    // abandoned one has really stopped.
+    settings.limits.max_concurrent_queries = 1;
+    settings.limits.queue_wait_ms = 60_000;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let body = json!({
+        "sql": "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district"
+    })
+    .to_string();
+    let mut client = std::net::TcpStream::connect(app.base.trim_start_matches("http://")).unwrap();
+    write!(
+        client,
+        "POST /v1/queries HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        app.key("buyer:acme"),
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1_000));
+    drop(client);
+    let started = std::time::Instant::now();
+    still_serving(&app);
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "the abandoned query kept its slot for {:?}",
+        started.elapsed()
+    );
+    let entries = app
+        .get(
+            "/v1/audit/entries?from=0&limit=1000",
+            Some(app.key("auditor:cac")),
+        )
+        .json();
+    let closed: Vec<&serde_json::Value> = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["body"].as_str().unwrap().contains("\"client_closed\""))
+        .collect();
+    assert_eq!(closed.len(), 1, "the cancelled query is in the ledger once");
+}
