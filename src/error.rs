@@ -6,7 +6,9 @@
 //! [`ApiError::ResourceLimit`] with a fixed message before they get here.
 
 use actix_web::{HttpResponse, ResponseError, http::StatusCode};
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 /// A refusal by the policy engine: the stable rule id plus schema-level facts.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +31,24 @@ impl Refusal {
         self.details.insert(key.to_string(), value.into());
         self
     }
+}
+
+/// The body of every error response.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code (one of `ApiError::CODES`).
+    code: &'static str,
+    message: String,
+    /// For policy_violation: rule, and table, column, class, site or
+    /// prohibition where they apply. Never a data value.
+    #[schema(value_type = Object)]
+    details: Value,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +147,36 @@ impl ApiError {
             ApiError::Internal(_) => "internal error".to_string(),
             other => other.to_string(),
         };
-        json!({ "error": { "code": self.code(), "message": message, "details": self.details() } })
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+                details: self.details(),
+            },
+        };
+        serde_json::to_value(body).unwrap_or_else(|_| json!({ "error": { "code": "internal" } }))
     }
+
+    /// Every code [`ApiError::code`] can return.
+    pub const CODES: [&'static str; 17] = [
+        "unauthenticated",
+        "forbidden",
+        "invalid_request",
+        "not_found",
+        "method_not_allowed",
+        "sql_error",
+        "statement_not_allowed",
+        "unknown_table",
+        "no_grant",
+        "policy_violation",
+        "quota_exceeded",
+        "budget_exhausted",
+        "rate_limited",
+        "resource_limit",
+        "overloaded",
+        "client_closed",
+        "internal",
+    ];
 }
 
 impl ResponseError for ApiError {
@@ -180,5 +228,44 @@ impl ResponseError for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         ApiError::Internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_lists_exactly_the_codes_errors_have() {
+        let s = || String::from("x");
+        let all = [
+            ApiError::Unauthenticated,
+            ApiError::Forbidden(s()),
+            ApiError::InvalidRequest(s()),
+            ApiError::PayloadTooLarge(1),
+            ApiError::NotFound(s()),
+            ApiError::SqlError(s()),
+            ApiError::StatementNotAllowed(s()),
+            ApiError::UnknownTable(s()),
+            ApiError::NoGrant(s()),
+            ApiError::PolicyViolation(Refusal::new("r", "m")),
+            ApiError::QuotaExceeded(s()),
+            ApiError::BudgetExhausted(s()),
+            ApiError::ResourceLimit(s()),
+            ApiError::RateLimited(s()),
+            ApiError::Overloaded,
+            ApiError::ClientClosed,
+            ApiError::MethodNotAllowed(vec![]),
+            ApiError::Internal(s()),
+        ];
+        let mut produced: Vec<&str> = all.iter().map(ApiError::code).collect();
+        produced.sort();
+        produced.dedup();
+        let mut listed = ApiError::CODES.to_vec();
+        listed.sort();
+        assert_eq!(produced, listed);
+        for e in &all {
+            assert_eq!(e.body()["error"]["code"], e.code());
+        }
     }
 }

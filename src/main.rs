@@ -110,6 +110,8 @@ enum Command {
         #[arg(long, default_value = "policies")]
         policies: PathBuf,
     },
+    /// Print the OpenAPI document generated from the code (what /openapi.json serves).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -219,6 +221,10 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::Openapi => {
+            print!("{}", frostglass::api::openapi::document());
+            Ok(())
+        }
         Command::Bench {
             catalog,
             policies,

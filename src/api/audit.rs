@@ -7,6 +7,7 @@ use crate::startup::Sandbox;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::IntoParams;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/audit/entries", web::get().to(entries))
@@ -16,7 +17,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/audit/proof/consistency", web::get().to(consistency));
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Page {
     #[serde(default)]
     from: u64,
@@ -28,6 +30,8 @@ fn default_limit() -> u64 {
     100
 }
 
+/// Ledger entries in order, with exact bytes and leaf hashes
+#[utoipa::path(get, path = "/v1/audit/entries", tag = "audit", params(Page), responses((status = 200, description = "OK", body = Object)))]
 async fn entries(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,
@@ -47,6 +51,8 @@ async fn entries(
     Ok(HttpResponse::Ok().json(json!({ "entries": entries, "next": next })))
 }
 
+/// The latest signed tree head
+#[utoipa::path(get, path = "/v1/audit/head", tag = "audit", responses((status = 200, description = "OK", body = Object)))]
 async fn head(sandbox: web::Data<Sandbox>, _: Authenticated) -> Result<HttpResponse, ApiError> {
     let head = sandbox
         .ledger
@@ -56,6 +62,8 @@ async fn head(sandbox: web::Data<Sandbox>, _: Authenticated) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(head))
 }
 
+/// The Ed25519 key that signs tree heads
+#[utoipa::path(get, path = "/v1/audit/public-key", tag = "audit", responses((status = 200, description = "OK", body = Object)))]
 async fn public_key(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,
@@ -67,12 +75,15 @@ async fn public_key(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct InclusionQuery {
     index: u64,
     size: u64,
 }
 
+/// Audit path of one entry
+#[utoipa::path(get, path = "/v1/audit/proof/inclusion", tag = "audit", params(InclusionQuery), responses((status = 200, description = "OK", body = Object)))]
 async fn inclusion(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,
@@ -93,12 +104,15 @@ async fn inclusion(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConsistencyQuery {
     from: u64,
     to: u64,
 }
 
+/// Consistency proof between two tree sizes
+#[utoipa::path(get, path = "/v1/audit/proof/consistency", tag = "audit", params(ConsistencyQuery), responses((status = 200, description = "OK", body = Object)))]
 async fn consistency(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,

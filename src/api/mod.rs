@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod connection;
 pub mod format;
+pub mod openapi;
 pub mod throttle;
 pub mod usage;
 
@@ -86,13 +87,16 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     actix_web::ResponseError::error_response(&error)
 }
 
-/// The OpenAPI document of this API, kept in the repository and served as is.
+/// This document
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OK", body = Object)))]
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(include_str!("../../openapi.json"))
+        .body(openapi::document())
 }
 
+/// Liveness
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "OK", body = Object)))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
@@ -193,6 +197,8 @@ fn find_dataset<'a>(sandbox: &'a Sandbox, id: &str) -> Result<&'a Arc<Dataset>, 
         .ok_or_else(|| ApiError::NotFound(format!("dataset '{id}' does not exist")))
 }
 
+/// The catalog: schemas, classes, levels, release rules, prices
+#[utoipa::path(get, path = "/v1/datasets", tag = "catalog", responses((status = 200, description = "OK", body = Object)))]
 async fn list_datasets(sandbox: web::Data<Sandbox>, _: Authenticated) -> HttpResponse {
     let datasets: Vec<Value> = sandbox
         .catalog
@@ -203,6 +209,8 @@ async fn list_datasets(sandbox: web::Data<Sandbox>, _: Authenticated) -> HttpRes
     HttpResponse::Ok().json(json!({ "datasets": datasets }))
 }
 
+/// One catalog entry
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "catalog", params(("id" = String, Path, description = "A dataset id from the catalog")), responses((status = 200, description = "OK", body = Object)))]
 async fn get_dataset(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,
@@ -212,6 +220,8 @@ async fn get_dataset(
     Ok(HttpResponse::Ok().json(dataset_summary(&sandbox, d)))
 }
 
+/// Synthetic rows made from the schema, never real ones
+#[utoipa::path(get, path = "/v1/datasets/{id}/preview", tag = "catalog", params(("id" = String, Path, description = "A dataset id from the catalog")), responses((status = 200, description = "OK", body = Object)))]
 async fn preview_dataset(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,
@@ -228,6 +238,8 @@ async fn preview_dataset(
     })))
 }
 
+/// Grants with today's use, remaining quotas and privacy budget
+#[utoipa::path(get, path = "/v1/grants", tag = "grants", responses((status = 200, description = "OK", body = Object)))]
 async fn list_grants(
     sandbox: web::Data<Sandbox>,
     who: Authenticated,
@@ -333,6 +345,23 @@ fn negotiate(req: &HttpRequest, requested: Option<Format>) -> Format {
     }
 }
 
+/// Run SQL under the policies; answers released aggregates with a receipt
+#[utoipa::path(
+    post,
+    path = "/v1/queries",
+    tag = "queries",
+    // The schema is replaced by the one requests are validated with.
+    request_body(content = Object, content_type = "application/json"),
+    responses((
+        status = 200,
+        description = "Released answer (JSON, CSV or an Arrow IPC stream per `format` or Accept); or, for a dry run, the decision and its outline",
+        content(
+            (Object = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.arrow.stream"),
+        )
+    ))
+)]
 async fn post_query(
     sandbox: web::Data<Sandbox>,
     who: Authenticated,

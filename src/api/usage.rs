@@ -13,6 +13,7 @@ use datafusion::datasource::MemTable;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use utoipa::ToSchema;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/usage", web::get().to(usage))
@@ -30,7 +31,10 @@ async fn records(sandbox: &Sandbox) -> Result<Vec<UsageRecord>, ApiError> {
         .collect())
 }
 
+/// Metered use per grant and day
+///
 /// Buyers see their own use; owners the use of their datasets; auditors all.
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", responses((status = 200, description = "OK", body = Object)))]
 async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpResponse, ApiError> {
     let principal = who.0;
     let all = records(&sandbox).await?;
@@ -49,7 +53,7 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
     Ok(HttpResponse::Ok().json(json!({ "usage": metering::summarize(visible) })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AuditSql {
     sql: String,
@@ -111,8 +115,10 @@ fn usage_batch(records: &[UsageRecord]) -> Result<RecordBatch, ApiError> {
     RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-/// SQL over the usage metadata (table `usage`), never over a dataset: the
-/// session holds that one table and nothing else.
+/// SQL over usage metadata (table `usage`), never over datasets
+///
+/// The session holds that one table and nothing else.
+#[utoipa::path(post, path = "/v1/audit/sql", tag = "audit", request_body = AuditSql, responses((status = 200, description = "OK", body = Object)))]
 async fn audit_sql(
     sandbox: web::Data<Sandbox>,
     _: Authenticated,

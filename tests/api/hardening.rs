@@ -34,7 +34,7 @@ fn the_openapi_document_is_valid_and_matches_the_served_routes() {
     let r = app.get("/openapi.json", None);
     assert_eq!(r.status, 200);
     let doc = r.json();
-    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["openapi"], "3.1.0");
     let mut documented: Vec<(String, String)> = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {

@@ -1,0 +1,114 @@
+//! The OpenAPI document, generated from the code: paths, parameters and
+//! bodies from the handlers' `#[utoipa::path]` annotations, who may call
+//! each route (and with what credentials) from [`super::ROUTES`], the query
+//! request schema from the file requests are validated with, and the error
+//! codes from [`ApiError::CODES`]. Served at `/openapi.json`; the copy in the
+//! repository is checked against it by a test, so every change shows up in
+//! review (`frostglass openapi > openapi.json` refreshes it).
+
+use crate::error::{ApiError, ErrorBody};
+use crate::store::Role;
+use serde_json::{Value, json};
+use std::sync::OnceLock;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Frostglass",
+        version = "1",
+        description = "Privacy-preserving data trading sandbox: SQL in, approved aggregates out, every use on a verifiable ledger. Errors are JSON: {\"error\": {\"code\", \"message\", \"details\"}}."
+    ),
+    servers((url = "http://127.0.0.1:8080")),
+    paths(
+        super::healthz,
+        super::openapi,
+        super::list_datasets,
+        super::get_dataset,
+        super::preview_dataset,
+        super::post_query,
+        super::list_grants,
+        super::usage::usage,
+        super::audit::entries,
+        super::audit::head,
+        super::audit::public_key,
+        super::audit::inclusion,
+        super::audit::consistency,
+        super::usage::audit_sql,
+    ),
+    components(schemas(ErrorBody))
+)]
+struct Annotated;
+
+fn roles_text(roles: &[Role]) -> String {
+    if roles.is_empty() {
+        return "Roles: anyone.".into();
+    }
+    if roles.len() == 4 {
+        return "Roles: any principal.".into();
+    }
+    let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    format!("Roles: {}.", names.join(", "))
+}
+
+/// The whole document, as served.
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_string_pretty(&generate()).unwrap_or_default() + "\n")
+}
+
+fn generate() -> Value {
+    let mut doc = serde_json::to_value(Annotated::openapi()).unwrap_or_default();
+    for (method, path, roles) in super::ROUTES {
+        let op = &mut doc["paths"][*path][method.to_ascii_lowercase()];
+        let description = match op["description"].as_str() {
+            Some(d) => format!("{d}\n\n{}", roles_text(roles)),
+            None => roles_text(roles),
+        };
+        op["description"] = json!(description);
+        if roles.is_empty() {
+            op["security"] = json!([]);
+        }
+        op["responses"]["default"] = json!({ "$ref": "#/components/responses/Error" });
+    }
+    doc["security"] = json!([{ "bearer": [] }]);
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "API key (fgk_…); only its SHA-256 is stored. With mutual TLS, principals bound to a client certificate must present it too."
+        }
+    });
+    doc["components"]["responses"] = json!({
+        "Error": {
+            "description": "A refusal or failure with a stable code",
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+        }
+    });
+    doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"] =
+        json!(ApiError::CODES);
+    let mut request: Value =
+        serde_json::from_str(include_str!("../../schemas/query-request.schema.json"))
+            .unwrap_or_default();
+    if let Some(schema) = request.as_object_mut() {
+        schema.retain(|k, _| !k.starts_with('$'));
+    }
+    let query = &mut doc["paths"]["/v1/queries"]["post"];
+    query["requestBody"]["content"]["application/json"]["schema"] = request;
+    query["responses"]["200"]["content"]["application/vnd.apache.arrow.stream"]["schema"] =
+        json!({ "type": "string", "format": "binary" });
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_document_is_the_generated_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == super::document(),
+            "openapi.json is stale: run `cargo run -- openapi > openapi.json` and review the diff"
+        );
+    }
+}
