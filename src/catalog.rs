@@ -518,26 +518,36 @@ pub fn synthetic_preview(
     (columns, rows)
 }
 
+/// A catalog of some of the repository's manifests, edited, over demo data
+/// at scale 0.01, in a folder that lives as long as the returned guard.
+#[cfg(test)]
+pub(crate) async fn demo_catalog(
+    manifests: &[&str],
+    edit: impl Fn(&mut serde_json::Value),
+) -> (tempfile::TempDir, Catalog) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
+    for m in manifests {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(repo.join(m)).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(dir.path().join(m), v.to_string()).unwrap();
+    }
+    let schemas = validate::Schemas::compiled();
+    let read = read_manifests(dir.path(), &schemas).unwrap();
+    crate::demo::generate(&crate::demo::demo_targets(dir.path(), &read), 0.01, |_| {}).unwrap();
+    let catalog = Catalog::load(dir.path(), &schemas).await.unwrap();
+    (dir, catalog)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn unit_constant_columns_are_measured_and_forgotten_when_the_data_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
-        for m in ["city_health.json", "telecom_usage.json"] {
-            std::fs::copy(repo.join(m), dir.path().join(m)).unwrap();
-        }
-        let schemas = crate::validate::Schemas::compiled();
-        let manifests = read_manifests(dir.path(), &schemas).unwrap();
-        crate::demo::generate(
-            &crate::demo::demo_targets(dir.path(), &manifests),
-            0.01,
-            |_| {},
-        )
-        .unwrap();
-        let catalog = Catalog::load(dir.path(), &schemas).await.unwrap();
+        let (dir, catalog) =
+            demo_catalog(&["city_health.json", "telecom_usage.json"], |_| {}).await;
         let health = catalog.get("city_health").unwrap();
         for c in ["district", "age", "gender"] {
             assert!(health.is_unit_constant(c), "{c} is one value per person");

@@ -73,6 +73,8 @@ pub struct UnitSummary {
     pub unit: String,
     /// How many units (rows) it holds.
     pub units: usize,
+    /// Its size in memory.
+    pub bytes: usize,
     /// Columns carried verbatim: they hold one value per unit.
     pub constant: BTreeSet<String>,
     /// Numeric columns with declared bounds, summarised into their [`Part`]s.
@@ -135,6 +137,7 @@ pub async fn measure(
                 dataset = %manifest.id,
                 constant = ?found.constant,
                 summary_units = found.summary.as_ref().map(|s| s.units),
+                summary_bytes = found.summary.as_ref().map(|s| s.bytes),
                 "per-unit statistics measured"
             );
             found
@@ -318,6 +321,7 @@ fn summary_of(
         table: Arc::new(MemTable::try_new(schema, partitions)?),
         unit: unit.to_string(),
         units: batch.num_rows(),
+        bytes: batch.get_array_memory_size(),
         constant: constant.clone(),
         bounded: bounded.iter().map(|(b, _, _)| b.to_string()).collect(),
     })))

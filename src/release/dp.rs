@@ -163,6 +163,14 @@ fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
     crate::catalog::clamped(e, lo, hi).map_err(internal)
 }
 
+/// What the splitter knows about the rows under a DP aggregate.
+pub struct Shape<'a> {
+    /// Every group key holds one value per unit.
+    pub one_group_per_unit: bool,
+    /// The unit summary that can stand for the rows, if any.
+    pub summary: Option<&'a super::summary::Source>,
+}
+
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
 /// privacy unit in `unit`. Output: the group columns, the exact components,
 /// and the number of units per group, last.
@@ -174,8 +182,7 @@ pub fn plan(
     params: Params,
     min_group_size: u64,
     catalog: &Catalog,
-    one_group_per_unit: bool,
-    summary: Option<&super::summary::Source>,
+    shape: Shape,
 ) -> Result<(LogicalPlan, DpJob), ApiError> {
     if agg
         .group_expr
@@ -260,8 +267,10 @@ pub fn plan(
     // Level 1: one row per (unit, group), with bounded per-unit components,
     // read off the unit summary when it covers the query.
     let groups = agg.group_expr.len();
-    let from_summary = summary.and_then(|s| s.dp_level1(&agg.group_expr, &components, &input));
-    let one_group_per_unit = one_group_per_unit || from_summary.is_some();
+    let from_summary = shape
+        .summary
+        .and_then(|s| s.dp_level1(&agg.group_expr, &components, &input));
+    let one_group_per_unit = shape.one_group_per_unit || from_summary.is_some();
     let level1 = match from_summary {
         Some(level1) => level1,
         None => {

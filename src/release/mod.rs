@@ -213,8 +213,10 @@ impl Splitter<'_> {
                     params,
                     min_group_size,
                     self.catalog,
-                    one_group_per_unit,
-                    summary.as_ref(),
+                    dp::Shape {
+                        one_group_per_unit,
+                        summary: summary.as_ref(),
+                    },
                 )?;
                 (plan, JobKind::Dp(job))
             }

@@ -304,26 +304,12 @@ mod tests {
 
     /// The health and telecom demo datasets, with or without their DP rules.
     async fn catalog(dp: bool) -> (tempfile::TempDir, Catalog) {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
-        for m in ["city_health.json", "telecom_usage.json"] {
-            let mut v: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(repo.join(m)).unwrap()).unwrap();
+        crate::catalog::demo_catalog(&["city_health.json", "telecom_usage.json"], |v| {
             if !dp {
                 v["release"].as_object_mut().unwrap().remove("dp");
             }
-            std::fs::write(dir.path().join(m), v.to_string()).unwrap();
-        }
-        let schemas = Schemas::compiled();
-        let manifests = crate::catalog::read_manifests(dir.path(), &schemas).unwrap();
-        crate::demo::generate(
-            &crate::demo::demo_targets(dir.path(), &manifests),
-            0.01,
-            |_| {},
-        )
-        .unwrap();
-        let catalog = Catalog::load(dir.path(), &schemas).await.unwrap();
-        (dir, catalog)
+        })
+        .await
     }
 
     fn policies() -> Policies {
