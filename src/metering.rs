@@ -39,7 +39,7 @@ pub fn parse_money(s: &str) -> Option<i128> {
     } else {
         format!("{frac:0<6}").parse().ok()?
     };
-    Some(whole * SCALE + frac)
+    whole.checked_mul(SCALE)?.checked_add(frac)
 }
 
 /// Formats millionths with at least two and at most six decimals.
@@ -59,7 +59,11 @@ pub fn format_money(micros: i128) -> String {
 pub fn price(per_query: &str, per_million_rows: &str, rows: u64) -> Option<i128> {
     let base = parse_money(per_query)?;
     let per_million = parse_money(per_million_rows)?;
-    Some(base + (per_million * rows as i128 + SCALE / 2) / SCALE)
+    let scanned = per_million
+        .checked_mul(rows as i128)?
+        .checked_add(SCALE / 2)?
+        / SCALE;
+    base.checked_add(scanned)
 }
 
 #[cfg(test)]
@@ -74,6 +78,10 @@ mod tests {
         assert_eq!(parse_money("1.0000001"), None);
         assert_eq!(parse_money("-1"), None);
         assert_eq!(parse_money("1e3"), None);
+        // Found by fuzzing the ledger decoder: too large is not a number, not a panic.
+        assert_eq!(parse_money(&"9".repeat(38)), None);
+        assert_eq!(price(&"9".repeat(33), "1", 1), None);
+        assert_eq!(price("0", &"9".repeat(32), u64::MAX), None);
         assert_eq!(format_money(700_000), "0.70");
         assert_eq!(format_money(1_234_567), "1.234567");
         assert_eq!(format_money(0), "0.00");
