@@ -33,8 +33,9 @@ for t in "${targets[@]}"; do
     status=1
   fi
   for crash in "fuzz/artifacts/$t/"*; do
-    [ -e "$crash" ] || continue
-    cp -n "$crash" "fuzz/regressions/$t/" && echo "new regression input: fuzz/regressions/$t/$(basename "$crash")"
+    saved="fuzz/regressions/$t/$(basename "$crash")"
+    [ -e "$crash" ] && [ ! -e "$saved" ] || continue
+    cp "$crash" "$saved" && echo "new regression input: $saved"
   done
   [ "$(ls "fuzz/artifacts/$t" | wc -l)" -eq "$before" ] || status=1
   rm -rf "$work"

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Memory the registration statistics may use.
 const MEASURE_MEMORY: usize = 1 << 30;
 /// A summary larger than this is not kept; releases then read the rows.
-const MAX_SUMMARY_BYTES: usize = 256 << 20;
+const MAX_SUMMARY_BYTES: usize = 512 << 20;
 
 /// Every column the summary adds starts with this; a dataset with a column
 /// of that name gets no summary.
@@ -34,7 +34,7 @@ const PREFIX: &str = "__fg_";
 pub const ROWS: &str = "__fg_rows";
 
 /// What a bounded column is summarised into, per unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Part {
     /// The sum of its values clamped to the declared bounds, as Float64.
     ClampedSum,
@@ -45,13 +45,15 @@ pub enum Part {
 }
 
 impl Part {
-    const ALL: [Part; 5] = [
-        Part::ClampedSum,
-        Part::Sum,
-        Part::Count,
-        Part::Min,
-        Part::Max,
-    ];
+    /// What a release of `manifest` can ask for: DP releases clamped sums
+    /// and counts; threshold releases exact sums, counts, minima and maxima.
+    fn needed(manifest: &Manifest) -> Vec<Part> {
+        if manifest.release.dp.is_some() {
+            vec![Part::ClampedSum, Part::Count]
+        } else {
+            vec![Part::Sum, Part::Count, Part::Min, Part::Max]
+        }
+    }
 
     pub fn column(self, name: &str) -> String {
         let part = match self {
@@ -77,8 +79,16 @@ pub struct UnitSummary {
     pub bytes: usize,
     /// Columns carried verbatim: they hold one value per unit.
     pub constant: BTreeSet<String>,
-    /// Numeric columns with declared bounds, summarised into their [`Part`]s.
+    /// Numeric columns with declared bounds, summarised into `parts`.
     pub bounded: BTreeSet<String>,
+    pub parts: Vec<Part>,
+}
+
+impl UnitSummary {
+    /// The summary's column holding `part` of `column`, if it keeps one.
+    pub fn part(&self, part: Part, column: &str) -> Option<String> {
+        (self.parts.contains(&part) && self.bounded.contains(column)).then(|| part.column(column))
+    }
 }
 
 /// What registration measured about a dataset's units.
@@ -108,8 +118,12 @@ fn measurements() -> &'static Mutex<Measurements> {
 
 /// What a measurement depends on besides the data: the unit and the declared columns.
 fn measured_key(location: &Path, manifest: &Manifest) -> (PathBuf, String) {
-    let declared =
-        serde_json::to_string(&(&manifest.privacy_unit, &manifest.columns)).unwrap_or_default();
+    let declared = serde_json::to_string(&(
+        &manifest.privacy_unit,
+        &manifest.columns,
+        Part::needed(manifest),
+    ))
+    .unwrap_or_default();
     (location.to_path_buf(), declared)
 }
 
@@ -203,8 +217,9 @@ async fn scan(
         aggregates.push(max(column(c)).alias(format!("{PREFIX}cmax_{c}")));
         aggregates.push(count(column(c)).alias(format!("{PREFIX}ccount_{c}")));
     }
+    let parts = Part::needed(manifest);
     for (b, lo, hi) in &bounded {
-        for part in Part::ALL {
+        for &part in &parts {
             let e = match part {
                 Part::ClampedSum => sum(clamped(column(b), *lo, *hi)?),
                 Part::Sum => sum(column(b)),
@@ -257,7 +272,7 @@ async fn scan(
     }
     let clash = manifest.columns.iter().any(|c| c.name.starts_with(PREFIX));
     let summary = (!clash)
-        .then(|| summary_of(&whole, unit, &constant, &bounded))
+        .then(|| summary_of(&whole, unit, &constant, &bounded, parts))
         .transpose()?
         .flatten();
     Ok(PerUnit { constant, summary })
@@ -281,12 +296,13 @@ fn summary_of(
     unit: &str,
     constant: &BTreeSet<String>,
     bounded: &[(&str, f64, f64)],
+    parts: Vec<Part>,
 ) -> datafusion::error::Result<Option<Arc<UnitSummary>>> {
     let mut names: Vec<String> = vec![unit.to_string()];
     names.extend(constant.iter().cloned());
     names.push(ROWS.to_string());
     for (b, _, _) in bounded {
-        names.extend(Part::ALL.iter().map(|p| p.column(b)));
+        names.extend(parts.iter().map(|p| p.column(b)));
     }
     let mut fields: Vec<Field> = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
@@ -324,5 +340,6 @@ fn summary_of(
         bytes: batch.get_array_memory_size(),
         constant: constant.clone(),
         bounded: bounded.iter().map(|(b, _, _)| b.to_string()).collect(),
+        parts,
     })))
 }

@@ -89,8 +89,36 @@ pub fn check(
     };
     let root = checker.plan(plan)?;
     checker.root_output(plan.schema(), &root)?;
+    if let Some(dataset) = unaggregated_guarded_rows(plan, catalog) {
+        return Err(Refusal::new(
+            "aggregation_required",
+            format!(
+                "the query returns a row for each row of dataset '{dataset}'; only aggregates of it may be released"
+            ),
+        )
+        .with("table", dataset)
+        .with("site", Site::Output.as_str())
+        .into());
+    }
     checker.query_wide_rules()?;
     Ok(checker.analysis)
+}
+
+/// A protected dataset whose rows reach the output with no aggregate in
+/// between, even when none of its columns does: `SELECT 1 FROM t` still
+/// answers with t's exact row count.
+fn unaggregated_guarded_rows(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
+    match plan {
+        LogicalPlan::Aggregate(_) => None,
+        LogicalPlan::TableScan(scan) => catalog
+            .get(scan.table_name.table())
+            .filter(|d| d.manifest.is_guarded())
+            .map(|d| d.id().to_string()),
+        other => other
+            .inputs()
+            .into_iter()
+            .find_map(|input| unaggregated_guarded_rows(input, catalog)),
+    }
 }
 
 struct Checker<'a> {

@@ -192,7 +192,7 @@ impl Source {
                         Component::Count(_) => Part::Count,
                         _ => Part::ClampedSum,
                     };
-                    part.column(&b)
+                    self.summary.part(part, &b)?
                 }
             };
             exprs.push(self.column(&column).alias(format!("__fg_c{i}")));
@@ -228,16 +228,18 @@ impl Source {
             }
             let name = func.name().to_ascii_lowercase();
             let arg = self.arg(params.args.first(), plan)?;
-            let part = |p: Part, b: &str| self.column(&p.column(b));
+            let part = |p: Part, b: &str| self.summary.part(p, b).map(|c| self.column(&c));
             let output = match (name.as_str(), params.distinct, arg) {
                 ("count", false, Arg::None) => zero_if_null(take(sum(self.column(ROWS)))),
-                ("count", false, Arg::Bounded(b)) => zero_if_null(take(sum(part(Part::Count, &b)))),
+                ("count", false, Arg::Bounded(b)) => {
+                    zero_if_null(take(sum(part(Part::Count, &b)?)))
+                }
                 ("count", true, Arg::Unit) => take(count(lit(1i64))),
                 ("count", true, Arg::Constant(c)) => take(count_distinct(self.column(&c))),
-                ("sum", false, Arg::Bounded(b)) => take(sum(part(Part::Sum, &b))),
+                ("sum", false, Arg::Bounded(b)) => take(sum(part(Part::Sum, &b)?)),
                 ("avg", false, Arg::Bounded(b)) => {
-                    let total = as_f64(take(sum(part(Part::Sum, &b))));
-                    let n = take(sum(part(Part::Count, &b)));
+                    let total = as_f64(take(sum(part(Part::Sum, &b)?)));
+                    let n = take(sum(part(Part::Count, &b)?));
                     when(
                         n.clone().eq(lit(0i64)),
                         lit(datafusion::common::ScalarValue::Float64(None)),
@@ -245,8 +247,8 @@ impl Source {
                     .otherwise(total / as_f64(n))
                     .ok()?
                 }
-                ("min", _, Arg::Bounded(b)) => take(min(part(Part::Min, &b))),
-                ("max", _, Arg::Bounded(b)) => take(max(part(Part::Max, &b))),
+                ("min", _, Arg::Bounded(b)) => take(min(part(Part::Min, &b)?)),
+                ("max", _, Arg::Bounded(b)) => take(max(part(Part::Max, &b)?)),
                 ("min", _, Arg::Constant(c)) => take(min(self.column(&c))),
                 ("max", _, Arg::Constant(c)) => take(max(self.column(&c))),
                 _ => return None,

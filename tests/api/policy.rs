@@ -17,6 +17,18 @@ const REFUSED: &[(&str, &str, Option<&str>)] = &[
         "policy_violation",
         Some("aggregation_required"),
     ),
+    // No column of the table, but one row per row of it: its exact size.
+    // (Found by the grammar property test, as a 500.)
+    (
+        "SELECT abs(NULL) FROM telecom_usage",
+        "policy_violation",
+        Some("aggregation_required"),
+    ),
+    (
+        "SELECT 1 FROM power_grid LIMIT 5",
+        "policy_violation",
+        Some("aggregation_required"),
+    ),
     (
         "SELECT name, COUNT(*) FROM city_health GROUP BY name",
         "policy_violation",

@@ -4,7 +4,7 @@
 //! identifier value in the output — and the server stays up throughout.
 
 use crate::helpers::{column_values, spawn_app};
-use frostglass::demo::Rng;
+use proptest::prelude::*;
 
 const TABLES: [(&str, &[&str]); 4] = [
     (
@@ -67,119 +67,98 @@ const LITERALS: [&str; 8] = [
     "'2025-01-01'",
     "-7",
 ];
+const COMPARISONS: [&str; 6] = ["=", "<>", "<", ">", "<=", ">="];
 const OPS: [&str; 10] = ["=", "<>", "<", ">", "<=", ">=", "+", "-", "*", "/"];
 
-struct Gen {
-    rng: Rng,
+/// Picks one of `xs`.
+fn one(xs: &'static [&'static str]) -> impl Strategy<Value = String> + Clone {
+    proptest::sample::select(xs).prop_map(str::to_string)
 }
 
-impl Gen {
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.rng.below(xs.len() as u64) as usize]
-    }
+/// An expression over `cols`: columns and literals, nested up to `depth`
+/// levels in functions, arithmetic and comparisons, CASE and casts.
+fn expr(cols: &'static [&'static str], depth: u32) -> BoxedStrategy<String> {
+    prop_oneof![4 => one(cols), 1 => one(&LITERALS)]
+        .prop_recursive(depth, 8, 2, move |inner| {
+            prop_oneof![
+                (one(&FUNCTIONS), inner.clone()).prop_map(|(f, e)| format!("{f}({e})")),
+                (inner.clone(), one(&OPS), inner.clone())
+                    .prop_map(|(a, op, b)| format!("({a} {op} {b})")),
+                (cond(inner.clone(), cols), inner.clone(), inner.clone())
+                    .prop_map(|(c, a, b)| format!("CASE WHEN {c} THEN {a} ELSE {b} END")),
+                inner.clone().prop_map(|e| format!("CAST({e} AS VARCHAR)")),
+                one(cols),
+            ]
+        })
+        .boxed()
+}
 
-    fn chance(&mut self, p: f64) -> bool {
-        self.rng.unit() < p
-    }
+/// A condition built from expressions `e` over `cols`.
+fn cond(e: BoxedStrategy<String>, cols: &'static [&'static str]) -> impl Strategy<Value = String> {
+    prop_oneof![
+        (e.clone(), one(&COMPARISONS), one(&LITERALS))
+            .prop_map(|(a, op, l)| format!("{a} {op} {l}")),
+        e.clone().prop_map(|a| format!("{a} LIKE '%a%'")),
+        (e, one(&LITERALS), one(&LITERALS)).prop_map(|(a, l, m)| format!("{a} IN ({l}, {m})")),
+        (one(cols), one(cols)).prop_map(|(a, b)| format!("({a} OR {b})")),
+    ]
+}
 
-    fn expr(&mut self, cols: &[&str], depth: u32) -> String {
-        let col = self.pick(cols).to_string();
-        if depth == 0 {
-            return if self.chance(0.8) {
-                col
+fn aggregate(cols: &'static [&'static str]) -> impl Strategy<Value = String> {
+    let arg = prop_oneof![3 => Just("*".to_string()), 7 => expr(cols, 1)];
+    (one(&AGGREGATES), arg, one(cols)).prop_map(|(agg, arg, col)| match agg.as_str() {
+        "COUNT(DISTINCT" if arg == "*" => format!("COUNT(DISTINCT {col})"),
+        "COUNT(DISTINCT" => format!("COUNT(DISTINCT {arg})"),
+        "STRING_AGG" => format!("STRING_AGG(CAST({col} AS VARCHAR), ',')"),
+        _ if arg == "*" && agg != "COUNT" => format!("{agg}({col})"),
+        _ => format!("{agg}({arg})"),
+    })
+}
+
+/// A whole query over one table (sometimes a filtered subquery of it, or
+/// city_health joined with telecom_usage), grouped or not, with optional
+/// WHERE, ORDER BY and LIMIT.
+fn query() -> impl Strategy<Value = String> {
+    (0..TABLES.len()).prop_flat_map(|t| {
+        let (table, cols) = TABLES[t];
+        let from = prop_oneof![
+            7 => Just(table.to_string()),
+            2 => cond(expr(cols, 1), cols).prop_map(move |c| format!("(SELECT * FROM {table} WHERE {c}) s")),
+            1 => Just(if table == "city_health" {
+                "city_health JOIN telecom_usage USING (person_id)".to_string()
             } else {
-                self.pick(&LITERALS).to_string()
-            };
-        }
-        match self.rng.below(6) {
-            0 => format!("{}({})", self.pick(&FUNCTIONS), self.expr(cols, depth - 1)),
-            1 => format!(
-                "({} {} {})",
-                self.expr(cols, depth - 1),
-                self.pick(&OPS),
-                self.expr(cols, depth - 1)
-            ),
-            2 => format!(
-                "CASE WHEN {} THEN {} ELSE {} END",
-                self.cond(cols, depth - 1),
-                self.expr(cols, depth - 1),
-                self.expr(cols, depth - 1)
-            ),
-            3 => format!("CAST({} AS VARCHAR)", self.expr(cols, depth - 1)),
-            _ => col,
-        }
-    }
-
-    fn cond(&mut self, cols: &[&str], depth: u32) -> String {
-        match self.rng.below(4) {
-            0 => format!(
-                "{} {} {}",
-                self.expr(cols, depth),
-                self.pick(&OPS[..6]),
-                self.pick(&LITERALS)
-            ),
-            1 => format!("{} LIKE '%a%'", self.expr(cols, depth)),
-            2 => format!(
-                "{} IN ({}, {})",
-                self.expr(cols, depth),
-                self.pick(&LITERALS),
-                self.pick(&LITERALS)
-            ),
-            _ => format!("({} OR {})", self.expr(cols, 0), self.expr(cols, 0)),
-        }
-    }
-
-    fn aggregate(&mut self, cols: &[&str]) -> String {
-        let agg = self.pick(&AGGREGATES);
-        let arg = if self.chance(0.3) {
-            "*".to_string()
-        } else {
-            self.expr(cols, 1)
-        };
-        match agg {
-            "COUNT(DISTINCT" => format!(
-                "COUNT(DISTINCT {})",
-                if arg == "*" { cols[0].to_string() } else { arg }
-            ),
-            "STRING_AGG" => format!("STRING_AGG(CAST({} AS VARCHAR), ',')", self.pick(cols)),
-            _ if arg == "*" && agg != "COUNT" => format!("{agg}({})", self.pick(cols)),
-            _ => format!("{agg}({arg})"),
-        }
-    }
-
-    fn query(&mut self) -> String {
-        let (table, cols) = TABLES[self.rng.below(TABLES.len() as u64) as usize];
-        let mut from = table.to_string();
-        if self.chance(0.15) {
-            from = format!("(SELECT * FROM {table} WHERE {}) s", self.cond(cols, 1));
-        } else if self.chance(0.15) && table == "city_health" {
-            from = "city_health JOIN telecom_usage USING (person_id)".to_string();
-        }
-        let grouped = self.chance(0.7);
-        let keys: Vec<String> = (0..self.rng.below(3)).map(|_| self.expr(cols, 1)).collect();
-        let mut select: Vec<String> = if grouped { keys.clone() } else { Vec::new() };
-        for _ in 0..1 + self.rng.below(3) {
-            select.push(if grouped || self.chance(0.5) {
-                self.aggregate(cols)
-            } else {
-                self.expr(cols, 2)
-            });
-        }
-        let mut sql = format!("SELECT {} FROM {from}", select.join(", "));
-        if self.chance(0.5) {
-            sql.push_str(&format!(" WHERE {}", self.cond(cols, 1)));
-        }
-        if grouped && !keys.is_empty() {
-            sql.push_str(&format!(" GROUP BY {}", keys.join(", ")));
-        }
-        if self.chance(0.2) {
-            sql.push_str(" ORDER BY 1");
-        }
-        if self.chance(0.2) {
-            sql.push_str(&format!(" LIMIT {}", self.rng.below(20)));
-        }
-        sql
-    }
+                table.to_string()
+            }),
+        ];
+        let item = prop_oneof![aggregate(cols).boxed(), expr(cols, 2)];
+        (
+            from,
+            proptest::bool::weighted(0.7),
+            proptest::collection::vec(expr(cols, 1), 0..3),
+            proptest::collection::vec(item, 1..4),
+            proptest::option::weighted(0.5, cond(expr(cols, 1), cols)),
+            proptest::bool::weighted(0.2),
+            proptest::option::weighted(0.2, 0u32..20),
+        )
+            .prop_map(|(from, grouped, keys, items, filter, order, limit)| {
+                let mut select = if grouped { keys.clone() } else { Vec::new() };
+                select.extend(items);
+                let mut sql = format!("SELECT {} FROM {from}", select.join(", "));
+                if let Some(c) = filter {
+                    sql.push_str(&format!(" WHERE {c}"));
+                }
+                if grouped && !keys.is_empty() {
+                    sql.push_str(&format!(" GROUP BY {}", keys.join(", ")));
+                }
+                if order {
+                    sql.push_str(" ORDER BY 1");
+                }
+                if let Some(n) = limit {
+                    sql.push_str(&format!(" LIMIT {n}"));
+                }
+                sql
+            })
+    })
 }
 
 #[test]
@@ -199,36 +178,52 @@ fn random_queries_are_refused_with_a_code_or_released_without_identifiers() {
         "budget_exhausted",
         "rate_limited",
     ];
-    let mut generator = Gen {
-        rng: Rng::new(0xF22),
+    let (answered, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    // A fixed seed: the same 150 queries on every run (and on CI); proptest
+    // shrinks a failing one to a minimal query.
+    let config = proptest::test_runner::Config {
+        cases: 150,
+        failure_persistence: None,
+        rng_algorithm: proptest::test_runner::RngAlgorithm::ChaCha,
+        ..Default::default()
     };
-    let (mut answered, mut refused) = (0, 0);
-    for _ in 0..150 {
-        let sql = generator.query();
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+        config,
+        proptest::test_runner::TestRng::from_seed(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+            &[0xF2; 32],
+        ),
+    );
+    let outcome = runner.run(&query(), |sql| {
         let r = app.query(&sql);
         let text = r.text();
-        assert!(
+        prop_assert!(
             r.status != 500 && r.status != 0,
             "{sql}\n -> {} {text}",
             r.status
         );
         if r.status == 200 {
-            answered += 1;
+            answered.set(answered.get() + 1);
         } else {
-            refused += 1;
+            refused.set(refused.get() + 1);
             let code = r.code().unwrap_or_default();
-            assert!(
+            prop_assert!(
                 codes.contains(&code.as_str()),
                 "{sql}\n -> unexpected code {code}: {text}"
             );
         }
         for s in &secrets {
-            assert!(
+            prop_assert!(
                 !text.contains(s.as_str()),
                 "{sql} leaked an identifier value"
             );
         }
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
     }
+    let (answered, refused) = (answered.get(), refused.get());
     assert!(
         answered > 5 && refused > 50,
         "the generator should exercise both sides: {answered} answered, {refused} refused"
