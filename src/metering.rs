@@ -525,6 +525,22 @@ impl BudgetBook {
         }))
     }
 
+    /// Epsilon spent on a budget key, loaded with `load` (from the ledger)
+    /// the first time and kept: the book is the running total from then on.
+    pub fn spent_or_load<E>(
+        &self,
+        key: &str,
+        load: impl FnOnce() -> Result<f64, E>,
+    ) -> Result<f64, E> {
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = spent.get(key) {
+            return Ok(*m as f64 / 1e6);
+        }
+        let loaded = to_micro(load()?);
+        spent.insert(key.to_string(), loaded);
+        Ok(loaded as f64 / 1e6)
+    }
+
     /// Epsilon spent on a budget key as the book knows it.
     pub fn spent(&self, key: &str) -> Option<f64> {
         let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
@@ -536,6 +552,27 @@ impl BudgetBook {
 mod budget_tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn spent_is_loaded_from_the_ledger_once_then_kept_by_the_book() {
+        let book = Arc::new(BudgetBook::default());
+        let loads = std::cell::Cell::new(0);
+        let load = || {
+            loads.set(loads.get() + 1);
+            Ok::<_, ()>(1.5)
+        };
+        assert_eq!(book.spent_or_load("grant:g", load), Ok(1.5));
+        assert_eq!(book.spent_or_load("grant:g", load), Ok(1.5));
+        assert_eq!(loads.get(), 1, "the ledger is read once");
+        let mut charge = BudgetBook::reserve(&book, &[("grant:g".into(), 10.0, 0.5)], |_| {
+            Ok::<_, ()>(99.0)
+        })
+        .unwrap()
+        .unwrap();
+        charge.commit();
+        assert_eq!(book.spent_or_load("grant:g", load), Ok(2.0));
+        assert_eq!(loads.get(), 1);
+    }
 
     #[test]
     fn a_budget_is_reserved_whole_or_not_at_all_and_refunded_unless_committed() {

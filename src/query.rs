@@ -88,10 +88,11 @@ pub struct Budget {
 impl Budget {
     pub fn of(sandbox: &Sandbox, grant: &Grant) -> Result<Budget, ApiError> {
         let key = format!("grant:{}", grant.id);
-        let spent = match sandbox.budgets.spent(&key) {
-            Some(s) => s,
-            None => sandbox.store.epsilon_spent(&key)?,
-        };
+        // Loaded from the ledger once, not per answer (that would read every
+        // entry of the grant each time).
+        let spent = sandbox
+            .budgets
+            .spent_or_load(&key, || sandbox.store.epsilon_spent(&key))?;
         let limit = grant
             .epsilon
             .unwrap_or(sandbox.settings.limits.default_grant_epsilon);

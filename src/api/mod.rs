@@ -281,7 +281,7 @@ async fn list_grants(
             let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
             rows.push(json!({
                 "grant": g,
-                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": budgets.spent(&format!("grant:{}", g.id)).map_or_else(|| store.epsilon_spent(&format!("grant:{}", g.id)), Ok)? },
+                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": budgets.spent_or_load(&format!("grant:{}", g.id), || store.epsilon_spent(&format!("grant:{}", g.id)))? },
                 "used_today": used,
                 "remaining_today": {
                     "queries": left(g.queries_per_day, used.queries),

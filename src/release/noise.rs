@@ -27,11 +27,38 @@ pub trait Uniform {
 }
 
 /// The OS CSPRNG, with rejection sampling so every value is equally likely.
-pub struct SecureUniform(SystemRandom);
+/// Its bytes are fetched a block at a time (one system call, not one per
+/// value) and each is used once.
+pub struct SecureUniform {
+    os: SystemRandom,
+    block: Box<[u8; 4096]>,
+    used: usize,
+}
 
 impl Default for SecureUniform {
     fn default() -> Self {
-        SecureUniform(SystemRandom::new())
+        SecureUniform {
+            os: SystemRandom::new(),
+            block: Box::new([0u8; 4096]),
+            used: 4096,
+        }
+    }
+}
+
+impl SecureUniform {
+    fn next_u128(&mut self) -> u128 {
+        if self.used + 16 > self.block.len() {
+            // The OS entropy source does not fail on Linux once booted; a
+            // failure here means no safe noise can be drawn at all.
+            self.os
+                .fill(&mut self.block[..])
+                .expect("OS random source available");
+            self.used = 0;
+        }
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&self.block[self.used..self.used + 16]);
+        self.used += 16;
+        u128::from_le_bytes(bytes)
     }
 }
 
@@ -44,11 +71,7 @@ impl Uniform for SecureUniform {
         // Largest multiple of n that fits: values at or above it are rejected.
         let zone = u128::MAX - (u128::MAX % n);
         loop {
-            let mut bytes = [0u8; 16];
-            // The OS entropy source does not fail on Linux once booted; a
-            // failure here means no safe noise can be drawn at all.
-            self.0.fill(&mut bytes).expect("OS random source available");
-            let x = u128::from_le_bytes(bytes);
+            let x = self.next_u128();
             if x < zone {
                 return x % n;
             }
