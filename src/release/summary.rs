@@ -38,9 +38,13 @@ pub struct Source {
 
 /// What an aggregate argument is, in summary terms.
 enum Arg {
+    /// No column: `COUNT(*)`, `COUNT(1)`.
     None,
+    /// The privacy unit itself.
     Unit,
+    /// A column with one value per unit.
     Constant(String),
+    /// A numeric column with declared bounds (and its precomputed parts).
     Bounded(String),
 }
 
