@@ -527,16 +527,10 @@ pub(crate) async fn demo_catalog(
 ) -> (tempfile::TempDir, Catalog) {
     let dir = tempfile::tempdir().unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
-    for m in manifests {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(repo.join(m)).unwrap()).unwrap();
-        edit(&mut v);
-        std::fs::write(dir.path().join(m), v.to_string()).unwrap();
-    }
-    let schemas = validate::Schemas::compiled();
-    let read = read_manifests(dir.path(), &schemas).unwrap();
-    crate::demo::generate(&crate::demo::demo_targets(dir.path(), &read), 0.01, |_| {}).unwrap();
-    let catalog = Catalog::load(dir.path(), &schemas).await.unwrap();
+    crate::demo::catalog_folder(&repo, dir.path(), manifests, 0.01, edit).unwrap();
+    let catalog = Catalog::load(dir.path(), &validate::Schemas::compiled())
+        .await
+        .unwrap();
     (dir, catalog)
 }
 

@@ -507,3 +507,34 @@ pub fn generate(
     }
     Ok(())
 }
+
+/// A self-contained catalog folder for tests, fuzzing and experiments: the
+/// manifests of `from` named in `names` (every one when empty), each edited
+/// by `edit`, written to `dir`, with their demo data generated at `scale`.
+pub fn catalog_folder(
+    from: &Path,
+    dir: &Path,
+    names: &[&str],
+    scale: f64,
+    edit: impl Fn(&mut serde_json::Value),
+) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for entry in std::fs::read_dir(from).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(".json") || !(names.is_empty() || names.contains(&name)) {
+            continue;
+        }
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).map_err(io)?)
+                .map_err(|e| format!("{name}: {e}"))?;
+        edit(&mut manifest);
+        std::fs::write(dir.join(name), manifest.to_string()).map_err(io)?;
+    }
+    let schemas = crate::validate::Schemas::compiled();
+    let manifests = crate::catalog::read_manifests(dir, &schemas).map_err(|e| e.to_string())?;
+    generate(&demo_targets(dir, &manifests), scale, |_| {})
+}

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::ledger::SignedHead;
 use crate::merkle::{self, Hash};
 use crate::metering::UsageRecord;
-use crate::policy::check::{self, Requester};
+use crate::policy::check::Requester;
 use crate::policy::{Classification, Levels, Policies, Prohibitions};
 use crate::validate::{self, Schemas};
 use std::path::{Path, PathBuf};
@@ -67,17 +67,8 @@ fn gate() -> &'static Gate {
 /// The repository's manifests over a tiny generated dataset, made once per process.
 fn demo_catalog() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("frostglass-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary folder");
-    for entry in std::fs::read_dir(repo().join("catalog")).expect("the catalog folder") {
-        let path = entry.expect("a catalog entry").path();
-        if path.extension().is_some_and(|e| e == "json") {
-            std::fs::copy(&path, dir.join(path.file_name().expect("a file name")))
-                .expect("a manifest copy");
-        }
-    }
-    let manifests = crate::catalog::read_manifests(&dir, schemas()).expect("valid manifests");
-    crate::demo::generate(&crate::demo::demo_targets(&dir, &manifests), 0.001, |_| {})
-        .expect("demo data");
+    crate::demo::catalog_folder(&repo().join("catalog"), &dir, &[], 0.001, |_| {})
+        .expect("the demo catalog is written");
     dir
 }
 
@@ -92,14 +83,19 @@ impl Gate {
                 .ok_or_else(|| ApiError::UnknownTable(reference.table().to_string()))?;
             tables.push(dataset.clone());
         }
-        let session = self.engine.session(&tables)?;
-        let plan = self.engine.plan(&session, statement).await?;
-        crate::query::only_select(&plan)?;
         let requester = Requester {
             region: "CN",
             cross_border_assessment: false,
         };
-        check::check(&plan, &self.catalog, &self.policies, &requester)?;
+        let (_, plan) = crate::query::checked_plan(
+            &self.engine,
+            &tables,
+            statement,
+            &self.catalog,
+            &self.policies,
+            &requester,
+        )
+        .await?;
         let (plan, _) = crate::release::filter_consent(plan, &self.catalog, PURPOSE)?;
         crate::release::split(&plan, &self.catalog, &self.policies, true)?;
         Ok(())

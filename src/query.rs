@@ -6,11 +6,13 @@
 //!
 //! Refusals are recorded too; nothing is answered before its entry is on disk.
 
-use crate::catalog::Dataset;
+use crate::catalog::{Catalog, Dataset};
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::ledger::sha256_hex;
 use crate::ledger::{NewEntry, Receipt};
 use crate::metering::{self, BudgetBook, Charge, DailyLimits, QuotaBook, Reservation, Usage};
+use crate::policy::Policies;
 use crate::policy::check::{self, Requester};
 use crate::release::{self, JobKind};
 use crate::startup::Sandbox;
@@ -21,7 +23,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::parser::Statement as DFStatement;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,7 +126,7 @@ struct Trace {
 
 struct Prepared {
     grant: Grant,
-    session: datafusion::execution::session_state::SessionState,
+    session: SessionState,
     split: release::ReleasePlan,
     scanned: Vec<Arc<Dataset>>,
     reservation: Reservation,
@@ -252,14 +256,19 @@ async fn prepare(
         .iter()
         .filter_map(|d| sandbox.catalog.get(d).cloned())
         .collect();
-    let session = engine.session(&tables)?;
-    let plan = engine.plan(&session, statement).await?;
-    only_select(&plan)?;
     let requester = Requester {
         region: &principal.region,
         cross_border_assessment: grant.cross_border_assessment.is_some(),
     };
-    check::check(&plan, &sandbox.catalog, &sandbox.policies, &requester)?;
+    let (session, plan) = checked_plan(
+        engine,
+        &tables,
+        statement,
+        &sandbox.catalog,
+        &sandbox.policies,
+        &requester,
+    )
+    .await?;
     let scanned = scanned_datasets(sandbox, &plan);
     let rows: u64 = scanned.iter().map(|d| d.num_rows).sum();
     let cap = sandbox.settings.limits.max_rows_scanned;
@@ -308,6 +317,24 @@ async fn prepare(
         scanned,
         reservation,
     })
+}
+
+/// The gate of every buyer query, before anything reads data: planned in a
+/// session that holds `tables` and nothing else, one SELECT, and within the
+/// policies. Returns the session too, for running the plan.
+pub async fn checked_plan(
+    engine: &Engine,
+    tables: &[Arc<Dataset>],
+    statement: DFStatement,
+    catalog: &Catalog,
+    policies: &Policies,
+    requester: &Requester<'_>,
+) -> Result<(SessionState, LogicalPlan), ApiError> {
+    let session = engine.session(tables)?;
+    let plan = engine.plan(&session, statement).await?;
+    only_select(&plan)?;
+    check::check(&plan, catalog, policies, requester)?;
+    Ok((session, plan))
 }
 
 /// Refuses DDL, DML and statements (SET, transactions and the like).

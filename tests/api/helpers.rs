@@ -24,20 +24,8 @@ pub fn shared_catalog() -> &'static Path {
             .tempdir()
             .unwrap()
             .keep();
-        for entry in std::fs::read_dir(repo().join("catalog")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "json") {
-                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-            }
-        }
-        let schemas = frostglass::validate::Schemas::compiled();
-        let manifests = frostglass::catalog::read_manifests(&dir, &schemas).unwrap();
-        frostglass::demo::generate(
-            &frostglass::demo::demo_targets(&dir, &manifests),
-            SCALE,
-            |_| {},
-        )
-        .unwrap();
+        frostglass::demo::catalog_folder(&repo().join("catalog"), &dir, &[], SCALE, |_| {})
+            .unwrap();
         dir
     })
 }
