@@ -10,6 +10,7 @@
 //! server wrote, so one tree serves both.
 
 use crate::merkle::{self, Frontier, Hash};
+use crate::store::CachedStatements;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
@@ -249,13 +250,13 @@ impl Writer {
         for e in entries {
             let index = frontier.len();
             let leaf = merkle::leaf_hash(e.body.as_bytes());
-            tx.execute(
+            tx.run(
                 "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![index as i64, now, e.kind, e.principal, e.grant, e.decision, e.body, hex::encode(leaf)],
             )?;
             if let Some(sql) = &e.sql {
-                tx.execute(
+                tx.run(
                     "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
                     params![index as i64, sql],
                 )?;
@@ -387,7 +388,7 @@ fn check_heads(conn: &Connection, view: &View, public_key: &[u8]) -> Result<(), 
 }
 
 fn save_head(conn: &Connection, head: &SignedHead) -> Result<(), LedgerError> {
-    conn.execute(
+    conn.run(
         "INSERT OR REPLACE INTO tree_heads (tree_size, timestamp_ms, root_hash, signature, key_id) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![head.tree_size as i64, head.timestamp_ms as i64, head.root_hash, head.signature, head.key_id],
     )?;

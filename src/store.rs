@@ -205,6 +205,7 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Io(data_dir.to_path_buf(), e))?;
         let conn = Connection::open(data_dir.join("frostglass.db"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -223,7 +224,7 @@ impl Store {
     pub fn add_principal(&self, p: &Principal, key_hash: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let exists: bool = tx.query_row(
+        let exists: bool = tx.row(
             "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
             [&p.id],
             |r| r.get(0),
@@ -235,11 +236,11 @@ impl Store {
             )));
         }
         let now = now_rfc3339();
-        tx.execute(
+        tx.run(
             "INSERT INTO principals (id, role, org, region, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![p.id, p.role.as_str(), p.org, p.region, now],
         )?;
-        tx.execute(
+        tx.run(
             "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
             params![key_hash, p.id, now],
         )?;
@@ -251,7 +252,7 @@ impl Store {
     pub fn add_key(&self, principal: &str, key_hash: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let exists: bool = tx.query_row(
+        let exists: bool = tx.row(
             "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
             [principal],
             |r| r.get(0),
@@ -259,7 +260,7 @@ impl Store {
         if !exists {
             return Err(StoreError::NotFound(format!("no principal '{principal}'")));
         }
-        let active: i64 = tx.query_row(
+        let active: i64 = tx.row(
             "SELECT COUNT(*) FROM api_keys WHERE principal_id = ?1 AND revoked_at IS NULL",
             [principal],
             |r| r.get(0),
@@ -269,7 +270,7 @@ impl Store {
                 "'{principal}' already has two active keys; revoke one first"
             )));
         }
-        tx.execute(
+        tx.run(
             "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
             params![key_hash, principal, now_rfc3339()],
         )?;
@@ -281,7 +282,7 @@ impl Store {
     pub fn revoke_key(&self, key_hash: &str) -> Result<String, StoreError> {
         let conn = self.conn();
         let principal: Option<String> = conn
-            .query_row(
+            .row(
                 "SELECT principal_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
                 [key_hash],
                 |r| r.get(0),
@@ -289,7 +290,7 @@ impl Store {
             .optional()?;
         let principal =
             principal.ok_or_else(|| StoreError::NotFound("no active key like that".into()))?;
-        conn.execute(
+        conn.run(
             "UPDATE api_keys SET revoked_at = ?1 WHERE key_hash = ?2",
             params![now_rfc3339(), key_hash],
         )?;
@@ -299,7 +300,7 @@ impl Store {
     pub fn principal_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT COUNT(*) FROM principals", [], |r| {
+            .row("SELECT COUNT(*) FROM principals", [], |r| {
                 r.get::<_, i64>(0)
             })? as u64)
     }
@@ -307,7 +308,7 @@ impl Store {
     pub fn principal(&self, id: &str) -> Result<Option<Principal>, StoreError> {
         let conn = self.conn();
         Ok(conn
-            .query_row(
+            .row(
                 "SELECT id, role, org, region FROM principals WHERE id = ?1",
                 [id],
                 principal_row,
@@ -322,7 +323,7 @@ impl Store {
     ) -> Result<Option<(Principal, Option<String>)>, StoreError> {
         let conn = self.conn();
         Ok(conn
-            .query_row(
+            .row(
                 "SELECT p.id, p.role, p.org, p.region, c.spki_sha256 FROM api_keys k JOIN principals p ON p.id = k.principal_id
                  LEFT JOIN principal_certs c ON c.principal_id = p.id
                  WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
@@ -337,7 +338,7 @@ impl Store {
         if self.principal(principal)?.is_none() {
             return Err(StoreError::NotFound(format!("no principal '{principal}'")));
         }
-        self.conn().execute(
+        self.conn().run(
             "INSERT OR REPLACE INTO principal_certs (principal_id, spki_sha256, created_at) VALUES (?1, ?2, ?3)",
             params![principal, spki_sha256, now_rfc3339()],
         )?;
@@ -356,7 +357,7 @@ impl Store {
         }
         let id = new_id("g");
         let datasets = serde_json::to_string(&g.datasets).unwrap_or_else(|_| "[]".into());
-        self.conn().execute(
+        self.conn().run(
             "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11)",
             params![
@@ -377,7 +378,7 @@ impl Store {
     }
 
     pub fn revoke_grant(&self, id: &str) -> Result<(), StoreError> {
-        let changed = self.conn().execute(
+        let changed = self.conn().run(
             "UPDATE grants SET status = 'revoked' WHERE id = ?1 AND status = 'active'",
             [id],
         )?;
@@ -437,7 +438,7 @@ impl Store {
 
     /// What a grant used today (UTC), from the ledger: what the daily quotas count.
     pub fn used_today(&self, grant: &str) -> Result<DailyUse, StoreError> {
-        let (queries, rows, bytes): (i64, i64, i64) = self.conn().query_row(
+        let (queries, rows, bytes): (i64, i64, i64) = self.conn().row(
             "SELECT COUNT(*),
                     COALESCE(SUM(json_extract(body, '$.usage.rows_scanned')), 0),
                     COALESCE(SUM(json_extract(body, '$.usage.bytes_scanned')), 0)
@@ -456,12 +457,12 @@ impl Store {
     pub fn epsilon_spent(&self, budget: &str) -> Result<f64, StoreError> {
         let conn = self.conn();
         let spent: f64 = match budget.split_once(':') {
-            Some(("grant", id)) => conn.query_row(
+            Some(("grant", id)) => conn.row(
                 "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_charged')), 0.0) FROM usage_log WHERE grant_id = ?1",
                 [id],
                 |r| r.get(0),
             )?,
-            Some(("dataset", id)) => conn.query_row(
+            Some(("dataset", id)) => conn.row(
                 "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_by_dataset.' || ?1)), 0.0) FROM usage_log
                  WHERE kind = 'query' AND json_extract(body, '$.epsilon_by_dataset.' || ?1) IS NOT NULL",
                 [id],
@@ -480,7 +481,7 @@ impl Store {
     ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .row(
                 "SELECT answer, release FROM answer_cache WHERE grant_id = ?1 AND plan_sha256 = ?2",
                 params![grant, plan_sha256],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -495,7 +496,7 @@ impl Store {
         answer: &[u8],
         release: &str,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn().run(
             "INSERT OR IGNORE INTO answer_cache (grant_id, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![grant, plan_sha256, answer, release, now_rfc3339()],
         )?;
@@ -525,6 +526,33 @@ impl Store {
             Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// Statements prepared once per connection and kept, not parsed again on
+/// every call: SQLite's parser was a visible share of each query's CPU.
+pub(crate) trait CachedStatements {
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+}
+
+impl CachedStatements for Connection {
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
     }
 }
 
