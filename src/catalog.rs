@@ -213,7 +213,10 @@ impl Manifest {
 /// A registered dataset: its manifest and the table that serves it.
 pub struct Dataset {
     pub manifest: Manifest,
+    /// The files on disk. Queries go through [`Dataset::table`].
     pub provider: Arc<dyn TableProvider>,
+    /// The whole dataset decoded in memory, for small ones; valid like `unit_constant`.
+    pub(crate) in_memory: Option<Arc<dyn TableProvider>>,
     pub schema: SchemaRef,
     pub num_rows: u64,
     /// Size of the data on disk; with `num_rows`, what a scan is metered as.
@@ -261,6 +264,15 @@ impl Dataset {
         self.summary
             .as_ref()
             .filter(|_| fingerprint(&self.location) == self.fingerprint)
+    }
+
+    /// What queries read: the in-memory copy while the data on disk is
+    /// still what it was taken from, else the files.
+    pub fn table(&self) -> Arc<dyn TableProvider> {
+        match &self.in_memory {
+            Some(table) if fingerprint(&self.location) == self.fingerprint => table.clone(),
+            _ => self.provider.clone(),
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -423,9 +435,15 @@ pub async fn open_dataset(
     let num_bytes = disk_size(&location);
     let fingerprint = fingerprint(&location);
     let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
+    let in_memory = if num_bytes <= IN_MEMORY_DISK_BYTES {
+        decoded(&ctx).await
+    } else {
+        None
+    };
     Ok(Dataset {
         manifest,
         provider,
+        in_memory,
         schema,
         num_rows,
         num_bytes,
@@ -435,6 +453,25 @@ pub async fn open_dataset(
         location,
         fingerprint,
     })
+}
+
+/// Datasets up to this size on disk are also kept decoded in memory (at
+/// most [`IN_MEMORY_BYTES`]): a small query on a small table otherwise spends
+/// most of its time opening and decoding Parquet, again for every query.
+const IN_MEMORY_DISK_BYTES: u64 = 16 << 20;
+const IN_MEMORY_BYTES: usize = 128 << 20;
+
+/// Table `t` of `ctx`, decoded, as one in-memory partition; `None` if it is
+/// larger than [`IN_MEMORY_BYTES`] decoded or cannot be read.
+async fn decoded(ctx: &SessionContext) -> Option<Arc<dyn TableProvider>> {
+    let batches = ctx.table("t").await.ok()?.collect().await.ok()?;
+    let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    if bytes > IN_MEMORY_BYTES {
+        return None;
+    }
+    let schema = ctx.table_provider("t").await.ok()?.schema();
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches]).ok()?;
+    Some(Arc::new(table))
 }
 
 async fn count_rows(ctx: &SessionContext) -> datafusion::error::Result<u64> {
@@ -558,5 +595,31 @@ mod tests {
         file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
             .unwrap();
         assert!(!health.is_unit_constant("district"));
+    }
+
+    #[tokio::test]
+    async fn small_datasets_are_read_from_memory_until_the_files_change() {
+        let (dir, catalog) = demo_catalog(&["enterprise_registry.json"], |_| {}).await;
+        let registry = catalog.get("enterprise_registry").unwrap();
+        let rows_read = |table: Arc<dyn TableProvider>| async move {
+            let ctx = SessionContext::new();
+            ctx.register_table("t", table).unwrap();
+            count_rows(&ctx).await.unwrap()
+        };
+        let in_memory = registry.in_memory.clone().expect("a small dataset");
+        assert!(Arc::ptr_eq(&registry.table(), &in_memory));
+        assert_eq!(rows_read(registry.table()).await, registry.num_rows);
+        // Twice the rows under the same name: queries read the files again.
+        let bigger = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("catalog");
+        let names = ["enterprise_registry.json"];
+        crate::demo::catalog_folder(&repo, bigger.path(), &names, 0.02, |_| {}).unwrap();
+        let path = data_location(dir.path(), &registry.manifest);
+        std::fs::copy(data_location(bigger.path(), &registry.manifest), &path).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&registry.table(), &in_memory));
+        assert_eq!(rows_read(registry.table()).await, 2 * registry.num_rows);
     }
 }

@@ -165,7 +165,7 @@ impl Engine {
         self.session_with(
             datasets
                 .iter()
-                .map(|d| (d.id().to_string(), d.provider.clone()))
+                .map(|d| (d.id().to_string(), d.table()))
                 .collect(),
         )
     }

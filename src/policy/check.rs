@@ -1001,6 +1001,7 @@ mod tests {
                 pricing: None,
             },
             provider: Arc::new(EmptyTable::new(schema.clone())),
+            in_memory: None,
             schema,
             num_rows: 0,
             num_bytes: 0,
