@@ -441,7 +441,7 @@ pub fn run(options: Options) -> Result<(), String> {
     let mut policy = Vec::new();
     for (name, sql) in SUITE {
         let mut samples = Vec::new();
-        for _ in 0..50 {
+        for _ in 0..200 {
             samples.push(ms(sandbox_query(&rt, &dp, &principal, sql, true)?));
         }
         samples.sort_by(|a, b| a.total_cmp(b));

@@ -476,7 +476,10 @@ fn choose_grant(
     named: &[Arc<Dataset>],
 ) -> Result<Grant, ApiError> {
     let now = now_rfc3339();
-    let grants = sandbox.store.grants_of(&principal.id)?;
+    let grants = match request.grant.as_deref() {
+        Some(id) => Vec::from_iter(sandbox.store.grant_of(&principal.id, id)?),
+        None => sandbox.store.grants_of(&principal.id)?,
+    };
     let candidates: Vec<&Grant> = grants
         .iter()
         .filter(|g| g.is_active(&now))

@@ -393,6 +393,14 @@ impl Store {
         self.query_grants("WHERE buyer = ?1", &[&buyer])
     }
 
+    /// The buyer's grant with this id, if any (a one-row lookup: a buyer may
+    /// hold many grants).
+    pub fn grant_of(&self, buyer: &str, id: &str) -> Result<Option<Grant>, StoreError> {
+        Ok(self
+            .query_grants("WHERE buyer = ?1 AND id = ?2", &[&buyer, &id])?
+            .pop())
+    }
+
     /// Grants that cover a dataset.
     pub fn grants_on(&self, dataset: &str) -> Result<Vec<Grant>, StoreError> {
         Ok(self
