@@ -332,8 +332,12 @@ pub fn run(options: Options) -> Result<(), String> {
     http_settings.limits.max_concurrent_queries = 8;
     let server = Server::start(http_settings)?;
     let base = server.base.clone();
+    // Every client keeps its connection open (ureq keeps only 3 idle per
+    // host by default: the other clients reconnected for every query).
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .max_idle_connections(options.http_clients.max(1) * 2)
+        .max_idle_connections_per_host(options.http_clients.max(1) * 2)
         .build()
         .into();
     let http_query = |sql: &str, grant: &str| -> Result<Duration, String> {
