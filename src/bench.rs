@@ -454,6 +454,18 @@ pub fn run(options: Options) -> Result<(), String> {
         policy.push(json!({ "query": name, "median_ms": p50, "p99_ms": p99 }));
     }
 
+    // The engine's own ceiling for the load query: plain DataFusion, one at a
+    // time, with every core to itself, no HTTP and no ledger.
+    let mut plain_small = Vec::new();
+    for _ in 0..30 {
+        let started = Instant::now();
+        rt.block_on(async { plain.sql(SMALL_QUERY).await?.collect().await })
+            .map_err(|e| e.to_string())?;
+        plain_small.push(ms(started.elapsed()));
+    }
+    plain_small.sort_by(|a, b| a.total_cmp(b));
+    let plain_small_ms = percentile(&plain_small, 0.5);
+
     // Many small aggregate queries from concurrent clients, each answer durably logged.
     let small_grant = grant(&store)?;
     let deadline = Instant::now() + Duration::from_secs(options.http_seconds);
@@ -490,14 +502,17 @@ pub fn run(options: Options) -> Result<(), String> {
     let load = json!({
         "clients": options.http_clients, "seconds": options.http_seconds, "answered": latencies.len(), "errors": errors,
         "queries_per_second": qps, "p50_ms": percentile(&latencies, 0.5), "p99_ms": percentile(&latencies, 0.99),
+        "sql": SMALL_QUERY, "plain_datafusion_ms": plain_small_ms,
     });
     println!(
-        "HTTP load: {} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+        "HTTP load: {} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors \
+         (the same query on plain DataFusion, alone: {:.2} ms)",
         options.http_clients,
         qps,
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        errors
+        errors,
+        plain_small_ms
     );
     let server_rss = server.peak_rss_mb();
     let bench_rss = peak_rss_mb("self");
