@@ -213,7 +213,7 @@ async fn answer(
     sandbox.policies.check_principal(&principal.id)?;
     let mut prepared = prepare(sandbox, principal, request, trace).await?;
     if request.dry_run {
-        return Ok(Step::DryRun(outline(sandbox, &prepared)));
+        return Ok(Step::DryRun(outline(&prepared)));
     }
     if let Some((answer, release)) = &prepared.cached {
         let executed = from_cache(answer, release)?;
@@ -521,7 +521,7 @@ fn scanned_datasets(sandbox: &Sandbox, plan: &LogicalPlan) -> Vec<Arc<Dataset>> 
     out
 }
 
-fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
+fn outline(p: &Prepared) -> Value {
     let releases: Vec<Value> = p
         .split
         .jobs
@@ -540,7 +540,7 @@ fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
             json!({ "datasets": j.datasets, "min_group_size": j.min_group_size, "mechanism": mechanism, "epsilon": j.epsilon() })
         })
         .collect();
-    let usage = estimate(sandbox, p);
+    let usage = estimate(p);
     json!({
         "decision": "allowed",
         "grant": p.grant.id,
@@ -556,7 +556,7 @@ fn outline(sandbox: &Sandbox, p: &Prepared) -> Value {
 
 /// Rows and bytes a query is metered for: whole tables per scan, from the
 /// catalog, so the figures never depend on what a filter matched.
-fn estimate(sandbox: &Sandbox, p: &Prepared) -> Usage {
+fn estimate(p: &Prepared) -> Usage {
     let rows_scanned = p.scanned.iter().map(|d| d.num_rows).sum();
     let bytes_scanned = p.scanned.iter().map(|d| d.num_bytes).sum();
     let mut charge = 0i128;
@@ -572,7 +572,6 @@ fn estimate(sandbox: &Sandbox, p: &Prepared) -> Usage {
             currency.get_or_insert_with(|| pricing.currency.clone());
         }
     }
-    let _ = sandbox;
     Usage {
         rows_scanned,
         bytes_scanned,
@@ -667,7 +666,7 @@ async fn finish(
     e: Executed,
 ) -> Result<Answer, ApiError> {
     let rows = crate::api::format::json_rows(&e.batches)?;
-    let mut usage = estimate(sandbox, &p);
+    let mut usage = estimate(&p);
     usage.cpu_ms = e.cpu_ns / 1_000_000;
     usage.wall_ms = started.elapsed().as_millis() as u64;
     usage.groups_released = e.release.released_groups;
