@@ -290,8 +290,8 @@ async fn prepare(
             .execution
             .target_partitions = 1;
     }
-    // The planned (not optimised) plan: names resolved, so case, whitespace,
-    // comments and `*` do not change it. An optimiser pass only for the hash
+    // The planned (not optimised) plan: names resolved, so case, whitespace
+    // and comments do not change it. An optimiser pass only for the hash
     // cost more than the whole policy check.
     let plan_sha256 = sha256_hex(plan.display_indent().to_string().as_bytes());
     let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;

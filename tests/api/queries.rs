@@ -404,6 +404,9 @@ fn the_ledger_records_a_plan_hash_that_ignores_spelling() {
     app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
     app.query("select   DISTRICT, count(*)\nfrom CITY_HEALTH group by District");
     app.query("SELECT district, COUNT(*) FROM city_health WHERE age > 50 GROUP BY district");
+    app.query(
+        "-- by district\nSELECT district, /* all */ COUNT(*) FROM city_health GROUP BY district",
+    );
     let hashes: Vec<(String, String)> = app
         .store()
         .entries(0, 100)
@@ -417,8 +420,12 @@ fn the_ledger_records_a_plan_hash_that_ignores_spelling() {
             ))
         })
         .collect();
-    assert_eq!(hashes.len(), 3);
+    assert_eq!(hashes.len(), 4);
     assert_ne!(hashes[0].0, hashes[1].0, "different SQL text");
     assert_eq!(hashes[0].1, hashes[1].1, "the same plan");
     assert_ne!(hashes[0].1, hashes[2].1);
+    assert_eq!(
+        hashes[0].1, hashes[3].1,
+        "comments are not part of the plan"
+    );
 }
