@@ -256,23 +256,26 @@ fn fingerprint(path: &Path) -> Fingerprint {
 impl Dataset {
     /// Whether `column` holds one value per privacy unit in the data as it is now.
     pub fn is_unit_constant(&self, column: &str) -> bool {
-        self.unit_constant.contains(column) && fingerprint(&self.location) == self.fingerprint
+        self.unit_constant.contains(column) && self.unchanged()
     }
 
     /// The unit summary, if the data on disk is still what it was taken from.
     pub fn summary(&self) -> Option<&Arc<UnitSummary>> {
-        self.summary
-            .as_ref()
-            .filter(|_| fingerprint(&self.location) == self.fingerprint)
+        self.summary.as_ref().filter(|_| self.unchanged())
     }
 
     /// What queries read: the in-memory copy while the data on disk is
     /// still what it was taken from, else the files.
     pub fn table(&self) -> Arc<dyn TableProvider> {
         match &self.in_memory {
-            Some(table) if fingerprint(&self.location) == self.fingerprint => table.clone(),
+            Some(table) if self.unchanged() => table.clone(),
             _ => self.provider.clone(),
         }
+    }
+
+    /// Whether the data on disk is still what registration measured.
+    fn unchanged(&self) -> bool {
+        fingerprint(&self.location) == self.fingerprint
     }
 
     pub fn id(&self) -> &str {
@@ -436,7 +439,7 @@ pub async fn open_dataset(
     let fingerprint = fingerprint(&location);
     let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
     let in_memory = if num_bytes <= IN_MEMORY_DISK_BYTES {
-        decoded(&ctx).await
+        decoded(&ctx, schema.clone()).await
     } else {
         None
     };
@@ -463,13 +466,12 @@ const IN_MEMORY_BYTES: usize = 128 << 20;
 
 /// Table `t` of `ctx`, decoded, as one in-memory partition; `None` if it is
 /// larger than [`IN_MEMORY_BYTES`] decoded or cannot be read.
-async fn decoded(ctx: &SessionContext) -> Option<Arc<dyn TableProvider>> {
+async fn decoded(ctx: &SessionContext, schema: SchemaRef) -> Option<Arc<dyn TableProvider>> {
     let batches = ctx.table("t").await.ok()?.collect().await.ok()?;
     let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
     if bytes > IN_MEMORY_BYTES {
         return None;
     }
-    let schema = ctx.table_provider("t").await.ok()?.schema();
     let table = datafusion::datasource::MemTable::try_new(schema, vec![batches]).ok()?;
     Some(Arc::new(table))
 }

@@ -1,7 +1,7 @@
 //! Abuse limits and the API contract: every limit reached and answered with
 //! its code while others keep being served; 405s; the OpenAPI document.
 
-use crate::helpers::{Options, spawn_app, spawn_app_with};
+use crate::helpers::{Options, spawn_app, spawn_app_with, spawn_app_with_limits};
 use frostglass::config::Settings;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -81,12 +81,9 @@ fn the_openapi_document_is_valid_and_matches_the_served_routes() {
 
 #[test]
 fn a_principal_over_its_request_rate_is_slowed_while_others_are_served() {
-    let mut settings = Settings::default();
-    settings.limits.requests_per_second = 0.5;
-    settings.limits.request_burst = 3.0;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.requests_per_second = 0.5;
+        limits.request_burst = 3.0;
     });
     let key = app.key("buyer:acme").to_string();
     let statuses: Vec<u16> = (0..4)
@@ -104,12 +101,9 @@ fn a_principal_over_its_request_rate_is_slowed_while_others_are_served() {
 
 #[test]
 fn one_principal_cannot_hold_every_query_slot() {
-    let mut settings = Settings::default();
-    settings.limits.max_concurrent_queries_per_principal = 1;
-    settings.limits.query_timeout_ms = 3_000;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.max_concurrent_queries_per_principal = 1;
+        limits.query_timeout_ms = 3_000;
     });
     std::thread::scope(|s| {
         let slow = s.spawn(|| app.query(SLOW));
@@ -128,13 +122,10 @@ fn one_principal_cannot_hold_every_query_slot() {
 
 #[test]
 fn overload_is_answered_503_quickly() {
-    let mut settings = Settings::default();
-    settings.limits.max_concurrent_queries = 1;
-    settings.limits.queue_wait_ms = 200;
-    settings.limits.query_timeout_ms = 3_000;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.max_concurrent_queries = 1;
+        limits.queue_wait_ms = 200;
+        limits.query_timeout_ms = 3_000;
     });
     std::thread::scope(|s| {
         let slow = s.spawn(|| app.query(SLOW));
@@ -152,11 +143,8 @@ fn overload_is_answered_503_quickly() {
 
 #[test]
 fn slow_clients_are_cut_off_and_do_not_block_others() {
-    let mut settings = Settings::default();
-    settings.limits.client_request_timeout_ms = 500;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.client_request_timeout_ms = 500;
     });
     let addr = app.base.trim_start_matches("http://").to_string();
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();

@@ -1,7 +1,7 @@
 //! Test harness: the real application on a random port, over real HTTP,
 //! with demo data generated once per test binary at a small scale.
 
-use frostglass::config::Settings;
+use frostglass::config::{Limits, Settings};
 use frostglass::startup::Application;
 use frostglass::store::{NewGrant, Principal, Role, Store};
 use serde_json::{Value, json};
@@ -99,6 +99,16 @@ pub fn catalog_with(edit: impl Fn(&mut Value)) -> PathBuf {
 
 pub fn spawn_app() -> TestApp {
     spawn_app_with(Options::default())
+}
+
+/// An app whose limits `edit` changes; everything else as in [`spawn_app`].
+pub fn spawn_app_with_limits(edit: impl FnOnce(&mut Limits)) -> TestApp {
+    let mut settings = Settings::default();
+    edit(&mut settings.limits);
+    spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    })
 }
 
 pub fn spawn_app_with(options: Options) -> TestApp {

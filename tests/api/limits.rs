@@ -1,7 +1,6 @@
 //! Bad input gets a clear error, never a panic, a hang or a 500; the server stays up.
 
-use crate::helpers::{Options, spawn_app, spawn_app_with};
-use frostglass::config::Settings;
+use crate::helpers::{Options, spawn_app, spawn_app_with, spawn_app_with_limits};
 use serde_json::json;
 
 fn still_serving(app: &crate::helpers::TestApp) {
@@ -57,11 +56,8 @@ fn deep_and_long_expressions_are_refused_before_planning() {
 
 #[test]
 fn endless_queries_are_cancelled() {
-    let mut settings = Settings::default();
-    settings.limits.query_timeout_ms = 1_500;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_timeout_ms = 1_500;
     });
     let started = std::time::Instant::now();
     let r =
@@ -77,12 +73,9 @@ fn endless_queries_are_cancelled() {
 
 #[test]
 fn memory_and_answer_size_are_capped() {
-    let mut settings = Settings::default();
-    settings.limits.query_memory_bytes = 64 * 1024;
-    settings.limits.max_result_rows = 100;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_memory_bytes = 64 * 1024;
+        limits.max_result_rows = 100;
     });
     let big = app.query(
         "SELECT industry, COUNT(DISTINCT name) AS n FROM enterprise_registry GROUP BY industry",
@@ -107,11 +100,8 @@ fn memory_and_answer_size_are_capped() {
 
 #[test]
 fn rows_scanned_cap_is_checked_before_reading() {
-    let mut settings = Settings::default();
-    settings.limits.max_rows_scanned = 50_000;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.max_rows_scanned = 50_000;
     });
     let r = app.query("SELECT district, SUM(load_mw) FROM power_grid GROUP BY district");
     assert_eq!(r.code().as_deref(), Some("resource_limit"));
@@ -168,15 +158,12 @@ fn runtime_errors_never_quote_data() {
 #[test]
 fn a_query_whose_client_hangs_up_is_cancelled_and_recorded() {
     use std::io::Write;
-    let mut settings = Settings::default();
-    settings.limits.query_timeout_ms = 300_000;
-    // One slot: the next query waits for it, so it is answered only once the
-    // abandoned one has really stopped.
-    settings.limits.max_concurrent_queries = 1;
-    settings.limits.queue_wait_ms = 60_000;
-    let app = spawn_app_with(Options {
-        settings,
-        ..Options::default()
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_timeout_ms = 300_000;
+        // One slot: the next query waits for it, so it is answered only once the
+        // abandoned one has really stopped.
+        limits.max_concurrent_queries = 1;
+        limits.queue_wait_ms = 60_000;
     });
     let body = json!({
         "sql": "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district"

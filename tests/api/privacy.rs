@@ -144,6 +144,7 @@ fn one_person_with_many_rows_moves_a_sum_only_by_the_bound() {
     let r = app.query(&format!(
         "SELECT district, COUNT(*) FROM city_health WHERE district = '{district}' GROUP BY district"
     ));
+    assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     let released = doc["rows"][0][1].as_f64().unwrap();
     let b = doc["release"]["noise"]["columns"][0]["scale"]
