@@ -17,7 +17,7 @@ pub fn generate_key() -> String {
 /// The stored form of a key. Lookups go by this hash, so comparing it leaks
 /// nothing useful about the key itself.
 pub fn key_hash(key: &str) -> String {
-    crate::ledger::sha256_hex(key.as_bytes())
+    crate::util::sha256_hex(key.as_bytes())
 }
 
 /// SHA-256 (hex) of a certificate's SubjectPublicKeyInfo: what a principal is
@@ -25,39 +25,9 @@ pub fn key_hash(key: &str) -> String {
 pub fn spki_sha256(cert_der: &[u8]) -> Option<String> {
     let der = rustls::pki_types::CertificateDer::from(cert_der);
     let cert = webpki::EndEntityCert::try_from(&der).ok()?;
-    Some(crate::ledger::sha256_hex(
+    Some(crate::util::sha256_hex(
         cert.subject_public_key_info().as_ref(),
     ))
-}
-
-/// The client certificate a TLS connection presented, kept with the connection.
-#[derive(Clone, Debug)]
-pub struct ClientCert {
-    pub spki_sha256: String,
-}
-
-/// Called for every new connection: remembers the client certificate, if any.
-pub fn capture_client_cert(conn: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
-    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
-    let Some(tls) = conn.downcast_ref::<Tls>() else {
-        return;
-    };
-    let (_, session) = tls.get_ref();
-    if let Some(spki_sha256) = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| spki_sha256(c))
-    {
-        data.insert(ClientCert { spki_sha256 });
-    }
-}
-
-/// The bearer token of an `Authorization` header value, if well formed.
-pub fn bearer(header: &str) -> Option<&str> {
-    let (scheme, token) = header.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= 256)
-        .then_some(token)
 }
 
 #[cfg(test)]
@@ -72,14 +42,5 @@ mod tests {
         assert_eq!(key_hash(&a).len(), 64);
         assert_ne!(key_hash(&a), key_hash(&b));
         assert!(!key_hash(&a).contains(&a[KEY_PREFIX.len()..]));
-    }
-
-    #[test]
-    fn bearer_parsing() {
-        assert_eq!(bearer("Bearer abc"), Some("abc"));
-        assert_eq!(bearer("bearer  abc "), Some("abc"));
-        assert_eq!(bearer("Basic abc"), None);
-        assert_eq!(bearer("Bearer "), None);
-        assert_eq!(bearer("Bearerabc"), None);
     }
 }

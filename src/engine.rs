@@ -6,7 +6,7 @@
 
 use crate::catalog::Dataset;
 use crate::config::Limits;
-use crate::error::{ApiError, Refusal};
+use crate::error::{Error, Refusal};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
@@ -44,14 +44,14 @@ pub struct Engine {
 /// Maps an engine error to one that is safe to show: engine messages can
 /// quote data values (a failed cast names the string it could not cast), so
 /// none of their text passes.
-pub fn engine_error(e: DataFusionError) -> ApiError {
+pub fn engine_error(e: DataFusionError) -> Error {
     match e.find_root() {
         DataFusionError::ResourcesExhausted(_) => {
-            ApiError::ResourceLimit("the query exceeded its memory limit".into())
+            Error::ResourceLimit("the query exceeded its memory limit".into())
         }
         _ => {
             tracing::debug!(kind = error_kind(&e), "query failed during execution");
-            ApiError::SqlError("the query failed during execution".into())
+            Error::SqlError("the query failed during execution".into())
         }
     }
 }
@@ -100,9 +100,9 @@ impl Engine {
     }
 
     /// Parses exactly one plain query; anything else is refused before planning.
-    pub fn parse(&self, sql: &str) -> Result<DFStatement, ApiError> {
+    pub fn parse(&self, sql: &str) -> Result<DFStatement, Error> {
         if sql.len() > self.limits.max_sql_bytes {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(Error::InvalidRequest(format!(
                 "SQL is longer than {} bytes",
                 self.limits.max_sql_bytes
             )));
@@ -110,13 +110,13 @@ impl Engine {
         let dialect = GenericDialect {};
         let tokens = Tokenizer::new(&dialect, sql)
             .tokenize()
-            .map_err(|e| ApiError::SqlError(format!("cannot tokenize SQL: {e}")))?;
+            .map_err(|e| Error::SqlError(format!("cannot tokenize SQL: {e}")))?;
         let significant = tokens
             .iter()
             .filter(|t| !matches!(t, Token::Whitespace(_)))
             .count();
         if significant > self.limits.max_sql_tokens {
-            return Err(ApiError::ResourceLimit(format!(
+            return Err(Error::ResourceLimit(format!(
                 "the query has {significant} tokens; at most {} are allowed",
                 self.limits.max_sql_tokens
             )));
@@ -125,43 +125,40 @@ impl Engine {
             .with_recursion_limit(self.limits.max_parser_depth)
             .build()
             .and_then(|mut p| p.parse_statements())
-            .map_err(|e| ApiError::SqlError(format!("cannot parse SQL: {e}")))?;
+            .map_err(|e| Error::SqlError(format!("cannot parse SQL: {e}")))?;
         if statements.len() != 1 {
-            return Err(ApiError::StatementNotAllowed(
+            return Err(Error::StatementNotAllowed(
                 "exactly one SQL statement is allowed".into(),
             ));
         }
         let statement = statements
             .pop_front()
-            .ok_or_else(|| ApiError::SqlError("no statement".into()))?;
+            .ok_or_else(|| Error::SqlError("no statement".into()))?;
         match &statement {
             DFStatement::Statement(s) => match s.as_ref() {
                 SqlStatement::Query(q) if q.with.as_ref().is_some_and(|w| w.recursive) => {
                     Err(Refusal::new("recursive_query", "recursive queries are not allowed").into())
                 }
                 SqlStatement::Query(_) => Ok(statement),
-                _ => Err(ApiError::StatementNotAllowed(
+                _ => Err(Error::StatementNotAllowed(
                     "only a single SELECT query is allowed".into(),
                 )),
             },
-            _ => Err(ApiError::StatementNotAllowed(
+            _ => Err(Error::StatementNotAllowed(
                 "only a single SELECT query is allowed".into(),
             )),
         }
     }
 
     /// The tables a statement names (CTE names excluded).
-    pub fn table_references(
-        &self,
-        statement: &DFStatement,
-    ) -> Result<Vec<TableReference>, ApiError> {
+    pub fn table_references(&self, statement: &DFStatement) -> Result<Vec<TableReference>, Error> {
         self.template
             .resolve_table_references(statement)
-            .map_err(|e| ApiError::SqlError(format!("cannot resolve tables: {e}")))
+            .map_err(|e| Error::SqlError(format!("cannot resolve tables: {e}")))
     }
 
     /// A session whose catalog holds exactly the tables of `datasets`.
-    pub fn session(&self, datasets: &[Arc<Dataset>]) -> Result<SessionState, ApiError> {
+    pub fn session(&self, datasets: &[Arc<Dataset>]) -> Result<SessionState, Error> {
         self.session_with(
             datasets
                 .iter()
@@ -174,8 +171,8 @@ impl Engine {
     pub fn session_with(
         &self,
         tables: Vec<(String, Arc<dyn TableProvider>)>,
-    ) -> Result<SessionState, ApiError> {
-        let internal = |e: DataFusionError| ApiError::Internal(e.to_string());
+    ) -> Result<SessionState, Error> {
+        let internal = |e: DataFusionError| Error::Internal(e.to_string());
         let schema = MemorySchemaProvider::new();
         for (name, provider) in tables {
             schema.register_table(name, provider).map_err(internal)?;
@@ -195,7 +192,7 @@ impl Engine {
         &self,
         state: &SessionState,
         statement: DFStatement,
-    ) -> Result<LogicalPlan, ApiError> {
+    ) -> Result<LogicalPlan, Error> {
         // Planner errors describe the query against the schema (unknown
         // column, type mismatch of the query's own literals), not data.
         state
@@ -205,9 +202,9 @@ impl Engine {
                 DataFusionError::Plan(msg)
                     if msg.contains("table") && msg.contains("not found") =>
                 {
-                    ApiError::SqlError("a table in the query is not available".into())
+                    Error::SqlError("a table in the query is not available".into())
                 }
-                root => ApiError::SqlError(format!("cannot plan query: {root}")),
+                root => Error::SqlError(format!("cannot plan query: {root}")),
             })
     }
 
@@ -218,7 +215,7 @@ impl Engine {
         state: &SessionState,
         plan: &LogicalPlan,
         max_rows: usize,
-    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), ApiError> {
+    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
         let physical = state
             .create_physical_plan(plan)
             .await
@@ -231,7 +228,7 @@ impl Engine {
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
             .build_arc()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let task = Arc::new(TaskContext::from(state).with_runtime(runtime));
         let mut stream = execute_stream(physical.clone(), task).map_err(engine_error)?;
         let mut batches = Vec::new();
@@ -240,7 +237,7 @@ impl Engine {
             let batch = batch.map_err(engine_error)?;
             rows += batch.num_rows();
             if rows > max_rows {
-                return Err(ApiError::ResourceLimit(format!(
+                return Err(Error::ResourceLimit(format!(
                     "the answer has more than {max_rows} rows"
                 )));
             }
@@ -254,7 +251,7 @@ impl Engine {
 /// so DataFusion's cooperative leaves never make them yield and a timeout
 /// could not cut them short. Wrapping each join's output in a cooperative
 /// stream makes every join yield to the scheduler regularly.
-fn yield_after_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, ApiError> {
+fn yield_after_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, Error> {
     use datafusion::common::tree_node::{Transformed, TreeNode};
     use datafusion::physical_plan::coop::CooperativeExec;
     plan.transform_up(|node| {
@@ -267,7 +264,7 @@ fn yield_after_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPl
         }
     })
     .map(|t| t.data)
-    .map_err(|e| ApiError::Internal(e.to_string()))
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// CPU time of all operators of an executed plan, in nanoseconds.

@@ -8,10 +8,10 @@
 use crate::catalog::{Catalog, Manifest};
 use crate::config::Limits;
 use crate::engine::Engine;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::ledger::SignedHead;
-use crate::merkle::{self, Hash};
-use crate::metering::UsageRecord;
+use crate::ledger::merkle::{self, Hash};
+use crate::ledger::usage::UsageRecord;
 use crate::policy::check::Requester;
 use crate::policy::{Classification, Levels, Policies, Prohibitions};
 use crate::validate::{self, Schemas};
@@ -73,21 +73,21 @@ fn demo_catalog() -> PathBuf {
 }
 
 impl Gate {
-    async fn check(&self, sql: &str) -> Result<(), ApiError> {
+    async fn check(&self, sql: &str) -> Result<(), Error> {
         let statement = self.engine.parse(sql)?;
         let mut tables = Vec::new();
         for reference in self.engine.table_references(&statement)? {
             let dataset = self
                 .catalog
                 .get(reference.table())
-                .ok_or_else(|| ApiError::UnknownTable(reference.table().to_string()))?;
+                .ok_or_else(|| Error::UnknownTable(reference.table().to_string()))?;
             tables.push(dataset.clone());
         }
         let requester = Requester {
             region: "CN",
             cross_border_assessment: false,
         };
-        let (_, plan) = crate::query::checked_plan(
+        let (_, plan) = crate::pipeline::gate::checked_plan(
             &self.engine,
             &tables,
             statement,
@@ -104,7 +104,7 @@ impl Gate {
 
 /// Parse, plan, policy check, consent filter and release split of arbitrary
 /// SQL; the outcome (accepted or refused) does not matter, returning does.
-pub fn sql_gate(data: &[u8]) -> Option<Result<(), ApiError>> {
+pub fn sql_gate(data: &[u8]) -> Option<Result<(), Error>> {
     let sql = std::str::from_utf8(data).ok()?.to_string();
     let gate = gate();
     let outcome = gate

@@ -1,8 +1,12 @@
 //! Durable state in the data directory: principals and their API keys,
-//! grants, and the append-only usage log. SQLite in WAL mode with
-//! `synchronous=FULL`, so a committed row survives a crash and the CLI and a
-//! running server can share the file.
+//! grants, and released answers kept for repetition. SQLite in WAL mode
+//! with `synchronous=FULL`, so a committed row survives a crash and the CLI
+//! and a running server can share the file. The ledger keeps its own tables
+//! in the same file; a change here is made inside the ledger transaction
+//! that records it (the `&Connection` functions below), never alone.
 
+use crate::util::now_rfc3339;
+use crate::util::sql::CachedStatements;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -20,7 +24,13 @@ pub enum StoreError {
     NotFound(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+impl From<StoreError> for crate::error::Error {
+    fn from(e: StoreError) -> Self {
+        crate::error::Error::Internal(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Owner,
@@ -39,7 +49,7 @@ impl Role {
         }
     }
 
-    fn parse(s: &str) -> Option<Role> {
+    pub fn parse(s: &str) -> Option<Role> {
         match s {
             "owner" => Some(Role::Owner),
             "buyer" => Some(Role::Buyer),
@@ -50,7 +60,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Principal {
     pub id: String,
     pub role: Role,
@@ -58,7 +68,7 @@ pub struct Principal {
     pub region: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
     pub id: String,
     pub buyer: String,
@@ -98,14 +108,6 @@ pub struct NewGrant {
     pub cross_border_assessment: Option<String>,
 }
 
-/// One day's use of a grant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct DailyUse {
-    pub queries: u64,
-    pub rows: u64,
-    pub bytes: u64,
-}
-
 fn count(v: Option<i64>) -> Option<u64> {
     v.map(|n| n.max(0) as u64)
 }
@@ -114,7 +116,7 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-pub const SCHEMA: &str = r#"
+const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS principals (
     id TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -147,25 +149,7 @@ CREATE TABLE IF NOT EXISTS grants (
     status TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS usage_log (
-    idx INTEGER PRIMARY KEY,
-    created_at TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    principal TEXT,
-    grant_id TEXT,
-    decision TEXT NOT NULL,
-    body TEXT NOT NULL,
-    leaf_hash TEXT NOT NULL
-);
 CREATE INDEX IF NOT EXISTS grants_buyer ON grants (buyer);
-CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
-CREATE TABLE IF NOT EXISTS tree_heads (
-    tree_size INTEGER PRIMARY KEY,
-    timestamp_ms INTEGER NOT NULL,
-    root_hash TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    key_id TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS answer_cache (
     grant_id TEXT NOT NULL,
     plan_sha256 TEXT NOT NULL,
@@ -174,31 +158,7 @@ CREATE TABLE IF NOT EXISTS answer_cache (
     created_at TEXT NOT NULL,
     PRIMARY KEY (grant_id, plan_sha256)
 );
-CREATE TABLE IF NOT EXISTS usage_sql (
-    idx INTEGER PRIMARY KEY REFERENCES usage_log(idx),
-    sql TEXT NOT NULL
-);
 "#;
-
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn start_of_today() -> String {
-    let today = chrono::Utc::now().date_naive();
-    format!("{today}T00:00:00.000Z")
-}
-
-/// A short random id with a readable prefix, e.g. `g_3fa9c2d1e0b4a7c5`.
-pub fn new_id(prefix: &str) -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 8];
-    // SystemRandom only fails if the OS has no entropy source; ids would then collide.
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("OS random source available");
-    format!("{prefix}_{}", hex::encode(bytes))
-}
 
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
@@ -219,82 +179,6 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (transactions roll back), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn add_principal(&self, p: &Principal, key_hash: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let exists: bool = tx.row(
-            "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
-            [&p.id],
-            |r| r.get(0),
-        )?;
-        if exists {
-            return Err(StoreError::Conflict(format!(
-                "principal '{}' already exists",
-                p.id
-            )));
-        }
-        let now = now_rfc3339();
-        tx.run(
-            "INSERT INTO principals (id, role, org, region, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.id, p.role.as_str(), p.org, p.region, now],
-        )?;
-        tx.run(
-            "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
-            params![key_hash, p.id, now],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Adds a key to a principal, which may hold at most two active keys (for rotation).
-    pub fn add_key(&self, principal: &str, key_hash: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let exists: bool = tx.row(
-            "SELECT EXISTS(SELECT 1 FROM principals WHERE id = ?1)",
-            [principal],
-            |r| r.get(0),
-        )?;
-        if !exists {
-            return Err(StoreError::NotFound(format!("no principal '{principal}'")));
-        }
-        let active: i64 = tx.row(
-            "SELECT COUNT(*) FROM api_keys WHERE principal_id = ?1 AND revoked_at IS NULL",
-            [principal],
-            |r| r.get(0),
-        )?;
-        if active >= 2 {
-            return Err(StoreError::Conflict(format!(
-                "'{principal}' already has two active keys; revoke one first"
-            )));
-        }
-        tx.run(
-            "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
-            params![key_hash, principal, now_rfc3339()],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Revokes the key with this hash; returns whose it was.
-    pub fn revoke_key(&self, key_hash: &str) -> Result<String, StoreError> {
-        let conn = self.conn();
-        let principal: Option<String> = conn
-            .row(
-                "SELECT principal_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
-                [key_hash],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let principal =
-            principal.ok_or_else(|| StoreError::NotFound("no active key like that".into()))?;
-        conn.run(
-            "UPDATE api_keys SET revoked_at = ?1 WHERE key_hash = ?2",
-            params![now_rfc3339(), key_hash],
-        )?;
-        Ok(principal)
     }
 
     pub fn principal_count(&self) -> Result<u64, StoreError> {
@@ -333,61 +217,6 @@ impl Store {
             .optional()?)
     }
 
-    /// Binds a principal to a client certificate (by the SHA-256 of its public key).
-    pub fn bind_cert(&self, principal: &str, spki_sha256: &str) -> Result<(), StoreError> {
-        if self.principal(principal)?.is_none() {
-            return Err(StoreError::NotFound(format!("no principal '{principal}'")));
-        }
-        self.conn().run(
-            "INSERT OR REPLACE INTO principal_certs (principal_id, spki_sha256, created_at) VALUES (?1, ?2, ?3)",
-            params![principal, spki_sha256, now_rfc3339()],
-        )?;
-        Ok(())
-    }
-
-    pub fn add_grant(&self, g: &NewGrant) -> Result<String, StoreError> {
-        let buyer = self
-            .principal(&g.buyer)?
-            .ok_or_else(|| StoreError::NotFound(format!("no principal '{}'", g.buyer)))?;
-        if buyer.role != Role::Buyer {
-            return Err(StoreError::Conflict(format!(
-                "principal '{}' is not a buyer",
-                g.buyer
-            )));
-        }
-        let id = new_id("g");
-        let datasets = serde_json::to_string(&g.datasets).unwrap_or_else(|_| "[]".into());
-        self.conn().run(
-            "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11)",
-            params![
-                id,
-                g.buyer,
-                datasets,
-                g.purpose,
-                g.queries_per_day.map(|n| n as i64),
-                g.rows_per_day.map(|n| n as i64),
-                g.bytes_per_day.map(|n| n as i64),
-                g.epsilon,
-                g.expires_at,
-                g.cross_border_assessment,
-                now_rfc3339()
-            ],
-        )?;
-        Ok(id)
-    }
-
-    pub fn revoke_grant(&self, id: &str) -> Result<(), StoreError> {
-        let changed = self.conn().run(
-            "UPDATE grants SET status = 'revoked' WHERE id = ?1 AND status = 'active'",
-            [id],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no active grant '{id}'")));
-        }
-        Ok(())
-    }
-
     /// Grants of a buyer, oldest first (the order in which a query picks one).
     pub fn grants_of(&self, buyer: &str) -> Result<Vec<Grant>, StoreError> {
         self.query_grants("WHERE buyer = ?1", &[&buyer])
@@ -419,66 +248,7 @@ impl Store {
         condition: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Grant>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
-             FROM grants {condition} ORDER BY created_at, id"
-        ))?;
-        let rows = stmt.query_map(args, |r| {
-            let datasets: String = r.get(2)?;
-            Ok(Grant {
-                id: r.get(0)?,
-                buyer: r.get(1)?,
-                datasets: serde_json::from_str(&datasets).unwrap_or_default(),
-                purpose: r.get(3)?,
-                queries_per_day: count(r.get(4)?),
-                rows_per_day: count(r.get(5)?),
-                bytes_per_day: count(r.get(6)?),
-                epsilon: r.get(7)?,
-                expires_at: r.get(8)?,
-                cross_border_assessment: r.get(9)?,
-                status: r.get(10)?,
-                created_at: r.get(11)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    /// What a grant used today (UTC), from the ledger: what the daily quotas count.
-    pub fn used_today(&self, grant: &str) -> Result<DailyUse, StoreError> {
-        let (queries, rows, bytes): (i64, i64, i64) = self.conn().row(
-            "SELECT COUNT(*),
-                    COALESCE(SUM(json_extract(body, '$.usage.rows_scanned')), 0),
-                    COALESCE(SUM(json_extract(body, '$.usage.bytes_scanned')), 0)
-             FROM usage_log WHERE grant_id = ?1 AND decision = 'answered' AND created_at >= ?2",
-            params![grant, start_of_today()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        Ok(DailyUse {
-            queries: queries.max(0) as u64,
-            rows: rows.max(0) as u64,
-            bytes: bytes.max(0) as u64,
-        })
-    }
-
-    /// Epsilon charged to a budget, from the ledger: `grant:<id>` or `dataset:<id>`.
-    pub fn epsilon_spent(&self, budget: &str) -> Result<f64, StoreError> {
-        let conn = self.conn();
-        let spent: f64 = match budget.split_once(':') {
-            Some(("grant", id)) => conn.row(
-                "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_charged')), 0.0) FROM usage_log WHERE grant_id = ?1",
-                [id],
-                |r| r.get(0),
-            )?,
-            Some(("dataset", id)) => conn.row(
-                "SELECT COALESCE(SUM(json_extract(body, '$.epsilon_by_dataset.' || ?1)), 0.0) FROM usage_log
-                 WHERE kind = 'query' AND json_extract(body, '$.epsilon_by_dataset.' || ?1) IS NOT NULL",
-                [id],
-                |r| r.get(0),
-            )?,
-            _ => 0.0,
-        };
-        Ok(spent)
+        query_grants(&self.conn(), condition, args)
     }
 
     /// A released answer kept so that asking again costs no new epsilon.
@@ -510,58 +280,6 @@ impl Store {
         )?;
         Ok(())
     }
-
-    /// The manifest digest each dataset was last registered with, from the ledger.
-    pub fn registered_manifests(
-        &self,
-    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT json_extract(body, '$.dataset'), json_extract(body, '$.manifest_sha256')
-             FROM usage_log WHERE kind = 'dataset_registered' ORDER BY idx",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Entry bodies in index order, for usage reports and verification.
-    pub fn entries(&self, from: u64, limit: u64) -> Result<Vec<(u64, String, String)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT idx, body, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-/// Statements prepared once per connection and kept, not parsed again on
-/// every call: SQLite's parser was a visible share of each query's CPU.
-pub(crate) trait CachedStatements {
-    fn row<T, P: rusqlite::Params>(
-        &self,
-        sql: &str,
-        params: P,
-        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T>;
-    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
-}
-
-impl CachedStatements for Connection {
-    fn row<T, P: rusqlite::Params>(
-        &self,
-        sql: &str,
-        params: P,
-        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        self.prepare_cached(sql)?.query_row(params, f)
-    }
-
-    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
-        self.prepare_cached(sql)?.execute(params)
-    }
 }
 
 fn principal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
@@ -578,4 +296,161 @@ fn principal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {
         org: r.get(2)?,
         region: r.get(3)?,
     })
+}
+
+fn principal_in(conn: &Connection, id: &str) -> Result<Option<Principal>, StoreError> {
+    Ok(conn
+        .row(
+            "SELECT id, role, org, region FROM principals WHERE id = ?1",
+            [id],
+            principal_row,
+        )
+        .optional()?)
+}
+
+fn require_principal(conn: &Connection, id: &str) -> Result<Principal, StoreError> {
+    principal_in(conn, id)?.ok_or_else(|| StoreError::NotFound(format!("no principal '{id}'")))
+}
+
+// State changes. Each runs on the connection of the ledger transaction that
+// records it (see `app::admin`), so the change and its entry commit together.
+
+pub fn add_principal(conn: &Connection, p: &Principal, key_hash: &str) -> Result<(), StoreError> {
+    if principal_in(conn, &p.id)?.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "principal '{}' already exists",
+            p.id
+        )));
+    }
+    let now = now_rfc3339();
+    conn.run(
+        "INSERT INTO principals (id, role, org, region, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![p.id, p.role.as_str(), p.org, p.region, now],
+    )?;
+    conn.run(
+        "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
+        params![key_hash, p.id, now],
+    )?;
+    Ok(())
+}
+
+/// Adds a key to a principal, which may hold at most two active keys (for rotation).
+pub fn add_key(conn: &Connection, principal: &str, key_hash: &str) -> Result<(), StoreError> {
+    require_principal(conn, principal)?;
+    let active: i64 = conn.row(
+        "SELECT COUNT(*) FROM api_keys WHERE principal_id = ?1 AND revoked_at IS NULL",
+        [principal],
+        |r| r.get(0),
+    )?;
+    if active >= 2 {
+        return Err(StoreError::Conflict(format!(
+            "'{principal}' already has two active keys; revoke one first"
+        )));
+    }
+    conn.run(
+        "INSERT INTO api_keys (key_hash, principal_id, created_at) VALUES (?1, ?2, ?3)",
+        params![key_hash, principal, now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+/// Revokes the key with this hash; returns whose it was.
+pub fn revoke_key(conn: &Connection, key_hash: &str) -> Result<String, StoreError> {
+    let principal: Option<String> = conn
+        .row(
+            "SELECT principal_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+            [key_hash],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let principal =
+        principal.ok_or_else(|| StoreError::NotFound("no active key like that".into()))?;
+    conn.run(
+        "UPDATE api_keys SET revoked_at = ?1 WHERE key_hash = ?2",
+        params![now_rfc3339(), key_hash],
+    )?;
+    Ok(principal)
+}
+
+/// Binds a principal to a client certificate (by the SHA-256 of its public key).
+pub fn bind_cert(conn: &Connection, principal: &str, spki_sha256: &str) -> Result<(), StoreError> {
+    require_principal(conn, principal)?;
+    conn.run(
+        "INSERT OR REPLACE INTO principal_certs (principal_id, spki_sha256, created_at) VALUES (?1, ?2, ?3)",
+        params![principal, spki_sha256, now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+/// Makes a grant; returns it as stored.
+pub fn add_grant(conn: &Connection, g: &NewGrant) -> Result<Grant, StoreError> {
+    let buyer = require_principal(conn, &g.buyer)?;
+    if buyer.role != Role::Buyer {
+        return Err(StoreError::Conflict(format!(
+            "principal '{}' is not a buyer",
+            g.buyer
+        )));
+    }
+    let id = crate::util::new_id("g");
+    let datasets = serde_json::to_string(&g.datasets).unwrap_or_else(|_| "[]".into());
+    conn.run(
+        "INSERT INTO grants (id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11)",
+        params![
+            id,
+            g.buyer,
+            datasets,
+            g.purpose,
+            g.queries_per_day.map(|n| n as i64),
+            g.rows_per_day.map(|n| n as i64),
+            g.bytes_per_day.map(|n| n as i64),
+            g.epsilon,
+            g.expires_at,
+            g.cross_border_assessment,
+            now_rfc3339()
+        ],
+    )?;
+    query_grants(conn, "WHERE id = ?1", &[&id])?
+        .pop()
+        .ok_or_else(|| StoreError::NotFound(format!("grant '{id}' vanished")))
+}
+
+pub fn revoke_grant(conn: &Connection, id: &str) -> Result<(), StoreError> {
+    let changed = conn.run(
+        "UPDATE grants SET status = 'revoked' WHERE id = ?1 AND status = 'active'",
+        [id],
+    )?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!("no active grant '{id}'")));
+    }
+    Ok(())
+}
+
+fn query_grants(
+    conn: &Connection,
+    condition: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<Grant>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT id, buyer, datasets, purpose, queries_per_day, rows_per_day, bytes_per_day, epsilon, expires_at, cross_border_assessment, status, created_at
+         FROM grants {condition} ORDER BY created_at, id"
+    ))?;
+    let rows = stmt.query_map(args, |r| {
+        let datasets: String = r.get(2)?;
+        Ok(Grant {
+            id: r.get(0)?,
+            buyer: r.get(1)?,
+            datasets: serde_json::from_str(&datasets).unwrap_or_default(),
+            purpose: r.get(3)?,
+            queries_per_day: count(r.get(4)?),
+            rows_per_day: count(r.get(5)?),
+            bytes_per_day: count(r.get(6)?),
+            epsilon: r.get(7)?,
+            expires_at: r.get(8)?,
+            cross_border_assessment: r.get(9)?,
+            status: r.get(10)?,
+            created_at: r.get(11)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }

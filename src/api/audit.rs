@@ -2,8 +2,8 @@
 //! Everything here is metadata about use; none of it reads a dataset.
 
 use super::Authenticated;
-use crate::error::ApiError;
-use crate::startup::Sandbox;
+use super::error::ApiError;
+use crate::app::Sandbox;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
@@ -39,10 +39,10 @@ async fn entries(
 ) -> Result<HttpResponse, ApiError> {
     let limit = page.limit.clamp(1, 1000);
     let from = page.from;
-    let store = sandbox.store.clone();
-    let rows = web::block(move || store.entries(from, limit))
+    let reader = sandbox.clone();
+    let rows = web::block(move || reader.ledger.entries(from, limit))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     let next = rows.last().map(|(i, _, _)| i + 1);
     let entries: Vec<_> = rows
         .into_iter()
@@ -58,7 +58,7 @@ async fn head(sandbox: web::Data<Sandbox>, _: Authenticated) -> Result<HttpRespo
         .ledger
         .head()
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(head))
 }
 
@@ -93,9 +93,7 @@ async fn inclusion(
         .ledger
         .inclusion_proof(q.index, q.size)
         .ok_or_else(|| {
-            ApiError::InvalidRequest(
-                "index must be below size, and size at most the tree size".into(),
-            )
+            ApiError::invalid("index must be below size, and size at most the tree size")
         })?;
     Ok(HttpResponse::Ok().json(json!({
         "index": q.index,
@@ -122,7 +120,7 @@ async fn consistency(
         .ledger
         .consistency_proof(q.from, q.to)
         .ok_or_else(|| {
-            ApiError::InvalidRequest("from must be at most to, and to at most the tree size".into())
+            ApiError::invalid("from must be at most to, and to at most the tree size")
         })?;
     Ok(HttpResponse::Ok().json(json!({
         "from": q.from,

@@ -1,26 +1,32 @@
 //! HTTP API v1: routes, authentication and the translation of pipeline
 //! outcomes into responses. Errors become JSON in one place
-//! ([`crate::error::ApiError`]'s `ResponseError`).
+//! ([`error::ApiError`]'s `ResponseError`).
 
 pub mod audit;
+pub mod auth;
 pub mod connection;
-pub mod format;
+pub mod error;
 pub mod openapi;
+pub mod server;
+pub mod telemetry;
 pub mod throttle;
 pub mod usage;
 
+use crate::app::Sandbox;
 use crate::catalog::Dataset;
-use crate::error::ApiError;
-use crate::query::{self, Format, Outcome, QueryRequest};
-use crate::startup::Sandbox;
+use crate::pipeline::{self, Outcome};
+use crate::release::encode as format;
 use crate::store::{Principal, Role};
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use error::ApiError;
 use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use throttle::Throttle;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
@@ -110,22 +116,22 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let sandbox = req.app_data::<web::Data<Sandbox>>().cloned();
-        let cert = req.conn_data::<crate::auth::ClientCert>().cloned();
+        let throttle = req.app_data::<web::Data<Throttle>>().cloned();
+        let cert = req.conn_data::<auth::ClientCert>().cloned();
         let roles = allowed_roles(req);
         let token = req
             .headers()
             .get("Authorization")
             .and_then(|h| h.to_str().ok())
-            .and_then(crate::auth::bearer)
+            .and_then(auth::bearer)
             .map(crate::auth::key_hash);
         Box::pin(async move {
-            let sandbox =
-                sandbox.ok_or_else(|| ApiError::Internal("sandbox state missing".into()))?;
+            let sandbox = sandbox.ok_or_else(|| ApiError::internal("sandbox state missing"))?;
             let hash = token.ok_or(ApiError::Unauthenticated)?;
             let store = sandbox.store.clone();
             let principal = web::block(move || store.principal_by_key_hash(&hash))
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
+                .map_err(|e| ApiError::internal(e.to_string()))??;
             let (principal, bound) = principal.ok_or(ApiError::Unauthenticated)?;
             // A key bound to a client certificate only works with that certificate.
             if let Some(bound) = bound
@@ -134,13 +140,14 @@ impl FromRequest for Authenticated {
                 return Err(ApiError::Unauthenticated);
             }
             if !roles.contains(&principal.role) {
-                return Err(ApiError::Forbidden(format!(
+                return Err(ApiError::forbidden(format!(
                     "a principal with role {} may not call this route",
                     principal.role.as_str()
                 )));
             }
             let limits = &sandbox.settings.limits;
-            sandbox.throttle.admit(
+            let throttle = throttle.ok_or_else(|| ApiError::internal("throttle state missing"))?;
+            throttle.admit(
                 &principal.id,
                 limits.requests_per_second,
                 limits.request_burst,
@@ -245,7 +252,7 @@ async fn list_grants(
     who: Authenticated,
 ) -> Result<HttpResponse, ApiError> {
     let principal = who.0;
-    let store = sandbox.store.clone();
+    let s = sandbox.clone();
     let catalog_owned: Vec<String> = sandbox
         .catalog
         .datasets
@@ -253,16 +260,14 @@ async fn list_grants(
         .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
         .map(|d| d.id().to_string())
         .collect();
-    let quotas = sandbox.quotas.clone();
-    let budgets = sandbox.budgets.clone();
     let default_epsilon = sandbox.settings.limits.default_grant_epsilon;
-    let grants = web::block(move || -> Result<_, crate::store::StoreError> {
+    let grants = web::block(move || -> Result<_, crate::error::Error> {
         let all = match principal.role {
-            Role::Buyer => store.grants_of(&principal.id)?,
+            Role::Buyer => s.store.grants_of(&principal.id)?,
             Role::Owner => {
                 let mut out = Vec::new();
                 for d in &catalog_owned {
-                    for g in store.grants_on(d)? {
+                    for g in s.store.grants_on(d)? {
                         if !out.iter().any(|o: &crate::store::Grant| o.id == g.id) {
                             out.push(g);
                         }
@@ -270,18 +275,18 @@ async fn list_grants(
                 }
                 out
             }
-            Role::Auditor | Role::Admin => store.all_grants()?,
+            Role::Auditor | Role::Admin => s.store.all_grants()?,
         };
         let mut rows = Vec::with_capacity(all.len());
         for g in all {
-            let used = match quotas.used(&g.id) {
+            let used = match s.quotas.used(&g.id) {
                 Some(used) => used,
-                None => store.used_today(&g.id)?,
+                None => s.ledger.used_today(&g.id)?,
             };
             let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
             rows.push(json!({
                 "grant": g,
-                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": budgets.spent_or_load(&format!("grant:{}", g.id), || store.epsilon_spent(&format!("grant:{}", g.id)))? },
+                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": s.budgets.spent_or_load(&format!("grant:{}", g.id), || s.ledger.epsilon_spent(&format!("grant:{}", g.id)))? },
                 "used_today": used,
                 "remaining_today": {
                     "queries": left(g.queries_per_day, used.queries),
@@ -293,7 +298,7 @@ async fn list_grants(
         Ok(rows)
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(HttpResponse::Ok().json(json!({ "grants": grants })))
 }
 
@@ -301,8 +306,7 @@ async fn list_grants(
 async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
+        let chunk = chunk.map_err(|_| ApiError::invalid("the request body could not be read"))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }
@@ -311,20 +315,53 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     Ok(body)
 }
 
+/// An answer's encoding on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+/// `POST /v1/queries`, as validated against `schemas/query_request.schema.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QueryRequest {
+    pub sql: String,
+    #[serde(default)]
+    pub grant: Option<String>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+    #[serde(default)]
+    pub format: Option<Format>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl QueryRequest {
+    fn into_pipeline(self) -> pipeline::Request {
+        pipeline::Request {
+            sql: self.sql,
+            grant: self.grant,
+            purpose: self.purpose,
+            dry_run: self.dry_run,
+        }
+    }
+}
+
 fn parse_query_request(sandbox: &Sandbox, body: &[u8]) -> Result<QueryRequest, ApiError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::InvalidRequest("the body is not UTF-8".into()))?;
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::invalid("the body is not UTF-8"))?;
     let value: Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
     if let Some(problem) = sandbox.schemas.query_request.iter_errors(&value).next() {
         let at = problem.instance_path().as_str().to_string();
-        return Err(ApiError::InvalidRequest(format!(
+        return Err(ApiError::invalid(format!(
             "{}: {}",
             if at.is_empty() { "/" } else { &at },
             problem.masked()
         )));
     }
-    serde_json::from_value(value).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+    serde_json::from_value(value).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 fn negotiate(req: &HttpRequest, requested: Option<Format>) -> Format {
@@ -364,6 +401,7 @@ fn negotiate(req: &HttpRequest, requested: Option<Format>) -> Format {
 )]
 async fn post_query(
     sandbox: web::Data<Sandbox>,
+    throttle: web::Data<Throttle>,
     who: Authenticated,
     req: HttpRequest,
     payload: web::Payload,
@@ -371,7 +409,7 @@ async fn post_query(
     let body = read_body(payload, sandbox.settings.limits.max_body_bytes).await?;
     let request = parse_query_request(&sandbox, &body)?;
     let format = negotiate(&req, request.format);
-    let _running = sandbox.throttle.start(
+    let _running = throttle.start(
         &who.0.id,
         sandbox.settings.limits.max_concurrent_queries_per_principal,
     )?;
@@ -379,9 +417,14 @@ async fn post_query(
     let client_gone = connection::gone(&req);
     let outcome = sandbox
         .runtime
-        .spawn(query::run(sandbox.clone(), who.0, request, client_gone))
+        .spawn(pipeline::run(
+            sandbox.clone(),
+            who.0,
+            request.into_pipeline(),
+            client_gone,
+        ))
         .await
-        .map_err(|e| ApiError::Internal(format!("query task failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??;
     let answer = match outcome {
         Outcome::DryRun(outline) => return Ok(HttpResponse::Ok().json(outline)),
         Outcome::Answer(a) => a,

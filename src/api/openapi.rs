@@ -6,7 +6,7 @@
 //! repository is checked against it by a test, so every change shows up in
 //! review (`frostglass openapi > openapi.json` refreshes it).
 
-use crate::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody};
 use crate::store::Role;
 use serde_json::{Value, json};
 use std::sync::OnceLock;

@@ -1,7 +1,7 @@
 //! Per-principal request rate (a token bucket) and concurrent queries, so
 //! that one buyer cannot starve the others.
 
-use crate::error::ApiError;
+use super::error::ApiError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

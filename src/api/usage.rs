@@ -1,9 +1,9 @@
 //! Usage reports for buyers and owners, and SQL over usage metadata for auditors.
 
 use super::Authenticated;
-use crate::error::ApiError;
-use crate::metering::{self, UsageRecord};
-use crate::startup::Sandbox;
+use super::error::ApiError;
+use crate::app::Sandbox;
+use crate::ledger::usage::{UsageRecord, summarize};
 use crate::store::Role;
 use actix_web::{HttpResponse, web};
 use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, UInt64Array};
@@ -20,11 +20,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/audit/sql", web::post().to(audit_sql));
 }
 
-async fn records(sandbox: &Sandbox) -> Result<Vec<UsageRecord>, ApiError> {
-    let store = sandbox.store.clone();
-    let entries = web::block(move || store.entries(0, u64::MAX >> 1))
+async fn records(sandbox: &web::Data<Sandbox>) -> Result<Vec<UsageRecord>, ApiError> {
+    let sandbox = sandbox.clone();
+    let entries = web::block(move || sandbox.ledger.entries(0, u64::MAX >> 1))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(entries
         .iter()
         .filter_map(|(i, body, _)| UsageRecord::from_entry(*i, body))
@@ -50,7 +50,7 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
         Role::Owner => r.datasets.iter().any(|d| owned.contains(&d.as_str())),
         Role::Auditor | Role::Admin => true,
     });
-    Ok(HttpResponse::Ok().json(json!({ "usage": metering::summarize(visible) })))
+    Ok(HttpResponse::Ok().json(json!({ "usage": summarize(visible) })))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -112,7 +112,7 @@ fn usage_batch(records: &[UsageRecord]) -> Result<RecordBatch, ApiError> {
             records.iter().map(|r| r.charge_micros).collect::<Vec<_>>(),
         )),
     ];
-    RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| ApiError::Internal(e.to_string()))
+    RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// SQL over usage metadata (table `usage`), never over datasets
@@ -130,10 +130,10 @@ async fn audit_sql(
         ));
     }
     let request: AuditSql = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("the body is not a valid request: {e}")))?;
+        .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))?;
     let batch = usage_batch(&records(&sandbox).await?)?;
     let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let sandbox = sandbox.into_inner();
     let job = {
         let sandbox = sandbox.clone();
@@ -156,9 +156,7 @@ async fn audit_sql(
         .runtime
         .spawn(async move { tokio::time::timeout(timeout, job).await })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|_| {
-            ApiError::ResourceLimit("the query ran too long and was cancelled".into())
-        })??;
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|_| ApiError::resource_limit("the query ran too long and was cancelled"))??;
     Ok(HttpResponse::Ok().json(answer))
 }

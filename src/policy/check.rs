@@ -10,7 +10,7 @@
 
 use super::{Policies, Site};
 use crate::catalog::{Catalog, ColumnClass, Dataset};
-use crate::error::{ApiError, Refusal};
+use crate::error::{Error, Refusal};
 use datafusion::common::{Column, DFSchema};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -75,7 +75,7 @@ pub fn check(
     catalog: &Catalog,
     policies: &Policies,
     requester: &Requester<'_>,
-) -> Result<Analysis, ApiError> {
+) -> Result<Analysis, Error> {
     let mut checker = Checker {
         catalog,
         policies,
@@ -136,7 +136,7 @@ struct Checker<'a> {
     quasi: BTreeSet<(Arc<str>, Arc<str>)>,
 }
 
-fn unsupported(what: &str) -> ApiError {
+fn unsupported(what: &str) -> Error {
     Refusal::new(
         "unsupported_query_shape",
         format!("{what} is not supported in the sandbox"),
@@ -145,7 +145,7 @@ fn unsupported(what: &str) -> ApiError {
 }
 
 impl<'a> Checker<'a> {
-    fn plan(&mut self, plan: &LogicalPlan) -> Result<NodeInfo, ApiError> {
+    fn plan(&mut self, plan: &LogicalPlan) -> Result<NodeInfo, Error> {
         let pass = |this: &mut Self, input: &LogicalPlan| this.plan(input);
         match plan {
             LogicalPlan::TableScan(scan) => self.table_scan(scan),
@@ -181,7 +181,7 @@ impl<'a> Checker<'a> {
                     .as_ref()
                     .clone()
                     .join(rs)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    .map_err(|e| Error::Internal(e.to_string()))?;
                 let scope = Scope {
                     schema: &joined,
                     fields: &all,
@@ -307,7 +307,7 @@ impl<'a> Checker<'a> {
             | LogicalPlan::Ddl(_)
             | LogicalPlan::Copy(_)
             | LogicalPlan::DescribeTable(_)
-            | LogicalPlan::Extension(_) => Err(ApiError::StatementNotAllowed(
+            | LogicalPlan::Extension(_) => Err(Error::StatementNotAllowed(
                 "only a single SELECT query is allowed".into(),
             )),
         }
@@ -316,12 +316,12 @@ impl<'a> Checker<'a> {
     fn table_scan(
         &mut self,
         scan: &datafusion::logical_expr::TableScan,
-    ) -> Result<NodeInfo, ApiError> {
+    ) -> Result<NodeInfo, Error> {
         let name = scan.table_name.table();
         let dataset = self
             .catalog
             .get(name)
-            .ok_or_else(|| ApiError::UnknownTable(name.to_string()))?
+            .ok_or_else(|| Error::UnknownTable(name.to_string()))?
             .clone();
         dataset_access(self.policies, self.requester, &dataset)?;
         let scan_id = self.scans;
@@ -335,7 +335,7 @@ impl<'a> Checker<'a> {
         let mut fields = Vec::with_capacity(scan.projected_schema.fields().len());
         for field in scan.projected_schema.fields() {
             let spec = dataset.manifest.column(field.name()).ok_or_else(|| {
-                ApiError::Internal(format!(
+                Error::Internal(format!(
                     "column {} of {} has no classification",
                     field.name(),
                     dataset.id()
@@ -363,7 +363,7 @@ impl<'a> Checker<'a> {
         Ok(NodeInfo { fields })
     }
 
-    fn aggregate(&mut self, a: &Aggregate) -> Result<NodeInfo, ApiError> {
+    fn aggregate(&mut self, a: &Aggregate) -> Result<NodeInfo, Error> {
         let input = self.plan(&a.input)?;
         let scope = Scope {
             schema: a.input.schema(),
@@ -392,7 +392,7 @@ impl<'a> Checker<'a> {
         &mut self,
         f: &AggregateFunction,
         scope: &Scope<'_>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let base = f.func.name().to_ascii_lowercase();
         let name = if f.params.distinct {
             format!("{base}_distinct")
@@ -436,7 +436,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    fn window_expr(&mut self, e: &Expr, scope: &Scope<'_>) -> Result<(), ApiError> {
+    fn window_expr(&mut self, e: &Expr, scope: &Scope<'_>) -> Result<(), Error> {
         match strip_alias(e) {
             Expr::WindowFunction(w) => {
                 let WindowFunction { params, .. } = w.as_ref();
@@ -459,7 +459,7 @@ impl<'a> Checker<'a> {
 
     /// A condition: equalities between columns of two different table scans
     /// are join keys; everything else is a filter.
-    fn predicate(&mut self, predicate: &Expr, scope: &Scope<'_>) -> Result<(), ApiError> {
+    fn predicate(&mut self, predicate: &Expr, scope: &Scope<'_>) -> Result<(), Error> {
         for conjunct in split_conjunction(predicate) {
             match self.join_equality(conjunct, scope)? {
                 Some((l, r)) => {
@@ -476,7 +476,7 @@ impl<'a> Checker<'a> {
         &self,
         e: &'e Expr,
         scope: &Scope<'_>,
-    ) -> Result<Option<(&'e Expr, &'e Expr)>, ApiError> {
+    ) -> Result<Option<(&'e Expr, &'e Expr)>, Error> {
         let Expr::BinaryExpr(b) = e else {
             return Ok(None);
         };
@@ -495,9 +495,9 @@ impl<'a> Checker<'a> {
         Ok(distinct_sides.then_some((b.left.as_ref(), b.right.as_ref())))
     }
 
-    fn resolve(&self, c: &Column, scope: &Scope<'_>) -> Result<Lineage, ApiError> {
+    fn resolve(&self, c: &Column, scope: &Scope<'_>) -> Result<Lineage, Error> {
         let i = scope.schema.index_of_column(c).map_err(|_| {
-            ApiError::SqlError(format!(
+            Error::SqlError(format!(
                 "column '{}' cannot be resolved here",
                 c.flat_name()
             ))
@@ -505,20 +505,20 @@ impl<'a> Checker<'a> {
         Ok(scope.fields.get(i).cloned().unwrap_or_default())
     }
 
-    fn resolve_outer(&self, c: &Column) -> Result<Lineage, ApiError> {
+    fn resolve_outer(&self, c: &Column) -> Result<Lineage, Error> {
         for (schema, fields) in self.outer.iter().rev() {
             if let Ok(i) = schema.index_of_column(c) {
                 return Ok(fields.get(i).cloned().unwrap_or_default());
             }
         }
-        Err(ApiError::SqlError(format!(
+        Err(Error::SqlError(format!(
             "outer column '{}' cannot be resolved",
             c.flat_name()
         )))
     }
 
     /// The union of the lineage of every column `e` reads (subqueries excluded: they are checked on their own).
-    fn lineage(&self, e: &Expr, scope: &Scope<'_>) -> Result<Lineage, ApiError> {
+    fn lineage(&self, e: &Expr, scope: &Scope<'_>) -> Result<Lineage, Error> {
         let mut out = Lineage::default();
         let mut failure = None;
         let _ = e.apply(|node| {
@@ -543,14 +543,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn use_sources(&mut self, lineage: Lineage, site: Site) -> Result<(), ApiError> {
+    fn use_sources(&mut self, lineage: Lineage, site: Site) -> Result<(), Error> {
         for source in lineage.0 {
             self.use_source(&source, site)?;
         }
         Ok(())
     }
 
-    fn use_source(&mut self, s: &SourceCol, site: Site) -> Result<(), ApiError> {
+    fn use_source(&mut self, s: &SourceCol, site: Site) -> Result<(), Error> {
         if site == Site::Passthrough {
             return Ok(());
         }
@@ -606,12 +606,7 @@ impl<'a> Checker<'a> {
             .and_then(|d| d.manifest.column(&s.column))
     }
 
-    fn banned_function(
-        &self,
-        name: &str,
-        args: &[Expr],
-        scope: &Scope<'_>,
-    ) -> Result<(), ApiError> {
+    fn banned_function(&self, name: &str, args: &[Expr], scope: &Scope<'_>) -> Result<(), Error> {
         for ban in &self.policies.prohibitions.functions {
             if !ban.function.eq_ignore_ascii_case(name) {
                 continue;
@@ -649,7 +644,7 @@ impl<'a> Checker<'a> {
         f: &ScalarFunction,
         site: Site,
         scope: &Scope<'_>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let name = f.func.name().to_ascii_lowercase();
         self.banned_function(&name, &f.args, scope)?;
         for arg in &f.args {
@@ -687,7 +682,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    fn subquery(&mut self, sq: &Subquery, scope: &Scope<'_>) -> Result<(), ApiError> {
+    fn subquery(&mut self, sq: &Subquery, scope: &Scope<'_>) -> Result<(), Error> {
         let before = self.guarded_scans;
         self.outer
             .push((scope.schema.clone(), scope.fields.to_vec()));
@@ -706,7 +701,7 @@ impl<'a> Checker<'a> {
 
     /// Checks one expression evaluated at `site`. Conditions anywhere (a
     /// comparison inside SUM, a CASE WHEN) are filters on what they read.
-    fn expr(&mut self, e: &Expr, site: Site, scope: &Scope<'_>) -> Result<(), ApiError> {
+    fn expr(&mut self, e: &Expr, site: Site, scope: &Scope<'_>) -> Result<(), Error> {
         let cond = Site::Filter;
         match e {
             Expr::Column(c) => {
@@ -790,7 +785,7 @@ impl<'a> Checker<'a> {
             Expr::AggregateFunction(_) | Expr::WindowFunction(_) => Err(unsupported(
                 "an aggregate or window function in this position",
             )),
-            Expr::Placeholder(_) => Err(ApiError::InvalidRequest(
+            Expr::Placeholder(_) => Err(Error::InvalidRequest(
                 "query parameters ($1) are not supported".into(),
             )),
             Expr::ScalarVariable(..) => Err(unsupported("session variables")),
@@ -804,7 +799,7 @@ impl<'a> Checker<'a> {
     }
 
     /// What leaves the sandbox: rows of protected datasets never do.
-    fn root_output(&mut self, schema: &DFSchema, root: &NodeInfo) -> Result<(), ApiError> {
+    fn root_output(&mut self, schema: &DFSchema, root: &NodeInfo) -> Result<(), Error> {
         for (field, lineage) in schema.fields().iter().zip(&root.fields) {
             if let Some(s) = lineage.0.iter().find(|s| s.guarded) {
                 return Err(Refusal::new(
@@ -825,7 +820,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    fn query_wide_rules(&self) -> Result<(), ApiError> {
+    fn query_wide_rules(&self) -> Result<(), Error> {
         let max = self.policies.classification.max_quasi_identifiers;
         if self.quasi.len() > max {
             let names: Vec<String> = self.quasi.iter().map(|(d, c)| format!("{d}.{c}")).collect();
@@ -883,9 +878,26 @@ impl<'a> Checker<'a> {
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 
 /// Level rule alone: whether external buyers may query this dataset at all.
-pub fn level_access(policies: &Policies, dataset: &Dataset) -> Result<(), ApiError> {
+pub fn level_access(policies: &Policies, dataset: &Dataset) -> Result<(), Error> {
     let m = &dataset.manifest;
-    if policies.levels.rule(m.level).external_buyers {
+    let rule = policies.levels.rule(m.level);
+    if rule.external_buyers {
+        // A level that requires differential privacy releases nothing
+        // exactly: a dataset of that level without `release.dp` (thresholds
+        // or rows) is refused whole.
+        if rule.dp_required && m.release.dp.is_none() {
+            return Err(Refusal::new(
+                "dp_required",
+                format!(
+                    "dataset '{}' is {} data, which is released only with differential privacy, and its manifest declares none",
+                    m.id,
+                    m.level.as_str()
+                ),
+            )
+            .with("table", m.id.clone())
+            .with("level", m.level.as_str())
+            .into());
+        }
         return Ok(());
     }
     Err(Refusal::new(
@@ -906,7 +918,7 @@ pub fn dataset_access(
     policies: &Policies,
     requester: &Requester<'_>,
     dataset: &Dataset,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     level_access(policies, dataset)?;
     let m = &dataset.manifest;
     if requester.region == m.region {
@@ -1018,7 +1030,7 @@ mod tests {
         Policies::load(&dir, &Schemas::compiled()).expect("shipped policies load")
     }
 
-    fn rule_of(r: Result<(), ApiError>) -> Option<String> {
+    fn rule_of(r: Result<(), Error>) -> Option<String> {
         r.err().and_then(|e| e.rule().map(str::to_string))
     }
 

@@ -15,7 +15,7 @@
 
 use super::noise::{Noise, NoisePool};
 use crate::catalog::{Catalog, DpMechanism, DpRules};
-use crate::error::{ApiError, Refusal};
+use crate::error::{Error, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -51,7 +51,7 @@ pub enum Component {
 
 impl Component {
     /// The aggregate computing this component from rows.
-    fn over_rows(&self) -> Result<Expr, ApiError> {
+    fn over_rows(&self) -> Result<Expr, Error> {
         Ok(match self {
             Component::Rows => count(lit(1i64)),
             Component::Count(arg) => count(arg.clone()),
@@ -132,12 +132,12 @@ pub struct DpJob {
     pub min_group_size: u64,
 }
 
-fn dp_refusal(message: impl Into<String>) -> ApiError {
+fn dp_refusal(message: impl Into<String>) -> Error {
     Refusal::new("dp_unsupported", message).into()
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
 }
 
 fn strip(e: &Expr) -> &Expr {
@@ -159,7 +159,7 @@ fn bounds_of(arg: &Expr, input: &LogicalPlan, catalog: &Catalog) -> Option<(f64,
     Some((lo, hi))
 }
 
-fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, ApiError> {
+fn clamp(e: Expr, lo: f64, hi: f64) -> Result<Expr, Error> {
     crate::catalog::clamped(e, lo, hi).map_err(internal)
 }
 
@@ -183,7 +183,7 @@ pub fn plan(
     min_group_size: u64,
     catalog: &Catalog,
     shape: Shape,
-) -> Result<(LogicalPlan, DpJob), ApiError> {
+) -> Result<(LogicalPlan, DpJob), Error> {
     if agg
         .group_expr
         .iter()
@@ -444,7 +444,7 @@ impl DpJob {
     /// Exact Gaussian sampling works on 128-bit integers, which hold standard
     /// deviations up to about a million; larger ones (sums of wide bounds)
     /// are refused at plan time rather than sampled inexactly.
-    fn check_samplable(&self) -> Result<(), ApiError> {
+    fn check_samplable(&self) -> Result<(), Error> {
         if self.params.mechanism != DpMechanism::Gaussian {
             return Ok(());
         }
@@ -567,13 +567,13 @@ pub fn release(
     job: &DpJob,
     schema: &SchemaRef,
     pool: &NoisePool,
-) -> Result<(Vec<RecordBatch>, u64), ApiError> {
+) -> Result<(Vec<RecordBatch>, u64), Error> {
     let tau = job.selection_threshold();
     let mut out = Vec::new();
     let mut released = 0u64;
     for batch in exact.0 {
         let n = batch.num_rows();
-        let f64_col = |i: usize| -> Result<Vec<Option<f64>>, ApiError> {
+        let f64_col = |i: usize| -> Result<Vec<Option<f64>>, Error> {
             let c = cast(batch.column(i), &DataType::Float64).map_err(internal)?;
             let a = c
                 .as_any()

@@ -9,11 +9,12 @@
 //! never on exact ones.
 
 pub mod dp;
+pub mod encode;
 pub mod noise;
 mod summary;
 
 use crate::catalog::Catalog;
-use crate::error::{ApiError, Refusal};
+use crate::error::{Error, Refusal};
 use crate::policy::Policies;
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
 use datafusion::arrow::compute::filter_record_batch;
@@ -89,7 +90,7 @@ pub fn split(
     catalog: &Catalog,
     policies: &Policies,
     use_summaries: bool,
-) -> Result<ReleasePlan, ApiError> {
+) -> Result<ReleasePlan, Error> {
     let mut splitter = Splitter {
         catalog,
         policies,
@@ -100,7 +101,7 @@ pub fn split(
     if unreleased {
         // The policy check refuses row-level output of protected data first;
         // reaching this means the two disagree, which must not release anything.
-        return Err(ApiError::Internal(
+        return Err(Error::Internal(
             "protected rows reached the output unreleased".into(),
         ));
     }
@@ -128,17 +129,17 @@ struct Threaded {
     datasets: BTreeSet<String>,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
 }
 
-fn refuse(rule: &str, message: &str) -> ApiError {
+fn refuse(rule: &str, message: &str) -> Error {
     Refusal::new(rule, message).into()
 }
 
 impl Splitter<'_> {
     /// Returns the rewritten subtree and whether protected rows leave it unaggregated.
-    fn visit(&mut self, plan: &LogicalPlan) -> Result<(LogicalPlan, bool), ApiError> {
+    fn visit(&mut self, plan: &LogicalPlan) -> Result<(LogicalPlan, bool), Error> {
         if let LogicalPlan::TableScan(scan) = plan {
             let guarded = self
                 .catalog
@@ -171,7 +172,7 @@ impl Splitter<'_> {
         &mut self,
         agg: &Aggregate,
         input: LogicalPlan,
-    ) -> Result<LogicalPlan, ApiError> {
+    ) -> Result<LogicalPlan, Error> {
         let threaded = self.thread(&input)?;
         let datasets = threaded.datasets.clone();
         let summary = self
@@ -291,7 +292,7 @@ impl Splitter<'_> {
     /// Rewrites the input of a release aggregate so every row carries its
     /// privacy unit in a hidden column, through projections, aliases,
     /// filters, joins and unions.
-    fn thread(&self, plan: &LogicalPlan) -> Result<Threaded, ApiError> {
+    fn thread(&self, plan: &LogicalPlan) -> Result<Threaded, Error> {
         match plan {
             LogicalPlan::TableScan(scan) => {
                 let dataset = self.catalog.get(scan.table_name.table());
@@ -456,7 +457,7 @@ impl Splitter<'_> {
 
     /// `conditions` are conjuncts of a filter directly above the join, which
     /// may hold its key equality (`FROM a, b WHERE a.unit = b.unit`).
-    fn thread_join(&self, j: &Join, conditions: &[&Expr]) -> Result<Threaded, ApiError> {
+    fn thread_join(&self, j: &Join, conditions: &[&Expr]) -> Result<Threaded, Error> {
         let left = self.thread(&j.left)?;
         let right = self.thread(&j.right)?;
         let rows_guarded = left.rows_guarded || right.rows_guarded;
@@ -537,7 +538,7 @@ impl Splitter<'_> {
 
 impl Threaded {
     /// Rebuilds a single-input node over the threaded input; its schema follows the input's.
-    fn rebuild_single(self, original: &LogicalPlan) -> Result<Threaded, ApiError> {
+    fn rebuild_single(self, original: &LogicalPlan) -> Result<Threaded, Error> {
         let plan = original
             .with_new_exprs(original.expressions(), vec![self.plan])
             .map_err(internal)?;
@@ -590,7 +591,7 @@ fn strip_alias(e: &Expr) -> &Expr {
     }
 }
 
-fn project(exprs: Vec<Expr>, input: LogicalPlan) -> Result<LogicalPlan, ApiError> {
+fn project(exprs: Vec<Expr>, input: LogicalPlan) -> Result<LogicalPlan, Error> {
     Ok(LogicalPlan::Projection(
         Projection::try_new(exprs, Arc::new(input)).map_err(internal)?,
     ))
@@ -604,7 +605,7 @@ fn unit_columns(plan: &LogicalPlan) -> Vec<Column> {
         .collect()
 }
 
-fn unit_column(plan: &LogicalPlan) -> Result<Column, ApiError> {
+fn unit_column(plan: &LogicalPlan) -> Result<Column, Error> {
     let mut found = unit_columns(plan);
     match found.len() {
         1 => Ok(found.remove(0)),
@@ -648,7 +649,7 @@ fn slot_scan(
     slot: &str,
     provider: Arc<dyn TableProvider>,
     agg: &Aggregate,
-) -> Result<LogicalPlan, ApiError> {
+) -> Result<LogicalPlan, Error> {
     let scan = LogicalPlanBuilder::scan(slot, provider_as_source(provider), None)
         .and_then(|b| b.build())
         .map_err(internal)?;
@@ -672,7 +673,7 @@ pub fn filter_consent(
     plan: LogicalPlan,
     catalog: &Catalog,
     purpose: &str,
-) -> Result<(LogicalPlan, BTreeSet<String>), ApiError> {
+) -> Result<(LogicalPlan, BTreeSet<String>), Error> {
     // `contains` runs arrow's substring kernel; `strpos` would compute a
     // character position for every row, several times slower.
     use datafusion::functions::expr_fn::contains;
@@ -705,7 +706,7 @@ pub fn filter_consent(
 pub fn fill(
     upper: LogicalPlan,
     released: Vec<(String, Arc<MemTable>)>,
-) -> Result<LogicalPlan, ApiError> {
+) -> Result<LogicalPlan, Error> {
     upper
         .transform_up(|node| {
             if let LogicalPlan::TableScan(scan) = &node
@@ -730,7 +731,7 @@ pub fn in_key_order(
     batches: Vec<RecordBatch>,
     groups: usize,
     schema: &SchemaRef,
-) -> Result<Vec<RecordBatch>, ApiError> {
+) -> Result<Vec<RecordBatch>, Error> {
     use datafusion::arrow::compute::{
         SortColumn, concat_batches, lexsort_to_indices, take_record_batch,
     };
@@ -754,7 +755,7 @@ pub fn threshold(
     batches: Vec<RecordBatch>,
     min_group_size: u64,
     schema: &SchemaRef,
-) -> Result<Released, ApiError> {
+) -> Result<Released, Error> {
     let mut out = Vec::with_capacity(batches.len());
     let (mut released_groups, mut suppressed_groups) = (0u64, 0u64);
     for batch in batches {

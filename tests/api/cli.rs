@@ -214,7 +214,7 @@ fn a_revoked_grant_stops_answering_and_is_recorded() {
     );
     let r = app.query_as("buyer:acme", sql);
     assert_eq!(r.code().as_deref(), Some("no_grant"));
-    let entries = app.store().entries(0, 1000).unwrap();
+    let entries = app.admin().entries(0, 1000).unwrap();
     assert!(
         entries
             .iter()
@@ -256,7 +256,7 @@ fn keys_rotate_two_at_a_time_and_revoked_ones_stop_working() {
     );
     assert_eq!(app.get("/v1/grants", Some(&old)).status, 401);
     assert_eq!(app.get("/v1/grants", Some(&new)).status, 200);
-    let entries = app.store().entries(0, 1000).unwrap();
+    let entries = app.admin().entries(0, 1000).unwrap();
     assert!(
         entries
             .iter()

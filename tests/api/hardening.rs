@@ -246,7 +246,7 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
     open.policies_dir = crate::helpers::repo().join("policies");
     open.data_dir = tempfile::tempdir().unwrap().keep();
     let started =
-        actix_web::rt::System::new().block_on(frostglass::startup::Application::build(open));
+        actix_web::rt::System::new().block_on(frostglass::api::server::Application::build(open));
     let error = started.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("refusing plain HTTP"), "{error}");
 }

@@ -1,9 +1,11 @@
 //! Test harness: the real application on a random port, over real HTTP,
 //! with demo data generated once per test binary at a small scale.
 
+use frostglass::api::server::Application;
+use frostglass::app::admin;
 use frostglass::config::{Limits, Settings};
-use frostglass::startup::Application;
-use frostglass::store::{NewGrant, Principal, Role, Store};
+use frostglass::ledger::{LedgerError, Writer};
+use frostglass::store::{NewGrant, Principal, Role};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -117,7 +119,7 @@ pub fn spawn_app_with(options: Options) -> TestApp {
         .tempdir()
         .unwrap()
         .keep();
-    let store = Store::open(&data_dir).unwrap();
+    let store = Admin::open(&data_dir);
     let mut keys = HashMap::new();
     for (id, role, org, region) in [
         ("owner:hospital", Role::Owner, "hospital", "CN"),
@@ -126,16 +128,13 @@ pub fn spawn_app_with(options: Options) -> TestApp {
         ("buyer:other", Role::Buyer, "other", "CN"),
         ("buyer:abroad", Role::Buyer, "abroad", "US"),
     ] {
-        let key = frostglass::auth::generate_key();
         let p = Principal {
             id: id.into(),
             role,
             org: Some(org.into()),
             region: region.into(),
         };
-        store
-            .add_principal(&p, &frostglass::auth::key_hash(&key))
-            .unwrap();
+        let key = store.add_principal(&p).unwrap();
         keys.insert(id.to_string(), key);
     }
     let mut grants = HashMap::new();
@@ -268,8 +267,45 @@ impl TestApp {
         self.query_as("buyer:acme", json!({ "sql": sql }))
     }
 
-    pub fn store(&self) -> Store {
-        Store::open(&self.data_dir).unwrap()
+    /// Makes state changes as the CLI does: each with its ledger entry, in one transaction.
+    pub fn admin(&self) -> Admin {
+        Admin::open(&self.data_dir)
+    }
+}
+
+/// State changes and ledger reads on a data directory, through the same
+/// code as the CLI (`app::admin`), so every change has its ledger entry.
+pub struct Admin {
+    writer: std::cell::RefCell<Writer>,
+    data_dir: PathBuf,
+}
+
+impl Admin {
+    pub fn open(data_dir: &Path) -> Admin {
+        Admin {
+            writer: std::cell::RefCell::new(admin::open(data_dir).unwrap()),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// Adds a principal; returns its API key.
+    pub fn add_principal(&self, p: &Principal) -> Result<String, LedgerError> {
+        admin::add_principal(&mut self.writer.borrow_mut(), p)
+    }
+
+    /// Makes a grant; returns its id.
+    pub fn add_grant(&self, g: &NewGrant) -> Result<String, LedgerError> {
+        admin::add_grant(&mut self.writer.borrow_mut(), g).map(|g| g.id)
+    }
+
+    /// Ledger entries in index order: (index, body, leaf hash).
+    pub fn entries(
+        &self,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<(u64, String, String)>, LedgerError> {
+        let conn = frostglass::ledger::open_connection(&self.data_dir)?;
+        frostglass::ledger::tables::entries(&conn, from, limit)
     }
 }
 
@@ -318,7 +354,7 @@ pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
 
 /// Runs a query directly on the raw data file: the ground truth tests compare releases with.
 pub fn truth(dataset: &str, sql: &str) -> Vec<Vec<Value>> {
-    frostglass::api::format::json_rows(&raw_batches(dataset, sql)).unwrap()
+    frostglass::release::encode::json_rows(&raw_batches(dataset, sql)).unwrap()
 }
 
 /// The real binary serving a data directory, its output captured to a file; killed on drop.

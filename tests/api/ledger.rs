@@ -3,7 +3,7 @@
 //! quotas that neither a race nor a crash can overspend.
 
 use crate::helpers::{Options, Server, cli, spawn_app, spawn_app_with};
-use frostglass::merkle;
+use frostglass::ledger::merkle;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -57,7 +57,8 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
 
     let (ok, out) = verify_local(&app.data_dir, &["--receipt", receipt.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.starts_with("ok: 7 entries"), "{out}");
+    // Five principals and two grants of the harness, five dataset registrations, two queries.
+    assert!(out.starts_with("ok: 14 entries"), "{out}");
 
     let auditor = app.key("auditor:cac").to_string();
     let remote = |extra: &[&str]| {
@@ -81,16 +82,16 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
     }
     let (ok, out, err) = remote(&[]);
     assert!(ok, "{out}{err}");
-    assert!(out.starts_with("ok: 10 entries"), "{out}");
+    assert!(out.starts_with("ok: 17 entries"), "{out}");
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    assert_eq!(saved["head"]["tree_size"], 10);
+    assert_eq!(saved["head"]["tree_size"], 17);
 
     // A forged receipt fails.
     let mut forged: Value = first.json();
     forged["receipt"]["entry_hash"] = json!(hex::encode(merkle::leaf_hash(b"forged")));
     std::fs::write(&receipt, forged.to_string()).unwrap();
     let (ok, out) = verify_local(&app.data_dir, &["--receipt", receipt.to_str().unwrap()]);
-    assert!(!ok && out.contains("broken at index 5"), "{out}");
+    assert!(!ok && out.contains("broken at index 12"), "{out}");
 
     // Only auditors read the ledger.
     let r = app.get("/v1/audit/head", Some(app.key("buyer:acme")));
@@ -110,7 +111,7 @@ fn inclusion_and_consistency_proofs_from_the_api_verify() {
     let auditor = app.key("auditor:cac");
     let head = app.get("/v1/audit/head", Some(auditor)).json();
     let size = head["tree_size"].as_u64().unwrap();
-    assert_eq!(size, 7);
+    assert_eq!(size, 14);
     let root = hash(&head["root_hash"]);
     let index = receipt["ledger_index"].as_u64().unwrap();
     let leaf = hash(&receipt["entry_hash"]);
@@ -158,7 +159,7 @@ fn every_kind_of_tampering_is_caught() {
     let n: i64 = db(&base)
         .query_row("SELECT COUNT(*) FROM usage_log", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(n, 9);
+    assert_eq!(n, 16);
 
     let tampered = |name: &str, tamper: &dyn Fn(&Path), expect: &str| {
         let copy = snapshot(&base);
@@ -167,7 +168,8 @@ fn every_kind_of_tampering_is_caught() {
         assert!(!ok, "{name}: verify passed: {out}");
         // The server refuses to start on it too, except where only a verifier
         // that remembers an earlier head can tell (a new key, a cut with its heads).
-        if !(name.contains("another key") || name.contains("and heads")) {
+        let beside_the_tree = name.contains("column") || name.contains("roll-up");
+        if !(name.contains("another key") || name.contains("and heads") || beside_the_tree) {
             assert!(
                 frostglass::ledger::Writer::open(&copy).is_err(),
                 "{name}: the ledger opened"
@@ -183,23 +185,25 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             db(d)
                 .execute(
-                    "UPDATE usage_log SET body = replace(body, 'refused', 'refusex') WHERE idx = 6",
+                    "UPDATE usage_log SET body = replace(body, 'refused', 'refusex') WHERE idx = 13",
                     [],
                 )
                 .unwrap();
         },
-        "broken at index 6",
+        "broken at index 13",
     );
     tampered(
         "flipped byte with its leaf hash recomputed",
         &|d| {
             let c = db(d);
             let body: String = c
-                .query_row("SELECT body FROM usage_log WHERE idx = 6", [], |r| r.get(0))
+                .query_row("SELECT body FROM usage_log WHERE idx = 13", [], |r| {
+                    r.get(0)
+                })
                 .unwrap();
             let body = body.replace("refused", "answered");
             c.execute(
-                "UPDATE usage_log SET body = ?1, leaf_hash = ?2 WHERE idx = 6",
+                "UPDATE usage_log SET body = ?1, leaf_hash = ?2 WHERE idx = 13",
                 rusqlite::params![body, hex::encode(merkle::leaf_hash(body.as_bytes()))],
             )
             .unwrap();
@@ -210,17 +214,17 @@ fn every_kind_of_tampering_is_caught() {
         "dropped entry",
         &|d| {
             db(d)
-                .execute("DELETE FROM usage_log WHERE idx = 3", [])
+                .execute("DELETE FROM usage_log WHERE idx = 10", [])
                 .unwrap();
         },
-        "broken at index 3",
+        "broken at index 10",
     );
     tampered(
         "reordered entries",
         &|d| {
             let c = db(d);
             c.execute_batch(
-                "UPDATE usage_log SET idx = -1 WHERE idx = 6; UPDATE usage_log SET idx = 6 WHERE idx = 7; UPDATE usage_log SET idx = 7 WHERE idx = -1;",
+                "UPDATE usage_log SET idx = -1 WHERE idx = 13; UPDATE usage_log SET idx = 13 WHERE idx = 14; UPDATE usage_log SET idx = 14 WHERE idx = -1;",
             )
             .unwrap();
         },
@@ -230,7 +234,7 @@ fn every_kind_of_tampering_is_caught() {
         "truncated tail",
         &|d| {
             db(d)
-                .execute("DELETE FROM usage_log WHERE idx >= 7", [])
+                .execute("DELETE FROM usage_log WHERE idx >= 14", [])
                 .unwrap();
         },
         "truncated",
@@ -239,12 +243,60 @@ fn every_kind_of_tampering_is_caught() {
         "truncated tail and heads",
         &|d| {
             let c = db(d);
-            c.execute("DELETE FROM usage_log WHERE idx >= 7", [])
+            c.execute("DELETE FROM usage_log WHERE idx >= 14", [])
                 .unwrap();
-            c.execute("DELETE FROM tree_heads WHERE tree_size > 7", [])
+            c.execute("DELETE FROM tree_heads WHERE tree_size > 14", [])
                 .unwrap();
         },
         "shrank",
+    );
+    // Quotas and budgets are read from the typed columns and roll-ups beside
+    // the entries: changing one is tampering too (caught by verify's full
+    // pass; start-up checks the tree, not every column).
+    tampered(
+        "a decision column changed beside its entry",
+        &|d| {
+            db(d)
+                .execute(
+                    "UPDATE usage_log SET decision = 'refused' WHERE idx = 12",
+                    [],
+                )
+                .unwrap();
+        },
+        "stored column decision does not match",
+    );
+    tampered(
+        "a created_at column changed beside its entry",
+        &|d| {
+            db(d)
+                .execute(
+                    "UPDATE usage_log SET created_at = '1999-01-01T00:00:00.000Z' WHERE idx = 12",
+                    [],
+                )
+                .unwrap();
+        },
+        "stored column created_at does not match",
+    );
+    tampered(
+        "a flipped privacy budget roll-up",
+        &|d| {
+            db(d)
+                .execute(
+                    "UPDATE rollup_budget SET epsilon = 0 WHERE budget LIKE 'grant:%'",
+                    [],
+                )
+                .unwrap();
+        },
+        "privacy budget roll-up",
+    );
+    tampered(
+        "a flipped daily usage roll-up",
+        &|d| {
+            db(d)
+                .execute("UPDATE rollup_daily SET queries = queries - 1", [])
+                .unwrap();
+        },
+        "daily usage roll-up",
     );
     tampered(
         "history rewritten and re-signed with another key",

@@ -4,10 +4,13 @@ mod helpers;
 
 mod hardening;
 
+mod admin;
+mod architecture;
 mod auth;
 mod catalog;
 mod cli;
 mod fuzz_replay;
+mod gate;
 mod leaks;
 mod ledger;
 mod limits;
@@ -16,3 +19,4 @@ mod policy;
 mod privacy;
 mod queries;
 mod random_sql;
+mod restart;

@@ -9,7 +9,7 @@ const SQL: &str = "SELECT district, COUNT(*) FROM city_health GROUP BY district"
 #[test]
 fn rows_and_bytes_quotas_are_enforced_before_reading() {
     let app = spawn_app();
-    let store = app.store();
+    let store = app.admin();
     // city_health has 20,000 rows at the test scale: two queries fit in 45,000 rows.
     let rows_grant = store
         .add_grant(&NewGrant {

@@ -329,7 +329,7 @@ fn important_data_crosses_borders_only_with_an_assessment() {
         json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" }),
     );
     assert_eq!(general.status, 200, "{}", general.text());
-    let store = app.store();
+    let store = app.admin();
     let assessed = store
         .add_grant(&NewGrant {
             buyer: "buyer:abroad".into(),
@@ -350,7 +350,7 @@ fn important_data_crosses_borders_only_with_an_assessment() {
 #[test]
 fn prohibited_purposes_are_refused() {
     let app = spawn_app_with(Options::default());
-    let store = app.store();
+    let store = app.admin();
     let grant = store
         .add_grant(&NewGrant {
             buyer: "buyer:other".into(),
@@ -381,7 +381,7 @@ fn prohibited_purposes_are_refused() {
 #[test]
 fn expired_grants_do_not_count() {
     let app = spawn_app();
-    let store = app.store();
+    let store = app.admin();
     store
         .add_grant(&NewGrant {
             buyer: "buyer:other".into(),

@@ -16,17 +16,14 @@ fn value(r: &crate::helpers::Response) -> f64 {
 }
 
 fn new_buyer(app: &TestApp, id: &str, epsilon: f64) -> (String, String) {
-    let store = app.store();
-    let key = frostglass::auth::generate_key();
+    let store = app.admin();
     let p = Principal {
         id: id.into(),
         role: Role::Buyer,
         org: Some(id.into()),
         region: "CN".into(),
     };
-    store
-        .add_principal(&p, &frostglass::auth::key_hash(&key))
-        .unwrap();
+    let key = store.add_principal(&p).unwrap();
     let grant = store
         .add_grant(&NewGrant {
             buyer: id.into(),
@@ -243,7 +240,7 @@ fn budgets_are_not_multiplied_by_more_grants_or_more_buyers() {
     let (alice, _) = new_buyer(&app, "buyer:alice", 10.0);
     // A second grant of the same buyer.
     let second = app
-        .store()
+        .admin()
         .add_grant(&NewGrant {
             buyer: "buyer:alice".into(),
             datasets: vec!["city_health".into()],

@@ -72,9 +72,10 @@ fn grouped_count_is_released_with_noise_usage_and_receipt() {
     assert_eq!(usage["charge"], "0.54");
     assert_eq!(doc["budget"]["epsilon_spent"], 0.5);
     let receipt = &doc["receipt"];
-    // The five dataset registrations come first.
-    assert_eq!(receipt["ledger_index"], 5);
-    assert_eq!(receipt["tree_size"], 6);
+    // The harness's five principals and two grants, then the five dataset
+    // registrations, come first.
+    assert_eq!(receipt["ledger_index"], 12);
+    assert_eq!(receipt["tree_size"], 13);
     assert_eq!(receipt["entry_hash"].as_str().unwrap().len(), 64);
     assert_eq!(receipt["signature"].as_str().unwrap().len(), 128);
 }
@@ -266,7 +267,7 @@ fn answers_and_refusals_are_recorded_before_the_response() {
     let ok = app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
     let refused = app.query("SELECT name, COUNT(*) FROM city_health GROUP BY name");
     assert_eq!(refused.status, 403);
-    let entries = app.store().entries(0, 100).unwrap();
+    let entries = app.admin().entries(0, 100).unwrap();
     let queries: Vec<_> = entries
         .iter()
         .filter(|(_, body, _)| body.contains(r#""kind":"query""#))
@@ -302,7 +303,7 @@ fn dry_run_decides_without_reading_or_recording() {
         json!({ "sql": "SELECT name FROM city_health", "dry_run": true }),
     );
     assert_eq!(refused.status, 403);
-    let entries = app.store().entries(0, 100).unwrap();
+    let entries = app.admin().entries(0, 100).unwrap();
     let queries = entries
         .iter()
         .filter(|(_, body, _)| body.contains(r#""kind":"query""#))
@@ -356,7 +357,7 @@ fn only_consenting_persons_are_counted_for_the_purpose() {
     );
     // Under another purpose, another set of persons.
     let grant = app
-        .store()
+        .admin()
         .add_grant(&frostglass::store::NewGrant {
             buyer: "buyer:other".into(),
             datasets: vec!["city_health".into(), "telecom_usage".into()],
@@ -408,7 +409,7 @@ fn the_ledger_records_a_plan_hash_that_ignores_spelling() {
         "-- by district\nSELECT district, /* all */ COUNT(*) FROM city_health GROUP BY district",
     );
     let hashes: Vec<(String, String)> = app
-        .store()
+        .admin()
         .entries(0, 100)
         .unwrap()
         .iter()

@@ -514,7 +514,7 @@ pub fn synthetic_preview(
     n: usize,
 ) -> (Vec<serde_json::Value>, Vec<Vec<serde_json::Value>>) {
     use serde_json::{Value, json};
-    let mut rng = crate::demo::Rng::new(0x5EED ^ dataset.id().len() as u64);
+    let mut rng = crate::util::Rng::new(0x5EED ^ dataset.id().len() as u64);
     let columns = dataset
         .schema
         .fields()

@@ -9,17 +9,21 @@
 //! The CLI appends through the same [`Writer`], catching up on entries the
 //! server wrote, so one tree serves both.
 
-use crate::merkle::{self, Frontier, Hash};
-use crate::store::CachedStatements;
+pub mod event;
+pub mod merkle;
+pub mod tables;
+pub mod usage;
+pub mod verify;
+
+use crate::util::sha256_hex;
+use crate::util::sql::CachedStatements;
+use event::{Entry, LedgerEvent};
+use merkle::{Frontier, Hash};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
 
 pub fn leaf_hash_hex(entry: &[u8]) -> String {
     hex::encode(merkle::leaf_hash(entry))
@@ -39,6 +43,15 @@ pub enum LedgerError {
     Corrupt(String),
     #[error("ledger committer stopped")]
     Stopped,
+    /// The state change an entry records was refused (a conflict, a missing principal).
+    #[error(transparent)]
+    Change(#[from] crate::store::StoreError),
+}
+
+impl From<LedgerError> for crate::error::Error {
+    fn from(e: LedgerError) -> Self {
+        crate::error::Error::Internal(e.to_string())
+    }
 }
 
 /// A signed statement of the tree's size and root at a moment.
@@ -172,14 +185,18 @@ fn create_key(data_dir: &Path, path: &Path) -> Result<Vec<u8>, LedgerError> {
 /// One entry to append.
 #[derive(Debug, Clone)]
 pub struct NewEntry {
-    pub kind: &'static str,
-    pub principal: Option<String>,
-    pub grant: Option<String>,
-    pub decision: &'static str,
-    /// Canonical JSON; its leaf hash is what receipts prove.
-    pub body: String,
+    pub entry: Entry,
     /// Kept beside the tree so retention can delete it without breaking proofs.
     pub sql: Option<String>,
+}
+
+impl NewEntry {
+    pub fn event(event: LedgerEvent) -> NewEntry {
+        NewEntry {
+            entry: Entry::now(event),
+            sql: None,
+        }
+    }
 }
 
 /// The tree as the server knows it: every leaf hash and the latest signed head.
@@ -195,7 +212,7 @@ pub fn open_connection(data_dir: &Path) -> Result<Connection, LedgerError> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(crate::store::SCHEMA)?;
+    tables::create(&conn)?;
     Ok(conn)
 }
 
@@ -222,8 +239,10 @@ impl Writer {
         {
             let mut view = lock(&writer.view);
             catch_up(&writer.conn, &mut view)?;
-            check_heads(&writer.conn, &view, writer.signer.public_key())?;
-            view.head = latest_head(&writer.conn)?;
+            let heads = heads(&writer.conn)?;
+            check_heads(&view.leaves, &heads, writer.signer.public_key())
+                .map_err(|f| LedgerError::Corrupt(f.reason))?;
+            view.head = heads.last().cloned();
         }
         Ok(writer)
     }
@@ -238,40 +257,60 @@ impl Writer {
 
     /// Appends all entries in one durable transaction and signs the new head.
     pub fn append(&mut self, entries: &[NewEntry]) -> Result<Vec<Receipt>, LedgerError> {
+        self.transact(|_| Ok((entries.to_vec(), ())))
+            .map(|(receipts, ())| receipts)
+    }
+
+    /// Makes a state change and appends the entries that record it in one
+    /// transaction: `change` writes the store through the transaction and
+    /// returns the entries; either both commit or neither does.
+    pub fn commit<T>(
+        &mut self,
+        change: impl FnOnce(&Connection) -> Result<(Vec<LedgerEvent>, T), LedgerError>,
+    ) -> Result<(Vec<Receipt>, T), LedgerError> {
+        self.transact(|tx| {
+            let (events, value) = change(tx)?;
+            Ok((events.into_iter().map(NewEntry::event).collect(), value))
+        })
+    }
+
+    fn transact<T>(
+        &mut self,
+        change: impl FnOnce(&Connection) -> Result<(Vec<NewEntry>, T), LedgerError>,
+    ) -> Result<(Vec<Receipt>, T), LedgerError> {
         let mut view = lock(&self.view);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Others (the CLI, another process) may have appended since we last looked.
         catch_up(&tx, &mut view)?;
+        let (entries, value) = change(&tx)?;
         let mut frontier = view.frontier.clone();
         let mut new_leaves = Vec::with_capacity(entries.len());
-        let now = crate::store::now_rfc3339();
-        for e in entries {
+        for e in &entries {
             let index = frontier.len();
-            let leaf = merkle::leaf_hash(e.body.as_bytes());
-            tx.run(
-                "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![index as i64, now, e.kind, e.principal, e.grant, e.decision, e.body, hex::encode(leaf)],
+            let body = e.entry.body();
+            let leaf = merkle::leaf_hash(body.as_bytes());
+            tables::insert(
+                &tx,
+                index,
+                &e.entry,
+                &body,
+                &hex::encode(leaf),
+                e.sql.as_deref(),
             )?;
-            if let Some(sql) = &e.sql {
-                tx.run(
-                    "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
-                    params![index as i64, sql],
-                )?;
-            }
             frontier.push(leaf);
             new_leaves.push(leaf);
         }
         let head = self.signer.sign_head(frontier.len(), &frontier.root());
         save_head(&tx, &head)?;
+        crate::util::failpoint("ledger_before_commit");
         tx.commit()?;
         let first = view.leaves.len() as u64;
         view.leaves.extend_from_slice(&new_leaves);
         view.frontier = frontier;
         view.head = Some(head.clone());
-        Ok(new_leaves
+        let receipts = new_leaves
             .iter()
             .enumerate()
             .map(|(i, leaf)| Receipt {
@@ -283,7 +322,8 @@ impl Writer {
                 signature: head.signature.clone(),
                 key_id: head.key_id.clone(),
             })
-            .collect())
+            .collect();
+        Ok((receipts, value))
     }
 
     /// A fresh signed head of the current tree (after catching up on others' appends).
@@ -306,36 +346,6 @@ impl Writer {
         view.head = Some(head.clone());
         Ok(head)
     }
-}
-
-/// An event body: `fields` plus the version, kind and time every entry carries.
-pub fn event_body(kind: &str, fields: serde_json::Value) -> String {
-    let mut body = match fields {
-        serde_json::Value::Object(map) => map,
-        other => serde_json::Map::from_iter([("value".to_string(), other)]),
-    };
-    body.insert("v".into(), 1.into());
-    body.insert("kind".into(), kind.into());
-    body.insert("at".into(), crate::store::now_rfc3339().into());
-    serde_json::Value::Object(body).to_string()
-}
-
-/// Appends one state change (a principal, a grant) from outside the server, durably.
-pub fn record_event(
-    data_dir: &Path,
-    kind: &'static str,
-    fields: serde_json::Value,
-) -> Result<Receipt, LedgerError> {
-    let mut writer = Writer::open(data_dir)?;
-    let entry = NewEntry {
-        kind,
-        principal: None,
-        grant: None,
-        decision: "recorded",
-        body: event_body(kind, fields),
-        sql: None,
-    };
-    writer.append(&[entry])?.pop().ok_or(LedgerError::Stopped)
 }
 
 /// Reads the entries appended since `view` last looked, recomputing each
@@ -368,21 +378,56 @@ fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// Checks that every signed head on disk is a root of the entries on disk.
-fn check_heads(conn: &Connection, view: &View, public_key: &[u8]) -> Result<(), LedgerError> {
-    for head in heads(conn)? {
-        let size = head.tree_size as usize;
-        if size > view.leaves.len() {
-            return Err(LedgerError::Corrupt(format!(
-                "a signed head covers {size} entries but only {} exist: the log lost its tail",
-                view.leaves.len()
-            )));
+/// A signed head that does not match the entries: the first index not
+/// covered by a good head, and why.
+#[derive(Debug)]
+pub struct HeadFailure {
+    pub index: u64,
+    pub reason: String,
+}
+
+/// Checks every signed head against the leaves in one linear pass: each is
+/// signed by `public_key` and is the root of its prefix. Used at start and
+/// by `verify`.
+pub fn check_heads(
+    leaves: &[Hash],
+    heads: &[SignedHead],
+    public_key: &[u8],
+) -> Result<(), HeadFailure> {
+    let n = leaves.len() as u64;
+    let mut frontier = Frontier::default();
+    let mut verified_up_to = 0u64;
+    let mut sorted: Vec<&SignedHead> = heads.iter().collect();
+    sorted.sort_by_key(|h| h.tree_size);
+    for head in sorted {
+        if !head.verify(public_key) {
+            return Err(HeadFailure {
+                index: verified_up_to,
+                reason: format!("the head at size {} has a bad signature", head.tree_size),
+            });
         }
-        if !head.verify(public_key) || head.root() != Some(merkle::root(&view.leaves[..size])) {
-            return Err(LedgerError::Corrupt(format!(
-                "the entries before {size} differ from what was signed"
-            )));
+        if head.tree_size > n {
+            return Err(HeadFailure {
+                index: n,
+                reason: format!(
+                    "a signed head covers {} entries but only {n} exist: the log was truncated",
+                    head.tree_size
+                ),
+            });
         }
+        while frontier.len() < head.tree_size {
+            frontier.push(leaves[frontier.len() as usize]);
+        }
+        if Some(frontier.root()) != head.root() {
+            return Err(HeadFailure {
+                index: verified_up_to,
+                reason: format!(
+                    "entries in [{verified_up_to}, {}) differ from what the head at size {} signed",
+                    head.tree_size, head.tree_size
+                ),
+            });
+        }
+        verified_up_to = head.tree_size;
     }
     Ok(())
 }
@@ -409,13 +454,9 @@ pub fn heads(conn: &Connection) -> Result<Vec<SignedHead>, LedgerError> {
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn latest_head(conn: &Connection) -> Result<Option<SignedHead>, LedgerError> {
-    Ok(heads(conn)?.pop())
-}
-
 enum Job {
     Append(
-        NewEntry,
+        Box<NewEntry>,
         tokio::sync::oneshot::Sender<Result<Receipt, String>>,
     ),
     Head(tokio::sync::oneshot::Sender<Result<SignedHead, String>>),
@@ -427,6 +468,8 @@ pub struct Ledger {
     jobs: Mutex<mpsc::Sender<Job>>,
     view: Arc<Mutex<View>>,
     public_key: Vec<u8>,
+    /// For the roll-ups and entries; never used to write.
+    reader: Mutex<Connection>,
 }
 
 /// Most entries one transaction takes.
@@ -459,7 +502,7 @@ impl Ledger {
                     if batch.is_empty() {
                         continue;
                     }
-                    let entries: Vec<NewEntry> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    let entries: Vec<NewEntry> = batch.iter().map(|(e, _)| (**e).clone()).collect();
                     match writer.append(&entries) {
                         Ok(receipts) => {
                             for ((_, reply), receipt) in batch.into_iter().zip(receipts) {
@@ -483,13 +526,14 @@ impl Ledger {
             jobs: Mutex::new(tx),
             view,
             public_key,
+            reader: Mutex::new(open_connection(data_dir)?),
         })
     }
 
     /// Appends one entry; resolves once it is durable.
     pub async fn append(&self, entry: NewEntry) -> Result<Receipt, LedgerError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Job::Append(entry, reply))?;
+        self.send(Job::Append(Box::new(entry), reply))?;
         rx.await
             .map_err(|_| LedgerError::Stopped)?
             .map_err(LedgerError::Corrupt)
@@ -546,5 +590,35 @@ impl Ledger {
             .ok()
             .filter(|s| *s <= view.leaves.len())?;
         Some(merkle::root(&view.leaves[..size]))
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a grant used today (UTC), from the roll-up the appends keep.
+    pub fn used_today(&self, grant: &str) -> Result<crate::accounting::DailyUse, LedgerError> {
+        tables::used_on(&self.reader(), grant, &crate::util::today())
+    }
+
+    /// Epsilon charged to a budget (`grant:<id>` or `dataset:<id>`), from the roll-up.
+    pub fn epsilon_spent(&self, budget: &str) -> Result<f64, LedgerError> {
+        tables::epsilon_spent(&self.reader(), budget)
+    }
+
+    /// The manifest digest each dataset was last registered with.
+    pub fn registered_manifests(
+        &self,
+    ) -> Result<std::collections::HashMap<String, String>, LedgerError> {
+        tables::registered_manifests(&self.reader())
+    }
+
+    /// Entry bodies in index order: (index, body, leaf hash).
+    pub fn entries(
+        &self,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<(u64, String, String)>, LedgerError> {
+        tables::entries(&self.reader(), from, limit)
     }
 }

@@ -1,7 +1,8 @@
-//! Answers as JSON rows, CSV or an Arrow IPC stream. Only released batches
-//! ever reach these functions.
+//! Released answers as JSON rows, CSV or an Arrow IPC stream: what a
+//! buyer receives, what the ledger hashes and what the answer cache keeps.
+//! Only released batches ever reach these functions.
 
-use crate::error::ApiError;
+use crate::error::Error;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, SchemaRef,
@@ -11,8 +12,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::{Number, Value};
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
 }
 
 /// Column names and Arrow types, as the JSON answer lists them.
@@ -27,7 +28,7 @@ pub fn columns(schema: &SchemaRef) -> Value {
 }
 
 /// Rows as JSON arrays: numbers as numbers, everything else as Arrow's display text.
-pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Vec<Value>>, ApiError> {
+pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Vec<Value>>, Error> {
     let mut rows = Vec::new();
     for batch in batches {
         let options = FormatOptions::default();
@@ -69,7 +70,7 @@ fn cell(array: &ArrayRef, formatter: &ArrayFormatter<'_>, row: usize) -> Value {
     }
 }
 
-pub fn csv(batches: &[RecordBatch]) -> Result<Vec<u8>, ApiError> {
+pub fn csv(batches: &[RecordBatch]) -> Result<Vec<u8>, Error> {
     let mut writer = datafusion::arrow::csv::WriterBuilder::new()
         .with_header(true)
         .build(Vec::new());
@@ -79,7 +80,7 @@ pub fn csv(batches: &[RecordBatch]) -> Result<Vec<u8>, ApiError> {
     Ok(writer.into_inner())
 }
 
-pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ApiError> {
+pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, Error> {
     let mut writer = datafusion::arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
         .map_err(internal)?;
     for b in batches {

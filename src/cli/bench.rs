@@ -6,12 +6,14 @@
 //! summaries buy, (c) again with them switched off — plus policy-check latency, an HTTP load test and
 //! peak memory (the server runs as its own process, so its figure is its own). Prints a table and writes JSON.
 
-use crate::config::Settings;
-use crate::query::{self, QueryRequest};
-use crate::startup::Sandbox;
-use crate::store::{NewGrant, Principal, Role, Store};
+use frostglass::app::{Sandbox, admin};
+use frostglass::config::Settings;
+use frostglass::ledger::Writer;
+use frostglass::pipeline::{self, Request};
+use frostglass::store::{NewGrant, Principal, Role};
 use serde::Serialize;
 use serde_json::{Value, json};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,7 +100,7 @@ fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, 
         "catalog-threshold"
     });
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    for path in crate::catalog::manifest_files(&options.catalog).map_err(|e| e.to_string())? {
+    for path in frostglass::catalog::manifest_files(&options.catalog).map_err(|e| e.to_string())? {
         let mut m: Value =
             serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
@@ -134,19 +136,20 @@ fn ensure_data(options: &Options) -> Result<PathBuf, String> {
     if marker.exists() {
         return Ok(data);
     }
-    let schemas = crate::validate::Schemas::compiled();
-    let manifests =
-        crate::catalog::read_manifests(&options.catalog, &schemas).map_err(|e| e.to_string())?;
-    let targets: Vec<(String, PathBuf)> = crate::demo::demo_targets(&options.catalog, &manifests)
-        .into_iter()
-        .filter_map(|(id, path)| Some((id, data.join(path.file_name()?))))
-        .collect();
+    let schemas = frostglass::validate::Schemas::compiled();
+    let manifests = frostglass::catalog::read_manifests(&options.catalog, &schemas)
+        .map_err(|e| e.to_string())?;
+    let targets: Vec<(String, PathBuf)> =
+        frostglass::demo::demo_targets(&options.catalog, &manifests)
+            .into_iter()
+            .filter_map(|(id, path)| Some((id, data.join(path.file_name()?))))
+            .collect();
     eprintln!(
         "generating demo data at scale {} in {}",
         options.scale,
         data.display()
     );
-    crate::demo::generate(&targets, options.scale, |l| eprintln!("{l}"))?;
+    frostglass::demo::generate(&targets, options.scale, |l| eprintln!("{l}"))?;
     std::fs::write(&marker, "").map_err(|e| e.to_string())?;
     Ok(data)
 }
@@ -236,56 +239,72 @@ impl Drop for Server {
     }
 }
 
-fn buyer(store: &Store) -> Result<(Principal, String), String> {
-    let key = crate::auth::generate_key();
+/// A sandbox under test and the admin handle that makes its principals and grants.
+struct Subject {
+    sandbox: Arc<Sandbox>,
+    admin: RefCell<Writer>,
+}
+
+impl Subject {
+    fn open(rt: &tokio::runtime::Runtime, settings: Settings) -> Result<Subject, String> {
+        let admin = admin::open(&settings.data_dir).map_err(|e| e.to_string())?;
+        let sandbox = rt
+            .block_on(Sandbox::open(settings))
+            .map_err(|e| e.to_string())?;
+        Ok(Subject {
+            sandbox: Arc::new(sandbox),
+            admin: RefCell::new(admin),
+        })
+    }
+}
+
+fn buyer(admin: &RefCell<Writer>) -> Result<(Principal, String), String> {
     let p = Principal {
         id: "buyer:bench".into(),
         role: Role::Buyer,
         org: Some("bench".into()),
         region: "CN".into(),
     };
-    store
-        .add_principal(&p, &crate::auth::key_hash(&key))
-        .map_err(|e| e.to_string())?;
+    let key = admin::add_principal(&mut admin.borrow_mut(), &p).map_err(|e| e.to_string())?;
     Ok((p, key))
 }
 
-fn grant(store: &Store) -> Result<String, String> {
-    store
-        .add_grant(&NewGrant {
-            buyer: "buyer:bench".into(),
-            datasets: vec![
-                "city_health".into(),
-                "telecom_usage".into(),
-                "enterprise_registry".into(),
-                "power_grid".into(),
-            ],
-            purpose: "public_health_research".into(),
-            epsilon: Some(1e12),
-            ..NewGrant::default()
-        })
+fn grant(admin: &RefCell<Writer>) -> Result<String, String> {
+    let grant = NewGrant {
+        buyer: "buyer:bench".into(),
+        datasets: vec![
+            "city_health".into(),
+            "telecom_usage".into(),
+            "enterprise_registry".into(),
+            "power_grid".into(),
+        ],
+        purpose: "public_health_research".into(),
+        epsilon: Some(1e12),
+        ..NewGrant::default()
+    };
+    admin::add_grant(&mut admin.borrow_mut(), &grant)
+        .map(|g| g.id)
         .map_err(|e| e.to_string())
 }
 
 /// Runs one query through the pipeline under a fresh grant (so DP answers are computed, not served from the cache).
 fn sandbox_query(
     rt: &tokio::runtime::Runtime,
-    sandbox: &Arc<Sandbox>,
+    subject: &Subject,
     principal: &Principal,
     sql: &str,
     dry_run: bool,
 ) -> Result<Duration, String> {
-    let grant = grant(&sandbox.store)?;
-    let request = QueryRequest {
+    let grant = grant(&subject.admin)?;
+    let request = Request {
         sql: sql.into(),
         grant: Some(grant),
         purpose: None,
-        format: None,
         dry_run,
     };
     let started = Instant::now();
-    let handle = sandbox.runtime.spawn(query::run(
-        sandbox.clone(),
+    let handle = subject.sandbox.runtime.spawn(pipeline::run(
+        subject.sandbox.clone(),
         principal.clone(),
         request,
         std::future::pending(),
@@ -301,32 +320,19 @@ pub fn run(options: Options) -> Result<(), String> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let threshold_catalog = prepare_catalog(&options, &data, false)?;
     let dp_catalog = prepare_catalog(&options, &data, true)?;
-    let threshold = Arc::new(
-        rt.block_on(Sandbox::open(settings(
-            &options,
-            threshold_catalog,
-            "threshold",
-        )))
-        .map_err(|e| e.to_string())?,
-    );
-    let dp = Arc::new(
-        rt.block_on(Sandbox::open(settings(&options, dp_catalog.clone(), "dp")))
-            .map_err(|e| e.to_string())?,
-    );
+    let threshold = Subject::open(&rt, settings(&options, threshold_catalog, "threshold"))?;
+    let dp = Subject::open(&rt, settings(&options, dp_catalog.clone(), "dp"))?;
     // The same DP release with the unit summaries off: what they buy.
     let mut rows_settings = settings(&options, dp_catalog.clone(), "dp-rows");
     rows_settings.unit_summaries = false;
-    let dp_rows = Arc::new(
-        rt.block_on(Sandbox::open(rows_settings))
-            .map_err(|e| e.to_string())?,
-    );
-    let (principal, _) = buyer(&threshold.store)?;
-    buyer(&dp.store)?;
-    buyer(&dp_rows.store)?;
+    let dp_rows = Subject::open(&rt, rows_settings)?;
+    let (principal, _) = buyer(&threshold.admin)?;
+    buyer(&dp.admin)?;
+    buyer(&dp_rows.admin)?;
 
     // The HTTP server: DP release, durable ledger, its own state.
     let http_settings = settings(&options, dp_catalog, "http");
-    let store = Store::open(&http_settings.data_dir).map_err(|e| e.to_string())?;
+    let store = RefCell::new(admin::open(&http_settings.data_dir).map_err(|e| e.to_string())?);
     let (_, key) = buyer(&store)?;
     let mut http_settings = http_settings;
     http_settings.limits.max_concurrent_queries = 8;

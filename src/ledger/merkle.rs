@@ -329,7 +329,7 @@ mod tests {
 
     /// A deterministic pseudo-random sequence for property tests.
     fn sizes() -> impl Iterator<Item = usize> {
-        let mut rng = crate::demo::Rng::new(42);
+        let mut rng = crate::util::Rng::new(42);
         (1..=64).chain((0..40).map(move |_| 65 + rng.below(700) as usize))
     }
 
@@ -347,7 +347,7 @@ mod tests {
     #[test]
     fn every_proof_verifies_and_every_broken_one_fails() {
         let leaves: Vec<Hash> = (0..800u32).map(|i| leaf_hash(&i.to_le_bytes())).collect();
-        let mut rng = crate::demo::Rng::new(7);
+        let mut rng = crate::util::Rng::new(7);
         for n in sizes() {
             let tree = &leaves[..n];
             let r = root(tree);

@@ -1,15 +1,18 @@
 //! The `frostglass` command line: serve the sandbox, manage principals and
 //! grants, generate demo data, check manifests and policies.
 
+mod bench;
+
 use clap::{Parser, Subcommand};
-use frostglass::catalog::{self, Catalog};
+use frostglass::api::server::Application;
+use frostglass::app::admin;
+use frostglass::catalog;
 use frostglass::config::Settings;
-use frostglass::ledger;
+use frostglass::ledger::{Writer, verify};
 use frostglass::policy::Policies;
-use frostglass::startup::{self, Application};
 use frostglass::store::{NewGrant, Principal, Role, Store};
 use frostglass::validate::{Problem, Schemas};
-use frostglass::{auth, demo, telemetry, verify};
+use frostglass::{auth, demo, telemetry};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -114,13 +117,33 @@ enum Command {
     Openapi,
 }
 
+/// A principal's role, as the command line spells it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Owner,
+    Buyer,
+    Auditor,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Owner => Role::Owner,
+            RoleArg::Buyer => Role::Buyer,
+            RoleArg::Auditor => Role::Auditor,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum PrincipalCommand {
     /// Add a principal; prints its API key alone on the last line.
     Add {
         id: String,
         #[arg(long, value_enum)]
-        role: Role,
+        role: RoleArg,
         #[arg(long)]
         org: Option<String>,
         #[arg(long, default_value = "CN")]
@@ -208,7 +231,7 @@ fn main() -> ExitCode {
                     region,
                     data_dir,
                 },
-        } => add_principal(id, role, org, region, &data_dir),
+        } => add_principal(id, role.into(), org, region, &data_dir),
         Command::Principal {
             command: PrincipalCommand::KeyAdd { id, data_dir },
         } => add_key(&id, &data_dir),
@@ -234,7 +257,7 @@ fn main() -> ExitCode {
             out,
             http_clients,
             http_seconds,
-        } => frostglass::bench::run(frostglass::bench::Options {
+        } => bench::run(bench::Options {
             catalog,
             policies,
             scale,
@@ -337,30 +360,16 @@ async fn first_start(settings: &Settings) -> Result<(), String> {
     }
     let schemas = Schemas::compiled();
     let policies = Policies::load(&settings.policies_dir, &schemas).map_err(problems_text)?;
-    let catalog = Catalog::load(&settings.catalog_dir, &schemas)
-        .await
-        .map_err(|e| e.to_string())?;
-    let keys = startup::bootstrap_demo_principals(&store, &catalog, &policies)
-        .map_err(|e| e.to_string())?;
-    for (id, _, _) in &keys.keys {
-        let principal = store.principal(id).map_err(|e| e.to_string())?;
-        ledger::record_event(
-            &settings.data_dir,
-            "principal_added",
-            serde_json::json!({ "principal": principal }),
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    for grant in store.all_grants().map_err(|e| e.to_string())? {
-        ledger::record_event(
-            &settings.data_dir,
-            "grant_made",
-            serde_json::json!({ "grant": grant }),
-        )
-        .map_err(|e| e.to_string())?;
-    }
+    let manifests: Vec<_> = catalog::read_manifests(&settings.catalog_dir, &schemas)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    let mut writer = writer(&settings.data_dir)?;
+    let keys =
+        admin::bootstrap_demo(&mut writer, &manifests, &policies).map_err(|e| e.to_string())?;
     let path = settings.data_dir.join("demo-keys.txt");
-    startup::write_keys_file(&path, &keys)
+    admin::write_keys_file(&path, &keys)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     println!(
         "First start: created DEMO principals. These keys are shown once and saved (mode 0600) to {}:",
@@ -383,17 +392,12 @@ fn problems_text(problems: Vec<Problem>) -> String {
         .join("\n")
 }
 
+fn writer(data_dir: &Path) -> Result<Writer, String> {
+    admin::open(data_dir).map_err(|e| e.to_string())
+}
+
 fn add_key(id: &str, data_dir: &Path) -> Result<(), String> {
-    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
-    let key = auth::generate_key();
-    let hash = auth::key_hash(&key);
-    store.add_key(id, &hash).map_err(|e| e.to_string())?;
-    ledger::record_event(
-        data_dir,
-        "key_added",
-        serde_json::json!({ "principal": id, "key_hash_prefix": &hash[..12] }),
-    )
-    .map_err(|e| e.to_string())?;
+    let key = admin::add_key(&mut writer(data_dir)?, id).map_err(|e| e.to_string())?;
     println!("added a key for {id} (shown once):");
     println!("{key}");
     Ok(())
@@ -405,28 +409,13 @@ fn bind_cert(id: &str, cert: &Path, data_dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
     let spki = auth::spki_sha256(&der)
         .ok_or_else(|| format!("{} is not a usable certificate", cert.display()))?;
-    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
-    store.bind_cert(id, &spki).map_err(|e| e.to_string())?;
-    ledger::record_event(
-        data_dir,
-        "certificate_bound",
-        serde_json::json!({ "principal": id, "spki_sha256": spki }),
-    )
-    .map_err(|e| e.to_string())?;
+    admin::bind_cert(&mut writer(data_dir)?, id, &spki).map_err(|e| e.to_string())?;
     println!("bound {id} to the certificate key {spki}");
     Ok(())
 }
 
 fn revoke_key(key: &str, data_dir: &Path) -> Result<(), String> {
-    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
-    let hash = auth::key_hash(key);
-    let principal = store.revoke_key(&hash).map_err(|e| e.to_string())?;
-    ledger::record_event(
-        data_dir,
-        "key_revoked",
-        serde_json::json!({ "principal": principal, "key_hash_prefix": &hash[..12] }),
-    )
-    .map_err(|e| e.to_string())?;
+    let principal = admin::revoke_key(&mut writer(data_dir)?, key).map_err(|e| e.to_string())?;
     println!("revoked a key of {principal}");
     Ok(())
 }
@@ -444,23 +433,14 @@ fn add_principal(
     if region.len() != 2 || !region.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err("region must be a two-letter upper-case country code".into());
     }
-    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
-    let key = auth::generate_key();
     let principal = Principal {
         id: id.clone(),
         role,
         org,
         region,
     };
-    store
-        .add_principal(&principal, &auth::key_hash(&key))
-        .map_err(|e| e.to_string())?;
-    ledger::record_event(
-        data_dir,
-        "principal_added",
-        serde_json::json!({ "principal": principal }),
-    )
-    .map_err(|e| e.to_string())?;
+    let key =
+        admin::add_principal(&mut writer(data_dir)?, &principal).map_err(|e| e.to_string())?;
     println!(
         "added {} principal {id}; its API key (shown once):",
         role.as_str()
@@ -474,14 +454,7 @@ fn grant(command: GrantCommand) -> Result<(), String> {
         GrantCommand::Revoke { id, data_dir } => (id, data_dir),
         add => return add_grant(add),
     };
-    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
-    store.revoke_grant(&id).map_err(|e| e.to_string())?;
-    ledger::record_event(
-        &data_dir,
-        "grant_revoked",
-        serde_json::json!({ "grant": id }),
-    )
-    .map_err(|e| e.to_string())?;
+    admin::revoke_grant(&mut writer(&data_dir)?, &id).map_err(|e| e.to_string())?;
     println!("revoked grant {id}");
     Ok(())
 }
@@ -504,38 +477,18 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
     else {
         return Err("not a grant to add".into());
     };
-    if let Some(e) = &expires {
-        chrono::DateTime::parse_from_rfc3339(e)
-            .map_err(|_| "--expires must be an RFC 3339 timestamp".to_string())?;
-    }
+    let expires_at = match &expires {
+        Some(e) => Some(
+            chrono::DateTime::parse_from_rfc3339(e)
+                .map_err(|_| "--expires must be an RFC 3339 timestamp".to_string())?
+                .with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+        None => None,
+    };
     if epsilon.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
         return Err("--epsilon must be a non-negative number".into());
     }
-    let schemas = Schemas::compiled();
-    let policies = Policies::load(&policies, &schemas).map_err(problems_text)?;
-    policies.check_purpose(&purpose).map_err(|r| r.message)?;
-    let manifests = catalog::read_manifests(&catalog, &schemas).map_err(|e| e.to_string())?;
-    for d in &datasets {
-        let (_, m) = manifests
-            .iter()
-            .find(|(_, m)| &m.id == d)
-            .ok_or_else(|| format!("no dataset '{d}' in {}", catalog.display()))?;
-        if !policies.levels.rule(m.level).external_buyers {
-            return Err(format!(
-                "dataset '{d}' is {} data; no external buyer may be granted it",
-                m.level.as_str()
-            ));
-        }
-    }
-    let store = Store::open(&data_dir).map_err(|e| e.to_string())?;
-    let expires_at = expires.map(|e| {
-        chrono::DateTime::parse_from_rfc3339(&e)
-            .map(|t| {
-                t.with_timezone(&chrono::Utc)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-            })
-            .unwrap_or(e)
-    });
     let grant = NewGrant {
         buyer,
         datasets,
@@ -547,25 +500,22 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         expires_at,
         cross_border_assessment,
     };
-    let id = store.add_grant(&grant).map_err(|e| e.to_string())?;
-    let made = store
-        .grants_of(&grant.buyer)
+    let schemas = Schemas::compiled();
+    let policies = Policies::load(&policies, &schemas).map_err(problems_text)?;
+    let manifests: Vec<_> = catalog::read_manifests(&catalog, &schemas)
         .map_err(|e| e.to_string())?
         .into_iter()
-        .find(|g| g.id == id);
-    ledger::record_event(
-        &data_dir,
-        "grant_made",
-        serde_json::json!({ "grant": made }),
-    )
-    .map_err(|e| e.to_string())?;
+        .map(|(_, m)| m)
+        .collect();
+    admin::check_grant(&grant, &policies, &manifests)?;
+    let made = admin::add_grant(&mut writer(&data_dir)?, &grant).map_err(|e| e.to_string())?;
     println!(
         "granted {} access to {} for {}:",
         grant.buyer,
         grant.datasets.join(", "),
         grant.purpose
     );
-    println!("{id}");
+    println!("{}", made.id);
     Ok(())
 }
 

@@ -3,8 +3,10 @@
 //! pinned public key, checks that the log only grew since the last head this
 //! verifier saw (kept in a state file), and checks receipts.
 
+use crate::ledger::event::Entry;
+use crate::ledger::merkle::{self, Hash};
+use crate::ledger::tables;
 use crate::ledger::{Receipt, SignedHead, key_id};
-use crate::merkle::{self, Frontier, Hash};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -264,40 +266,10 @@ pub fn run(options: &Options) -> Result<String, Failure> {
     let n = leaves.len() as u64;
 
     // Every signed head: signed by the pinned key, and the root of its prefix.
-    let mut frontier = Frontier::default();
-    let mut verified_up_to = 0u64;
+    crate::ledger::check_heads(&leaves, &ledger.heads, &public_key)
+        .map_err(|f| fail(Some(f.index), f.reason))?;
     let mut heads = ledger.heads.clone();
     heads.sort_by_key(|h| h.tree_size);
-    for head in &heads {
-        if !head.verify(&public_key) {
-            return Err(fail(
-                Some(verified_up_to),
-                format!("the head at size {} has a bad signature", head.tree_size),
-            ));
-        }
-        if head.tree_size > n {
-            return Err(fail(
-                Some(n),
-                format!(
-                    "a signed head covers {} entries but only {n} exist: the log was truncated",
-                    head.tree_size
-                ),
-            ));
-        }
-        while frontier.len() < head.tree_size {
-            frontier.push(leaves[frontier.len() as usize]);
-        }
-        if Some(frontier.root()) != head.root() {
-            return Err(fail(
-                Some(verified_up_to),
-                format!(
-                    "entries in [{verified_up_to}, {}) differ from what the head at size {} signed",
-                    head.tree_size, head.tree_size
-                ),
-            ));
-        }
-        verified_up_to = head.tree_size;
-    }
     let latest = heads.last().cloned();
 
     // Only growth since the last head this verifier saw.
@@ -340,6 +312,16 @@ pub fn run(options: &Options) -> Result<String, Failure> {
                 return Err(fail(None, "the server's consistency proof does not verify"));
             }
         }
+    }
+
+    // Locally, the typed columns and roll-ups beside the entries too.
+    if let Source::Local(dir) = &options.source {
+        let conn = rusqlite::Connection::open_with_flags(
+            dir.join("frostglass.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| fail(None, e.to_string()))?;
+        check_columns(&conn)?;
     }
 
     if let Some(path) = &options.receipt {
@@ -426,6 +408,71 @@ fn check_receipt(
             return Err(fail(
                 Some(i),
                 "the server's inclusion proof for the receipt does not verify",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks every typed column stored beside an entry, and every roll-up,
+/// against what the entries themselves say: quotas and budgets are read
+/// from these, so a changed column is as much tampering as a changed entry.
+fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
+    let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
+    let mut daily = tables::DailyRollups::new();
+    let mut budgets = tables::BudgetRollups::new();
+    let checked = tables::for_each_stored(conn, |index, body, stored| {
+        let entry =
+            Entry::decode(body).map_err(|e| format!("{index}:the entry cannot be read: {e}"))?;
+        let derived = entry.columns();
+        if let Some(column) = stored.mismatch(&derived) {
+            return Err(format!(
+                "{index}:the stored column {column} does not match the entry"
+            ));
+        }
+        if let Some(grant) = &derived.grant
+            && derived.queries > 0
+        {
+            let sums = daily
+                .entry((grant.clone(), derived.day.clone()))
+                .or_default();
+            sums[0] += derived.queries as i64;
+            sums[1] += derived.rows_scanned as i64;
+            sums[2] += derived.bytes_scanned as i64;
+            sums[3] += derived.charge_micros;
+        }
+        for (budget, eps) in &derived.epsilon {
+            *budgets.entry(budget.clone()).or_default() += eps;
+        }
+        Ok(())
+    })
+    .map_err(sql)?;
+    if let Err(e) = checked {
+        let (index, reason) = e.split_once(':').unwrap_or(("", &e));
+        return Err(fail(index.parse().ok(), reason));
+    }
+    let (stored_daily, stored_budgets) = tables::rollups(conn).map_err(sql)?;
+    if stored_daily != daily {
+        let key = daily
+            .keys()
+            .chain(stored_daily.keys())
+            .find(|k| daily.get(*k) != stored_daily.get(*k));
+        return Err(fail(
+            None,
+            format!(
+                "the daily usage roll-up of grant {} on {} does not match the entries",
+                key.map_or("?", |k| k.0.as_str()),
+                key.map_or("?", |k| k.1.as_str())
+            ),
+        ));
+    }
+    for budget in budgets.keys().chain(stored_budgets.keys()) {
+        let recount = budgets.get(budget).copied().unwrap_or(0.0);
+        let stored = stored_budgets.get(budget).copied().unwrap_or(0.0);
+        if (recount - stored).abs() > 1e-9 * recount.abs().max(1.0) {
+            return Err(fail(
+                None,
+                format!("the privacy budget roll-up of {budget} does not match the entries"),
             ));
         }
     }

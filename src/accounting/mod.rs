@@ -1,13 +1,20 @@
 //! Metering and prices. Money is exact: decimal strings are parsed into
 //! integer millionths, never floats.
 
-use crate::store::DailyUse;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const SCALE: i128 = 1_000_000;
 
+/// One day's use of a grant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DailyUse {
+    pub queries: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
 /// What one query used and costs.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub rows_scanned: u64,
     pub bytes_scanned: u64,
@@ -307,137 +314,6 @@ mod quota_tests {
         });
         assert_eq!(granted.iter().filter(|g| **g).count(), 5);
     }
-}
-
-/// One query entry of the ledger, flattened: the rows of the auditors'
-/// `usage` table and of usage reports.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct UsageRecord {
-    pub ledger_index: u64,
-    pub at: String,
-    pub day: String,
-    pub principal: String,
-    pub grant_id: Option<String>,
-    pub purpose: Option<String>,
-    pub datasets: Vec<String>,
-    pub decision: String,
-    pub code: Option<String>,
-    pub rule: Option<String>,
-    pub rows_scanned: u64,
-    pub bytes_scanned: u64,
-    pub cpu_ms: u64,
-    pub wall_ms: u64,
-    pub groups_released: u64,
-    pub groups_suppressed: u64,
-    pub cells_released: u64,
-    pub epsilon: f64,
-    /// Millionths of the currency unit.
-    pub charge_micros: i64,
-}
-
-impl UsageRecord {
-    /// Reads a ledger entry; entries other than queries give `None`.
-    pub fn from_entry(index: u64, body: &str) -> Option<UsageRecord> {
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        if v["kind"] != "query" {
-            return None;
-        }
-        let text = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
-        let num = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
-        let at = text("/at").unwrap_or_default();
-        Some(UsageRecord {
-            ledger_index: index,
-            day: at.get(..10).unwrap_or("").to_string(),
-            at,
-            principal: text("/principal").unwrap_or_default(),
-            grant_id: text("/grant"),
-            purpose: text("/purpose"),
-            datasets: v["datasets"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|d| d.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            decision: text("/decision").unwrap_or_default(),
-            code: text("/code"),
-            rule: text("/rule"),
-            rows_scanned: num("/usage/rows_scanned"),
-            bytes_scanned: num("/usage/bytes_scanned"),
-            cpu_ms: num("/usage/cpu_ms"),
-            wall_ms: v
-                .pointer("/usage/wall_ms")
-                .or(v.pointer("/wall_ms"))
-                .and_then(|x| x.as_u64())
-                .unwrap_or(0),
-            groups_released: num("/usage/groups_released"),
-            groups_suppressed: num("/usage/groups_suppressed"),
-            cells_released: num("/usage/cells_released"),
-            epsilon: v
-                .pointer("/usage/epsilon")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(0.0),
-            charge_micros: text("/usage/charge")
-                .and_then(|c| parse_money(&c))
-                .unwrap_or(0) as i64,
-        })
-    }
-}
-
-/// Usage summed per grant and day.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct UsageSummary {
-    pub grant: Option<String>,
-    pub principal: String,
-    pub day: String,
-    pub queries_answered: u64,
-    pub queries_refused: u64,
-    pub rows_scanned: u64,
-    pub bytes_scanned: u64,
-    pub cpu_ms: u64,
-    pub cells_released: u64,
-    pub epsilon: f64,
-    pub charge: String,
-}
-
-pub fn summarize<'a>(records: impl Iterator<Item = &'a UsageRecord>) -> Vec<UsageSummary> {
-    let mut groups: std::collections::BTreeMap<
-        (String, Option<String>, String),
-        (UsageSummary, i128),
-    > = Default::default();
-    for r in records {
-        let key = (r.day.clone(), r.grant_id.clone(), r.principal.clone());
-        let (s, charge) = groups.entry(key).or_insert_with(|| {
-            (
-                UsageSummary {
-                    grant: r.grant_id.clone(),
-                    principal: r.principal.clone(),
-                    day: r.day.clone(),
-                    ..Default::default()
-                },
-                0,
-            )
-        });
-        if r.decision == "answered" {
-            s.queries_answered += 1;
-        } else {
-            s.queries_refused += 1;
-        }
-        s.rows_scanned += r.rows_scanned;
-        s.bytes_scanned += r.bytes_scanned;
-        s.cpu_ms += r.cpu_ms;
-        s.cells_released += r.cells_released;
-        s.epsilon += r.epsilon;
-        *charge += r.charge_micros as i128;
-    }
-    groups
-        .into_values()
-        .map(|(mut s, charge)| {
-            s.charge = format_money(charge);
-            s
-        })
-        .collect()
 }
 
 /// Epsilon spent per grant and per dataset, in millionths so that sums are

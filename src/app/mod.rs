@@ -1,0 +1,135 @@
+//! The running sandbox: the services the pipeline and every front door
+//! share, opened from the settings. Nothing here knows a transport.
+
+pub mod admin;
+
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::engine::Engine;
+use crate::ledger::event::LedgerEvent;
+use crate::ledger::{Ledger, NewEntry};
+use crate::policy::Policies;
+use crate::store::Store;
+use crate::validate::Schemas;
+use std::sync::Arc;
+
+/// The services every front door shares: catalog, policies, state store,
+/// ledger, the quota and budget books, the engine and its runtime. A plain
+/// struct, so tests and front doors drive the pipeline without HTTP.
+pub struct Sandbox {
+    pub settings: Settings,
+    pub catalog: Catalog,
+    pub policies: Policies,
+    pub schemas: Schemas,
+    pub store: Arc<Store>,
+    pub ledger: Ledger,
+    pub quotas: Arc<crate::accounting::QuotaBook>,
+    pub budgets: Arc<crate::accounting::BudgetBook>,
+    pub noise: crate::release::noise::NoisePool,
+    pub engine: Engine,
+    pub query_slots: tokio::sync::Semaphore,
+    pub runtime: QueryRuntime,
+}
+
+/// The runtime queries execute on: its own threads with deep stacks, so a
+/// query can neither starve the HTTP workers nor overflow a small stack.
+pub struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl QueryRuntime {
+    pub fn new() -> std::io::Result<QueryRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("fg-query")
+            .thread_stack_size(64 * 1024 * 1024)
+            .enable_all()
+            .build()?;
+        Ok(QueryRuntime(Some(rt)))
+    }
+
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(rt) => rt.spawn(fut),
+            None => unreachable!("the runtime lives until the sandbox is dropped"),
+        }
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another runtime's thread panics; this never blocks.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("invalid policies:\n{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<crate::validate::Problem>),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Sandbox {
+    pub async fn open(settings: Settings) -> Result<Sandbox, StartError> {
+        let schemas = Schemas::compiled();
+        let policies =
+            Policies::load(&settings.policies_dir, &schemas).map_err(StartError::Policies)?;
+        let catalog = Catalog::load(&settings.catalog_dir, &schemas).await?;
+        let store = Arc::new(Store::open(&settings.data_dir)?);
+        let ledger = Ledger::start(&settings.data_dir)?;
+        record_registrations(&ledger, &catalog).await?;
+        let engine = Engine::new(settings.limits.clone());
+        let query_slots =
+            tokio::sync::Semaphore::new(settings.limits.max_concurrent_queries.max(1));
+        Ok(Sandbox {
+            settings,
+            catalog,
+            policies,
+            schemas,
+            store,
+            ledger,
+            quotas: Arc::default(),
+            budgets: Arc::default(),
+            noise: Default::default(),
+            engine,
+            query_slots,
+            runtime: QueryRuntime::new()?,
+        })
+    }
+}
+
+/// Records each dataset whose manifest is new or changed since its last registration entry.
+async fn record_registrations(ledger: &Ledger, catalog: &Catalog) -> Result<(), StartError> {
+    let recorded = ledger.registered_manifests()?;
+    for d in catalog.datasets.values() {
+        let manifest = serde_json::to_string(&d.manifest).unwrap_or_default();
+        let digest = crate::util::sha256_hex(manifest.as_bytes());
+        if recorded.get(d.id()) == Some(&digest) {
+            continue;
+        }
+        let event = LedgerEvent::DatasetRegistered {
+            dataset: d.id().to_string(),
+            owner: d.manifest.owner.clone(),
+            level: d.manifest.level.as_str().to_string(),
+            manifest_sha256: digest,
+            rows: d.num_rows,
+        };
+        ledger.append(NewEntry::event(event)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! The ledger's tables: entries with their typed columns, the ε charged per
+//! budget, the signed heads, and the roll-ups (per grant and day, per
+//! budget) that quotas and budgets are read from. Every row here is written
+//! in the transaction that appends its entry, and `verify` recomputes the
+//! columns and roll-ups from the entries.
+
+use super::LedgerError;
+use super::event::{Columns, Entry};
+use crate::accounting::DailyUse;
+use crate::util::sql::CachedStatements;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS usage_log (
+    idx INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    principal TEXT,
+    grant_id TEXT,
+    decision TEXT NOT NULL,
+    body TEXT NOT NULL,
+    leaf_hash TEXT NOT NULL,
+    day TEXT NOT NULL DEFAULT '',
+    queries INTEGER NOT NULL DEFAULT 0,
+    rows_scanned INTEGER NOT NULL DEFAULT 0,
+    bytes_scanned INTEGER NOT NULL DEFAULT 0,
+    charge_micros INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
+CREATE TABLE IF NOT EXISTS usage_epsilon (
+    idx INTEGER NOT NULL REFERENCES usage_log(idx),
+    budget TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    PRIMARY KEY (idx, budget)
+);
+CREATE TABLE IF NOT EXISTS usage_sql (
+    idx INTEGER PRIMARY KEY REFERENCES usage_log(idx),
+    sql TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tree_heads (
+    tree_size INTEGER PRIMARY KEY,
+    timestamp_ms INTEGER NOT NULL,
+    root_hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    key_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollup_daily (
+    grant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    queries INTEGER NOT NULL,
+    rows_scanned INTEGER NOT NULL,
+    bytes_scanned INTEGER NOT NULL,
+    charge_micros INTEGER NOT NULL,
+    PRIMARY KEY (grant_id, day)
+);
+CREATE TABLE IF NOT EXISTS rollup_budget (
+    budget TEXT PRIMARY KEY,
+    epsilon REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS registered_manifests (
+    dataset TEXT PRIMARY KEY,
+    manifest_sha256 TEXT NOT NULL
+);
+"#;
+
+/// `PRAGMA user_version` once the typed columns and roll-ups exist.
+const TYPED_COLUMNS_VERSION: i64 = 2;
+
+/// Creates the tables; a ledger written before typed columns existed gets
+/// them, filled from its entries, once.
+pub fn create(conn: &Connection) -> Result<(), LedgerError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= TYPED_COLUMNS_VERSION {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    let old_log: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'usage_log')",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_log {
+        let columns: Vec<String> = tx
+            .prepare("SELECT name FROM pragma_table_info('usage_log')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for (name, ty) in [
+            ("day", "TEXT NOT NULL DEFAULT ''"),
+            ("queries", "INTEGER NOT NULL DEFAULT 0"),
+            ("rows_scanned", "INTEGER NOT NULL DEFAULT 0"),
+            ("bytes_scanned", "INTEGER NOT NULL DEFAULT 0"),
+            ("charge_micros", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
+            if !columns.iter().any(|c| c == name) {
+                tx.execute_batch(&format!("ALTER TABLE usage_log ADD COLUMN {name} {ty}"))?;
+            }
+        }
+    }
+    tx.execute_batch(SCHEMA)?;
+    if old_log {
+        backfill(&tx)?;
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {TYPED_COLUMNS_VERSION}"))?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Derives every entry's columns and the roll-ups from the bodies.
+fn backfill(conn: &Connection) -> Result<(), LedgerError> {
+    conn.execute_batch(
+        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests;",
+    )?;
+    let bodies: Vec<(i64, String)> = conn
+        .prepare("SELECT idx, body FROM usage_log ORDER BY idx")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (idx, body) in bodies {
+        let entry = Entry::decode(&body)
+            .map_err(|e| LedgerError::Corrupt(format!("entry {idx} cannot be read: {e}")))?;
+        let c = entry.columns();
+        conn.run(
+            "UPDATE usage_log SET day = ?2, queries = ?3, rows_scanned = ?4, bytes_scanned = ?5, charge_micros = ?6 WHERE idx = ?1",
+            params![idx, c.day, c.queries as i64, c.rows_scanned as i64, c.bytes_scanned as i64, c.charge_micros],
+        )?;
+        write_derived(conn, idx, &entry, &c)?;
+    }
+    Ok(())
+}
+
+/// Inserts one entry with its typed columns and moves the roll-ups.
+pub fn insert(
+    conn: &Connection,
+    idx: u64,
+    entry: &Entry,
+    body: &str,
+    leaf_hash: &str,
+    sql: Option<&str>,
+) -> Result<(), LedgerError> {
+    let c = entry.columns();
+    let idx = idx as i64;
+    conn.run(
+        "INSERT INTO usage_log (idx, created_at, kind, principal, grant_id, decision, body, leaf_hash, day, queries, rows_scanned, bytes_scanned, charge_micros)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            idx, c.created_at, c.kind, c.principal, c.grant, c.decision, body, leaf_hash,
+            c.day, c.queries as i64, c.rows_scanned as i64, c.bytes_scanned as i64, c.charge_micros
+        ],
+    )?;
+    if let Some(sql) = sql {
+        conn.run(
+            "INSERT INTO usage_sql (idx, sql) VALUES (?1, ?2)",
+            params![idx, sql],
+        )?;
+    }
+    write_derived(conn, idx, entry, &c)
+}
+
+fn write_derived(
+    conn: &Connection,
+    idx: i64,
+    entry: &Entry,
+    c: &Columns,
+) -> Result<(), LedgerError> {
+    for (budget, eps) in &c.epsilon {
+        conn.run(
+            "INSERT INTO usage_epsilon (idx, budget, epsilon) VALUES (?1, ?2, ?3)",
+            params![idx, budget, eps],
+        )?;
+        conn.run(
+            "INSERT INTO rollup_budget (budget, epsilon) VALUES (?1, ?2)
+             ON CONFLICT (budget) DO UPDATE SET epsilon = epsilon + excluded.epsilon",
+            params![budget, eps],
+        )?;
+    }
+    if let Some(grant) = &c.grant
+        && c.queries > 0
+    {
+        conn.run(
+            "INSERT INTO rollup_daily (grant_id, day, queries, rows_scanned, bytes_scanned, charge_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (grant_id, day) DO UPDATE SET queries = queries + excluded.queries,
+                rows_scanned = rows_scanned + excluded.rows_scanned, bytes_scanned = bytes_scanned + excluded.bytes_scanned,
+                charge_micros = charge_micros + excluded.charge_micros",
+            params![grant, c.day, c.queries as i64, c.rows_scanned as i64, c.bytes_scanned as i64, c.charge_micros],
+        )?;
+    }
+    if let super::event::LedgerEvent::DatasetRegistered {
+        dataset,
+        manifest_sha256,
+        ..
+    } = &entry.event
+    {
+        conn.run(
+            "INSERT OR REPLACE INTO registered_manifests (dataset, manifest_sha256) VALUES (?1, ?2)",
+            params![dataset, manifest_sha256],
+        )?;
+    }
+    Ok(())
+}
+
+/// What a grant used on `day`, from the roll-up: what the daily quotas count.
+pub fn used_on(conn: &Connection, grant: &str, day: &str) -> Result<DailyUse, LedgerError> {
+    let used = conn
+        .row(
+            "SELECT queries, rows_scanned, bytes_scanned FROM rollup_daily WHERE grant_id = ?1 AND day = ?2",
+            params![grant, day],
+            |r| {
+                Ok(DailyUse {
+                    queries: r.get::<_, i64>(0)?.max(0) as u64,
+                    rows: r.get::<_, i64>(1)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                })
+            },
+        )
+        .optional()?;
+    Ok(used.unwrap_or_default())
+}
+
+/// Epsilon charged to a budget (`grant:<id>` or `dataset:<id>`), from the roll-up.
+pub fn epsilon_spent(conn: &Connection, budget: &str) -> Result<f64, LedgerError> {
+    Ok(conn
+        .row(
+            "SELECT epsilon FROM rollup_budget WHERE budget = ?1",
+            [budget],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0.0))
+}
+
+/// The manifest digest each dataset was last registered with.
+pub fn registered_manifests(conn: &Connection) -> Result<HashMap<String, String>, LedgerError> {
+    let mut stmt = conn.prepare("SELECT dataset, manifest_sha256 FROM registered_manifests")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Entry bodies in index order: (index, body, leaf hash).
+pub fn entries(
+    conn: &Connection,
+    from: u64,
+    limit: u64,
+) -> Result<Vec<(u64, String, String)>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, body, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![from as i64, limit.min(i64::MAX as u64) as i64],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Reads every entry's stored columns and ε rows, in index order, calling
+/// `each` with (index, body, stored columns).
+pub fn for_each_stored(
+    conn: &Connection,
+    mut each: impl FnMut(u64, &str, StoredRow) -> Result<(), String>,
+) -> Result<Result<(), String>, LedgerError> {
+    let mut eps: HashMap<i64, Vec<(String, f64)>> = HashMap::new();
+    {
+        let mut stmt =
+            conn.prepare("SELECT idx, budget, epsilon FROM usage_epsilon ORDER BY idx, rowid")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            eps.entry(r.get(0)?)
+                .or_default()
+                .push((r.get(1)?, r.get(2)?));
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT idx, body, created_at, kind, principal, grant_id, decision, day, queries, rows_scanned, bytes_scanned, charge_micros FROM usage_log ORDER BY idx",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let idx: i64 = r.get(0)?;
+        let body: String = r.get(1)?;
+        let stored = StoredRow {
+            created_at: r.get(2)?,
+            kind: r.get(3)?,
+            principal: r.get(4)?,
+            grant: r.get(5)?,
+            decision: r.get(6)?,
+            day: r.get(7)?,
+            queries: r.get(8)?,
+            rows_scanned: r.get(9)?,
+            bytes_scanned: r.get(10)?,
+            charge_micros: r.get(11)?,
+            epsilon: eps.remove(&idx).unwrap_or_default(),
+        };
+        if let Err(e) = each(idx as u64, &body, stored) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// One entry's columns as stored (not as derived).
+#[derive(Debug, PartialEq)]
+pub struct StoredRow {
+    pub created_at: String,
+    pub kind: String,
+    pub principal: Option<String>,
+    pub grant: Option<String>,
+    pub decision: String,
+    pub day: String,
+    pub queries: i64,
+    pub rows_scanned: i64,
+    pub bytes_scanned: i64,
+    pub charge_micros: i64,
+    pub epsilon: Vec<(String, f64)>,
+}
+
+impl StoredRow {
+    /// The first column that differs from what the entry says, if any.
+    pub fn mismatch(&self, c: &Columns) -> Option<&'static str> {
+        let checks: [(&'static str, bool); 11] = [
+            ("created_at", self.created_at == c.created_at),
+            ("kind", self.kind == c.kind),
+            ("principal", self.principal == c.principal),
+            ("grant_id", self.grant == c.grant),
+            ("decision", self.decision == c.decision),
+            ("day", self.day == c.day),
+            ("queries", self.queries == c.queries as i64),
+            ("rows_scanned", self.rows_scanned == c.rows_scanned as i64),
+            (
+                "bytes_scanned",
+                self.bytes_scanned == c.bytes_scanned as i64,
+            ),
+            ("charge_micros", self.charge_micros == c.charge_micros),
+            ("epsilon", self.epsilon == c.epsilon),
+        ];
+        checks.iter().find(|(_, ok)| !ok).map(|(name, _)| *name)
+    }
+}
+
+/// Per (grant, day): queries, rows scanned, bytes scanned, charge in millionths.
+pub type DailyRollups = HashMap<(String, String), [i64; 4]>;
+/// Per budget (`grant:<id>`, `dataset:<id>`): epsilon spent.
+pub type BudgetRollups = HashMap<String, f64>;
+
+/// The stored roll-ups, for `verify` to compare with a recount.
+pub fn rollups(conn: &Connection) -> Result<(DailyRollups, BudgetRollups), LedgerError> {
+    let mut daily = HashMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT grant_id, day, queries, rows_scanned, bytes_scanned, charge_micros FROM rollup_daily",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        daily.insert(
+            (r.get(0)?, r.get(1)?),
+            [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?],
+        );
+    }
+    let mut budgets = HashMap::new();
+    let mut stmt = conn.prepare("SELECT budget, epsilon FROM rollup_budget")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        budgets.insert(r.get(0)?, r.get(1)?);
+    }
+    Ok((daily, budgets))
+}
