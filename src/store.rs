@@ -190,14 +190,7 @@ impl Store {
     }
 
     pub fn principal(&self, id: &str) -> Result<Option<Principal>, StoreError> {
-        let conn = self.conn();
-        Ok(conn
-            .row(
-                "SELECT id, role, org, region FROM principals WHERE id = ?1",
-                [id],
-                principal_row,
-            )
-            .optional()?)
+        principal_in(&self.conn(), id)
     }
 
     /// The principal holding a key, and the client certificate it is bound to, if any.

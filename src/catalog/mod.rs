@@ -364,6 +364,21 @@ pub fn data_location(catalog_dir: &Path, manifest: &Manifest) -> PathBuf {
 }
 
 impl Catalog {
+    /// The protected dataset this plan node scans, if it is a scan of one:
+    /// rows that may leave only through a release aggregate. The one
+    /// definition the policy check and the release split share.
+    pub fn guarded_scan(
+        &self,
+        plan: &datafusion::logical_expr::LogicalPlan,
+    ) -> Option<&Arc<Dataset>> {
+        match plan {
+            datafusion::logical_expr::LogicalPlan::TableScan(scan) => self
+                .get(scan.table_name.table())
+                .filter(|d| d.manifest.is_guarded()),
+            _ => None,
+        }
+    }
+
     /// Loads every manifest and opens its data. Fails on the first dataset
     /// whose data does not match its manifest.
     pub async fn load(dir: &Path, schemas: &validate::Schemas) -> Result<Catalog, CatalogError> {

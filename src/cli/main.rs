@@ -182,34 +182,37 @@ enum GrantCommand {
         data_dir: PathBuf,
     },
     /// Grant a buyer access to datasets for a purpose; prints the grant id on the last line.
-    Add {
-        #[arg(long)]
-        buyer: String,
-        #[arg(long = "dataset", required = true)]
-        datasets: Vec<String>,
-        #[arg(long)]
-        purpose: String,
-        #[arg(long)]
-        queries_per_day: Option<u64>,
-        #[arg(long)]
-        rows_per_day: Option<u64>,
-        #[arg(long)]
-        bytes_per_day: Option<u64>,
-        #[arg(long)]
-        epsilon: Option<f64>,
-        /// RFC 3339 timestamp after which the grant is inactive.
-        #[arg(long)]
-        expires: Option<String>,
-        /// Reference of an approved cross-border assessment, for important data abroad.
-        #[arg(long)]
-        cross_border_assessment: Option<String>,
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "catalog")]
-        catalog: PathBuf,
-        #[arg(long, default_value = "policies")]
-        policies: PathBuf,
-    },
+    Add(GrantArgs),
+}
+
+#[derive(clap::Args)]
+struct GrantArgs {
+    #[arg(long)]
+    buyer: String,
+    #[arg(long = "dataset", required = true)]
+    datasets: Vec<String>,
+    #[arg(long)]
+    purpose: String,
+    #[arg(long)]
+    queries_per_day: Option<u64>,
+    #[arg(long)]
+    rows_per_day: Option<u64>,
+    #[arg(long)]
+    bytes_per_day: Option<u64>,
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// RFC 3339 timestamp after which the grant is inactive.
+    #[arg(long)]
+    expires: Option<String>,
+    /// Reference of an approved cross-border assessment, for important data abroad.
+    #[arg(long)]
+    cross_border_assessment: Option<String>,
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "catalog")]
+    catalog: PathBuf,
+    #[arg(long, default_value = "policies")]
+    policies: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -450,34 +453,18 @@ fn add_principal(
 }
 
 fn grant(command: GrantCommand) -> Result<(), String> {
-    let (id, data_dir) = match command {
-        GrantCommand::Revoke { id, data_dir } => (id, data_dir),
-        add => return add_grant(add),
-    };
-    admin::revoke_grant(&mut writer(&data_dir)?, &id).map_err(|e| e.to_string())?;
-    println!("revoked grant {id}");
-    Ok(())
+    match command {
+        GrantCommand::Revoke { id, data_dir } => {
+            admin::revoke_grant(&mut writer(&data_dir)?, &id).map_err(|e| e.to_string())?;
+            println!("revoked grant {id}");
+            Ok(())
+        }
+        GrantCommand::Add(args) => add_grant(args),
+    }
 }
 
-fn add_grant(command: GrantCommand) -> Result<(), String> {
-    let GrantCommand::Add {
-        buyer,
-        datasets,
-        purpose,
-        queries_per_day,
-        rows_per_day,
-        bytes_per_day,
-        epsilon,
-        expires,
-        cross_border_assessment,
-        data_dir,
-        catalog,
-        policies,
-    } = command
-    else {
-        return Err("not a grant to add".into());
-    };
-    let expires_at = match &expires {
+fn add_grant(args: GrantArgs) -> Result<(), String> {
+    let expires_at = match &args.expires {
         Some(e) => Some(
             chrono::DateTime::parse_from_rfc3339(e)
                 .map_err(|_| "--expires must be an RFC 3339 timestamp".to_string())?
@@ -486,29 +473,29 @@ fn add_grant(command: GrantCommand) -> Result<(), String> {
         ),
         None => None,
     };
-    if epsilon.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
+    if args.epsilon.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
         return Err("--epsilon must be a non-negative number".into());
     }
     let grant = NewGrant {
-        buyer,
-        datasets,
-        purpose,
-        queries_per_day,
-        rows_per_day,
-        bytes_per_day,
-        epsilon,
+        buyer: args.buyer,
+        datasets: args.datasets,
+        purpose: args.purpose,
+        queries_per_day: args.queries_per_day,
+        rows_per_day: args.rows_per_day,
+        bytes_per_day: args.bytes_per_day,
+        epsilon: args.epsilon,
         expires_at,
-        cross_border_assessment,
+        cross_border_assessment: args.cross_border_assessment,
     };
     let schemas = Schemas::compiled();
-    let policies = Policies::load(&policies, &schemas).map_err(problems_text)?;
-    let manifests: Vec<_> = catalog::read_manifests(&catalog, &schemas)
+    let policies = Policies::load(&args.policies, &schemas).map_err(problems_text)?;
+    let manifests: Vec<_> = catalog::read_manifests(&args.catalog, &schemas)
         .map_err(|e| e.to_string())?
         .into_iter()
         .map(|(_, m)| m)
         .collect();
     admin::check_grant(&grant, &policies, &manifests)?;
-    let made = admin::add_grant(&mut writer(&data_dir)?, &grant).map_err(|e| e.to_string())?;
+    let made = admin::add_grant(&mut writer(&args.data_dir)?, &grant).map_err(|e| e.to_string())?;
     println!(
         "granted {} access to {} for {}:",
         grant.buyer,

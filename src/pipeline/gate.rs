@@ -14,6 +14,7 @@ use crate::catalog::{Catalog, Dataset};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::policy::Policies;
+use crate::policy::access;
 use crate::policy::check::{self, Requester};
 use crate::release::{self, ReleasePlan};
 use crate::store::{Grant, Principal};
@@ -108,7 +109,7 @@ fn resolve_tables(
             .catalog
             .get(name)
             .ok_or_else(|| Error::UnknownTable(name.to_string()))?;
-        check::level_access(&sandbox.policies, dataset)?;
+        access::level_access(&sandbox.policies, dataset)?;
         trace.datasets.insert(dataset.id().to_string());
         named.push(dataset.clone());
     }

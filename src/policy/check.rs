@@ -8,8 +8,8 @@
 //! argument or a CASE), joined on, aggregated, ordered by, or returned. Plain
 //! projections below those points only carry lineage forward.
 
-use super::{Policies, Site};
-use crate::catalog::{Catalog, ColumnClass, Dataset};
+use super::{Policies, Site, strip_alias};
+use crate::catalog::{Catalog, ColumnClass};
 use crate::error::{Error, Refusal};
 use datafusion::common::{Column, DFSchema};
 use datafusion::logical_expr::utils::split_conjunction;
@@ -100,7 +100,12 @@ pub fn check(
         .with("site", Site::Output.as_str())
         .into());
     }
-    checker.query_wide_rules()?;
+    super::bans::query_wide_rules(
+        policies,
+        &checker.quasi,
+        &checker.used,
+        &checker.analysis.datasets,
+    )?;
     Ok(checker.analysis)
 }
 
@@ -110,10 +115,7 @@ pub fn check(
 fn unaggregated_guarded_rows(plan: &LogicalPlan, catalog: &Catalog) -> Option<String> {
     match plan {
         LogicalPlan::Aggregate(_) => None,
-        LogicalPlan::TableScan(scan) => catalog
-            .get(scan.table_name.table())
-            .filter(|d| d.manifest.is_guarded())
-            .map(|d| d.id().to_string()),
+        LogicalPlan::TableScan(_) => catalog.guarded_scan(plan).map(|d| d.id().to_string()),
         other => other
             .inputs()
             .into_iter()
@@ -323,7 +325,7 @@ impl<'a> Checker<'a> {
             .get(name)
             .ok_or_else(|| Error::UnknownTable(name.to_string()))?
             .clone();
-        dataset_access(self.policies, self.requester, &dataset)?;
+        super::access::dataset_access(self.policies, self.requester, &dataset)?;
         let scan_id = self.scans;
         self.scans += 1;
         let guarded = dataset.manifest.is_guarded();
@@ -819,146 +821,9 @@ impl<'a> Checker<'a> {
         }
         Ok(())
     }
-
-    fn query_wide_rules(&self) -> Result<(), Error> {
-        let max = self.policies.classification.max_quasi_identifiers;
-        if self.quasi.len() > max {
-            let names: Vec<String> = self.quasi.iter().map(|(d, c)| format!("{d}.{c}")).collect();
-            return Err(Refusal::new(
-                "too_many_quasi_identifiers",
-                format!("the query groups or filters by {} quasi-identifiers; at most {max} are allowed", names.len()),
-            )
-            .with("columns", names)
-            .with("max", max)
-            .into());
-        }
-        for ban in &self.policies.prohibitions.column_combinations {
-            let used = self.used.get(&ban.dataset);
-            if used.is_some_and(|u| ban.columns.iter().all(|c| u.contains(c))) {
-                return Err(Refusal::new(
-                    "prohibited_combination",
-                    format!(
-                        "columns {} of {} may not be used together: {}",
-                        ban.columns.join(", "),
-                        ban.dataset,
-                        ban.reason
-                    ),
-                )
-                .with("table", ban.dataset.clone())
-                .with("columns", ban.columns.clone())
-                .with("prohibition", ban.id.clone())
-                .with("reason", ban.reason.clone())
-                .into());
-            }
-        }
-        let used = &self.analysis.datasets;
-        for ban in &self.policies.prohibitions.dataset_pairs {
-            let [a, b] = &ban.datasets;
-            let hit = used.contains(a)
-                && if b == "*" {
-                    used.len() > 1
-                } else {
-                    used.contains(b)
-                };
-            if hit {
-                return Err(Refusal::new(
-                    "prohibited_join",
-                    format!("datasets may not be combined: {}", ban.reason),
-                )
-                .with("datasets", vec![a.clone(), b.clone()])
-                .with("prohibition", ban.id.clone())
-                .with("reason", ban.reason.clone())
-                .into());
-            }
-        }
-        Ok(())
-    }
 }
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-
-/// Level rule alone: whether external buyers may query this dataset at all.
-pub fn level_access(policies: &Policies, dataset: &Dataset) -> Result<(), Error> {
-    let m = &dataset.manifest;
-    let rule = policies.levels.rule(m.level);
-    if rule.external_buyers {
-        // A level that requires differential privacy releases nothing
-        // exactly: a dataset of that level without `release.dp` (thresholds
-        // or rows) is refused whole.
-        if rule.dp_required && m.release.dp.is_none() {
-            return Err(Refusal::new(
-                "dp_required",
-                format!(
-                    "dataset '{}' is {} data, which is released only with differential privacy, and its manifest declares none",
-                    m.id,
-                    m.level.as_str()
-                ),
-            )
-            .with("table", m.id.clone())
-            .with("level", m.level.as_str())
-            .into());
-        }
-        return Ok(());
-    }
-    Err(Refusal::new(
-        format!("{}_data_denied", m.level.as_str()),
-        format!(
-            "dataset '{}' is {} data, which no external buyer may query",
-            m.id,
-            m.level.as_str()
-        ),
-    )
-    .with("table", m.id.clone())
-    .with("level", m.level.as_str())
-    .into())
-}
-
-/// Level rules: who may query this dataset at all, and from where.
-pub fn dataset_access(
-    policies: &Policies,
-    requester: &Requester<'_>,
-    dataset: &Dataset,
-) -> Result<(), Error> {
-    level_access(policies, dataset)?;
-    let m = &dataset.manifest;
-    if requester.region == m.region {
-        return Ok(());
-    }
-    use super::CrossBorder::*;
-    let refusal = match policies.levels.rule(m.level).cross_border {
-        Allow => None,
-        AssessmentRequired if requester.cross_border_assessment => None,
-        AssessmentRequired => Some((
-            "cross_border_assessment_required",
-            "requires a grant with an approved cross-border assessment",
-        )),
-        Deny => Some(("cross_border_denied", "may not be released across borders")),
-    };
-    match refusal {
-        None => Ok(()),
-        Some((rule_id, why)) => Err(Refusal::new(
-            rule_id,
-            format!(
-                "dataset '{}' is {} data of region {} and {why}",
-                m.id,
-                m.level.as_str(),
-                m.region
-            ),
-        )
-        .with("table", m.id.clone())
-        .with("level", m.level.as_str())
-        .with("dataset_region", m.region.clone())
-        .with("principal_region", requester.region)
-        .into()),
-    }
-}
-
-fn strip_alias(e: &Expr) -> &Expr {
-    match e {
-        Expr::Alias(a) => strip_alias(&a.expr),
-        other => other,
-    }
-}
 
 /// Operators whose result says something about a value rather than computing with it.
 fn is_condition(op: Operator) -> bool {
@@ -973,110 +838,4 @@ fn is_condition(op: Operator) -> bool {
             | Operator::Or
             | Operator::StringConcat
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::catalog::{ColumnSpec, Level, Manifest, ReleaseRules, Source, SourceFormat};
-    use crate::validate::Schemas;
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
-    use datafusion::datasource::empty::EmptyTable;
-
-    fn dataset(level: Level) -> Dataset {
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
-        Dataset {
-            manifest: Manifest {
-                id: "d".into(),
-                title: "d".into(),
-                owner: "o".into(),
-                description: String::new(),
-                source: Source {
-                    format: SourceFormat::Parquet,
-                    location: "d.parquet".into(),
-                },
-                level,
-                region: "CN".into(),
-                personal_information: false,
-                privacy_unit: None,
-                consent_column: None,
-                columns: vec![ColumnSpec {
-                    name: "x".into(),
-                    class: ColumnClass::Attribute,
-                    joinable: false,
-                    bounds: None,
-                    description: None,
-                    functions: None,
-                    aggregates: None,
-                }],
-                release: ReleaseRules::default(),
-                pricing: None,
-            },
-            provider: Arc::new(EmptyTable::new(schema.clone())),
-            in_memory: None,
-            schema,
-            num_rows: 0,
-            num_bytes: 0,
-            manifest_path: "d.json".into(),
-            unit_constant: Default::default(),
-            summary: None,
-            location: "d.parquet".into(),
-            fingerprint: Default::default(),
-        }
-    }
-
-    fn policies() -> Policies {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        Policies::load(&dir, &Schemas::compiled()).expect("shipped policies load")
-    }
-
-    fn rule_of(r: Result<(), Error>) -> Option<String> {
-        r.err().and_then(|e| e.rule().map(str::to_string))
-    }
-
-    #[test]
-    fn cross_border_rules_follow_the_level() {
-        let mut p = policies();
-        let abroad = Requester {
-            region: "US",
-            cross_border_assessment: false,
-        };
-        let assessed = Requester {
-            region: "US",
-            cross_border_assessment: true,
-        };
-        let home = Requester {
-            region: "CN",
-            cross_border_assessment: false,
-        };
-        let important = dataset(Level::Important);
-        assert_eq!(
-            rule_of(dataset_access(&p, &abroad, &important)).as_deref(),
-            Some("cross_border_assessment_required")
-        );
-        assert!(dataset_access(&p, &assessed, &important).is_ok());
-        assert!(dataset_access(&p, &home, &important).is_ok());
-        assert!(dataset_access(&p, &abroad, &dataset(Level::General)).is_ok());
-        // A level that denies crossing borders outright, even with an assessment.
-        p.levels.important.cross_border = super::super::CrossBorder::Deny;
-        assert_eq!(
-            rule_of(dataset_access(&p, &assessed, &important)).as_deref(),
-            Some("cross_border_denied")
-        );
-        assert!(dataset_access(&p, &home, &important).is_ok());
-        assert_eq!(
-            rule_of(dataset_access(&p, &home, &dataset(Level::Core))).as_deref(),
-            Some("core_data_denied")
-        );
-    }
-
-    #[test]
-    fn a_manifest_may_raise_but_never_lower_the_threshold() {
-        let p = policies();
-        let mut d = dataset(Level::Important);
-        d.manifest.release.min_group_size = Some(2);
-        assert_eq!(p.min_group_size(&d.manifest), 10);
-        d.manifest.release.min_group_size = Some(25);
-        assert_eq!(p.min_group_size(&d.manifest), 25);
-    }
 }

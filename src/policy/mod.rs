@@ -2,6 +2,8 @@
 //! level and the prohibition list, all loaded from `policies/` and validated
 //! against `schemas/`. [`check`] enforces them on a query plan.
 
+pub mod access;
+mod bans;
 pub mod check;
 
 use crate::catalog::{ColumnClass, Level};
@@ -310,6 +312,16 @@ impl Classification {
             ));
         }
         out
+    }
+}
+
+/// An expression without the aliases around it (`x AS y` is `x`): what
+/// plan walks compare, in the policy check and the release split alike.
+/// By reference, unlike DataFusion's `Expr::unalias`, since the walks only look.
+pub fn strip_alias(e: &datafusion::logical_expr::Expr) -> &datafusion::logical_expr::Expr {
+    match e {
+        datafusion::logical_expr::Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
     }
 }
 

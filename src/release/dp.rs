@@ -13,6 +13,7 @@
 //! groups whose noisy unit count is under the selection threshold, and
 //! builds the released batch from noisy values only.
 
+use super::component::Component;
 use super::noise::{Noise, NoisePool};
 use crate::catalog::{Catalog, DpMechanism, DpRules};
 use crate::error::{Error, Refusal};
@@ -37,17 +38,6 @@ const ROWS_PER_UNIT_GROUP: &str = "__fg_rows";
 const RANK: &str = "__fg_rank";
 const RUNNING: &str = "__fg_running_rows";
 const UNITS: &str = "__fg_units";
-
-/// One exact per-(unit, group) value a release is computed from.
-#[derive(Debug, Clone)]
-pub enum Component {
-    /// The unit's rows in the group.
-    Rows,
-    /// Its non-NULL values of a column.
-    Count(Expr),
-    /// The sum of its values of a column, each clamped to the declared bounds.
-    ClampedSum { arg: Expr, lo: f64, hi: f64 },
-}
 
 impl Component {
     /// The aggregate computing this component from rows.
@@ -140,10 +130,10 @@ fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
-fn strip(e: &Expr) -> &Expr {
+fn strip_alias_and_casts(e: &Expr) -> &Expr {
     match e {
-        Expr::Alias(a) => strip(&a.expr),
-        Expr::Cast(Cast { expr, .. }) => strip(expr),
+        Expr::Alias(a) => strip_alias_and_casts(&a.expr),
+        Expr::Cast(Cast { expr, .. }) => strip_alias_and_casts(expr),
         other => other,
     }
 }
@@ -151,7 +141,7 @@ fn strip(e: &Expr) -> &Expr {
 /// Declared bounds of the table column an aggregate argument is, traced
 /// through the plan (a renamed or computed column has none).
 fn bounds_of(arg: &Expr, input: &LogicalPlan, catalog: &Catalog) -> Option<(f64, f64)> {
-    let Expr::Column(c) = strip(arg) else {
+    let Expr::Column(c) = strip_alias_and_casts(arg) else {
         return None;
     };
     let (table, column) = super::base_column(input, c)?;
@@ -197,7 +187,9 @@ pub fn plan(
     let mut components: Vec<Component> = Vec::new();
     let mut outputs = Vec::new();
     for e in &agg.aggr_expr {
-        let Expr::AggregateFunction(AggregateFunction { func, params: p }) = strip(e) else {
+        let Expr::AggregateFunction(AggregateFunction { func, params: p }) =
+            strip_alias_and_casts(e)
+        else {
             return Err(dp_refusal("only aggregate function calls can be released"));
         };
         if p.filter.is_some() || !p.order_by.is_empty() {
@@ -207,8 +199,9 @@ pub fn plan(
         }
         let name = func.name().to_ascii_lowercase();
         let arg = p.args.first();
-        let is_unit =
-            arg.is_some_and(|a| matches!(strip(a), Expr::Column(c) if unit_aliases.contains(c)));
+        let is_unit = arg.is_some_and(
+            |a| matches!(strip_alias_and_casts(a), Expr::Column(c) if unit_aliases.contains(c)),
+        );
         let push = |components: &mut Vec<Component>, expr: Component| {
             components.push(expr);
             components.len() - 1
@@ -216,7 +209,7 @@ pub fn plan(
         let output = match (name.as_str(), p.distinct) {
             ("count", true) if is_unit => Output::Units,
             ("count", false) => {
-                let counted = match arg.map(strip) {
+                let counted = match arg.map(strip_alias_and_casts) {
                     None | Some(Expr::Literal(..)) => Component::Rows,
                     Some(_) => Component::Count(p.args[0].clone()),
                 };

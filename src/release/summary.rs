@@ -12,8 +12,9 @@
 //! aggregate argument — reads the rows as before.
 
 use super::base_column;
-use super::dp::Component;
+use super::component::Component;
 use crate::catalog::{Catalog, Part, ROWS, UnitSummary};
+use crate::policy::strip_alias;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema};
@@ -144,7 +145,7 @@ impl Source {
         let Some(arg) = arg else {
             return Some(Arg::None);
         };
-        match super::strip_alias(arg) {
+        match strip_alias(arg) {
             Expr::Literal(..) => Some(Arg::None),
             Expr::Column(c) => {
                 let name = self.traced(plan, c)?;
@@ -223,8 +224,7 @@ impl Source {
             Expr::Column(Column::from_name(format!("__fg_a{}", summed.len() - 1)))
         };
         for e in &agg.aggr_expr {
-            let Expr::AggregateFunction(AggregateFunction { func, params }) = super::strip_alias(e)
-            else {
+            let Expr::AggregateFunction(AggregateFunction { func, params }) = strip_alias(e) else {
                 return None;
             };
             if params.filter.is_some() || !params.order_by.is_empty() {

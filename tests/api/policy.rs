@@ -5,7 +5,7 @@ use crate::helpers::{Options, spawn_app, spawn_app_with};
 use frostglass::store::NewGrant;
 use serde_json::json;
 
-const REFUSED: &[(&str, &str, Option<&str>)] = &[
+pub const REFUSED: &[(&str, &str, Option<&str>)] = &[
     // Raw rows and identifiers.
     (
         "SELECT * FROM city_health",
@@ -227,7 +227,7 @@ const REFUSED: &[(&str, &str, Option<&str>)] = &[
 ];
 
 /// Near misses: legitimate neighbours of the attacks above.
-const ALLOWED: &[&str] = &[
+pub const ALLOWED: &[&str] = &[
     "SELECT district, COUNT(*) FROM city_health GROUP BY district",
     "WITH t AS (SELECT district AS d FROM city_health) SELECT d, COUNT(*) FROM t GROUP BY d",
     "SELECT COUNT(DISTINCT person_id) FROM city_health",
