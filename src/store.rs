@@ -150,13 +150,13 @@ CREATE TABLE IF NOT EXISTS grants (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grants_buyer ON grants (buyer);
-CREATE TABLE IF NOT EXISTS answer_cache (
-    grant_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS released_answers (
+    scope TEXT NOT NULL,
     plan_sha256 TEXT NOT NULL,
     answer BLOB NOT NULL,
     release TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    PRIMARY KEY (grant_id, plan_sha256)
+    PRIMARY KEY (scope, plan_sha256)
 );
 "#;
 
@@ -247,14 +247,14 @@ impl Store {
     /// A released answer kept so that asking again costs no new epsilon.
     pub fn cached_answer(
         &self,
-        grant: &str,
+        scope: &str,
         plan_sha256: &str,
     ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         Ok(self
             .conn()
             .row(
-                "SELECT answer, release FROM answer_cache WHERE grant_id = ?1 AND plan_sha256 = ?2",
-                params![grant, plan_sha256],
+                "SELECT answer, release FROM released_answers WHERE scope = ?1 AND plan_sha256 = ?2",
+                params![scope, plan_sha256],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
@@ -262,14 +262,14 @@ impl Store {
 
     pub fn cache_answer(
         &self,
-        grant: &str,
+        scope: &str,
         plan_sha256: &str,
         answer: &[u8],
         release: &str,
     ) -> Result<(), StoreError> {
         self.conn().run(
-            "INSERT OR IGNORE INTO answer_cache (grant_id, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![grant, plan_sha256, answer, release, now_rfc3339()],
+            "INSERT OR IGNORE INTO released_answers (scope, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![scope, plan_sha256, answer, release, now_rfc3339()],
         )?;
         Ok(())
     }

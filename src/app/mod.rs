@@ -117,8 +117,7 @@ impl Sandbox {
 async fn record_registrations(ledger: &Ledger, catalog: &Catalog) -> Result<(), StartError> {
     let recorded = ledger.registered_manifests()?;
     for d in catalog.datasets.values() {
-        let manifest = serde_json::to_string(&d.manifest).unwrap_or_default();
-        let digest = crate::util::sha256_hex(manifest.as_bytes());
+        let digest = d.manifest_sha256();
         if recorded.get(d.id()) == Some(&digest) {
             continue;
         }

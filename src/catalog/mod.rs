@@ -254,6 +254,27 @@ fn fingerprint(path: &Path) -> Fingerprint {
 }
 
 impl Dataset {
+    /// The SHA-256 of the manifest as registered (the ledger records it).
+    pub fn manifest_sha256(&self) -> String {
+        crate::util::sha256_hex(
+            serde_json::to_string(&self.manifest)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+    }
+
+    /// Which version of the dataset this is: its manifest and the size of
+    /// its data when registered.
+    pub fn version(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.id(),
+            self.manifest_sha256(),
+            self.num_rows,
+            self.num_bytes
+        )
+    }
+
     /// Whether `column` holds one value per privacy unit in the data as it is now.
     pub fn is_unit_constant(&self, column: &str) -> bool {
         self.unit_constant.contains(column) && self.unchanged()

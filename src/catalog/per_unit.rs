@@ -102,9 +102,15 @@ pub struct PerUnit {
 /// summary and the row-level release use, so the two agree.
 pub fn clamped(e: Expr, lo: f64, hi: f64) -> datafusion::error::Result<Expr> {
     let x = Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
-    when(x.clone().lt(lit(lo)), lit(lo))
-        .when(x.clone().gt(lit(hi)), lit(hi))
-        .otherwise(x)
+    // NaN compares false with both bounds: without this it would pass
+    // unclamped and make the whole sum NaN, saying that one row holds it.
+    when(
+        datafusion::functions::expr_fn::isnan(x.clone()),
+        lit(datafusion::common::ScalarValue::Float64(None)),
+    )
+    .when(x.clone().lt(lit(lo)), lit(lo))
+    .when(x.clone().gt(lit(hi)), lit(hi))
+    .otherwise(x)
 }
 
 /// Measurements of unchanged data, kept for the life of the process (several

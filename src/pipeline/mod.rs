@@ -83,13 +83,15 @@ pub enum Outcome {
 /// A gated query with its quota and budget held.
 struct Prepared {
     gated: Gated,
+    /// Who shares released answers with this query (see `cache::scope`).
+    cache_scope: String,
     reservation: Reservation,
     /// Epsilon this query spends, in all and per dataset.
     epsilon: f64,
     epsilon_by_dataset: BTreeMap<String, f64>,
     /// Held until the query starts reading data; from then on it stands.
     charge: Option<Charge>,
-    /// The answer released before to the same query under the same grant.
+    /// The answer released before to the same query in the same scope.
     cached: Option<(Vec<u8>, String)>,
 }
 
@@ -170,17 +172,19 @@ async fn answer(
         let executed = cache::from_cache(answer, release)?;
         return Ok(Step::Done(Box::new(prepared), executed));
     }
-    if let Some(charge) = prepared.charge.as_mut() {
-        charge.commit();
-        trace.epsilon_charged = prepared.epsilon;
-        trace.epsilon_by_dataset = prepared.epsilon_by_dataset.clone();
-    }
     // A bounded wait: under overload, answer 503 quickly rather than pile up.
     let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
     let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire())
         .await
         .map_err(|_| Error::Overloaded)?
         .map_err(|_| Error::Internal("query slots closed".into()))?;
+    // Reserved until now (an `overloaded` refusal costs nothing); from here
+    // on data is read, and the charge stands whatever happens.
+    if let Some(charge) = prepared.charge.as_mut() {
+        charge.commit();
+        trace.epsilon_charged = prepared.epsilon;
+        trace.epsilon_by_dataset = prepared.epsilon_by_dataset.clone();
+    }
     let executed = execute(sandbox, &prepared).await?;
     Ok(Step::Done(Box::new(prepared), executed))
 }
@@ -209,10 +213,11 @@ async fn prepare(
     }
     let reservation = charge::reserve_quota(sandbox, &gated.grant, &gated.scanned)?;
     let (epsilon, epsilon_by_dataset) = charge::epsilon_of(sandbox, &gated.split);
+    let cache_scope = cache::scope(principal, &gated);
     let cached = if epsilon > 0.0 {
         sandbox
             .store
-            .cached_answer(&gated.grant.id, &gated.plan_sha256)?
+            .cached_answer(&cache_scope, &gated.plan_sha256)?
     } else {
         None
     };
@@ -227,6 +232,7 @@ async fn prepare(
     };
     Ok(Prepared {
         gated,
+        cache_scope,
         reservation,
         epsilon,
         epsilon_by_dataset,
@@ -321,6 +327,10 @@ async fn finish(
     p: Box<Prepared>,
     e: Executed,
 ) -> Result<Answer, Error> {
+    let e = Executed {
+        batches: release::encode::rematerialize(e.batches)?,
+        ..e
+    };
     let rows = release::encode::json_rows(&e.batches)?;
     let mut usage = charge::estimate(&p.gated.scanned);
     usage.cpu_ms = e.cpu_ns / 1_000_000;
@@ -358,7 +368,7 @@ async fn finish(
         let release = serde_json::to_string(&e.release).unwrap_or_default();
         sandbox
             .store
-            .cache_answer(&gated.grant.id, &gated.plan_sha256, &ipc, &release)?;
+            .cache_answer(&p.cache_scope, &gated.plan_sha256, &ipc, &release)?;
     }
     let Prepared {
         gated, reservation, ..

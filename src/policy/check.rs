@@ -86,6 +86,7 @@ pub fn check(
         analysis: Analysis::default(),
         used: BTreeMap::new(),
         quasi: BTreeSet::new(),
+        aggregates_above: 0,
     };
     let root = checker.plan(plan)?;
     checker.root_output(plan.schema(), &root)?;
@@ -136,6 +137,8 @@ struct Checker<'a> {
     used: BTreeMap<String, BTreeSet<String>>,
     /// Quasi-identifiers grouped or filtered by.
     quasi: BTreeSet<(Arc<str>, Arc<str>)>,
+    /// How many aggregates enclose the node being visited.
+    aggregates_above: usize,
 }
 
 fn unsupported(what: &str) -> Error {
@@ -189,8 +192,15 @@ impl<'a> Checker<'a> {
                     fields: &all,
                 };
                 for (l, r) in &j.on {
-                    self.expr(l, Site::JoinKey, &scope)?;
-                    self.expr(r, Site::JoinKey, &scope)?;
+                    // USING and ON keys alike: a key is a join key only
+                    // between two catalog scans, else it is the filter it is.
+                    let site = if self.joins_two_scans(l, r, &scope)? {
+                        Site::JoinKey
+                    } else {
+                        Site::Filter
+                    };
+                    self.expr(l, site, &scope)?;
+                    self.expr(r, site, &scope)?;
                 }
                 if let Some(filter) = &j.filter {
                     self.predicate(filter, &scope)?;
@@ -234,6 +244,9 @@ impl<'a> Checker<'a> {
                 Ok(NodeInfo { fields })
             }
             LogicalPlan::Sort(s) => {
+                if s.fetch.is_some() {
+                    self.no_row_selection_below_release(&s.input)?;
+                }
                 let input = self.plan(&s.input)?;
                 let scope = Scope {
                     schema: s.input.schema(),
@@ -250,6 +263,7 @@ impl<'a> Checker<'a> {
                         return Err(unsupported("a LIMIT or OFFSET that is not a literal"));
                     }
                 }
+                self.no_row_selection_below_release(&l.input)?;
                 pass(self, &l.input)
             }
             LogicalPlan::Distinct(d) => {
@@ -366,7 +380,10 @@ impl<'a> Checker<'a> {
     }
 
     fn aggregate(&mut self, a: &Aggregate) -> Result<NodeInfo, Error> {
-        let input = self.plan(&a.input)?;
+        self.aggregates_above += 1;
+        let input = self.plan(&a.input);
+        self.aggregates_above -= 1;
+        let input = input?;
         let scope = Scope {
             schema: a.input.schema(),
             fields: &input.fields,
@@ -374,9 +391,15 @@ impl<'a> Checker<'a> {
         for g in &a.group_expr {
             self.expr(g, Site::GroupBy, &scope)?;
         }
+        let releases = unaggregated_guarded_rows(&a.input, self.catalog).is_some();
         for e in &a.aggr_expr {
             match strip_alias(e) {
-                Expr::AggregateFunction(f) => self.aggregate_function(f, &scope)?,
+                Expr::AggregateFunction(f) => {
+                    self.aggregate_function(f, &scope)?;
+                    if releases {
+                        self.release_aggregate_function(f, &scope)?;
+                    }
+                }
                 _ => {
                     return Err(unsupported(
                         "an aggregate expression that is not a function call",
@@ -438,6 +461,55 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
+    /// What a release aggregate may take: bare columns and literals (an
+    /// expression over protected rows could fail on one person's value, or
+    /// change what a person contributes); and a sensitive measure only where
+    /// the release adds noise.
+    fn release_aggregate_function(
+        &self,
+        f: &AggregateFunction,
+        scope: &Scope<'_>,
+    ) -> Result<(), Error> {
+        let name = f.func.name().to_ascii_lowercase();
+        for arg in &f.params.args {
+            if !matches!(strip_alias(arg), Expr::Column(_) | Expr::Literal(..)) {
+                return Err(Refusal::new(
+                    "aggregate_argument_not_bare",
+                    format!(
+                        "aggregate {name} over rows of a protected dataset takes columns and literals only; compute before it in a filter or group key, or after it on the released values"
+                    ),
+                )
+                .with("function", name.clone())
+                .with("site", Site::AggregateArg.as_str())
+                .into());
+            }
+            if name == "count" {
+                continue;
+            }
+            for source in self.lineage(arg, scope)?.0 {
+                let noised = self
+                    .catalog
+                    .get(&source.dataset)
+                    .is_some_and(|d| d.manifest.release.dp.is_some());
+                if source.class == ColumnClass::Sensitive && !noised {
+                    return Err(Refusal::new(
+                        "sensitive_measure_requires_dp",
+                        format!(
+                            "{name} of sensitive column {}.{} would be released exactly: its dataset is released with a threshold, not with differential privacy",
+                            source.dataset, source.column
+                        ),
+                    )
+                    .with("function", name.clone())
+                    .with("table", source.dataset.to_string())
+                    .with("column", source.column.to_string())
+                    .with("class", source.class.as_str())
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn window_expr(&mut self, e: &Expr, scope: &Scope<'_>) -> Result<(), Error> {
         match strip_alias(e) {
             Expr::WindowFunction(w) => {
@@ -485,16 +557,55 @@ impl<'a> Checker<'a> {
         if b.op != Operator::Eq {
             return Ok(None);
         }
-        let (Expr::Column(l), Expr::Column(r)) = (strip_alias(&b.left), strip_alias(&b.right))
+        let (Expr::Column(_), Expr::Column(_)) = (strip_alias(&b.left), strip_alias(&b.right))
         else {
             return Ok(None);
         };
-        let (ls, rs) = (self.resolve(l, scope)?, self.resolve(r, scope)?);
+        Ok(self
+            .joins_two_scans(&b.left, &b.right, scope)?
+            .then_some((b.left.as_ref(), b.right.as_ref())))
+    }
+
+    /// Whether `l = r` joins two catalog scans: both sides read dataset
+    /// columns (a constant, `VALUES` or a CTE of literals is no scan), from
+    /// different scans, and an identifier meets only joinable identifiers —
+    /// equating one with anything else (an open dataset's column the buyer
+    /// then filters) is an identifier filter.
+    fn joins_two_scans(&self, l: &Expr, r: &Expr, scope: &Scope<'_>) -> Result<bool, Error> {
+        let (ls, rs) = (self.lineage(l, scope)?, self.lineage(r, scope)?);
         let scans = |lin: &Lineage| lin.0.iter().map(|s| s.scan).collect::<BTreeSet<_>>();
         let (lscans, rscans) = (scans(&ls), scans(&rs));
-        let distinct_sides =
-            !lscans.is_empty() && !rscans.is_empty() && lscans.is_disjoint(&rscans);
-        Ok(distinct_sides.then_some((b.left.as_ref(), b.right.as_ref())))
+        if lscans.is_empty() || rscans.is_empty() || !lscans.is_disjoint(&rscans) {
+            return Ok(false);
+        }
+        let identifier = |lin: &Lineage| lin.0.iter().any(|s| s.class == ColumnClass::Identifier);
+        let joinable_identifiers = |lin: &Lineage| {
+            lin.0
+                .iter()
+                .all(|s| s.class == ColumnClass::Identifier && s.joinable)
+        };
+        Ok((!identifier(&ls) || joinable_identifiers(&rs))
+            && (!identifier(&rs) || joinable_identifiers(&ls)))
+    }
+
+    /// `LIMIT`, `OFFSET` or a top-N below a release choose which persons
+    /// contribute by comparing them with each other: the noise and
+    /// thresholds assume no row's presence depends on another's.
+    fn no_row_selection_below_release(&self, input: &LogicalPlan) -> Result<(), Error> {
+        if self.aggregates_above == 0 {
+            return Ok(());
+        }
+        match unaggregated_guarded_rows(input, self.catalog) {
+            None => Ok(()),
+            Some(dataset) => Err(Refusal::new(
+                "row_selection_below_release",
+                format!(
+                    "LIMIT, OFFSET and ORDER BY … LIMIT may not pick rows of dataset '{dataset}' before they are aggregated; apply them to the aggregates"
+                ),
+            )
+            .with("table", dataset)
+            .into()),
+        }
     }
 
     fn resolve(&self, c: &Column, scope: &Scope<'_>) -> Result<Lineage, Error> {
@@ -678,10 +789,44 @@ impl<'a> Checker<'a> {
                 }
             }
         }
+        self.total_over_guarded(&name, &f.args, scope)?;
         for arg in &f.args {
             self.expr(arg, site, scope)?;
         }
         Ok(())
+    }
+
+    /// Over rows of a protected dataset only functions that cannot fail are
+    /// evaluated (a failure would say whether some row holds a value); a
+    /// function's mode argument (`date_trunc('month', …)`) must be a literal.
+    fn total_over_guarded(
+        &self,
+        name: &str,
+        args: &[Expr],
+        scope: &Scope<'_>,
+    ) -> Result<(), Error> {
+        let mut guarded = false;
+        for arg in args {
+            guarded |= self.lineage(arg, scope)?.0.iter().any(|s| s.guarded);
+        }
+        if !guarded {
+            return Ok(());
+        }
+        let total = TOTAL_FUNCTIONS.contains(&name);
+        let literal_mode = !MODE_FIRST.contains(&name)
+            || args.first().is_some_and(|a| matches!(a, Expr::Literal(..)));
+        if total && literal_mode {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            "partial_function",
+            format!(
+                "function {name} can fail on some values and may not be applied to rows of a protected dataset{}",
+                if total { " with a non-literal mode argument" } else { "" }
+            ),
+        )
+        .with("function", name.to_string())
+        .into())
     }
 
     fn subquery(&mut self, sq: &Subquery, scope: &Scope<'_>) -> Result<(), Error> {
@@ -722,6 +867,11 @@ impl<'a> Checker<'a> {
                 self.expr(&b.right, s, scope)
             }
             Expr::Like(l) | Expr::SimilarTo(l) => {
+                // A pattern read from protected rows can be malformed, and
+                // fail: patterns over them are literals.
+                if !matches!(l.pattern.as_ref(), Expr::Literal(..)) {
+                    self.total_over_guarded("like", std::slice::from_ref(&l.pattern), scope)?;
+                }
                 self.expr(&l.expr, cond, scope)?;
                 self.expr(&l.pattern, cond, scope)
             }
@@ -824,6 +974,60 @@ impl<'a> Checker<'a> {
 }
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+
+/// Scalar functions that return a value (possibly NULL, NaN or an
+/// infinity) for every input, so they may run over protected rows. `abs`
+/// is made total by the engine (see `engine::total`); casts and division
+/// are too.
+const TOTAL_FUNCTIONS: &[&str] = &[
+    "abs",
+    "btrim",
+    "trim",
+    "ltrim",
+    "rtrim",
+    "lower",
+    "upper",
+    "initcap",
+    "coalesce",
+    "nullif",
+    "nvl",
+    "ifnull",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "signum",
+    "sqrt",
+    "cbrt",
+    "exp",
+    "ln",
+    "log2",
+    "log10",
+    "isnan",
+    "iszero",
+    "greatest",
+    "least",
+    "date_trunc",
+    "datetrunc",
+    "date_part",
+    "datepart",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "starts_with",
+    "ends_with",
+    "strpos",
+    "instr",
+    "contains",
+    "concat",
+    "concat_ws",
+    "reverse",
+];
+
+/// Functions whose first argument names a mode (a unit, a field).
+const MODE_FIRST: &[&str] = &["date_trunc", "datetrunc", "date_part", "datepart"];
 
 /// Operators whose result says something about a value rather than computing with it.
 fn is_condition(op: Operator) -> bool {

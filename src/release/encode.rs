@@ -3,7 +3,7 @@
 //! Only released batches ever reach these functions.
 
 use crate::error::Error;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, UInt32Array};
 use datafusion::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, SchemaRef,
     UInt8Type, UInt16Type, UInt32Type, UInt64Type,
@@ -11,9 +11,47 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::{Number, Value};
+use std::sync::Arc;
 
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
+}
+
+/// The released batches copied into buffers that hold exactly their
+/// values. Kernels that select rows (`filter`, `take`, `slice`) keep the
+/// buffers they select from: a string view array still holds every group
+/// key of the aggregate it came from, held-back ones included, and a
+/// dictionary all its values. Every encoding and the answer cache read
+/// only what this returns.
+pub fn rematerialize(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, Error> {
+    batches
+        .into_iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .map(compact)
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(b.schema(), columns).map_err(internal)
+        })
+        .collect()
+}
+
+fn compact(array: &ArrayRef) -> Result<ArrayRef, Error> {
+    use datafusion::arrow::compute::{cast, take};
+    Ok(match array.data_type() {
+        DataType::Utf8View => Arc::new(array.as_string_view().gc()),
+        DataType::BinaryView => Arc::new(array.as_binary_view().gc()),
+        // Through its value type and back: a new dictionary of the values present.
+        DataType::Dictionary(_, values) => {
+            let plain = compact(&cast(array, values).map_err(internal)?)?;
+            cast(&plain, array.data_type()).map_err(internal)?
+        }
+        _ => {
+            let all = UInt32Array::from_iter_values(0..array.len() as u32);
+            take(array, &all, None).map_err(internal)?
+        }
+    })
 }
 
 /// Column names and Arrow types, as the JSON answer lists them.

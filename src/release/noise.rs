@@ -198,10 +198,12 @@ pub enum Noise {
 }
 
 impl Noise {
-    /// The discrete Laplace of scale `b`, represented to 1/1000.
+    /// The discrete Laplace of scale `b`, represented to 1/1000 and rounded
+    /// up: a scale below the one asked for would be less noise than the
+    /// privacy loss accounted for.
     pub fn laplace(b: f64) -> Noise {
         let den = 1000u128;
-        let num = ((b.max(1e-3)) * den as f64).round() as u128;
+        let num = ((b.max(1e-3)) * den as f64).ceil() as u128;
         let g = gcd(num, den);
         Noise::Laplace {
             num: num / g,
@@ -209,10 +211,11 @@ impl Noise {
         }
     }
 
-    /// The discrete Gaussian of standard deviation `sigma`, its variance represented to 1/1000.
+    /// The discrete Gaussian of standard deviation `sigma`, its variance
+    /// represented to 1/1000, rounded up like the Laplace scale.
     pub fn gaussian(sigma: f64) -> Noise {
         let den = 1000u128;
-        let num = ((sigma * sigma).max(1e-3) * den as f64).round() as u128;
+        let num = ((sigma * sigma).max(1e-3) * den as f64).ceil() as u128;
         let g = gcd(num, den);
         Noise::Gaussian {
             num: num / g,

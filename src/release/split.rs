@@ -66,7 +66,16 @@ impl Splitter<'_> {
             inputs.push(new);
         }
         if let (LogicalPlan::Aggregate(agg), true) = (plan, unreleased) {
-            return Ok((self.release_aggregate(agg, inputs.remove(0))?, false));
+            let input = inputs.remove(0);
+            if reads_a_release(&input) {
+                // Its input would be another release's output, which is
+                // known only once that release has run.
+                return Err(refuse(
+                    "nested_release",
+                    "an aggregate of protected rows may not read another release (an aggregate of protected data in a join or subquery below it); run them as separate queries",
+                ));
+            }
+            return Ok((self.release_aggregate(agg, input)?, false));
         }
         let rebuilt = if changed {
             plan.with_new_exprs(plan.expressions(), inputs)
@@ -154,7 +163,7 @@ impl Splitter<'_> {
                 (plan, JobKind::Threshold { counts_rows })
             }
         };
-        let slot = format!("__fg_release_{}", self.jobs.len());
+        let slot = format!("{SLOT_PREFIX}{}", self.jobs.len());
         let schema = Arc::new(agg.schema.as_arrow().clone());
         let placeholder = slot_scan(&slot, Arc::new(EmptyTable::new(schema.clone())), agg)?;
         self.jobs.push(ReleaseJob {
@@ -543,6 +552,18 @@ fn joined_on_unit(
         .as_ref()
         .is_some_and(|f| split_conjunction(f).iter().any(is_unit_equality));
     in_on || in_filter || conditions.iter().any(is_unit_equality)
+}
+
+/// Placeholders of released outputs are scans of tables named so.
+const SLOT_PREFIX: &str = "__fg_release_";
+
+/// Whether the plan scans the placeholder of a release.
+fn reads_a_release(plan: &LogicalPlan) -> bool {
+    plan.exists(|node| {
+        Ok(matches!(node, LogicalPlan::TableScan(scan)
+            if scan.table_name.table().starts_with(SLOT_PREFIX)))
+    })
+    .unwrap_or(true)
 }
 
 /// A scan of `provider` under the name `slot`, projected back to exactly the

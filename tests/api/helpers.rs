@@ -262,6 +262,12 @@ impl TestApp {
         )
     }
 
+    /// A query with an explicit key and request body.
+    pub fn ask(&self, key: &str, body: Value) -> Response {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.request("POST", "/v1/queries", Some(key), Some(&bytes), None)
+    }
+
     /// A query by the default buyer, acme, whose grant covers every non-core dataset.
     pub fn query(&self, sql: &str) -> Response {
         self.query_as("buyer:acme", json!({ "sql": sql }))

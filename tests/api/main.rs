@@ -8,6 +8,7 @@ mod admin;
 mod architecture;
 mod auth;
 mod catalog;
+mod channels;
 mod cli;
 mod fuzz_replay;
 mod gate;

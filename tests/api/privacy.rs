@@ -15,7 +15,7 @@ fn value(r: &crate::helpers::Response) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn new_buyer(app: &TestApp, id: &str, epsilon: f64) -> (String, String) {
+pub fn new_buyer(app: &TestApp, id: &str, epsilon: f64) -> (String, String) {
     let store = app.admin();
     let p = Principal {
         id: id.into(),
@@ -37,8 +37,7 @@ fn new_buyer(app: &TestApp, id: &str, epsilon: f64) -> (String, String) {
 }
 
 fn ask(app: &TestApp, key: &str, sql: &str) -> crate::helpers::Response {
-    let body = serde_json::to_vec(&json!({ "sql": sql })).unwrap();
-    app.request("POST", "/v1/queries", Some(key), Some(&body), None)
+    app.ask(key, json!({ "sql": sql }))
 }
 
 #[test]

@@ -212,8 +212,17 @@ fn open_data_returns_rows() {
 #[test]
 fn non_personal_important_data_is_thresholded_on_rows() {
     let app = spawn_app();
-    let r = app.query("SELECT district, AVG(load_mw) AS load FROM power_grid GROUP BY district");
+    let r = app.query("SELECT district, COUNT(*) AS readings FROM power_grid GROUP BY district");
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["release"]["mechanism"], "threshold");
+    // A sensitive measure is never released exactly: not on a threshold dataset.
+    let r = app.query("SELECT district, AVG(load_mw) AS load FROM power_grid GROUP BY district");
+    assert_eq!(
+        r.rule().as_deref(),
+        Some("sensitive_measure_requires_dp"),
+        "{}",
+        r.text()
+    );
     let raw = app.query("SELECT substation_id, load_mw FROM power_grid");
     assert_eq!(raw.status, 403);
 }

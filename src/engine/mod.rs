@@ -4,6 +4,8 @@
 //! memory pool (spilling off), a row cap on the answer, and caps on SQL size
 //! that bound expression depth before anything recursive sees it.
 
+mod total;
+
 use crate::catalog::Dataset;
 use crate::config::Limits;
 use crate::error::{Error, Refusal};
@@ -20,6 +22,7 @@ use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::optimizer::{Analyzer, AnalyzerRule};
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::SessionConfig;
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
@@ -76,9 +79,16 @@ impl Engine {
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
         let options = config.options_mut();
         options.execution.enable_recursive_ctes = false;
+        // Every executed plan passes the default analyzer rules between the
+        // two that make its expressions total (see `total`).
+        let mut analyzer: Vec<Arc<dyn AnalyzerRule + Send + Sync>> =
+            vec![Arc::new(total::TotalOperators)];
+        analyzer.extend(Analyzer::new().rules);
+        analyzer.push(Arc::new(total::TryCasts));
         let template = SessionStateBuilder::new()
             .with_config(config)
             .with_default_features()
+            .with_analyzer_rules(analyzer)
             // No generate_series/range, no CREATE EXTERNAL TABLE factories.
             .with_table_function_list(Vec::new())
             .with_table_factories(HashMap::new())
@@ -216,11 +226,70 @@ impl Engine {
         plan: &LogicalPlan,
         max_rows: usize,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
+        self.run(state, plan, max_rows, |e| Err(engine_error(e)))
+            .await
+    }
+
+    /// Runs a release job over protected rows. Expressions there are total
+    /// (see `total`), so a failure while rows are read is not expected; if
+    /// one happens anyway (not a limit), the job yields no rows rather than
+    /// an error, so whether a query failed says nothing about any row.
+    pub async fn execute_release(
+        &self,
+        state: &SessionState,
+        plan: &LogicalPlan,
+        max_rows: usize,
+    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
+        self.run(state, plan, max_rows, |e| match e.find_root() {
+            DataFusionError::ResourcesExhausted(_) => Err(engine_error(e)),
+            _ => {
+                tracing::warn!(
+                    kind = error_kind(&e),
+                    "a release job failed; it releases nothing"
+                );
+                Ok(Vec::new())
+            }
+        })
+        .await
+    }
+
+    /// Plans and drains `plan`; `failed` decides what a failure of the
+    /// engine while running becomes.
+    async fn run(
+        &self,
+        state: &SessionState,
+        plan: &LogicalPlan,
+        max_rows: usize,
+        failed: impl FnOnce(DataFusionError) -> Result<Vec<RecordBatch>, Error>,
+    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
+        let physical = self.physical(state, plan).await?;
+        let batches = match self.drain(state, &physical, max_rows).await? {
+            Ok(batches) => batches,
+            Err(e) => failed(e)?,
+        };
+        Ok((batches, physical))
+    }
+
+    async fn physical(
+        &self,
+        state: &SessionState,
+        plan: &LogicalPlan,
+    ) -> Result<Arc<dyn ExecutionPlan>, Error> {
         let physical = state
             .create_physical_plan(plan)
             .await
             .map_err(engine_error)?;
-        let physical = yield_after_joins(physical)?;
+        yield_after_joins(physical)
+    }
+
+    /// Every batch of the plan; the outer error is a limit or a fault of
+    /// the sandbox, the inner one the engine's failure while running.
+    async fn drain(
+        &self,
+        state: &SessionState,
+        physical: &Arc<dyn ExecutionPlan>,
+        max_rows: usize,
+    ) -> Result<Result<Vec<RecordBatch>, DataFusionError>, Error> {
         let runtime = RuntimeEnvBuilder::new()
             .with_cache_manager(self.caches.clone())
             .with_memory_limit(self.limits.query_memory_bytes, 1.0)
@@ -230,11 +299,17 @@ impl Engine {
             .build_arc()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let task = Arc::new(TaskContext::from(state).with_runtime(runtime));
-        let mut stream = execute_stream(physical.clone(), task).map_err(engine_error)?;
+        let mut stream = match execute_stream(physical.clone(), task) {
+            Ok(stream) => stream,
+            Err(e) => return Ok(Err(e)),
+        };
         let mut batches = Vec::new();
         let mut rows = 0usize;
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(engine_error)?;
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => return Ok(Err(e)),
+            };
             rows += batch.num_rows();
             if rows > max_rows {
                 return Err(Error::ResourceLimit(format!(
@@ -243,7 +318,7 @@ impl Engine {
             }
             batches.push(batch);
         }
-        Ok((batches, physical))
+        Ok(Ok(batches))
     }
 }
 
