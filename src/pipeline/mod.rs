@@ -265,9 +265,8 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
                 released.batches
             }
             JobKind::Dp(dp_job) => {
-                let exact = release::dp::Exact::new(batches);
                 let (released, count) =
-                    release::dp::release(exact, dp_job, &job.schema, &sandbox.noise)?;
+                    release_dp(batches, dp_job.clone(), job.schema.clone()).await?;
                 released_groups += count;
                 suppressed_groups = None;
                 noise.push(serde_json::to_value(dp_job.report(&job.schema)).unwrap_or_default());
@@ -387,4 +386,30 @@ async fn finish(
         usage,
         receipt,
     })
+}
+
+/// The noise step of a DP release, on a blocking thread: a long one
+/// neither stalls the runtime's workers (other buyers' queries) nor
+/// outlives its query — when the query is dropped (timeout, client gone),
+/// the guard tells the step to stop.
+async fn release_dp(
+    batches: Vec<RecordBatch>,
+    job: release::dp::DpJob,
+    schema: SchemaRef,
+) -> Result<(Vec<RecordBatch>, u64), Error> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _guard = StopOnDrop(stop.clone());
+    tokio::task::spawn_blocking(move || {
+        let exact = release::dp::Exact::new(batches);
+        release::dp::release(exact, &job, &schema, &|| stop.load(Ordering::Relaxed))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the release step failed: {e}")))?
 }

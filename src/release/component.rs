@@ -4,7 +4,7 @@
 use datafusion::logical_expr::Expr;
 
 /// One exact per-(unit, group) value a release is computed from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Component {
     /// The unit's rows in the group.
     Rows,

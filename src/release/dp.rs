@@ -14,7 +14,7 @@
 //! builds the released batch from noisy values only.
 
 use super::component::Component;
-use super::noise::{Noise, NoisePool};
+use super::noise::{self, Noise};
 use crate::catalog::{Catalog, DpMechanism, DpRules};
 use crate::error::{Error, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
@@ -202,9 +202,17 @@ pub fn plan(
         let is_unit = arg.is_some_and(
             |a| matches!(strip_alias_and_casts(a), Expr::Column(c) if unit_aliases.contains(c)),
         );
-        let push = |components: &mut Vec<Component>, expr: Component| {
-            components.push(expr);
-            components.len() - 1
+        // Outputs over the same exact value share it (`COUNT(*)` twice,
+        // `SUM(x)` beside `AVG(x)`); each still draws its own noise.
+        let push = |components: &mut Vec<Component>, expr: Component| match components
+            .iter()
+            .position(|c| *c == expr)
+        {
+            Some(i) => i,
+            None => {
+                components.push(expr);
+                components.len() - 1
+            }
         };
         let output = match (name.as_str(), p.distinct) {
             ("count", true) if is_unit => Output::Units,
@@ -255,6 +263,12 @@ pub fn plan(
             }
         };
         outputs.push(output);
+    }
+    if outputs.len() > MAX_OUTPUTS {
+        return Err(Error::ResourceLimit(format!(
+            "a differentially private release has at most {MAX_OUTPUTS} aggregates; this one has {}",
+            outputs.len()
+        )));
     }
 
     // Level 1: one row per (unit, group), with bounded per-unit components,
@@ -555,11 +569,23 @@ impl Exact {
 
 /// Noisy selection and noisy values; returns the released batches (in the
 /// aggregate's own schema) and how many groups were released.
+/// How many groups are released between two looks at `stop`.
+const CHUNK: usize = 1024;
+
+/// The most outputs one DP release may have: each released group draws
+/// noise for each, and a release must stay a bounded piece of work.
+pub const MAX_OUTPUTS: usize = 64;
+
+/// Selects groups by a noisy count of units and draws noise for the outputs
+/// of the groups selected. Every candidate group draws its selection noise;
+/// only selected groups draw value noise (how many were selected the answer
+/// shows anyway). Stops with `resource_limit` when `stop` says the query
+/// is gone (timed out, or its client hung up).
 pub fn release(
     exact: Exact,
     job: &DpJob,
     schema: &SchemaRef,
-    pool: &NoisePool,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(Vec<RecordBatch>, u64), Error> {
     let tau = job.selection_threshold();
     let mut out = Vec::new();
@@ -583,20 +609,19 @@ pub fn release(
         let mut keep: Vec<u32> = Vec::new();
         let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
         for row in 0..n {
+            if row % CHUNK == 0 && stop() {
+                return Err(Error::ResourceLimit(
+                    "the query was cancelled while its release was drawn".into(),
+                ));
+            }
             let exact_units = units[row].unwrap_or(0.0);
-            // Every group pays for its noise draws whether or not it is released.
-            let noisy_units = exact_units + pool.take(job.selection_noise()) as f64;
-            let drawn: Vec<Option<f64>> = job
-                .outputs
-                .iter()
-                .map(|o| noisy_value(o, row, &comps, exact_units, job, pool))
-                .collect();
+            let noisy_units = exact_units + noise::take(job.selection_noise()) as f64;
             if noisy_units < tau {
                 continue;
             }
             keep.push(row as u32);
-            for (v, d) in values.iter_mut().zip(drawn) {
-                v.push(d);
+            for (v, o) in values.iter_mut().zip(&job.outputs) {
+                v.push(noisy_value(o, row, &comps, exact_units, job));
             }
         }
         released += keep.len() as u64;
@@ -630,17 +655,17 @@ fn noisy_value(
     comps: &[Vec<Option<f64>>],
     units: f64,
     job: &DpJob,
-    pool: &NoisePool,
 ) -> Option<f64> {
-    let noisy_count = |c: usize| comps[c][row].unwrap_or(0.0) + pool.take(job.count_noise()) as f64;
+    let noisy_count =
+        |c: usize| comps[c][row].unwrap_or(0.0) + noise::take(job.count_noise()) as f64;
     let noisy_sum = |c: usize, bound: f64| {
-        let fixed =
-            (comps[c][row].unwrap_or(0.0) * FIXED).round() + pool.take(job.sum_noise(bound)) as f64;
+        let fixed = (comps[c][row].unwrap_or(0.0) * FIXED).round()
+            + noise::take(job.sum_noise(bound)) as f64;
         fixed / FIXED
     };
     Some(match *o {
         Output::Count { comp } => noisy_count(comp).max(0.0),
-        Output::Units => (units + pool.take(job.unit_noise()) as f64).max(0.0),
+        Output::Units => (units + noise::take(job.unit_noise()) as f64).max(0.0),
         Output::Sum { comp, bound } => noisy_sum(comp, bound),
         Output::Avg { sum, count, lo, hi } => {
             let s = noisy_sum(sum, lo.abs().max(hi.abs()));
@@ -698,24 +723,35 @@ mod tests {
     }
 
     #[test]
+    fn the_noise_step_stops_when_its_query_is_gone() {
+        let job = job();
+        let gone = || true;
+        let stopped = release(exact(10_000, 5_000), &job, &out_schema(), &gone);
+        assert!(
+            matches!(stopped, Err(Error::ResourceLimit(_))),
+            "{stopped:?}"
+        );
+    }
+
+    #[test]
     fn group_presence_is_decided_by_a_noisy_count() {
         let job = job();
-        let pool = NoisePool::default();
         let tau = job.selection_threshold();
+        let go = || false;
         // Groups sitting exactly at the threshold come out about half the time:
         // whether a group appears is not an exact membership oracle.
         let (_, released) =
-            release(exact(tau.round() as i64, 2000), &job, &out_schema(), &pool).unwrap();
+            release(exact(tau.round() as i64, 2000), &job, &out_schema(), &go).unwrap();
         let share = released as f64 / 2000.0;
         assert!(
             (0.35..0.65).contains(&share),
             "released {share} of groups at the threshold"
         );
         // Far below it: never; far above it: always.
-        let (_, low) = release(exact(1, 2000), &job, &out_schema(), &pool).unwrap();
+        let (_, low) = release(exact(1, 2000), &job, &out_schema(), &go).unwrap();
         assert_eq!(low, 0);
         let (batches, high) =
-            release(exact((tau * 3.0) as i64, 500), &job, &out_schema(), &pool).unwrap();
+            release(exact((tau * 3.0) as i64, 500), &job, &out_schema(), &go).unwrap();
         assert_eq!(high, 500);
         // Released values are noisy, not the exact count.
         let n = batches[0]

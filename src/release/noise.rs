@@ -13,12 +13,11 @@
 //! short, and this module is the product.
 //!
 //! Sampling time depends on the value drawn, so answers never wait on a
-//! draw: [`NoisePool`] keeps pre-drawn samples per scale and a query takes
-//! from it in constant time.
+//! draw: [`take`] serves pre-drawn samples per scale (per thread) in
+//! constant time.
 
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 
 /// A source of uniform random integers.
 pub trait Uniform {
@@ -250,38 +249,33 @@ fn gcd(a: u128, b: u128) -> u128 {
     if b == 0 { a.max(1) } else { gcd(b, a % b) }
 }
 
-/// Pre-drawn samples per distribution, so that taking one costs the same
-/// whatever its value. A pool refills in whole batches, whose duration says
-/// nothing about which of its samples a query receives.
-pub struct NoisePool {
-    pools: Mutex<HashMap<Noise, VecDeque<i64>>>,
-    batch: usize,
+/// Samples drawn at once when a pool runs dry.
+const BATCH: usize = 256;
+
+thread_local! {
+    /// Pre-drawn samples per distribution, so that taking one costs the same
+    /// whatever its value. A pool refills in whole batches, whose duration
+    /// says nothing about which of its samples a query receives. One set of
+    /// pools per thread: concurrent releases never wait on each other.
+    static POOLS: std::cell::RefCell<HashMap<Noise, VecDeque<i64>>> = Default::default();
 }
 
-impl Default for NoisePool {
-    fn default() -> Self {
-        NoisePool {
-            pools: Mutex::new(HashMap::new()),
-            batch: 256,
-        }
-    }
-}
-
-impl NoisePool {
-    pub fn take(&self, noise: Noise) -> i64 {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+/// One sample of `noise`.
+pub fn take(noise: Noise) -> i64 {
+    POOLS.with(|pools| {
+        let mut pools = pools.borrow_mut();
         let pool = pools.entry(noise).or_default();
         if pool.is_empty() {
             let mut rng = SecureUniform::default();
-            pool.extend((0..self.batch).map(|_| noise.draw(&mut rng)));
+            pool.extend((0..BATCH).map(|_| noise.draw(&mut rng)));
         }
         pool.pop_front().unwrap_or(0)
-    }
+    })
+}
 
-    /// Draws `n` samples (for tests and calibration).
-    pub fn take_many(&self, noise: Noise, n: usize) -> Vec<i64> {
-        (0..n).map(|_| self.take(noise)).collect()
-    }
+/// Draws `n` samples (for tests and calibration).
+pub fn take_many(noise: Noise, n: usize) -> Vec<i64> {
+    (0..n).map(|_| take(noise)).collect()
 }
 
 #[cfg(test)]
@@ -366,9 +360,8 @@ mod tests {
 
     #[test]
     fn the_pool_serves_the_distribution_it_is_asked_for() {
-        let pool = NoisePool::default();
-        let small = pool.take_many(Noise::laplace(1.0), 2_000);
-        let large = pool.take_many(Noise::laplace(50.0), 2_000);
+        let small = take_many(Noise::laplace(1.0), 2_000);
+        let large = take_many(Noise::laplace(50.0), 2_000);
         let (_, v_small) = mean_var(&small);
         let (_, v_large) = mean_var(&large);
         assert!(v_large > 100.0 * v_small, "{v_small} vs {v_large}");

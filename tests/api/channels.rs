@@ -291,3 +291,34 @@ fn noise_cannot_be_averaged_across_grants_of_one_organisation() {
     let other = app.query(sql);
     assert!(other.json()["usage"]["epsilon"].as_f64().unwrap() > 0.0);
 }
+
+/// A wide release is a bounded piece of work that does not hold up
+/// another buyer: its noise is drawn only for released groups, from
+/// per-thread pools (no global lock), off the runtime's workers, and it
+/// stops when its query is dropped (unit test in `release::dp`).
+#[test]
+fn a_wide_release_does_not_block_another_buyer() {
+    let app = spawn_app();
+    let (wide_key, _) = crate::privacy::new_buyer(&app, "buyer:wide", 1000.0);
+    // Every distinct aggregate the release takes, over about one group per visit.
+    let wide = "SELECT district, age, visit_date, COUNT(*) AS a, COUNT(age) AS b, \
+                COUNT(visit_date) AS c, COUNT(district) AS d, SUM(cost) AS e, AVG(cost) AS f, \
+                COUNT(DISTINCT person_id) AS g FROM city_health GROUP BY district, age, visit_date";
+    let small = "SELECT industry, COUNT(*) FROM enterprise_registry GROUP BY industry";
+    std::thread::scope(|s| {
+        let heavy = s.spawn(|| app.ask(&wide_key, json!({ "sql": wide })));
+        for _ in 0..5 {
+            let r = app.query_as("buyer:abroad", json!({ "sql": small }));
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        let heavy = heavy.join().unwrap();
+        assert_eq!(heavy.status, 200, "{}", heavy.text());
+        assert!(
+            heavy.json()["release"]["noise"]["columns"]
+                .as_array()
+                .unwrap()
+                .len()
+                >= 6
+        );
+    });
+}
