@@ -91,7 +91,7 @@ impl Default for Limits {
             client_request_timeout_ms: 5_000,
             keep_alive_s: 30,
             default_grant_epsilon: 10.0,
-            default_dataset_epsilon: 1000.0,
+            default_dataset_epsilon: 100.0,
         }
     }
 }

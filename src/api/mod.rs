@@ -194,7 +194,34 @@ fn dataset_summary(sandbox: &Sandbox, d: &Dataset) -> Value {
         },
         "level_rules": level,
         "pricing": m.pricing,
+        "lifetime_epsilon": lifetime_epsilon(sandbox, d),
     })
+}
+
+/// A DP dataset's lifetime budget, shared by every buyer: what its owner
+/// set (`release.dp.epsilon_total`, else the configured default), what is
+/// spent and what is left.
+fn lifetime_epsilon(sandbox: &Sandbox, d: &Dataset) -> Value {
+    if d.manifest.release.dp.is_none() {
+        return Value::Null;
+    }
+    let key = format!("dataset:{}", d.id());
+    let limit = d
+        .manifest
+        .release
+        .dp
+        .as_ref()
+        .and_then(|dp| dp.epsilon_total)
+        .unwrap_or(sandbox.settings.limits.default_dataset_epsilon);
+    match sandbox
+        .budgets
+        .spent_or_load(&key, || sandbox.ledger.epsilon_spent(&key))
+    {
+        Ok(spent) => {
+            json!({ "limit": limit, "spent": spent, "remaining": (limit - spent).max(0.0) })
+        }
+        Err(_) => json!({ "limit": limit }),
+    }
 }
 
 fn find_dataset<'a>(sandbox: &'a Sandbox, id: &str) -> Result<&'a Arc<Dataset>, ApiError> {

@@ -82,9 +82,22 @@ pub struct ColumnSpec {
     /// Narrows the aggregates the class allows on this column (never widens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregates: Option<Vec<String>>,
+    /// What attribute of a person the column describes, shared by columns of
+    /// other datasets that describe the same (`telecom_usage.district` and
+    /// `city_health.district`); prohibited combinations are checked by it.
+    /// Without it, the column describes only itself (`dataset.column`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meaning: Option<String>,
 }
 
 impl ColumnSpec {
+    /// The attribute the column describes (see `meaning`).
+    pub fn meaning_in(&self, dataset: &str) -> String {
+        self.meaning
+            .clone()
+            .unwrap_or_else(|| format!("{dataset}.{}", self.name))
+    }
+
     pub fn narrows_out_function(&self, name: &str) -> bool {
         self.functions
             .as_ref()

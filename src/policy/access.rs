@@ -113,6 +113,7 @@ mod tests {
                     description: None,
                     functions: None,
                     aggregates: None,
+                    meaning: None,
                 }],
                 release: ReleaseRules::default(),
                 pricing: None,

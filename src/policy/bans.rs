@@ -2,6 +2,7 @@
 //! quasi-identifiers, banned column combinations, banned dataset pairs.
 
 use super::Policies;
+use crate::catalog::Catalog;
 use crate::error::{Error, Refusal};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 /// filtered by, the columns used per dataset, and the datasets read.
 pub fn query_wide_rules(
     policies: &Policies,
+    catalog: &Catalog,
     quasi: &BTreeSet<(Arc<str>, Arc<str>)>,
     used_columns: &BTreeMap<String, BTreeSet<String>>,
     datasets: &BTreeSet<String>,
@@ -28,13 +30,39 @@ pub fn query_wide_rules(
         .with("max", max)
         .into());
     }
+    // The persons' attributes the query looks at, by meaning: personal
+    // datasets join only on their privacy unit, so together they describe
+    // the same persons, whichever dataset each attribute comes from.
+    let meaning = |dataset: &str, column: &str| {
+        catalog
+            .get(dataset)
+            .and_then(|d| d.manifest.columns.iter().find(|c| c.name == column))
+            .map_or_else(|| format!("{dataset}.{column}"), |c| c.meaning_in(dataset))
+    };
+    let personal = |dataset: &str| {
+        catalog
+            .get(dataset)
+            .is_some_and(|d| d.manifest.personal_information)
+    };
+    let attributes: BTreeSet<String> = used_columns
+        .iter()
+        .filter(|(d, _)| personal(d))
+        .flat_map(|(d, columns)| columns.iter().map(|c| meaning(d, c)))
+        .collect();
     for ban in &policies.prohibitions.column_combinations {
-        let used = used_columns.get(&ban.dataset);
-        if used.is_some_and(|u| ban.columns.iter().all(|c| u.contains(c))) {
+        let hit = if personal(&ban.dataset) {
+            ban.columns
+                .iter()
+                .all(|c| attributes.contains(&meaning(&ban.dataset, c)))
+        } else {
+            let used = used_columns.get(&ban.dataset);
+            used.is_some_and(|u| ban.columns.iter().all(|c| u.contains(c)))
+        };
+        if hit {
             return Err(Refusal::new(
                 "prohibited_combination",
                 format!(
-                    "columns {} of {} may not be used together: {}",
+                    "columns {} of {} (or columns of joined datasets that describe the same) may not be used together: {}",
                     ban.columns.join(", "),
                     ban.dataset,
                     ban.reason

@@ -103,6 +103,7 @@ pub fn check(
     }
     super::bans::query_wide_rules(
         policies,
+        catalog,
         &checker.quasi,
         &checker.used,
         &checker.analysis.datasets,

@@ -287,9 +287,18 @@ fn noise_cannot_be_averaged_across_grants_of_one_organisation() {
         assert_eq!(again.json()["rows"], first.json()["rows"]);
         assert_eq!(again.json()["usage"]["epsilon"], 0.0);
     }
+    // Owners and buyers see the dataset's lifetime budget: one charge so far.
+    let lifetime = |app: &TestApp| {
+        app.get("/v1/datasets/city_health", Some(app.key("owner:hospital")))
+            .json()["lifetime_epsilon"]
+            .clone()
+    };
+    assert_eq!(lifetime(&app)["limit"], 100.0);
+    assert_eq!(lifetime(&app)["spent"], 0.5);
     // Another organisation draws its own noise, and pays for it.
     let other = app.query(sql);
     assert!(other.json()["usage"]["epsilon"].as_f64().unwrap() > 0.0);
+    assert_eq!(lifetime(&app)["spent"], 1.0);
 }
 
 /// A wide release is a bounded piece of work that does not hold up
@@ -321,4 +330,28 @@ fn a_wide_release_does_not_block_another_buyer() {
                 >= 6
         );
     });
+}
+
+/// A banned combination (district, age, gender of the same persons) is
+/// assembled from two datasets joined on the privacy unit: the district
+/// from the telecom data, age and gender from the hospital's.
+#[test]
+fn a_banned_combination_cannot_be_assembled_across_a_join() {
+    let app = spawn_app();
+    let r = app.query(
+        "SELECT t.district, c.age, c.gender, COUNT(*) FROM city_health c \
+         JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY t.district, c.age, c.gender",
+    );
+    assert_eq!(
+        r.rule().as_deref(),
+        Some("prohibited_combination"),
+        "{}",
+        r.text()
+    );
+    // Two of the three from either side are fine.
+    let ok = app.query(
+        "SELECT t.district, c.age, COUNT(*) FROM city_health c \
+         JOIN telecom_usage t ON c.person_id = t.person_id GROUP BY t.district, c.age",
+    );
+    assert_eq!(ok.status, 200, "{}", ok.text());
 }
