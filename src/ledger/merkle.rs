@@ -32,7 +32,7 @@ pub fn empty_root() -> Hash {
 }
 
 /// Largest power of two strictly below `n` (n ≥ 2).
-fn split(n: usize) -> usize {
+fn split(n: u64) -> u64 {
     let mut k = 1;
     while k << 1 < n {
         k <<= 1;
@@ -40,72 +40,136 @@ fn split(n: usize) -> usize {
     k
 }
 
-/// The Merkle tree hash of a list of leaf hashes, by the RFC's definition.
-pub fn root(leaves: &[Hash]) -> Hash {
+/// Where the roots of perfect subtrees come from: computed from leaves in
+/// memory, or read from the nodes stored as entries were appended. Every
+/// root and proof below is built from O(log n) of them.
+pub trait Subtrees {
+    /// The root of the perfect subtree of `2^level` leaves that starts at
+    /// leaf `index << level`; `None` if it is not (yet) there.
+    fn perfect(&self, level: u32, index: u64) -> Option<Hash>;
+}
+
+impl Subtrees for [Hash] {
+    fn perfect(&self, level: u32, index: u64) -> Option<Hash> {
+        let lo = usize::try_from(index.checked_shl(level)?).ok()?;
+        let hi = lo.checked_add(1usize.checked_shl(level)?)?;
+        let leaves = self.get(lo..hi)?;
+        Some(slice_root(leaves))
+    }
+}
+
+fn slice_root(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => empty_root(),
         1 => leaves[0],
         n => {
-            let k = split(n);
-            node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
+            let k = split(n as u64) as usize;
+            node_hash(&slice_root(&leaves[..k]), &slice_root(&leaves[k..]))
         }
     }
 }
 
+/// MTH(D[lo:hi]): a perfect, aligned range is one subtree; any other splits
+/// at the largest power of two, whose left part is always perfect and aligned.
+pub fn range_root(tree: &(impl Subtrees + ?Sized), lo: u64, hi: u64) -> Option<Hash> {
+    let n = hi.checked_sub(lo)?;
+    if n == 0 {
+        return Some(empty_root());
+    }
+    if n.is_power_of_two() && lo % n == 0 {
+        let level = n.trailing_zeros();
+        return tree.perfect(level, lo >> level);
+    }
+    let k = split(n);
+    Some(node_hash(
+        &range_root(tree, lo, lo + k)?,
+        &range_root(tree, lo + k, hi)?,
+    ))
+}
+
+/// The Merkle tree hash of a list of leaf hashes, by the RFC's definition.
+pub fn root(leaves: &[Hash]) -> Hash {
+    slice_root(leaves)
+}
+
 /// The audit path of leaf `index` in the tree of the first `leaves.len()` leaves.
 pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
-    if index >= leaves.len() {
+    inclusion_path(leaves, index as u64, leaves.len() as u64)
+}
+
+/// The audit path of leaf `index` in the tree of size `size`.
+pub fn inclusion_path(tree: &(impl Subtrees + ?Sized), index: u64, size: u64) -> Option<Vec<Hash>> {
+    if index >= size {
         return None;
     }
     let mut proof = Vec::new();
-    path(index, leaves, &mut proof);
+    path(tree, index, 0, size, &mut proof)?;
     Some(proof)
 }
 
-fn path(m: usize, leaves: &[Hash], out: &mut Vec<Hash>) {
-    let n = leaves.len();
+fn path(
+    tree: &(impl Subtrees + ?Sized),
+    m: u64,
+    lo: u64,
+    hi: u64,
+    out: &mut Vec<Hash>,
+) -> Option<()> {
+    let n = hi - lo;
     if n <= 1 {
-        return;
+        return Some(());
     }
     let k = split(n);
     if m < k {
-        path(m, &leaves[..k], out);
-        out.push(root(&leaves[k..]));
+        path(tree, m, lo, lo + k, out)?;
+        out.push(range_root(tree, lo + k, hi)?);
     } else {
-        path(m - k, &leaves[k..], out);
-        out.push(root(&leaves[..k]));
+        path(tree, m - k, lo + k, hi, out)?;
+        out.push(range_root(tree, lo, lo + k)?);
     }
+    Some(())
 }
 
 /// The proof that the tree of the first `m` leaves is a prefix of the tree of all `leaves`.
 pub fn consistency_proof(leaves: &[Hash], m: usize) -> Option<Vec<Hash>> {
-    let n = leaves.len();
+    consistency_path(leaves, m as u64, leaves.len() as u64)
+}
+
+/// The proof that the tree of size `m` is a prefix of the tree of size `n`.
+pub fn consistency_path(tree: &(impl Subtrees + ?Sized), m: u64, n: u64) -> Option<Vec<Hash>> {
     if m > n {
         return None;
     }
     let mut proof = Vec::new();
     if m > 0 && m < n {
-        subproof(m, leaves, true, &mut proof);
+        subproof(tree, m, 0, n, true, &mut proof)?;
     }
     Some(proof)
 }
 
-fn subproof(m: usize, leaves: &[Hash], complete: bool, out: &mut Vec<Hash>) {
-    let n = leaves.len();
+fn subproof(
+    tree: &(impl Subtrees + ?Sized),
+    m: u64,
+    lo: u64,
+    hi: u64,
+    complete: bool,
+    out: &mut Vec<Hash>,
+) -> Option<()> {
+    let n = hi - lo;
     if m == n {
         if !complete {
-            out.push(root(leaves));
+            out.push(range_root(tree, lo, hi)?);
         }
-        return;
+        return Some(());
     }
     let k = split(n);
     if m <= k {
-        subproof(m, &leaves[..k], complete, out);
-        out.push(root(&leaves[k..]));
+        subproof(tree, m, lo, lo + k, complete, out)?;
+        out.push(range_root(tree, lo + k, hi)?);
     } else {
-        subproof(m - k, &leaves[k..], false, out);
-        out.push(root(&leaves[..k]));
+        subproof(tree, m - k, lo + k, hi, false, out)?;
+        out.push(range_root(tree, lo, lo + k)?);
     }
+    Some(())
 }
 
 /// Checks an audit path (RFC 9162, 2.1.3.2).
@@ -213,6 +277,15 @@ impl Frontier {
     }
 
     pub fn push(&mut self, leaf: Hash) {
+        self.push_completing(leaf, |_, _, _| {});
+    }
+
+    /// Appends a leaf and calls `completed(level, index, root)` for every
+    /// perfect subtree it completes, the leaf itself (level 0) first: what
+    /// is stored so proofs need not be computed from leaves.
+    pub fn push_completing(&mut self, leaf: Hash, mut completed: impl FnMut(u32, u64, &Hash)) {
+        let position = self.len;
+        completed(0, position, &leaf);
         let mut node = (0u32, leaf);
         while let Some(&(h, left)) = self.peaks.last() {
             if h != node.0 {
@@ -220,9 +293,24 @@ impl Frontier {
             }
             self.peaks.pop();
             node = (h + 1, node_hash(&left, &node.1));
+            completed(node.0, position >> node.0, &node.1);
         }
         self.peaks.push(node);
         self.len += 1;
+    }
+
+    /// The frontier of the tree of size `len`, from the roots of the perfect
+    /// subtrees it decomposes into: O(log n) reads.
+    pub fn at(tree: &(impl Subtrees + ?Sized), len: u64) -> Option<Frontier> {
+        let mut peaks = Vec::new();
+        let mut start = 0u64;
+        for level in (0..64u32).rev() {
+            if len & (1u64 << level) != 0 {
+                peaks.push((level, tree.perfect(level, start >> level)?));
+                start += 1u64 << level;
+            }
+        }
+        Some(Frontier { len, peaks })
     }
 
     pub fn root(&self) -> Hash {

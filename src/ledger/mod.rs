@@ -18,7 +18,7 @@ pub mod verify;
 use crate::util::sha256_hex;
 use crate::util::sql::CachedStatements;
 use event::{Entry, LedgerEvent};
-use merkle::{Frontier, Hash};
+use merkle::{Frontier, Hash, Subtrees};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
@@ -199,10 +199,11 @@ impl NewEntry {
     }
 }
 
-/// The tree as the server knows it: every leaf hash and the latest signed head.
+/// The tree as the server knows it: its right edge (enough to append and
+/// to compute the root) and the latest signed head. Everything older is
+/// read from the stored nodes when a proof needs it.
 #[derive(Default)]
 pub struct View {
-    pub leaves: Vec<Hash>,
     pub frontier: Frontier,
     pub head: Option<SignedHead>,
 }
@@ -221,6 +222,15 @@ pub struct Writer {
     conn: Connection,
     signer: Signer,
     view: Arc<Mutex<View>>,
+    startup: Startup,
+}
+
+/// What opening the ledger read: the verified checkpoint it started from,
+/// and the entries after it that it re-hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Startup {
+    pub checkpoint: u64,
+    pub tail_entries: u64,
 }
 
 fn lock(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
@@ -231,20 +241,18 @@ impl Writer {
     pub fn open(data_dir: &Path) -> Result<Writer, LedgerError> {
         let conn = open_connection(data_dir)?;
         let signer = Signer::load_or_create(data_dir)?;
-        let writer = Writer {
+        let mut view = View::default();
+        let startup = start_from_checkpoint(&conn, &mut view, signer.public_key())?;
+        Ok(Writer {
             conn,
             signer,
-            view: Arc::new(Mutex::new(View::default())),
-        };
-        {
-            let mut view = lock(&writer.view);
-            catch_up(&writer.conn, &mut view)?;
-            let heads = heads(&writer.conn)?;
-            check_heads(&view.leaves, &heads, writer.signer.public_key())
-                .map_err(|f| LedgerError::Corrupt(f.reason))?;
-            view.head = heads.last().cloned();
-        }
-        Ok(writer)
+            view: Arc::new(Mutex::new(view)),
+            startup,
+        })
+    }
+
+    pub fn startup(&self) -> Startup {
+        self.startup
     }
 
     pub fn view(&self) -> Arc<Mutex<View>> {
@@ -283,7 +291,7 @@ impl Writer {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Others (the CLI, another process) may have appended since we last looked.
-        catch_up(&tx, &mut view)?;
+        catch_up(&tx, &mut view, false)?;
         let (entries, value) = change(&tx)?;
         let mut frontier = view.frontier.clone();
         let mut new_leaves = Vec::with_capacity(entries.len());
@@ -299,15 +307,20 @@ impl Writer {
                 &hex::encode(leaf),
                 e.sql.as_deref(),
             )?;
-            frontier.push(leaf);
+            let mut stored = Ok(());
+            frontier.push_completing(leaf, |level, i, hash| {
+                if stored.is_ok() {
+                    stored = tables::insert_node(&tx, level, i, hash);
+                }
+            });
+            stored?;
             new_leaves.push(leaf);
         }
         let head = self.signer.sign_head(frontier.len(), &frontier.root());
         save_head(&tx, &head)?;
         crate::util::failpoint("ledger_before_commit");
         tx.commit()?;
-        let first = view.leaves.len() as u64;
-        view.leaves.extend_from_slice(&new_leaves);
+        let first = view.frontier.len();
         view.frontier = frontier;
         view.head = Some(head.clone());
         let receipts = new_leaves
@@ -332,7 +345,7 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        catch_up(&tx, &mut view)?;
+        catch_up(&tx, &mut view, false)?;
         if let Some(head) = &view.head
             && head.tree_size == view.frontier.len()
         {
@@ -348,22 +361,73 @@ impl Writer {
     }
 }
 
+/// Start-up in time proportional to what is recent: the tree up to the
+/// last checkpoint a start-up verified is rebuilt from O(log n) stored nodes
+/// and checked against its signed head; every entry after it is re-hashed,
+/// its stored nodes compared, and every head after it checked. The whole
+/// history is `verify`'s (a linear pass), not every start's.
+fn start_from_checkpoint(
+    conn: &Connection,
+    view: &mut View,
+    public_key: &[u8],
+) -> Result<Startup, LedgerError> {
+    let verified = tables::verified_size(conn)?;
+    if verified > 0 {
+        let nodes = tables::StoredNodes::new(conn);
+        let head = head_at(conn, verified)?.ok_or_else(|| {
+            LedgerError::Corrupt(format!("the verified checkpoint at {verified} is missing"))
+        })?;
+        view.frontier = Frontier::at(&nodes, verified).ok_or_else(|| {
+            LedgerError::Corrupt(format!("tree nodes below {verified} are missing"))
+        })?;
+        if !head.verify(public_key) || head.root() != Some(view.frontier.root()) {
+            return Err(LedgerError::Corrupt(format!(
+                "the entries before {verified} differ from what was signed"
+            )));
+        }
+        view.head = Some(head);
+    }
+    let start = view.frontier.clone();
+    let tail = catch_up(conn, view, true)?;
+    let later = heads_after(conn, verified)?;
+    check_heads_from(start, &tail, &later, public_key)
+        .map_err(|f| LedgerError::Corrupt(f.reason))?;
+    if let Some(last) = later.last() {
+        view.head = Some(last.clone());
+    }
+    if view.head.as_ref().map(|h| h.tree_size) == Some(view.frontier.len()) {
+        tables::set_verified_size(conn, view.frontier.len())?;
+    }
+    Ok(Startup {
+        checkpoint: verified,
+        tail_entries: tail.len() as u64,
+    })
+}
+
 /// Reads the entries appended since `view` last looked, recomputing each
 /// leaf from its body: an entry whose body no longer matches its hash, or a
-/// gap in the indexes, is corruption and is reported, never skipped.
-fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
+/// gap in the indexes, is corruption and is reported, never skipped. With
+/// `check_nodes`, the stored tree nodes they completed are compared too.
+/// Returns the new leaves.
+fn catch_up(
+    conn: &Connection,
+    view: &mut View,
+    check_nodes: bool,
+) -> Result<Vec<Hash>, LedgerError> {
     let mut stmt = conn.prepare_cached(
         "SELECT idx, body, leaf_hash FROM usage_log WHERE idx >= ?1 ORDER BY idx",
     )?;
-    let mut rows = stmt.query([view.leaves.len() as i64])?;
+    let mut rows = stmt.query([view.frontier.len() as i64])?;
+    let nodes = tables::StoredNodes::new(conn);
+    let mut leaves = Vec::new();
     while let Some(row) = rows.next()? {
         let idx: i64 = row.get(0)?;
         let body: String = row.get(1)?;
         let stored: String = row.get(2)?;
-        if idx as usize != view.leaves.len() {
+        if idx as u64 != view.frontier.len() {
             return Err(LedgerError::Corrupt(format!(
                 "entry {} is missing",
-                view.leaves.len()
+                view.frontier.len()
             )));
         }
         let leaf = merkle::leaf_hash(body.as_bytes());
@@ -372,10 +436,18 @@ fn catch_up(conn: &Connection, view: &mut View) -> Result<(), LedgerError> {
                 "entry {idx} does not match its leaf hash"
             )));
         }
-        view.leaves.push(leaf);
-        view.frontier.push(leaf);
+        let mut wrong_node = false;
+        view.frontier.push_completing(leaf, |level, i, hash| {
+            wrong_node |= check_nodes && nodes.perfect(level, i) != Some(*hash);
+        });
+        if wrong_node {
+            return Err(LedgerError::Corrupt(format!(
+                "a stored tree node completed by entry {idx} does not match the entries"
+            )));
+        }
+        leaves.push(leaf);
     }
-    Ok(())
+    Ok(leaves)
 }
 
 /// A signed head that does not match the entries: the first index not
@@ -394,9 +466,22 @@ pub fn check_heads(
     heads: &[SignedHead],
     public_key: &[u8],
 ) -> Result<(), HeadFailure> {
-    let n = leaves.len() as u64;
-    let mut frontier = Frontier::default();
-    let mut verified_up_to = 0u64;
+    check_heads_from(Frontier::default(), leaves, heads, public_key)
+}
+
+/// As [`check_heads`], for the heads of a tree whose first `start.len()`
+/// leaves are already checked (`start` is their frontier) and `leaves`
+/// follow.
+pub fn check_heads_from(
+    start: Frontier,
+    leaves: &[Hash],
+    heads: &[SignedHead],
+    public_key: &[u8],
+) -> Result<(), HeadFailure> {
+    let offset = start.len();
+    let n = offset + leaves.len() as u64;
+    let mut frontier = start;
+    let mut verified_up_to = offset;
     let mut sorted: Vec<&SignedHead> = heads.iter().collect();
     sorted.sort_by_key(|h| h.tree_size);
     for head in sorted {
@@ -415,8 +500,11 @@ pub fn check_heads(
                 ),
             });
         }
+        if head.tree_size < offset {
+            continue;
+        }
         while frontier.len() < head.tree_size {
-            frontier.push(leaves[frontier.len() as usize]);
+            frontier.push(leaves[(frontier.len() - offset) as usize]);
         }
         if Some(frontier.root()) != head.root() {
             return Err(HeadFailure {
@@ -440,18 +528,43 @@ fn save_head(conn: &Connection, head: &SignedHead) -> Result<(), LedgerError> {
     Ok(())
 }
 
-pub fn heads(conn: &Connection) -> Result<Vec<SignedHead>, LedgerError> {
-    let mut stmt = conn.prepare("SELECT tree_size, timestamp_ms, root_hash, signature, key_id FROM tree_heads ORDER BY tree_size")?;
-    let rows = stmt.query_map([], |r| {
-        Ok(SignedHead {
-            tree_size: r.get::<_, i64>(0)? as u64,
-            timestamp_ms: r.get::<_, i64>(1)? as u64,
-            root_hash: r.get(2)?,
-            signature: r.get(3)?,
-            key_id: r.get(4)?,
-        })
-    })?;
+/// The signed heads of trees larger than `size`, in order.
+fn heads_after(conn: &Connection, size: u64) -> Result<Vec<SignedHead>, LedgerError> {
+    let mut stmt = conn.prepare(
+        "SELECT tree_size, timestamp_ms, root_hash, signature, key_id FROM tree_heads WHERE tree_size > ?1 ORDER BY tree_size",
+    )?;
+    let rows = stmt.query_map([size as i64], head_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn head_at(conn: &Connection, size: u64) -> Result<Option<SignedHead>, LedgerError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT tree_size, timestamp_ms, root_hash, signature, key_id FROM tree_heads WHERE tree_size = ?1",
+            [size as i64],
+            head_row,
+        )
+        .optional()?)
+}
+
+fn head_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SignedHead> {
+    Ok(SignedHead {
+        tree_size: r.get::<_, i64>(0)? as u64,
+        timestamp_ms: r.get::<_, i64>(1)? as u64,
+        root_hash: r.get(2)?,
+        signature: r.get(3)?,
+        key_id: r.get(4)?,
+    })
+}
+
+pub fn heads(conn: &Connection) -> Result<Vec<SignedHead>, LedgerError> {
+    heads_after(conn, 0).map(|mut heads| {
+        if let Ok(Some(empty)) = head_at(conn, 0) {
+            heads.insert(0, empty);
+        }
+        heads
+    })
 }
 
 enum Job {
@@ -565,31 +678,33 @@ impl Ledger {
     }
 
     pub fn size(&self) -> u64 {
-        lock(&self.view).leaves.len() as u64
+        lock(&self.view).frontier.len()
+    }
+
+    /// Runs `f` over the stored tree nodes of a tree of at most the
+    /// committed size, on the reader connection: never under the append lock.
+    fn with_nodes<T>(
+        &self,
+        size: u64,
+        f: impl FnOnce(&tables::StoredNodes<'_>) -> Option<T>,
+    ) -> Option<T> {
+        if size > self.size() {
+            return None;
+        }
+        let reader = self.reader();
+        f(&tables::StoredNodes::new(&reader))
     }
 
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
-        let view = lock(&self.view);
-        let size = usize::try_from(size)
-            .ok()
-            .filter(|s| *s <= view.leaves.len())?;
-        merkle::inclusion_proof(&view.leaves[..size], usize::try_from(index).ok()?)
+        self.with_nodes(size, |nodes| merkle::inclusion_path(nodes, index, size))
     }
 
     pub fn consistency_proof(&self, from: u64, to: u64) -> Option<Vec<Hash>> {
-        let view = lock(&self.view);
-        let to = usize::try_from(to)
-            .ok()
-            .filter(|s| *s <= view.leaves.len())?;
-        merkle::consistency_proof(&view.leaves[..to], usize::try_from(from).ok()?)
+        self.with_nodes(to, |nodes| merkle::consistency_path(nodes, from, to))
     }
 
     pub fn root_at(&self, size: u64) -> Option<Hash> {
-        let view = lock(&self.view);
-        let size = usize::try_from(size)
-            .ok()
-            .filter(|s| *s <= view.leaves.len())?;
-        Some(merkle::root(&view.leaves[..size]))
+        self.with_nodes(size, |nodes| merkle::range_root(nodes, 0, size))
     }
 
     fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {

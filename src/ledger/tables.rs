@@ -6,6 +6,7 @@
 
 use super::LedgerError;
 use super::event::{Columns, Entry};
+use super::merkle::{Frontier, Hash, Subtrees};
 use crate::accounting::DailyUse;
 use crate::util::sql::CachedStatements;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -62,10 +63,21 @@ CREATE TABLE IF NOT EXISTS registered_manifests (
     dataset TEXT PRIMARY KEY,
     manifest_sha256 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tree_nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_state (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 "#;
 
-/// `PRAGMA user_version` once the typed columns and roll-ups exist.
-const TYPED_COLUMNS_VERSION: i64 = 2;
+/// `PRAGMA user_version` once the typed columns, roll-ups and stored tree
+/// nodes exist.
+const TYPED_COLUMNS_VERSION: i64 = 3;
 
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
@@ -100,6 +112,7 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
     tx.execute_batch(SCHEMA)?;
     if old_log {
         backfill(&tx)?;
+        store_nodes_of_existing_leaves(&tx)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {TYPED_COLUMNS_VERSION}"))?;
     tx.commit()?;
@@ -125,6 +138,102 @@ fn backfill(conn: &Connection) -> Result<(), LedgerError> {
         )?;
         write_derived(conn, idx, &entry, &c)?;
     }
+    Ok(())
+}
+
+/// A ledger written before tree nodes were stored gets them, once.
+fn store_nodes_of_existing_leaves(conn: &Connection) -> Result<(), LedgerError> {
+    conn.execute_batch("DELETE FROM tree_nodes")?;
+    let leaves: Vec<String> = conn
+        .prepare("SELECT leaf_hash FROM usage_log ORDER BY idx")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut frontier = Frontier::default();
+    for leaf in leaves {
+        let leaf: Hash = hex::decode(&leaf)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| LedgerError::Corrupt("a stored leaf hash is not a hash".into()))?;
+        let mut failed = None;
+        frontier.push_completing(leaf, |level, idx, hash| {
+            if let Err(e) = insert_node(conn, level, idx, hash) {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+pub fn insert_node(
+    conn: &Connection,
+    level: u32,
+    idx: u64,
+    hash: &Hash,
+) -> Result<(), LedgerError> {
+    conn.run(
+        "INSERT OR REPLACE INTO tree_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
+        params![level, idx as i64, &hash[..]],
+    )?;
+    Ok(())
+}
+
+/// The stored roots of perfect subtrees, read one by one; counts its reads
+/// (what the ledger's O(log n) promises are tested by).
+pub struct StoredNodes<'c> {
+    conn: &'c Connection,
+    reads: std::cell::Cell<u64>,
+}
+
+impl<'c> StoredNodes<'c> {
+    pub fn new(conn: &'c Connection) -> StoredNodes<'c> {
+        StoredNodes {
+            conn,
+            reads: std::cell::Cell::new(0),
+        }
+    }
+
+    pub fn reads(&self) -> u64 {
+        self.reads.get()
+    }
+}
+
+impl Subtrees for StoredNodes<'_> {
+    fn perfect(&self, level: u32, index: u64) -> Option<Hash> {
+        self.reads.set(self.reads.get() + 1);
+        let bytes: Vec<u8> = self
+            .conn
+            .row(
+                "SELECT hash FROM tree_nodes WHERE level = ?1 AND idx = ?2",
+                params![level, index as i64],
+                |r| r.get(0),
+            )
+            .ok()?;
+        bytes.try_into().ok()
+    }
+}
+
+/// The tree size up to which start-up last verified every entry against a
+/// signed head; start-up checks only what came after.
+pub fn verified_size(conn: &Connection) -> Result<u64, LedgerError> {
+    Ok(conn
+        .row(
+            "SELECT value FROM ledger_state WHERE key = 'verified_size'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0)
+        .max(0) as u64)
+}
+
+pub fn set_verified_size(conn: &Connection, size: u64) -> Result<(), LedgerError> {
+    conn.run(
+        "INSERT OR REPLACE INTO ledger_state (key, value) VALUES ('verified_size', ?1)",
+        [size as i64],
+    )?;
     Ok(())
 }
 

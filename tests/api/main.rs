@@ -14,6 +14,7 @@ mod fuzz_replay;
 mod gate;
 mod leaks;
 mod ledger;
+mod ledger_scale;
 mod limits;
 mod metering;
 mod policy;

@@ -1,0 +1,184 @@
+//! The ledger at 100,000 entries, appended directly (no HTTP), checked by
+//! counting work, not by timing it: start-up reads only the tail after the
+//! last verified checkpoint, proofs read O(log n) stored nodes, roll-ups
+//! equal a recount, and `verify` catches a flipped roll-up.
+
+use frostglass::accounting::Usage;
+use frostglass::app::admin;
+use frostglass::ledger::event::{Decision, Entry, LedgerEvent, QueryEvent};
+use frostglass::ledger::merkle::{self, Hash};
+use frostglass::ledger::{NewEntry, SignedHead, Writer, open_connection, tables};
+use std::collections::HashMap;
+
+const ENTRIES: u64 = 100_000;
+const GRANTS: u64 = 7;
+
+fn answered(i: u64) -> NewEntry {
+    let grant = format!("g_{}", i % GRANTS);
+    NewEntry::event(LedgerEvent::Query(QueryEvent {
+        query_id: format!("q_{i}"),
+        principal: "buyer:scale".into(),
+        grant: Some(grant),
+        purpose: Some("research".into()),
+        datasets: ["city_health".to_string()].into(),
+        sql_sha256: "00".into(),
+        decision: Decision::Answered,
+        plan_sha256: Some("11".into()),
+        cached: false,
+        release: None,
+        usage: Some(Usage {
+            rows_scanned: 1000 + i % 13,
+            bytes_scanned: 10,
+            charge: "0.50".into(),
+            ..Usage::default()
+        }),
+        epsilon_charged: 0.5,
+        epsilon_by_dataset: [("city_health".to_string(), 0.5)].into(),
+        result_sha256: None,
+        code: None,
+        rule: None,
+        wall_ms: None,
+    }))
+}
+
+fn log2(n: u64) -> u64 {
+    64 - u64::from(n.leading_zeros())
+}
+
+fn latest_head(conn: &rusqlite::Connection) -> SignedHead {
+    frostglass::ledger::heads(conn).unwrap().pop().unwrap()
+}
+
+fn root_of(head: &SignedHead) -> Hash {
+    head.root().unwrap()
+}
+
+#[test]
+fn a_hundred_thousand_entries_start_prove_and_verify_by_their_size_not_their_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = admin::open(dir.path()).unwrap();
+    let mut checkpoint = 0;
+    for batch in 0..ENTRIES / 1000 {
+        let entries: Vec<NewEntry> = (batch * 1000..(batch + 1) * 1000).map(answered).collect();
+        writer.append(&entries).unwrap();
+        if batch == 49 {
+            checkpoint = (batch + 1) * 1000;
+        }
+    }
+    drop(writer);
+
+    // Start-up: the first open verifies everything (nothing was verified
+    // yet); after it, an open reads only what came since.
+    let first = Writer::open(dir.path()).unwrap();
+    assert_eq!(first.startup().tail_entries, ENTRIES);
+    drop(first);
+    let mut second = Writer::open(dir.path()).unwrap();
+    assert_eq!(second.startup().checkpoint, ENTRIES);
+    assert_eq!(second.startup().tail_entries, 0);
+    second
+        .append(&(0..10).map(|i| answered(ENTRIES + i)).collect::<Vec<_>>())
+        .unwrap();
+    drop(second);
+    let third = Writer::open(dir.path()).unwrap();
+    assert_eq!(third.startup().checkpoint, ENTRIES);
+    assert_eq!(third.startup().tail_entries, 10);
+    drop(third);
+
+    let conn = open_connection(dir.path()).unwrap();
+    let n = ENTRIES + 10;
+    let head = latest_head(&conn);
+    assert_eq!(head.tree_size, n);
+    let leaf = |i: u64| -> Hash {
+        let hash: String = conn
+            .query_row(
+                "SELECT leaf_hash FROM usage_log WHERE idx = ?1",
+                [i as i64],
+                |r| r.get(0),
+            )
+            .unwrap();
+        hex::decode(hash).unwrap().try_into().unwrap()
+    };
+    let bound = 2 * log2(n) + 2;
+    for i in [0, n / 2, n - 1] {
+        let nodes = tables::StoredNodes::new(&conn);
+        let proof = merkle::inclusion_path(&nodes, i, n).unwrap();
+        assert!(
+            nodes.reads() <= bound,
+            "inclusion of {i}: {} reads",
+            nodes.reads()
+        );
+        assert!(merkle::verify_inclusion(
+            &leaf(i),
+            i,
+            n,
+            &proof,
+            &root_of(&head)
+        ));
+    }
+    // Between two checkpoints (signed heads) of the log.
+    let old_head: SignedHead = frostglass::ledger::heads(&conn)
+        .unwrap()
+        .into_iter()
+        .find(|h| h.tree_size == checkpoint)
+        .unwrap();
+    let nodes = tables::StoredNodes::new(&conn);
+    let proof = merkle::consistency_path(&nodes, checkpoint, n).unwrap();
+    assert!(
+        nodes.reads() <= 2 * bound,
+        "consistency: {} reads",
+        nodes.reads()
+    );
+    assert!(merkle::verify_consistency(
+        checkpoint,
+        n,
+        &root_of(&old_head),
+        &root_of(&head),
+        &proof
+    ));
+
+    // Roll-ups equal a recount from the entries.
+    let mut recount: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT body FROM usage_log").unwrap();
+    let bodies = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    for body in bodies {
+        if let LedgerEvent::Query(q) = Entry::decode(&body.unwrap()).unwrap().event {
+            let e = recount.entry(q.grant.unwrap()).or_default();
+            e.0 += 1;
+            e.1 += q.usage.unwrap().rows_scanned;
+        }
+    }
+    let today = frostglass::util::today();
+    for (grant, (queries, rows)) in &recount {
+        let used = tables::used_on(&conn, grant, &today).unwrap();
+        assert_eq!((used.queries, used.rows), (*queries, *rows), "{grant}");
+    }
+    let spent = tables::epsilon_spent(&conn, "dataset:city_health").unwrap();
+    assert!((spent - 0.5 * n as f64).abs() < 1e-6, "{spent}");
+
+    // verify: the whole history in one linear pass; it catches a flipped roll-up.
+    let data = dir.path().to_str().unwrap();
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"))
+            .args(["verify", "--data-dir", data])
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    conn.execute(
+        "UPDATE rollup_daily SET rows_scanned = rows_scanned + 1 WHERE grant_id = 'g_3'",
+        [],
+    )
+    .unwrap();
+    let caught = verify();
+    assert!(!caught.status.success());
+    assert!(
+        String::from_utf8_lossy(&caught.stderr).contains("roll-up"),
+        "{}",
+        String::from_utf8_lossy(&caught.stderr)
+    );
+}
