@@ -76,7 +76,7 @@ pub fn range_root(tree: &(impl Subtrees + ?Sized), lo: u64, hi: u64) -> Option<H
     if n == 0 {
         return Some(empty_root());
     }
-    if n.is_power_of_two() && lo % n == 0 {
+    if n.is_power_of_two() && lo.is_multiple_of(n) {
         let level = n.trailing_zeros();
         return tree.perfect(level, lo >> level);
     }
