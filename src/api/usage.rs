@@ -37,7 +37,10 @@ async fn records(sandbox: &web::Data<Sandbox>) -> Result<Vec<UsageRecord>, ApiEr
 #[utoipa::path(get, path = "/v1/usage", tag = "usage", responses((status = 200, description = "OK", body = Object)))]
 async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpResponse, ApiError> {
     let principal = who.0;
-    let all = records(&sandbox).await?;
+    let reader = sandbox.clone();
+    let all = web::block(move || reader.ledger.usage_rollups())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     let owned: Vec<&str> = sandbox
         .catalog
         .datasets

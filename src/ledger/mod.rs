@@ -728,6 +728,11 @@ impl Ledger {
         tables::registered_manifests(&self.reader())
     }
 
+    /// The usage roll-ups (see `usage::UsageRollup`).
+    pub fn usage_rollups(&self) -> Result<Vec<usage::UsageRollup>, LedgerError> {
+        tables::usage_rollups(&self.reader())
+    }
+
     /// Entry bodies in index order: (index, body, leaf hash).
     pub fn entries(
         &self,

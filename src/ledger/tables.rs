@@ -7,6 +7,7 @@
 use super::LedgerError;
 use super::event::{Columns, Entry};
 use super::merkle::{Frontier, Hash, Subtrees};
+use super::usage::{UsageRecord, UsageRollup};
 use crate::accounting::DailyUse;
 use crate::util::sql::CachedStatements;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -63,6 +64,21 @@ CREATE TABLE IF NOT EXISTS registered_manifests (
     dataset TEXT PRIMARY KEY,
     manifest_sha256 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollup_usage (
+    day TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    datasets TEXT NOT NULL,
+    answered INTEGER NOT NULL,
+    refused INTEGER NOT NULL,
+    rows_scanned INTEGER NOT NULL,
+    bytes_scanned INTEGER NOT NULL,
+    cpu_ms INTEGER NOT NULL,
+    cells_released INTEGER NOT NULL,
+    epsilon REAL NOT NULL,
+    charge_micros INTEGER NOT NULL,
+    PRIMARY KEY (day, grant_id, principal, datasets)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tree_nodes (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -77,7 +93,7 @@ CREATE TABLE IF NOT EXISTS ledger_state (
 
 /// `PRAGMA user_version` once the typed columns, roll-ups and stored tree
 /// nodes exist.
-const TYPED_COLUMNS_VERSION: i64 = 3;
+const TYPED_COLUMNS_VERSION: i64 = 4;
 
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
@@ -122,7 +138,7 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
 /// Derives every entry's columns and the roll-ups from the bodies.
 fn backfill(conn: &Connection) -> Result<(), LedgerError> {
     conn.execute_batch(
-        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests;",
+        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests; DELETE FROM rollup_usage;",
     )?;
     let bodies: Vec<(i64, String)> = conn
         .prepare("SELECT idx, body FROM usage_log ORDER BY idx")?
@@ -293,6 +309,9 @@ fn write_derived(
             params![grant, c.day, c.queries as i64, c.rows_scanned as i64, c.bytes_scanned as i64, c.charge_micros],
         )?;
     }
+    if let Some(record) = UsageRecord::of(idx as u64, entry.clone()) {
+        add_usage(conn, &UsageRollup::of(&record))?;
+    }
     if let super::event::LedgerEvent::DatasetRegistered {
         dataset,
         manifest_sha256,
@@ -305,6 +324,64 @@ fn write_derived(
         )?;
     }
     Ok(())
+}
+
+fn add_usage(conn: &Connection, r: &UsageRollup) -> Result<(), LedgerError> {
+    conn.run(
+        "INSERT INTO rollup_usage (day, grant_id, principal, datasets, answered, refused, rows_scanned, bytes_scanned, cpu_ms, cells_released, epsilon, charge_micros)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (day, grant_id, principal, datasets) DO UPDATE SET answered = answered + excluded.answered,
+            refused = refused + excluded.refused, rows_scanned = rows_scanned + excluded.rows_scanned,
+            bytes_scanned = bytes_scanned + excluded.bytes_scanned, cpu_ms = cpu_ms + excluded.cpu_ms,
+            cells_released = cells_released + excluded.cells_released, epsilon = epsilon + excluded.epsilon,
+            charge_micros = charge_micros + excluded.charge_micros",
+        params![
+            r.day,
+            r.grant.as_deref().unwrap_or(""),
+            r.principal,
+            r.datasets.join(","),
+            r.answered as i64,
+            r.refused as i64,
+            r.rows_scanned as i64,
+            r.bytes_scanned as i64,
+            r.cpu_ms as i64,
+            r.cells_released as i64,
+            r.epsilon,
+            r.charge_micros
+        ],
+    )?;
+    Ok(())
+}
+
+/// Every usage roll-up row: small (days × grants × dataset sets), whatever
+/// the ledger's length.
+pub fn usage_rollups(conn: &Connection) -> Result<Vec<UsageRollup>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT day, grant_id, principal, datasets, answered, refused, rows_scanned, bytes_scanned, cpu_ms, cells_released, epsilon, charge_micros FROM rollup_usage",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let grant: String = r.get(1)?;
+        let datasets: String = r.get(3)?;
+        Ok(UsageRollup {
+            day: r.get(0)?,
+            grant: (!grant.is_empty()).then_some(grant),
+            principal: r.get(2)?,
+            datasets: datasets
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect(),
+            answered: r.get::<_, i64>(4)? as u64,
+            refused: r.get::<_, i64>(5)? as u64,
+            rows_scanned: r.get::<_, i64>(6)? as u64,
+            bytes_scanned: r.get::<_, i64>(7)? as u64,
+            cpu_ms: r.get::<_, i64>(8)? as u64,
+            cells_released: r.get::<_, i64>(9)? as u64,
+            epsilon: r.get(10)?,
+            charge_micros: r.get(11)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 /// What a grant used on `day`, from the roll-up: what the daily quotas count.

@@ -35,7 +35,11 @@ impl UsageRecord {
     /// Reads a ledger entry through the typed event; entries other than
     /// queries (and bodies that do not decode) give `None`.
     pub fn from_entry(index: u64, body: &str) -> Option<UsageRecord> {
-        let entry = Entry::decode(body).ok()?;
+        UsageRecord::of(index, Entry::decode(body).ok()?)
+    }
+
+    /// A query entry as a record; other entries give `None`.
+    pub fn of(index: u64, entry: Entry) -> Option<UsageRecord> {
         let LedgerEvent::Query(q) = entry.event else {
             return None;
         };
@@ -84,41 +88,87 @@ pub struct UsageSummary {
     pub charge: String,
 }
 
-pub fn summarize<'a>(records: impl Iterator<Item = &'a UsageRecord>) -> Vec<UsageSummary> {
-    let mut groups: std::collections::BTreeMap<
-        (String, Option<String>, String),
-        (UsageSummary, i128),
-    > = Default::default();
-    for r in records {
-        let key = (r.day.clone(), r.grant_id.clone(), r.principal.clone());
-        let (s, charge) = groups.entry(key).or_insert_with(|| {
-            (
-                UsageSummary {
-                    grant: r.grant_id.clone(),
-                    principal: r.principal.clone(),
-                    day: r.day.clone(),
-                    ..Default::default()
-                },
-                0,
-            )
-        });
-        if r.decision == "answered" {
-            s.queries_answered += 1;
-        } else {
-            s.queries_refused += 1;
+/// Usage summed per (day, grant, principal, datasets read): the roll-up the
+/// append transaction keeps, so usage reports never read the ledger. The
+/// dataset set is kept so owners see exactly the use of their datasets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageRollup {
+    pub day: String,
+    pub grant: Option<String>,
+    pub principal: String,
+    pub datasets: Vec<String>,
+    pub answered: u64,
+    pub refused: u64,
+    pub rows_scanned: u64,
+    pub bytes_scanned: u64,
+    pub cpu_ms: u64,
+    pub cells_released: u64,
+    pub epsilon: f64,
+    pub charge_micros: i64,
+}
+
+impl UsageRollup {
+    /// One query's contribution.
+    pub fn of(r: &UsageRecord) -> UsageRollup {
+        let answered = r.decision == "answered";
+        UsageRollup {
+            day: r.day.clone(),
+            grant: r.grant_id.clone(),
+            principal: r.principal.clone(),
+            datasets: r.datasets.clone(),
+            answered: u64::from(answered),
+            refused: u64::from(!answered),
+            rows_scanned: r.rows_scanned,
+            bytes_scanned: r.bytes_scanned,
+            cpu_ms: r.cpu_ms,
+            cells_released: r.cells_released,
+            epsilon: r.epsilon,
+            charge_micros: r.charge_micros,
         }
-        s.rows_scanned += r.rows_scanned;
-        s.bytes_scanned += r.bytes_scanned;
-        s.cpu_ms += r.cpu_ms;
-        s.cells_released += r.cells_released;
-        s.epsilon += r.epsilon;
-        *charge += r.charge_micros as i128;
+    }
+
+    pub fn add(&mut self, other: &UsageRollup) {
+        self.answered += other.answered;
+        self.refused += other.refused;
+        self.rows_scanned += other.rows_scanned;
+        self.bytes_scanned += other.bytes_scanned;
+        self.cpu_ms += other.cpu_ms;
+        self.cells_released += other.cells_released;
+        self.epsilon += other.epsilon;
+        self.charge_micros += other.charge_micros;
+    }
+}
+
+/// Sums roll-up rows (or single queries, through [`UsageRollup::of`]) per grant and day.
+pub fn summarize<'a>(rows: impl Iterator<Item = &'a UsageRollup>) -> Vec<UsageSummary> {
+    let mut groups: std::collections::BTreeMap<(String, Option<String>, String), UsageRollup> =
+        Default::default();
+    for r in rows {
+        let key = (r.day.clone(), r.grant.clone(), r.principal.clone());
+        groups
+            .entry(key)
+            .or_insert_with(|| UsageRollup {
+                day: r.day.clone(),
+                grant: r.grant.clone(),
+                principal: r.principal.clone(),
+                ..UsageRollup::default()
+            })
+            .add(r);
     }
     groups
         .into_values()
-        .map(|(mut s, charge)| {
-            s.charge = format_money(charge);
-            s
+        .map(|r| UsageSummary {
+            grant: r.grant,
+            principal: r.principal,
+            day: r.day,
+            queries_answered: r.answered,
+            queries_refused: r.refused,
+            rows_scanned: r.rows_scanned,
+            bytes_scanned: r.bytes_scanned,
+            cpu_ms: r.cpu_ms,
+            cells_released: r.cells_released,
+            epsilon: r.epsilon,
+            charge: format_money(r.charge_micros as i128),
         })
         .collect()
 }

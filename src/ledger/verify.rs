@@ -6,6 +6,7 @@
 use crate::ledger::event::Entry;
 use crate::ledger::merkle::{self, Hash};
 use crate::ledger::tables;
+use crate::ledger::usage::{UsageRecord, UsageRollup};
 use crate::ledger::{Receipt, SignedHead, key_id};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -421,6 +422,10 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
     let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
     let mut daily = tables::DailyRollups::new();
     let mut budgets = tables::BudgetRollups::new();
+    let mut usage: std::collections::BTreeMap<
+        (String, Option<String>, String, Vec<String>),
+        UsageRollup,
+    > = Default::default();
     let checked = tables::for_each_stored(conn, |index, body, stored| {
         let entry =
             Entry::decode(body).map_err(|e| format!("{index}:the entry cannot be read: {e}"))?;
@@ -444,6 +449,29 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
         for (budget, eps) in &derived.epsilon {
             *budgets.entry(budget.clone()).or_default() += eps;
         }
+        if let Some(record) = UsageRecord::of(index, entry) {
+            let one = UsageRollup::of(&record);
+            let key = (
+                one.day.clone(),
+                one.grant.clone(),
+                one.principal.clone(),
+                one.datasets.clone(),
+            );
+            usage
+                .entry(key)
+                .or_insert_with(|| UsageRollup {
+                    answered: 0,
+                    refused: 0,
+                    rows_scanned: 0,
+                    bytes_scanned: 0,
+                    cpu_ms: 0,
+                    cells_released: 0,
+                    epsilon: 0.0,
+                    charge_micros: 0,
+                    ..one.clone()
+                })
+                .add(&one);
+        }
         Ok(())
     })
     .map_err(sql)?;
@@ -465,6 +493,30 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
                 key.map_or("?", |k| k.1.as_str())
             ),
         ));
+    }
+    let stored_usage = tables::usage_rollups(conn).map_err(sql)?;
+    let same = |a: &UsageRollup, b: &UsageRollup| {
+        (a.epsilon - b.epsilon).abs() <= 1e-9 * a.epsilon.abs().max(1.0)
+            && UsageRollup {
+                epsilon: 0.0,
+                ..a.clone()
+            } == UsageRollup {
+                epsilon: 0.0,
+                ..b.clone()
+            }
+    };
+    let matches = stored_usage.len() == usage.len()
+        && stored_usage.iter().all(|row| {
+            let key = (
+                row.day.clone(),
+                row.grant.clone(),
+                row.principal.clone(),
+                row.datasets.clone(),
+            );
+            usage.get(&key).is_some_and(|recount| same(recount, row))
+        });
+    if !matches {
+        return Err(fail(None, "the usage roll-up does not match the entries"));
     }
     for budget in budgets.keys().chain(stored_budgets.keys()) {
         let recount = budgets.get(budget).copied().unwrap_or(0.0);

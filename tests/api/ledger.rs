@@ -290,6 +290,15 @@ fn every_kind_of_tampering_is_caught() {
         "privacy budget roll-up",
     );
     tampered(
+        "a flipped usage report roll-up",
+        &|d| {
+            db(d)
+                .execute("UPDATE rollup_usage SET refused = refused + 1", [])
+                .unwrap();
+        },
+        "usage roll-up",
+    );
+    tampered(
         "a flipped daily usage roll-up",
         &|d| {
             db(d)
