@@ -60,13 +60,45 @@ fn fail(index: Option<u64>, reason: impl Into<String>) -> Failure {
     }
 }
 
-/// What was fetched, from either source.
+/// What was read, from either source: the leaf of every entry (recomputed
+/// from its body as the entries stream past; bodies are not kept).
 struct Ledger {
-    /// (index, body, stored leaf hash)
-    entries: Vec<(u64, String, Option<String>)>,
+    leaves: Vec<Hash>,
     heads: Vec<SignedHead>,
     public_key: Vec<u8>,
     remote: Option<Remote>,
+}
+
+/// Entries must come contiguous, each matching its stored leaf hash; progress
+/// goes to stderr every million entries.
+#[derive(Default)]
+struct Leaves {
+    leaves: Vec<Hash>,
+    started: Option<std::time::Instant>,
+}
+
+const PROGRESS_EVERY: usize = 1_000_000;
+
+impl Leaves {
+    fn push(&mut self, index: u64, body: &str, stored: Option<&str>) -> Result<(), Failure> {
+        let started = *self.started.get_or_insert_with(std::time::Instant::now);
+        let expected = self.leaves.len() as u64;
+        if index != expected {
+            return Err(fail(Some(expected), format!("entry {expected} is missing")));
+        }
+        let leaf = merkle::leaf_hash(body.as_bytes());
+        if let Some(stored) = stored
+            && decode_hash(stored) != Some(leaf)
+        {
+            return Err(fail(Some(index), "the entry does not match its leaf hash"));
+        }
+        self.leaves.push(leaf);
+        if self.leaves.len() % PROGRESS_EVERY == 0 {
+            let rate = self.leaves.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!("verify: {} entries read ({rate:.0}/s)", self.leaves.len());
+        }
+        Ok(())
+    }
 }
 
 struct Remote {
@@ -119,22 +151,24 @@ fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> 
     let mut stmt = conn
         .prepare("SELECT idx, body, leaf_hash FROM usage_log ORDER BY idx")
         .map_err(sql)?;
-    let entries = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, String>(1)?,
-                Some(r.get::<_, String>(2)?),
-            ))
-        })
-        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-        .map_err(sql)?;
+    let mut rows = stmt.query([]).map_err(sql)?;
+    let mut leaves = Leaves::default();
+    while let Some(row) = rows.next().map_err(sql)? {
+        let index = row.get::<_, i64>(0).map_err(sql)? as u64;
+        let body = row
+            .get_ref(1)
+            .map_err(sql)?
+            .as_str()
+            .map_err(|e| fail(Some(index), e.to_string()))?;
+        let stored = row.get_ref(2).map_err(sql)?.as_str().ok();
+        leaves.push(index, body, stored)?;
+    }
     let heads = crate::ledger::heads(&conn).map_err(|e| fail(None, e.to_string()))?;
     let key_path = public_key
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("ledger-ed25519.pub"));
     Ok(Ledger {
-        entries,
+        leaves: leaves.leaves,
         heads,
         public_key: read_public_key(&key_path)?,
         remote: None,
@@ -180,7 +214,7 @@ fn load_remote(
         Some(p) => read_public_key(p)?,
         None => served_key,
     };
-    let mut entries = Vec::new();
+    let mut leaves = Leaves::default();
     let mut from = 0u64;
     while from < head.tree_size {
         let page = remote.get(&format!("/v1/audit/entries?from={from}&limit=1000"))?;
@@ -192,17 +226,18 @@ fn load_remote(
             let index = item["index"]
                 .as_u64()
                 .ok_or_else(|| fail(None, "entry without index"))?;
+            if index >= head.tree_size {
+                break;
+            }
             let body = item["body"]
                 .as_str()
-                .ok_or_else(|| fail(Some(index), "entry without body"))?
-                .to_string();
-            entries.push((index, body, item["leaf_hash"].as_str().map(str::to_string)));
+                .ok_or_else(|| fail(Some(index), "entry without body"))?;
+            leaves.push(index, body, item["leaf_hash"].as_str())?;
         }
-        from = entries.last().map_or(from, |(i, _, _)| i + 1);
+        from = leaves.leaves.len() as u64;
     }
-    entries.truncate(head.tree_size as usize);
     Ok(Ledger {
-        entries,
+        leaves: leaves.leaves,
         heads: vec![head],
         public_key,
         remote: Some(remote),
@@ -211,6 +246,7 @@ fn load_remote(
 
 /// Verifies; on success returns a one-line summary.
 pub fn run(options: &Options) -> Result<String, Failure> {
+    let started = std::time::Instant::now();
     let ledger = match &options.source {
         Source::Local(dir) => load_local(dir, options.public_key.as_deref())?,
         Source::Remote { url, key, ca } => {
@@ -247,23 +283,7 @@ pub fn run(options: &Options) -> Result<String, Failure> {
         None => ledger.public_key.clone(),
     };
 
-    // Leaves: contiguous, and each the hash of its body.
-    let mut leaves: Vec<Hash> = Vec::with_capacity(ledger.entries.len());
-    for (expected, (index, body, stored)) in ledger.entries.iter().enumerate() {
-        if *index != expected as u64 {
-            return Err(fail(
-                Some(expected as u64),
-                format!("entry {expected} is missing"),
-            ));
-        }
-        let leaf = merkle::leaf_hash(body.as_bytes());
-        if let Some(stored) = stored
-            && decode_hash(stored) != Some(leaf)
-        {
-            return Err(fail(Some(*index), "the entry does not match its leaf hash"));
-        }
-        leaves.push(leaf);
-    }
+    let leaves = &ledger.leaves;
     let n = leaves.len() as u64;
 
     // Every signed head: signed by the pinned key, and the root of its prefix.
@@ -338,8 +358,9 @@ pub fn run(options: &Options) -> Result<String, Failure> {
         std::fs::write(path, text).map_err(|e| fail(None, format!("cannot write state: {e}")))?;
     }
     let root = hex::encode(merkle::root(&leaves));
+    let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(format!(
-        "ok: {n} entries, {} signed heads verified with key {}, root {root}",
+        "ok: {n} entries, {} signed heads verified with key {}, root {root} ({rate:.0} entries/s)",
         heads.len(),
         key_id(&public_key)
     ))
