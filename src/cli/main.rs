@@ -2,6 +2,7 @@
 //! grants, generate demo data, check manifests and policies.
 
 mod bench;
+mod bench_ledger;
 
 use clap::{Parser, Subcommand};
 use frostglass::api::server::Application;
@@ -105,6 +106,14 @@ enum Command {
         http_clients: usize,
         #[arg(long, default_value_t = 10)]
         http_seconds: u64,
+    },
+    /// The ledger at N entries, appended directly: restart, usage report, proofs, verify (build with --release).
+    BenchLedger {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        /// Where the ledger is made (replaced on every run).
+        #[arg(long, default_value = "/tmp/frostglass-bench-ledger")]
+        work_dir: PathBuf,
     },
     /// Validate every manifest and policy file against schemas/.
     Check {
@@ -247,6 +256,7 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::BenchLedger { entries, work_dir } => bench_ledger::run(entries.max(1), &work_dir),
         Command::Openapi => {
             print!("{}", frostglass::api::openapi::document());
             Ok(())

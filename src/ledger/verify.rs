@@ -247,6 +247,22 @@ fn load_remote(
 /// Verifies; on success returns a one-line summary.
 pub fn run(options: &Options) -> Result<String, Failure> {
     let started = std::time::Instant::now();
+    // Locally, the typed columns and roll-ups beside the entries are
+    // checked too: a second pass, independent of the tree's, on the other core.
+    let columns = match &options.source {
+        Source::Local(dir) => {
+            let db = dir.join("frostglass.db");
+            Some(std::thread::spawn(move || {
+                let conn = rusqlite::Connection::open_with_flags(
+                    db,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .map_err(|e| fail(None, e.to_string()))?;
+                check_columns(&conn)
+            }))
+        }
+        Source::Remote { .. } => None,
+    };
     let ledger = match &options.source {
         Source::Local(dir) => load_local(dir, options.public_key.as_deref())?,
         Source::Remote { url, key, ca } => {
@@ -335,14 +351,10 @@ pub fn run(options: &Options) -> Result<String, Failure> {
         }
     }
 
-    // Locally, the typed columns and roll-ups beside the entries too.
-    if let Source::Local(dir) = &options.source {
-        let conn = rusqlite::Connection::open_with_flags(
-            dir.join("frostglass.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .map_err(|e| fail(None, e.to_string()))?;
-        check_columns(&conn)?;
+    if let Some(columns) = columns {
+        columns
+            .join()
+            .map_err(|_| fail(None, "the column check stopped"))??;
     }
 
     if let Some(path) = &options.receipt {
