@@ -3,13 +3,10 @@
 use super::Authenticated;
 use super::error::ApiError;
 use crate::app::Sandbox;
-use crate::ledger::usage::{UsageRecord, summarize};
+use crate::ledger::usage::summarize;
+use crate::ledger::usage_table::UsageTable;
 use crate::store::Role;
 use actix_web::{HttpResponse, web};
-use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, UInt64Array};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::datasource::MemTable;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -18,17 +15,6 @@ use utoipa::ToSchema;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/usage", web::get().to(usage))
         .route("/audit/sql", web::post().to(audit_sql));
-}
-
-async fn records(sandbox: &web::Data<Sandbox>) -> Result<Vec<UsageRecord>, ApiError> {
-    let sandbox = sandbox.clone();
-    let entries = web::block(move || sandbox.ledger.entries(0, u64::MAX >> 1))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(entries
-        .iter()
-        .filter_map(|(i, body, _)| UsageRecord::from_entry(*i, body))
-        .collect())
 }
 
 /// Metered use per grant and day
@@ -62,65 +48,11 @@ struct AuditSql {
     sql: String,
 }
 
-fn usage_batch(records: &[UsageRecord]) -> Result<RecordBatch, ApiError> {
-    let text = |f: &dyn Fn(&UsageRecord) -> Option<String>| -> ArrayRef {
-        Arc::new(StringArray::from(records.iter().map(f).collect::<Vec<_>>()))
-    };
-    let count = |f: &dyn Fn(&UsageRecord) -> u64| -> ArrayRef {
-        Arc::new(UInt64Array::from(records.iter().map(f).collect::<Vec<_>>()))
-    };
-    let schema = Schema::new(vec![
-        Field::new("ledger_index", DataType::UInt64, false),
-        Field::new("at", DataType::Utf8, true),
-        Field::new("day", DataType::Utf8, true),
-        Field::new("principal", DataType::Utf8, true),
-        Field::new("grant_id", DataType::Utf8, true),
-        Field::new("purpose", DataType::Utf8, true),
-        Field::new("datasets", DataType::Utf8, true),
-        Field::new("decision", DataType::Utf8, true),
-        Field::new("code", DataType::Utf8, true),
-        Field::new("rule", DataType::Utf8, true),
-        Field::new("rows_scanned", DataType::UInt64, false),
-        Field::new("bytes_scanned", DataType::UInt64, false),
-        Field::new("cpu_ms", DataType::UInt64, false),
-        Field::new("wall_ms", DataType::UInt64, false),
-        Field::new("groups_released", DataType::UInt64, false),
-        Field::new("groups_suppressed", DataType::UInt64, false),
-        Field::new("cells_released", DataType::UInt64, false),
-        Field::new("epsilon", DataType::Float64, false),
-        Field::new("charge_micros", DataType::Int64, false),
-    ]);
-    let columns: Vec<ArrayRef> = vec![
-        count(&|r| r.ledger_index),
-        text(&|r| Some(r.at.clone())),
-        text(&|r| Some(r.day.clone())),
-        text(&|r| Some(r.principal.clone())),
-        text(&|r| r.grant_id.clone()),
-        text(&|r| r.purpose.clone()),
-        text(&|r| Some(r.datasets.join(","))),
-        text(&|r| Some(r.decision.clone())),
-        text(&|r| r.code.clone()),
-        text(&|r| r.rule.clone()),
-        count(&|r| r.rows_scanned),
-        count(&|r| r.bytes_scanned),
-        count(&|r| r.cpu_ms),
-        count(&|r| r.wall_ms),
-        count(&|r| r.groups_released),
-        count(&|r| r.groups_suppressed),
-        count(&|r| r.cells_released),
-        Arc::new(Float64Array::from(
-            records.iter().map(|r| r.epsilon).collect::<Vec<_>>(),
-        )),
-        Arc::new(Int64Array::from(
-            records.iter().map(|r| r.charge_micros).collect::<Vec<_>>(),
-        )),
-    ];
-    RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| ApiError::internal(e.to_string()))
-}
-
 /// SQL over usage metadata (table `usage`), never over datasets
 ///
-/// The session holds that one table and nothing else.
+/// The session holds that one table and nothing else: one row per query
+/// entry, read from the ledger's typed rows with filters, projection and
+/// LIMIT pushed down, at most a million rows read per request.
 #[utoipa::path(post, path = "/v1/audit/sql", tag = "audit", request_body = AuditSql, responses((status = 200, description = "OK", body = Object)))]
 async fn audit_sql(
     sandbox: web::Data<Sandbox>,
@@ -134,9 +66,7 @@ async fn audit_sql(
     }
     let request: AuditSql = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))?;
-    let batch = usage_batch(&records(&sandbox).await?)?;
-    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let table = UsageTable::new(&sandbox.settings.data_dir);
     let sandbox = sandbox.into_inner();
     let job = {
         let sandbox = sandbox.clone();

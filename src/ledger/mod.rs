@@ -13,6 +13,7 @@ pub mod event;
 pub mod merkle;
 pub mod tables;
 pub mod usage;
+pub mod usage_table;
 pub mod verify;
 
 use crate::util::sha256_hex;

@@ -93,7 +93,7 @@ CREATE TABLE IF NOT EXISTS ledger_state (
 
 /// `PRAGMA user_version` once the typed columns, roll-ups and stored tree
 /// nodes exist.
-const TYPED_COLUMNS_VERSION: i64 = 4;
+const TYPED_COLUMNS_VERSION: i64 = 5;
 
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
@@ -126,6 +126,7 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
         }
     }
     tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(super::usage_table::SCHEMA)?;
     if old_log {
         backfill(&tx)?;
         store_nodes_of_existing_leaves(&tx)?;
@@ -138,7 +139,7 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
 /// Derives every entry's columns and the roll-ups from the bodies.
 fn backfill(conn: &Connection) -> Result<(), LedgerError> {
     conn.execute_batch(
-        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests; DELETE FROM rollup_usage;",
+        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests; DELETE FROM rollup_usage; DELETE FROM query_usage; DELETE FROM ledger_state WHERE key = 'query_entries';",
     )?;
     let bodies: Vec<(i64, String)> = conn
         .prepare("SELECT idx, body FROM usage_log ORDER BY idx")?
@@ -311,6 +312,7 @@ fn write_derived(
     }
     if let Some(record) = UsageRecord::of(idx as u64, entry.clone()) {
         add_usage(conn, &UsageRollup::of(&record))?;
+        super::usage_table::insert(conn, &record)?;
     }
     if let super::event::LedgerEvent::DatasetRegistered {
         dataset,

@@ -290,6 +290,18 @@ fn every_kind_of_tampering_is_caught() {
         "privacy budget roll-up",
     );
     tampered(
+        "a usage row column changed beside its entry",
+        &|d| {
+            db(d)
+                .execute(
+                    "UPDATE query_usage SET decision = 'answered' WHERE ledger_index = 13",
+                    [],
+                )
+                .unwrap();
+        },
+        "stored usage row does not match",
+    );
+    tampered(
         "a flipped usage report roll-up",
         &|d| {
             db(d)

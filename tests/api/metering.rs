@@ -101,6 +101,26 @@ fn auditors_run_sql_over_usage_metadata_only() {
             ["refused", "aggregation_required", 1]
         ])
     );
+    // A bare count (from the counter), pushed filters and a limit agree with the rows.
+    let count = |sql: &str| ask(auditor, sql).json()["rows"][0][0].clone();
+    assert_eq!(count("SELECT COUNT(*) FROM usage"), json!(2));
+    assert_eq!(
+        count("SELECT COUNT(*) FROM usage WHERE decision = 'refused'"),
+        json!(1)
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM usage WHERE principal = 'buyer:acme' AND ledger_index >= 0"),
+        json!(2)
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM usage WHERE decision = 'nothing'"),
+        json!(0)
+    );
+    let first = ask(
+        auditor,
+        "SELECT decision FROM usage ORDER BY ledger_index LIMIT 1",
+    );
+    assert_eq!(first.json()["rows"], json!([["answered"]]));
     // Datasets are not reachable from the audit session.
     let r = ask(auditor, "SELECT COUNT(*) FROM city_health");
     assert_eq!(r.code().as_deref(), Some("sql_error"), "{}", r.text());
