@@ -6,6 +6,7 @@ use frostglass::accounting::Usage;
 use frostglass::app::admin;
 use frostglass::ledger::event::{Decision, LedgerEvent, QueryEvent};
 use frostglass::ledger::usage::summarize;
+use frostglass::ledger::usage_table::UsageTable;
 use frostglass::ledger::{Ledger, NewEntry, Writer, merkle, open_connection, tables, verify};
 use std::path::Path;
 use std::time::Instant;
@@ -54,12 +55,16 @@ fn ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
-pub fn run(entries: u64, work_dir: &Path) -> Result<(), String> {
+pub fn run(entries: u64, work_dir: &Path, reuse: bool) -> Result<(), String> {
     let err = |e: frostglass::ledger::LedgerError| e.to_string();
-    let _ = std::fs::remove_dir_all(work_dir);
+    if !reuse {
+        let _ = std::fs::remove_dir_all(work_dir);
+    }
     let mut writer = admin::open(work_dir).map_err(err)?;
     let fill = Instant::now();
-    let mut done = 0;
+    // With `reuse`, a ledger already there counts towards the entries.
+    let mut done = writer.view().lock().map_or(0, |v| v.frontier.len());
+    let had = done;
     while done < entries {
         let n = BATCH.min(entries - done);
         writer
@@ -70,7 +75,7 @@ pub fn run(entries: u64, work_dir: &Path) -> Result<(), String> {
             eprintln!("bench-ledger: {done} entries appended");
         }
     }
-    let append_per_s = entries as f64 / fill.elapsed().as_secs_f64();
+    let append_per_s = (done - had) as f64 / fill.elapsed().as_secs_f64();
     drop(writer);
     // The first open after the fill verifies everything once and records the checkpoint.
     let first = Instant::now();
@@ -89,6 +94,28 @@ pub fn run(entries: u64, work_dir: &Path) -> Result<(), String> {
     let usage = Instant::now();
     let report = summarize(ledger.usage_rollups().map_err(err)?.iter());
     let usage_ms = ms(usage);
+
+    let audit = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let count_sql = |sql: &'static str| -> Result<(f64, String), String> {
+        audit.block_on(async {
+            let ctx = datafusion::prelude::SessionContext::new();
+            ctx.register_table("usage", std::sync::Arc::new(UsageTable::new(work_dir)))
+                .map_err(|e| e.to_string())?;
+            let started = Instant::now();
+            let batches = ctx
+                .sql(sql)
+                .await
+                .and_then(|df| futures::executor::block_on(df.collect()))
+                .map_err(|e| e.to_string())?;
+            let shown = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                .map_err(|e| e.to_string())?
+                .to_string();
+            Ok((ms(started), shown.lines().nth(3).unwrap_or("").to_string()))
+        })
+    };
+    let (audit_count_ms, _) = count_sql("SELECT COUNT(*) FROM usage")?;
+    let (audit_count_refused_ms, _) =
+        count_sql("SELECT COUNT(*) FROM usage WHERE decision = 'refused'")?;
 
     let size = ledger.size();
     let conn = open_connection(work_dir).map_err(err)?;
@@ -120,6 +147,8 @@ pub fn run(entries: u64, work_dir: &Path) -> Result<(), String> {
         "restart_ms": restart_ms,
         "usage_report_ms": usage_ms,
         "usage_report_rows": report.len(),
+        "audit_count_ms": audit_count_ms,
+        "audit_count_where_ms": audit_count_refused_ms,
         "inclusion_proof_ms": inclusion_ms,
         "inclusion_proof_node_reads": inclusion_reads,
         "inclusion_proof_len": path.len(),

@@ -111,9 +111,12 @@ enum Command {
     BenchLedger {
         #[arg(long, default_value_t = 1_000_000)]
         entries: u64,
-        /// Where the ledger is made (replaced on every run).
+        /// Where the ledger is made (replaced on every run, unless --reuse).
         #[arg(long, default_value = "/tmp/frostglass-bench-ledger")]
         work_dir: PathBuf,
+        /// Keep a ledger already in the work folder and fill it up to --entries.
+        #[arg(long)]
+        reuse: bool,
     },
     /// Validate every manifest and policy file against schemas/.
     Check {
@@ -256,7 +259,11 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
-        Command::BenchLedger { entries, work_dir } => bench_ledger::run(entries.max(1), &work_dir),
+        Command::BenchLedger {
+            entries,
+            work_dir,
+            reuse,
+        } => bench_ledger::run(entries.max(1), &work_dir, reuse),
         Command::Openapi => {
             print!("{}", frostglass::api::openapi::document());
             Ok(())

@@ -445,24 +445,50 @@ pub fn for_each_stored(
     conn: &Connection,
     mut each: impl FnMut(u64, &str, StoredRow) -> Result<(), String>,
 ) -> Result<Result<(), String>, LedgerError> {
-    let mut eps: HashMap<i64, Vec<(String, f64)>> = HashMap::new();
-    {
-        let mut stmt =
-            conn.prepare("SELECT idx, budget, epsilon FROM usage_epsilon ORDER BY idx, rowid")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            eps.entry(r.get(0)?)
-                .or_default()
-                .push((r.get(1)?, r.get(2)?));
-        }
-    }
-    let mut stmt = conn.prepare(
-        "SELECT idx, body, created_at, kind, principal, grant_id, decision, day, queries, rows_scanned, bytes_scanned, charge_micros FROM usage_log ORDER BY idx",
-    )?;
+    // Three streams in index order, merged: the entries with their typed
+    // usage rows (a join on the primary key), and the epsilon rows.
+    let mut eps_stmt =
+        conn.prepare("SELECT idx, budget, epsilon FROM usage_epsilon ORDER BY idx, rowid")?;
+    let mut eps_rows = eps_stmt.query([])?;
+    let mut pending: Option<(i64, String, f64)> = None;
+    let usage_columns = super::usage_table::column_list("q.");
+    let mut stmt = conn.prepare(&format!(
+        "SELECT l.idx, l.body, l.created_at, l.kind, l.principal, l.grant_id, l.decision, l.day, l.queries, l.rows_scanned, l.bytes_scanned, l.charge_micros, q.ledger_index IS NOT NULL, {usage_columns}
+         FROM usage_log l LEFT JOIN query_usage q ON q.ledger_index = l.idx ORDER BY l.idx"
+    ))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let idx: i64 = r.get(0)?;
         let body: String = r.get(1)?;
+        let mut epsilon = Vec::new();
+        loop {
+            if pending.is_none() {
+                pending = match eps_rows.next()? {
+                    Some(e) => Some((e.get(0)?, e.get(1)?, e.get(2)?)),
+                    None => None,
+                };
+            }
+            match pending.take() {
+                Some((i, budget, eps)) if i == idx => epsilon.push((budget, eps)),
+                Some(later) if later.0 > idx => {
+                    pending = Some(later);
+                    break;
+                }
+                // An epsilon row of no entry: it shows up as a mismatch of
+                // the entry before, or is skipped past here.
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let usage = if r.get::<_, bool>(12)? {
+            Some(
+                (13..13 + super::usage_table::COLUMN_COUNT)
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        } else {
+            None
+        };
         let stored = StoredRow {
             created_at: r.get(2)?,
             kind: r.get(3)?,
@@ -474,7 +500,8 @@ pub fn for_each_stored(
             rows_scanned: r.get(9)?,
             bytes_scanned: r.get(10)?,
             charge_micros: r.get(11)?,
-            epsilon: eps.remove(&idx).unwrap_or_default(),
+            epsilon,
+            usage,
         };
         if let Err(e) = each(idx as u64, &body, stored) {
             return Ok(Err(e));
@@ -497,6 +524,8 @@ pub struct StoredRow {
     pub bytes_scanned: i64,
     pub charge_micros: i64,
     pub epsilon: Vec<(String, f64)>,
+    /// The typed usage row of a query entry (`usage_table`), if any.
+    pub usage: Option<Vec<rusqlite::types::Value>>,
 }
 
 impl StoredRow {

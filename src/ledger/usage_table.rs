@@ -16,7 +16,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -128,18 +128,17 @@ pub fn insert(conn: &Connection, r: &UsageRecord) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The stored row of entry `index`, as `verify` compares it.
-pub fn stored(conn: &Connection, index: u64) -> rusqlite::Result<Option<Vec<Value>>> {
-    use rusqlite::OptionalExtension;
-    let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-    conn.prepare_cached(&format!(
-        "SELECT {} FROM query_usage WHERE ledger_index = ?1",
-        names.join(", ")
-    ))?
-    .query_row(params![index as i64], |row| {
-        (0..COLUMNS.len()).map(|i| row.get::<_, Value>(i)).collect()
-    })
-    .optional()
+/// How many columns a row has.
+pub const COLUMN_COUNT: usize = COLUMNS.len();
+
+/// The column names, each prefixed (`q.ledger_index, q.at, …`), for queries
+/// that read the rows beside others (`verify`).
+pub fn column_list(prefix: &str) -> String {
+    COLUMNS
+        .iter()
+        .map(|(n, _)| format!("{prefix}{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What the row of a record should be.

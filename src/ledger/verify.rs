@@ -483,9 +483,7 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
             *budgets.entry(budget.clone()).or_default() += eps;
         }
         if let Some(record) = UsageRecord::of(index, entry) {
-            let row = crate::ledger::usage_table::stored(conn, index)
-                .map_err(|e| format!("{index}:{e}"))?;
-            if row != Some(crate::ledger::usage_table::expected(&record)) {
+            if stored.usage != Some(crate::ledger::usage_table::expected(&record)) {
                 return Err(format!(
                     "{index}:the stored usage row does not match the entry"
                 ));
