@@ -66,7 +66,10 @@ async fn audit_sql(
     }
     let request: AuditSql = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))?;
-    let table = UsageTable::new(&sandbox.settings.data_dir);
+    let table = UsageTable::new(
+        &sandbox.settings.data_dir,
+        std::time::Duration::from_millis(sandbox.settings.limits.query_timeout_ms),
+    );
     let sandbox = sandbox.into_inner();
     let job = {
         let sandbox = sandbox.clone();

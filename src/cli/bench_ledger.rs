@@ -99,8 +99,14 @@ pub fn run(entries: u64, work_dir: &Path, reuse: bool) -> Result<(), String> {
     let count_sql = |sql: &'static str| -> Result<(f64, String), String> {
         audit.block_on(async {
             let ctx = datafusion::prelude::SessionContext::new();
-            ctx.register_table("usage", std::sync::Arc::new(UsageTable::new(work_dir)))
-                .map_err(|e| e.to_string())?;
+            ctx.register_table(
+                "usage",
+                std::sync::Arc::new(UsageTable::new(
+                    work_dir,
+                    std::time::Duration::from_secs(60),
+                )),
+            )
+            .map_err(|e| e.to_string())?;
             let started = Instant::now();
             let batches = ctx
                 .sql(sql)

@@ -93,7 +93,7 @@ CREATE TABLE IF NOT EXISTS ledger_state (
 
 /// `PRAGMA user_version` once the typed columns, roll-ups and stored tree
 /// nodes exist.
-const TYPED_COLUMNS_VERSION: i64 = 5;
+const TYPED_COLUMNS_VERSION: i64 = 6;
 
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
@@ -127,8 +127,12 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
     }
     tx.execute_batch(SCHEMA)?;
     tx.execute_batch(super::usage_table::SCHEMA)?;
-    if old_log {
+    // What each version added over the one before: 2 typed columns, 3 tree
+    // nodes, 4 the usage roll-up, 5 typed usage rows (6 only an index).
+    if old_log && version < 5 {
         backfill(&tx)?;
+    }
+    if old_log && version < 3 {
         store_nodes_of_existing_leaves(&tx)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {TYPED_COLUMNS_VERSION}"))?;

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS query_usage (
 CREATE INDEX IF NOT EXISTS query_usage_day ON query_usage (day);
 CREATE INDEX IF NOT EXISTS query_usage_principal ON query_usage (principal, day);
 CREATE INDEX IF NOT EXISTS query_usage_grant ON query_usage (grant_id, day);
+CREATE INDEX IF NOT EXISTS query_usage_decision ON query_usage (decision, rule);
 "#;
 
 #[derive(Clone, Copy)]
@@ -168,13 +169,18 @@ pub fn schema() -> SchemaRef {
 pub struct UsageTable {
     db: PathBuf,
     schema: SchemaRef,
+    /// How long one read of the ledger may take before SQLite is interrupted
+    /// (a scan over an unindexed column of a long ledger; the request's own
+    /// timeout cannot stop a blocking read).
+    time_limit: std::time::Duration,
 }
 
 impl UsageTable {
-    pub fn new(data_dir: &std::path::Path) -> UsageTable {
+    pub fn new(data_dir: &std::path::Path, time_limit: std::time::Duration) -> UsageTable {
         UsageTable {
             db: data_dir.join("frostglass.db"),
             schema: schema(),
+            time_limit,
         }
     }
 }
@@ -219,10 +225,31 @@ fn read(
     columns: &[usize],
     filters: &[(String, Value)],
     limit: Option<usize>,
+    time_limit: std::time::Duration,
 ) -> Result<Vec<RecordBatch>> {
-    let sql_err = |e: rusqlite::Error| DataFusionError::External(Box::new(e));
+    let deadline = std::time::Instant::now() + time_limit;
+    let sql_err = move |e: rusqlite::Error| {
+        if std::time::Instant::now() > deadline {
+            DataFusionError::ResourcesExhausted(format!(
+                "an audit query may read the ledger for {} ms; filter by day, principal, grant or decision",
+                time_limit.as_millis()
+            ))
+        } else {
+            DataFusionError::External(Box::new(e))
+        }
+    };
     let conn =
         Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql_err)?;
+    // The request's timeout cannot stop a blocking read: a watchdog
+    // interrupts SQLite at the deadline, unless the read ends first (the
+    // sender is dropped with this function).
+    let (_reading, done) = std::sync::mpsc::channel::<()>();
+    let interrupt = conn.get_interrupt_handle();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(time_limit) {
+            interrupt.interrupt();
+        }
+    });
     let clause = if filters.is_empty() {
         String::new()
     } else {
@@ -356,10 +383,17 @@ impl TableProvider for UsageTable {
             .cloned()
             .unwrap_or_else(|| (0..COLUMNS.len()).collect());
         let filters: Vec<(String, Value)> = filters.iter().filter_map(pushed).collect();
-        let (db, schema) = (self.db.clone(), self.schema.clone());
+        let (db, schema, time_limit) = (self.db.clone(), self.schema.clone(), self.time_limit);
         let projected_columns = columns.clone();
         let batches = tokio::task::spawn_blocking(move || {
-            read(&db, &schema, &projected_columns, &filters, limit)
+            read(
+                &db,
+                &schema,
+                &projected_columns,
+                &filters,
+                limit,
+                time_limit,
+            )
         })
         .await
         .map_err(|e| DataFusionError::External(Box::new(e)))??;
