@@ -29,7 +29,6 @@ CREATE TABLE IF NOT EXISTS usage_log (
     bytes_scanned INTEGER NOT NULL DEFAULT 0,
     charge_micros INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS usage_log_grant_day ON usage_log (grant_id, decision, created_at);
 CREATE TABLE IF NOT EXISTS usage_epsilon (
     idx INTEGER NOT NULL REFERENCES usage_log(idx),
     budget TEXT NOT NULL,
@@ -93,7 +92,7 @@ CREATE TABLE IF NOT EXISTS ledger_state (
 
 /// `PRAGMA user_version` once the typed columns, roll-ups and stored tree
 /// nodes exist.
-const TYPED_COLUMNS_VERSION: i64 = 6;
+const TYPED_COLUMNS_VERSION: i64 = 7;
 
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
@@ -128,7 +127,11 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
     tx.execute_batch(SCHEMA)?;
     tx.execute_batch(super::usage_table::SCHEMA)?;
     // What each version added over the one before: 2 typed columns, 3 tree
-    // nodes, 4 the usage roll-up, 5 typed usage rows (6 only an index).
+    // nodes, 4 the usage roll-up, 5 typed usage rows (6 an index; 7 dropped
+    // indexes no read uses, each a write per entry).
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS usage_log_grant_day; DROP INDEX IF EXISTS query_usage_principal; DROP INDEX IF EXISTS query_usage_grant;",
+    )?;
     if old_log && version < 5 {
         backfill(&tx)?;
     }

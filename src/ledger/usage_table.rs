@@ -46,8 +46,6 @@ CREATE TABLE IF NOT EXISTS query_usage (
     charge_micros INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS query_usage_day ON query_usage (day);
-CREATE INDEX IF NOT EXISTS query_usage_principal ON query_usage (principal, day);
-CREATE INDEX IF NOT EXISTS query_usage_grant ON query_usage (grant_id, day);
 CREATE INDEX IF NOT EXISTS query_usage_decision ON query_usage (decision, rule);
 "#;
 
