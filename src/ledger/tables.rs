@@ -317,7 +317,7 @@ fn write_derived(
             params![grant, c.day, c.queries as i64, c.rows_scanned as i64, c.bytes_scanned as i64, c.charge_micros],
         )?;
     }
-    if let Some(record) = UsageRecord::of(idx as u64, entry.clone()) {
+    if let Some(record) = UsageRecord::of(idx as u64, entry) {
         add_usage(conn, &UsageRollup::of(&record))?;
         super::usage_table::insert(conn, &record)?;
     }

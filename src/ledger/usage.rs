@@ -35,30 +35,30 @@ impl UsageRecord {
     /// Reads a ledger entry through the typed event; entries other than
     /// queries (and bodies that do not decode) give `None`.
     pub fn from_entry(index: u64, body: &str) -> Option<UsageRecord> {
-        UsageRecord::of(index, Entry::decode(body).ok()?)
+        UsageRecord::of(index, &Entry::decode(body).ok()?)
     }
 
     /// A query entry as a record; other entries give `None`.
-    pub fn of(index: u64, entry: Entry) -> Option<UsageRecord> {
-        let LedgerEvent::Query(q) = entry.event else {
+    pub fn of(index: u64, entry: &Entry) -> Option<UsageRecord> {
+        let LedgerEvent::Query(q) = &entry.event else {
             return None;
         };
-        let usage = q.usage.unwrap_or_default();
+        let usage = q.usage.clone().unwrap_or_default();
         Some(UsageRecord {
             ledger_index: index,
             day: crate::util::day_of(&entry.at).to_string(),
-            at: entry.at,
-            principal: q.principal,
-            grant_id: q.grant,
-            purpose: q.purpose,
-            datasets: q.datasets.into_iter().collect(),
+            at: entry.at.clone(),
+            principal: q.principal.clone(),
+            grant_id: q.grant.clone(),
+            purpose: q.purpose.clone(),
+            datasets: q.datasets.iter().cloned().collect(),
             decision: match q.decision {
                 Decision::Answered => "answered",
                 Decision::Refused => "refused",
             }
             .to_string(),
-            code: q.code,
-            rule: q.rule,
+            code: q.code.clone(),
+            rule: q.rule.clone(),
             rows_scanned: usage.rows_scanned,
             bytes_scanned: usage.bytes_scanned,
             cpu_ms: usage.cpu_ms,

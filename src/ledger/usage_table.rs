@@ -110,14 +110,16 @@ fn values(r: &UsageRecord) -> [Value; 19] {
 
 /// Stores a query entry's row and counts it (in the append transaction).
 pub fn insert(conn: &Connection, r: &UsageRecord) -> rusqlite::Result<()> {
-    let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-    let marks: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
-        "INSERT INTO query_usage ({}) VALUES ({})",
-        names.join(", "),
-        marks.join(", ")
-    );
-    conn.prepare_cached(&sql)?
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        let marks: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("?{i}")).collect();
+        format!(
+            "INSERT INTO query_usage ({}) VALUES ({})",
+            column_list(""),
+            marks.join(", ")
+        )
+    });
+    conn.prepare_cached(sql)?
         .execute(rusqlite::params_from_iter(values(r)))?;
     conn.prepare_cached(
         "INSERT INTO ledger_state (key, value) VALUES ('query_entries', 1)

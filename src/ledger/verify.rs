@@ -482,7 +482,7 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
         for (budget, eps) in &derived.epsilon {
             *budgets.entry(budget.clone()).or_default() += eps;
         }
-        if let Some(record) = UsageRecord::of(index, entry) {
+        if let Some(record) = UsageRecord::of(index, &entry) {
             if stored.usage != Some(crate::ledger::usage_table::expected(&record)) {
                 return Err(format!(
                     "{index}:the stored usage row does not match the entry"

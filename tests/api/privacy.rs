@@ -137,11 +137,19 @@ fn one_person_with_many_rows_moves_a_sum_only_by_the_bound() {
         visits > 100.0,
         "the demo data has a heavy visitor ({visits})"
     );
-    let r = app.query(&format!(
-        "SELECT district, COUNT(*) FROM city_health WHERE district = '{district}' GROUP BY district"
-    ));
-    assert_eq!(r.status, 200, "{}", r.text());
-    let doc = r.json();
+    // The district sits near the noisy selection threshold at the test
+    // scale: when it is held back, ask again with a plan of its own (fresh
+    // noise); the bound is checked on the first released answer.
+    let doc = (0..5)
+        .map(|attempt| {
+            let r = app.query(&format!(
+                "SELECT district, COUNT(*) AS n{attempt} FROM city_health WHERE district = '{district}' GROUP BY district"
+            ));
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()
+        })
+        .find(|doc| !doc["rows"][0].is_null())
+        .expect("the district is released in one of five asks");
     let released = doc["rows"][0][1].as_f64().unwrap();
     let b = doc["release"]["noise"]["columns"][0]["scale"]
         .as_f64()
