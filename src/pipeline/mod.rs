@@ -249,6 +249,9 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
     let (mut released_groups, mut suppressed_groups) = (0u64, Some(0u64));
     let mut min_group_size: Option<u64> = None;
     let mut noise = Vec::new();
+    // Noise is reported under the names the buyer reads (`visits`), not
+    // the engine's (`count(Int64(1))`).
+    let output_names = release::output_names(&p.gated.split.upper);
     for job in &p.gated.split.jobs {
         // Groups before release only bound memory; the owner's max_groups
         // applies to what is released (a count the answer shows anyway).
@@ -269,7 +272,9 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
                     release_dp(batches, dp_job.clone(), job.schema.clone()).await?;
                 released_groups += count;
                 suppressed_groups = None;
-                noise.push(serde_json::to_value(dp_job.report(&job.schema)).unwrap_or_default());
+                let mut report = dp_job.report(&job.schema);
+                report.name_columns(&output_names);
+                noise.push(serde_json::to_value(report).unwrap_or_default());
                 released
             }
         };

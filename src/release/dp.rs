@@ -403,6 +403,17 @@ pub struct Report {
     pub columns: Vec<ColumnNoise>,
 }
 
+impl Report {
+    /// Names each column as the answer does, where `names` knows it.
+    pub fn name_columns(&mut self, names: &std::collections::HashMap<String, String>) {
+        for c in &mut self.columns {
+            if let Some(name) = names.get(&c.column) {
+                c.column = name.clone();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ColumnNoise {
     pub column: String,

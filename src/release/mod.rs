@@ -20,7 +20,7 @@ mod summary;
 pub use batches::{fill, in_key_order, threshold};
 pub use consent::filter_consent;
 use split::base_column;
-pub use split::split;
+pub use split::{output_names, split};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Refusal};

@@ -554,6 +554,28 @@ fn joined_on_unit(
     in_on || in_filter || conditions.iter().any(is_unit_equality)
 }
 
+/// The answer's name of each column the plan above the releases passes on
+/// unchanged (`count(Int64(1)) AS visits` → `count(Int64(1))` ↦ `visits`):
+/// read from its outermost projection.
+pub fn output_names(upper: &LogicalPlan) -> std::collections::HashMap<String, String> {
+    let mut plan = upper;
+    while !matches!(plan, LogicalPlan::Projection(_)) {
+        match plan.inputs().first() {
+            Some(input) => plan = input,
+            None => return Default::default(),
+        }
+    }
+    let mut names = std::collections::HashMap::new();
+    if let LogicalPlan::Projection(p) = plan {
+        for (e, field) in p.expr.iter().zip(p.schema.fields()) {
+            if let Expr::Column(c) = strip_alias(e) {
+                names.insert(c.name.clone(), field.name().clone());
+            }
+        }
+    }
+    names
+}
+
 /// Placeholders of released outputs are scans of tables named so.
 const SLOT_PREFIX: &str = "__fg_release_";
 
