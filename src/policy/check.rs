@@ -48,8 +48,10 @@ struct SourceCol {
 
 /// The raw dataset columns an output field of a plan node derives from.
 /// Aggregate outputs have none: from there on values are aggregates.
+/// `.1`: whether the value was computed from them (an expression below,
+/// in a derived table or CTE), not merely passed on.
 #[derive(Debug, Clone, Default)]
-struct Lineage(Vec<SourceCol>);
+struct Lineage(Vec<SourceCol>, bool);
 
 impl Lineage {
     fn merge(&mut self, other: &Lineage) {
@@ -58,6 +60,7 @@ impl Lineage {
                 self.0.push(s.clone());
             }
         }
+        self.1 |= other.1;
     }
 }
 
@@ -358,15 +361,18 @@ impl<'a> Checker<'a> {
                     dataset.id()
                 ))
             })?;
-            fields.push(Lineage(vec![SourceCol {
-                dataset: dataset_id.clone(),
-                column: Arc::from(spec.name.as_str()),
-                class: spec.class,
-                joinable: spec.joinable,
-                guarded,
-                consent: dataset.manifest.consent_column.as_deref() == Some(spec.name.as_str()),
-                scan: scan_id,
-            }]));
+            fields.push(Lineage(
+                vec![SourceCol {
+                    dataset: dataset_id.clone(),
+                    column: Arc::from(spec.name.as_str()),
+                    class: spec.class,
+                    joinable: spec.joinable,
+                    guarded,
+                    consent: dataset.manifest.consent_column.as_deref() == Some(spec.name.as_str()),
+                    scan: scan_id,
+                }],
+                false,
+            ));
         }
         if !scan.filters.is_empty() {
             let scope = Scope {
@@ -473,7 +479,14 @@ impl<'a> Checker<'a> {
     ) -> Result<(), Error> {
         let name = f.func.name().to_ascii_lowercase();
         for arg in &f.params.args {
-            if !matches!(strip_alias(arg), Expr::Column(_) | Expr::Literal(..)) {
+            // A column a derived table or CTE computed counts as the
+            // expression it is.
+            let bare = match strip_alias(arg) {
+                Expr::Literal(..) => true,
+                Expr::Column(_) => !self.lineage(arg, scope)?.1,
+                _ => false,
+            };
+            if !bare {
                 return Err(Refusal::new(
                     "aggregate_argument_not_bare",
                     format!(
@@ -651,6 +664,12 @@ impl<'a> Checker<'a> {
             }
             Ok(TreeNodeRecursion::Continue)
         });
+        if !matches!(
+            strip_alias(e),
+            Expr::Column(_) | Expr::OuterReferenceColumn(..)
+        ) {
+            out.1 = true;
+        }
         match failure {
             Some(err) => Err(err),
             None => Ok(out),

@@ -55,6 +55,9 @@ fn an_error_oracle_cannot_find_a_value() {
         "SELECT district, SUM(CAST(cost AS TINYINT)) FROM city_health GROUP BY district",
         "SELECT COUNT(CAST(district AS INT)) FROM city_health",
         "SELECT district, SUM(cost / (cost - 37)) FROM city_health GROUP BY district",
+        // The same expressions hidden behind a derived table's or a CTE's column.
+        "SELECT gender, COUNT(x) FROM (SELECT gender, CAST(district AS INT) AS x FROM city_health) t GROUP BY gender",
+        "WITH t AS (SELECT gender, cost / (cost - 37) AS x FROM city_health) SELECT gender, SUM(x) FROM t GROUP BY gender",
     ] {
         let r = app.ask(&key, json!({ "sql": sql }));
         assert_eq!(
