@@ -115,7 +115,7 @@ impl Sandbox {
 async fn record_registrations(ledger: &Ledger, catalog: &Catalog) -> Result<(), StartError> {
     let recorded = ledger.registered_manifests()?;
     for d in catalog.datasets.values() {
-        let digest = d.manifest_sha256();
+        let digest = d.manifest_sha256.clone();
         if recorded.get(d.id()) == Some(&digest) {
             continue;
         }

@@ -235,6 +235,8 @@ pub struct Dataset {
     /// Size of the data on disk; with `num_rows`, what a scan is metered as.
     pub num_bytes: u64,
     pub manifest_path: PathBuf,
+    /// The SHA-256 of the manifest as registered (the ledger records it).
+    pub manifest_sha256: String,
     /// Groupable columns that hold one value per privacy unit, measured at
     /// registration; valid while the data on disk is unchanged (`fingerprint`).
     pub unit_constant: BTreeSet<String>,
@@ -267,22 +269,13 @@ fn fingerprint(path: &Path) -> Fingerprint {
 }
 
 impl Dataset {
-    /// The SHA-256 of the manifest as registered (the ledger records it).
-    pub fn manifest_sha256(&self) -> String {
-        crate::util::sha256_hex(
-            serde_json::to_string(&self.manifest)
-                .unwrap_or_default()
-                .as_bytes(),
-        )
-    }
-
     /// Which version of the dataset this is: its manifest and the size of
     /// its data when registered.
     pub fn version(&self) -> String {
         format!(
             "{}:{}:{}:{}",
             self.id(),
-            self.manifest_sha256(),
+            self.manifest_sha256,
             self.num_rows,
             self.num_bytes
         )
@@ -492,6 +485,11 @@ pub async fn open_dataset(
     } else {
         None
     };
+    let manifest_sha256 = crate::util::sha256_hex(
+        serde_json::to_string(&manifest)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     Ok(Dataset {
         manifest,
         provider,
@@ -500,6 +498,7 @@ pub async fn open_dataset(
         num_rows,
         num_bytes,
         manifest_path,
+        manifest_sha256,
         unit_constant: per_unit.constant,
         summary: per_unit.summary,
         location,

@@ -124,6 +124,7 @@ mod tests {
             num_rows: 0,
             num_bytes: 0,
             manifest_path: "d.json".into(),
+            manifest_sha256: String::new(),
             unit_constant: Default::default(),
             summary: None,
             location: "d.parquet".into(),
