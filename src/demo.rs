@@ -181,9 +181,21 @@ fn city_health(people: &[Person], visits: usize) -> Result<RecordBatch, String> 
         vec![],
     );
     let epoch_2025 = 20089; // days from 1970-01-01 to 2025-01-01
+    // Each person visits at a rate of their own, lognormal: most come one to
+    // five times a year, a few heavy visitors a few dozen times (what
+    // contribution bounds clip), nobody hundreds of times.
+    let mut rates = Rng::new(0xC17E_0002);
+    let mut cumulative = Vec::with_capacity(people.len());
+    let mut total = 0.0;
+    for _ in people {
+        total += (rates.normal() * 0.5).exp();
+        cumulative.push(total);
+    }
     for _ in 0..visits {
-        // Frequent visitors: a skewed pick so some persons have many visits.
-        let p = &people[((rng.unit().powf(2.2)) * people.len() as f64) as usize % people.len()];
+        let at = rng.unit() * total;
+        let p = &people[cumulative
+            .partition_point(|c| *c <= at)
+            .min(people.len() - 1)];
         let a = 2025 - p.birth_year;
         let d = if a > 60 && rng.unit() < 0.4 {
             DIAGNOSES[rng.below(2) as usize]

@@ -97,7 +97,13 @@ impl Gate {
         )
         .await?;
         let (plan, _) = crate::release::filter_consent(plan, &self.catalog, PURPOSE)?;
-        crate::release::split(&plan, &self.catalog, &self.policies, true)?;
+        crate::release::split(
+            &plan,
+            &self.catalog,
+            &self.policies,
+            true,
+            &Default::default(),
+        )?;
         Ok(())
     }
 }

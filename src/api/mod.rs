@@ -363,6 +363,8 @@ pub struct QueryRequest {
     pub format: Option<Format>,
     #[serde(default)]
     pub dry_run: bool,
+    #[serde(default)]
+    pub dp: crate::release::dp::Tightening,
 }
 
 impl QueryRequest {
@@ -372,6 +374,7 @@ impl QueryRequest {
             grant: self.grant,
             purpose: self.purpose,
             dry_run: self.dry_run,
+            dp: self.dp,
         }
     }
 }

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod domain;
 mod per_unit;
+pub use domain::{Domain, MAX_DOMAIN_VALUES};
 pub use per_unit::{Part, ROWS, UnitSummary, clamped};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -88,6 +90,9 @@ pub struct ColumnSpec {
     /// Without it, the column describes only itself (`dataset.column`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meaning: Option<String>,
+    /// The values the column can take, public (see [`Domain`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<Domain>,
 }
 
 impl ColumnSpec {
@@ -201,6 +206,9 @@ impl Manifest {
                 && lo > hi
             {
                 problems.push(format!("column '{}' has bounds with lower > upper", c.name));
+            }
+            if let Some(problem) = c.domain.as_ref().and_then(Domain::problem) {
+                problems.push(format!("column '{}': {problem}", c.name));
             }
         }
         if self.release.dp.is_some() && self.privacy_unit.is_none() {
@@ -459,11 +467,14 @@ pub async fn open_dataset(
         .map_err(|e| data_err(e.to_string()))?;
     let schema = provider.schema();
     for column in &manifest.columns {
-        if schema.field_with_name(&column.name).is_err() {
+        let Ok(field) = schema.field_with_name(&column.name) else {
             return Err(data_err(format!(
                 "column '{}' is declared but not in the data",
                 column.name
             )));
+        };
+        if let Some(Err(problem)) = column.domain.as_ref().map(|d| d.array(field.data_type())) {
+            return Err(data_err(format!("column '{}': {problem}", column.name)));
         }
     }
     for field in schema.fields() {

@@ -301,6 +301,7 @@ fn sandbox_query(
         grant: Some(grant),
         purpose: None,
         dry_run,
+        dp: Default::default(),
     };
     let started = Instant::now();
     let handle = subject.sandbox.runtime.spawn(pipeline::run(

@@ -77,13 +77,15 @@ pub async fn gate(
     // The planned (not optimised) plan: names resolved, so case, whitespace
     // and comments do not change it. An optimiser pass only for the hash
     // cost more than the whole policy check.
-    let plan_sha256 = sha256_hex(plan.display_indent().to_string().as_bytes());
+    // The buyer's DP tightening changes the answer, so it is part of the key.
+    let plan_sha256 = sha256_hex(format!("{}\n{:?}", plan.display_indent(), request.dp).as_bytes());
     let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
     let split = release::split(
         &plan,
         &sandbox.catalog,
         &sandbox.policies,
         sandbox.settings.unit_summaries,
+        &request.dp,
     )?;
     Ok(Gated {
         grant,

@@ -46,6 +46,8 @@ pub struct Request {
     pub purpose: Option<String>,
     /// Decide and outline without reading data.
     pub dry_run: bool,
+    /// The buyer's tightening of DP releases.
+    pub dp: release::dp::Tightening,
 }
 
 /// How a release was made, as the buyer sees it.

@@ -44,7 +44,8 @@ pub enum PlannedMechanism {
     },
     DifferentialPrivacy {
         differential_privacy: Params,
-        selection_threshold: f64,
+        /// `None` when the groups are public (every declared domain value is released).
+        selection_threshold: Option<f64>,
     },
 }
 

@@ -113,6 +113,7 @@ mod tests {
                     description: None,
                     functions: None,
                     aggregates: None,
+                    domain: None,
                     meaning: None,
                 }],
                 release: ReleaseRules::default(),

@@ -15,6 +15,7 @@
 
 use super::component::Component;
 use super::noise::{self, Noise};
+use super::partitions::Partitions;
 use crate::catalog::{Catalog, DpMechanism, DpRules};
 use crate::error::{Error, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
@@ -30,8 +31,8 @@ use datafusion::logical_expr::{
     Aggregate, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder,
     WindowFunctionDefinition, lit, when,
 };
-use serde::Serialize;
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 const ROWS_PER_UNIT_GROUP: &str = "__fg_rows";
@@ -71,7 +72,8 @@ enum Output {
     },
 }
 
-/// The parameters of a DP release, from the strictest of the datasets involved.
+/// The parameters of a DP release, from the strictest of the datasets
+/// involved, tightened by the buyer.
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
     pub mechanism: DpMechanism,
@@ -79,9 +81,58 @@ pub struct Params {
     pub delta: f64,
     pub max_groups_per_unit: u64,
     pub max_rows_per_unit: u64,
+    /// The share of ε that selects groups (when they are not public); by
+    /// default an equal share beside each value's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_share: Option<f64>,
+}
+
+/// A buyer's tightening of one query's DP releases: lower contribution
+/// bounds (less noise for more clipping, a trade only the buyer can judge
+/// for their question) and the split of ε between selection and values.
+/// It never loosens what the owners set: ε is theirs, and a bound above
+/// theirs is refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tightening {
+    #[serde(default)]
+    pub max_rows_per_unit: Option<u64>,
+    #[serde(default)]
+    pub max_groups_per_unit: Option<u64>,
+    #[serde(default)]
+    pub selection_share: Option<f64>,
 }
 
 impl Params {
+    pub fn tightened(mut self, t: &Tightening) -> Result<Params, Error> {
+        let tighten = |what: &str, owners: u64, asked: Option<u64>| match asked {
+            None => Ok(owners),
+            Some(n) if (1..=owners).contains(&n) => Ok(n),
+            Some(_) => Err(Error::InvalidRequest(format!(
+                "dp.{what} may only tighten the datasets' bound: 1 to {owners}"
+            ))),
+        };
+        self.max_rows_per_unit = tighten(
+            "max_rows_per_unit",
+            self.max_rows_per_unit,
+            t.max_rows_per_unit,
+        )?;
+        self.max_groups_per_unit = tighten(
+            "max_groups_per_unit",
+            self.max_groups_per_unit,
+            t.max_groups_per_unit,
+        )?;
+        if let Some(share) = t.selection_share {
+            if !(0.05..=0.95).contains(&share) {
+                return Err(Error::InvalidRequest(
+                    "dp.selection_share must lie between 0.05 and 0.95".into(),
+                ));
+            }
+            self.selection_share = Some(share);
+        }
+        Ok(self)
+    }
+
     pub fn strictest<'a>(rules: impl Iterator<Item = &'a DpRules>) -> Option<Params> {
         let mut out: Option<Params> = None;
         for r in rules {
@@ -91,6 +142,7 @@ impl Params {
                 delta: r.delta,
                 max_groups_per_unit: r.max_groups_per_unit.unwrap_or(1),
                 max_rows_per_unit: r.max_rows_per_unit.unwrap_or(1),
+                selection_share: None,
             };
             out = Some(match out {
                 None => p,
@@ -105,6 +157,7 @@ impl Params {
                     delta: o.delta.min(p.delta),
                     max_groups_per_unit: o.max_groups_per_unit.min(p.max_groups_per_unit),
                     max_rows_per_unit: o.max_rows_per_unit.min(p.max_rows_per_unit),
+                    selection_share: None,
                 },
             });
         }
@@ -120,6 +173,9 @@ pub struct DpJob {
     components: usize,
     outputs: Vec<Output>,
     pub min_group_size: u64,
+    /// The groups to release when they are public; else they are selected
+    /// from the data by a noisy unit count.
+    public: Option<Partitions>,
 }
 
 fn dp_refusal(message: impl Into<String>) -> Error {
@@ -159,6 +215,8 @@ pub struct Shape<'a> {
     pub one_group_per_unit: bool,
     /// The unit summary that can stand for the rows, if any.
     pub summary: Option<&'a super::summary::Source>,
+    /// The most groups the release may have.
+    pub max_groups: u64,
 }
 
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
@@ -270,6 +328,13 @@ pub fn plan(
             outputs.len()
         )));
     }
+
+    // Public groups each draw every output's noise: their number is capped
+    // so that the release stays a bounded piece of work.
+    let most_public = shape
+        .max_groups
+        .min(MAX_PUBLIC_DRAWS / outputs.len().max(1) as u64);
+    let public = Partitions::of(agg, &input, catalog, most_public);
 
     // Level 1: one row per (unit, group), with bounded per-unit components,
     // read off the unit summary when it covers the query.
@@ -384,6 +449,7 @@ pub fn plan(
         components: components.len(),
         outputs,
         min_group_size,
+        public,
     };
     job.check_samplable()?;
     Ok((level2, job))
@@ -397,8 +463,11 @@ pub struct Report {
     pub delta: f64,
     pub max_groups_per_unit: u64,
     pub max_rows_per_unit: u64,
-    /// Groups are released when their noisy unit count reaches this.
-    pub selection_threshold: f64,
+    /// `public`: every group of the keys' declared domains is released;
+    /// `selected`: groups are selected from the data by a noisy unit count.
+    pub partitions: &'static str,
+    /// Selected groups are released when their noisy unit count reaches this.
+    pub selection_threshold: Option<f64>,
     /// Per released column: the noise scale and the half-width of its 95% interval.
     pub columns: Vec<ColumnNoise>,
 }
@@ -425,10 +494,24 @@ pub struct ColumnNoise {
 /// Sums are noised in fixed point with this many units per 1.
 const FIXED: f64 = 100.0;
 
+/// The Gaussian noise, per unit of L2 sensitivity, for `k` values that
+/// together must be (ε, δ)-DP: the tighter of classic composition (each
+/// value (ε/k, δ/k)-DP, σ = sqrt(2 ln(1.25k/δ))·k/ε) and zero-concentrated
+/// DP (each value ρ/k-zCDP, σ = sqrt(k/2ρ), where ρ-zCDP implies
+/// (ρ + 2 sqrt(ρ ln(1/δ)), δ)-DP; Bun & Steinke 2016, and Canonne, Kamath &
+/// Steinke 2020 for the discrete Gaussian).
+fn gaussian_sigma(epsilon: f64, delta: f64, k: f64) -> f64 {
+    let classic = (2.0 * (1.25 * k / delta).ln()).sqrt() * k / epsilon;
+    let l = (1.0 / delta).ln();
+    let rho = ((l + epsilon).sqrt() - l.sqrt()).powi(2);
+    let zcdp = (k / (2.0 * rho)).sqrt();
+    classic.min(zcdp)
+}
+
 impl DpJob {
-    fn draws(&self) -> usize {
-        1 + self
-            .outputs
+    /// How many noisy values each released group draws.
+    fn value_draws(&self) -> usize {
+        self.outputs
             .iter()
             .map(|o| {
                 if matches!(o, Output::Avg { .. }) {
@@ -437,24 +520,39 @@ impl DpJob {
                     1
                 }
             })
-            .sum::<usize>()
+            .sum()
     }
 
-    /// Each noisy value gets an equal share of epsilon; the selection one share too.
-    fn epsilon_each(&self) -> f64 {
-        self.params.epsilon / self.draws() as f64
+    /// The ε the group selection uses: none when the groups are public, else
+    /// the buyer's share or an equal share beside the values'.
+    fn selection_epsilon(&self) -> f64 {
+        let equal = 1.0 / (self.value_draws() + 1) as f64;
+        match self.public {
+            Some(_) => 0.0,
+            None => self.params.epsilon * self.params.selection_share.unwrap_or(equal),
+        }
     }
 
-    /// Noise for a released value whose L1 and L2 sensitivities are given.
-    /// Laplace: scale L1/ε. Gaussian: σ = L2·sqrt(2 ln(1.25/δ'))/ε, with δ'
-    /// the value's share of the half of δ not used by the selection.
+    /// The δ the group selection uses (none when the groups are public).
+    fn selection_delta(&self) -> f64 {
+        match (&self.public, self.params.mechanism) {
+            (Some(_), _) => 0.0,
+            (None, DpMechanism::Laplace) => self.params.delta,
+            (None, DpMechanism::Gaussian) => self.params.delta / 2.0,
+        }
+    }
+
+    /// Noise for a released value whose L1 and L2 sensitivities are given,
+    /// the values sharing what selection leaves. Laplace: each value an
+    /// equal share of ε, scale L1/ε. Gaussian: see [`gaussian_sigma`].
     fn value_noise(&self, l1: f64, l2: f64) -> Noise {
-        let eps = self.epsilon_each();
+        let k = self.value_draws() as f64;
+        let epsilon = self.params.epsilon - self.selection_epsilon();
         match self.params.mechanism {
-            DpMechanism::Laplace => Noise::laplace(l1 / eps),
+            DpMechanism::Laplace => Noise::laplace(l1 * k / epsilon),
             DpMechanism::Gaussian => {
-                let delta = self.params.delta / 2.0 / (self.draws() - 1).max(1) as f64;
-                Noise::gaussian(l2 * (2.0 * (1.25 / delta).ln()).sqrt() / eps)
+                let delta = self.params.delta - self.selection_delta();
+                Noise::gaussian(l2 * gaussian_sigma(epsilon, delta, k))
             }
         }
     }
@@ -484,14 +582,6 @@ impl DpJob {
         Ok(())
     }
 
-    /// The δ the group selection may use.
-    fn selection_delta(&self) -> f64 {
-        match self.params.mechanism {
-            DpMechanism::Laplace => self.params.delta,
-            DpMechanism::Gaussian => self.params.delta / 2.0,
-        }
-    }
-
     /// A unit adds at most max_rows_per_unit rows over all groups.
     fn count_noise(&self) -> Noise {
         let rows = self.params.max_rows_per_unit as f64;
@@ -506,7 +596,7 @@ impl DpJob {
 
     /// The selection's noise: always Laplace, so that its tail bound gives δ.
     fn selection_noise(&self) -> Noise {
-        Noise::laplace(self.params.max_groups_per_unit as f64 / self.epsilon_each())
+        Noise::laplace(self.params.max_groups_per_unit as f64 / self.selection_epsilon())
     }
 
     /// ... each of them clamped to the column's bounds (in fixed point).
@@ -516,12 +606,17 @@ impl DpJob {
     }
 
     /// A new group (one unit, in up to max_groups groups) is released with
-    /// probability at most delta.
-    pub fn selection_threshold(&self) -> f64 {
-        let b = self.selection_noise().scale();
-        let l0 = self.params.max_groups_per_unit as f64;
-        let tau = 1.0 + b * (l0 / (2.0 * self.selection_delta().max(1e-300))).ln();
-        tau.max(self.min_group_size as f64)
+    /// probability at most delta. `None` when the groups are public.
+    pub fn selection_threshold(&self) -> Option<f64> {
+        self.public.as_ref().map_or_else(
+            || {
+                let b = self.selection_noise().scale();
+                let l0 = self.params.max_groups_per_unit as f64;
+                let tau = 1.0 + b * (l0 / (2.0 * self.selection_delta().max(1e-300))).ln();
+                Some(tau.max(self.min_group_size as f64))
+            },
+            |_| None,
+        )
     }
 
     pub fn report(&self, schema: &SchemaRef) -> Report {
@@ -562,6 +657,10 @@ impl DpJob {
             delta: self.params.delta,
             max_groups_per_unit: self.params.max_groups_per_unit,
             max_rows_per_unit: self.params.max_rows_per_unit,
+            partitions: match self.public {
+                Some(_) => "public",
+                None => "selected",
+            },
             selection_threshold: self.selection_threshold(),
             columns,
         }
@@ -578,8 +677,6 @@ impl Exact {
     }
 }
 
-/// Noisy selection and noisy values; returns the released batches (in the
-/// aggregate's own schema) and how many groups were released.
 /// How many groups are released between two looks at `stop`.
 const CHUNK: usize = 1024;
 
@@ -587,21 +684,38 @@ const CHUNK: usize = 1024;
 /// noise for each, and a release must stay a bounded piece of work.
 pub const MAX_OUTPUTS: usize = 64;
 
-/// Selects groups by a noisy count of units and draws noise for the outputs
-/// of the groups selected. Every candidate group draws its selection noise;
-/// only selected groups draw value noise (how many were selected the answer
-/// shows anyway). Stops with `resource_limit` when `stop` says the query
-/// is gone (timed out, or its client hung up).
+/// The most noisy values a release over public groups draws (groups × outputs).
+const MAX_PUBLIC_DRAWS: u64 = 1 << 20;
+
+/// Releases the groups with noisy values: every public group, or the groups
+/// selected by a noisy count of units. Returns the released batches (in the
+/// aggregate's own schema) and how many groups were released. Stops with
+/// `resource_limit` when `stop` says the query is gone (timed out, or its
+/// client hung up).
 pub fn release(
     exact: Exact,
     job: &DpJob,
     schema: &SchemaRef,
     stop: &dyn Fn() -> bool,
 ) -> Result<(Vec<RecordBatch>, u64), Error> {
-    let tau = job.selection_threshold();
-    let mut out = Vec::new();
-    let mut released = 0u64;
-    for batch in exact.0 {
+    match &job.public {
+        Some(partitions) => release_public(exact, job, partitions, schema, stop),
+        None => release_selected(exact, job, schema, stop),
+    }
+}
+
+fn cancelled() -> Error {
+    Error::ResourceLimit("the query was cancelled while its release was drawn".into())
+}
+
+/// One engine batch's exact values: per component, and the units, per row.
+struct ExactColumns {
+    components: Vec<Vec<Option<f64>>>,
+    units: Vec<Option<f64>>,
+}
+
+impl ExactColumns {
+    fn of(batch: &RecordBatch, job: &DpJob) -> Result<ExactColumns, Error> {
         let n = batch.num_rows();
         let f64_col = |i: usize| -> Result<Vec<Option<f64>>, Error> {
             let c = cast(batch.column(i), &DataType::Float64).map_err(internal)?;
@@ -613,64 +727,144 @@ pub fn release(
                 .map(|r| (!a.is_null(r)).then(|| a.value(r)))
                 .collect())
         };
-        let comps: Vec<Vec<Option<f64>>> = (0..job.components)
-            .map(|i| f64_col(job.groups + i))
-            .collect::<Result<_, _>>()?;
-        let units = f64_col(job.groups + job.components)?;
+        Ok(ExactColumns {
+            components: (0..job.components)
+                .map(|i| f64_col(job.groups + i))
+                .collect::<Result<_, _>>()?,
+            units: f64_col(job.groups + job.components)?,
+        })
+    }
+
+    fn row(&self, row: usize) -> (Vec<Option<f64>>, f64) {
+        (
+            self.components.iter().map(|c| c[row]).collect(),
+            self.units[row].unwrap_or(0.0),
+        )
+    }
+}
+
+/// Every candidate group draws its selection noise; only selected groups
+/// draw value noise (how many were selected the answer shows anyway).
+fn release_selected(
+    exact: Exact,
+    job: &DpJob,
+    schema: &SchemaRef,
+    stop: &dyn Fn() -> bool,
+) -> Result<(Vec<RecordBatch>, u64), Error> {
+    let Some(tau) = job.selection_threshold() else {
+        return Err(internal("selection without a threshold"));
+    };
+    let mut out = Vec::new();
+    let mut released = 0u64;
+    for batch in exact.0 {
+        let columns = ExactColumns::of(&batch, job)?;
         let mut keep: Vec<u32> = Vec::new();
         let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
-        for row in 0..n {
+        for row in 0..batch.num_rows() {
             if row % CHUNK == 0 && stop() {
-                return Err(Error::ResourceLimit(
-                    "the query was cancelled while its release was drawn".into(),
-                ));
+                return Err(cancelled());
             }
-            let exact_units = units[row].unwrap_or(0.0);
-            let noisy_units = exact_units + noise::take(job.selection_noise()) as f64;
+            let (components, units) = columns.row(row);
+            let noisy_units = units + noise::take(job.selection_noise()) as f64;
             if noisy_units < tau {
                 continue;
             }
             keep.push(row as u32);
             for (v, o) in values.iter_mut().zip(&job.outputs) {
-                v.push(noisy_value(o, row, &comps, exact_units, job));
+                v.push(noisy_value(o, &components, units, job));
             }
         }
         released += keep.len() as u64;
         let indices = UInt32Array::from(keep);
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-        for g in 0..job.groups {
-            columns.push(take(batch.column(g), &indices, None).map_err(internal)?);
-        }
-        for (i, v) in values.into_iter().enumerate() {
-            let field = schema.field(job.groups + i);
-            let array: ArrayRef = match field.data_type() {
-                DataType::Int64 => Arc::new(Int64Array::from(
-                    v.into_iter()
-                        .map(|x| x.map(|x| x.round() as i64))
-                        .collect::<Vec<_>>(),
-                )),
-                other => {
-                    cast(&(Arc::new(Float64Array::from(v)) as ArrayRef), other).map_err(internal)?
-                }
-            };
-            columns.push(array);
-        }
-        out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
+        let keys = (0..job.groups)
+            .map(|g| take(batch.column(g), &indices, None).map_err(internal))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(released_batch(schema, job, keys, values)?);
     }
     Ok((out, released))
 }
 
-fn noisy_value(
-    o: &Output,
-    row: usize,
-    comps: &[Vec<Option<f64>>],
-    units: f64,
+/// Every public group is released, found in the data or not (then its
+/// exact values are zero): the work and the groups depend on the domains only.
+fn release_public(
+    exact: Exact,
     job: &DpJob,
-) -> Option<f64> {
+    partitions: &Partitions,
+    schema: &SchemaRef,
+    stop: &dyn Fn() -> bool,
+) -> Result<(Vec<RecordBatch>, u64), Error> {
+    let mut found = HashMap::new();
+    let mut columns = Vec::with_capacity(exact.0.len());
+    for (b, batch) in exact.0.iter().enumerate() {
+        for row in 0..batch.num_rows() {
+            if let Some(key) = partitions.key(&batch.columns()[..job.groups], row) {
+                found.insert(key, (b, row));
+            }
+        }
+        columns.push(ExactColumns::of(batch, job)?);
+    }
+    let absent = (vec![None; job.components], 0.0);
+    let groups = partitions.groups();
+    let mut out = Vec::new();
+    for start in (0..groups).step_by(CHUNK) {
+        if stop() {
+            return Err(cancelled());
+        }
+        let end = (start + CHUNK).min(groups);
+        let keys = partitions.key_columns(start..end).map_err(internal)?;
+        let mut values: Vec<Vec<Option<f64>>> =
+            vec![Vec::with_capacity(end - start); job.outputs.len()];
+        for row in 0..end - start {
+            let exact_row = partitions
+                .key(&keys, row)
+                .and_then(|k| found.get(&k))
+                .map(|&(b, r)| columns[b].row(r));
+            let (components, units) = exact_row.as_ref().unwrap_or(&absent);
+            for (v, o) in values.iter_mut().zip(&job.outputs) {
+                v.push(noisy_value(o, components, *units, job));
+            }
+        }
+        out.push(released_batch(schema, job, keys, values)?);
+    }
+    Ok((out, groups as u64))
+}
+
+/// A released batch from group keys and noisy values only.
+fn released_batch(
+    schema: &SchemaRef,
+    job: &DpJob,
+    keys: Vec<ArrayRef>,
+    values: Vec<Vec<Option<f64>>>,
+) -> Result<RecordBatch, Error> {
+    let mut columns: Vec<ArrayRef> = keys;
+    for (i, v) in values.into_iter().enumerate() {
+        let field = schema.field(job.groups + i);
+        let array: ArrayRef = match field.data_type() {
+            DataType::Int64 => Arc::new(Int64Array::from(
+                v.into_iter()
+                    .map(|x| x.map(|x| x.round() as i64))
+                    .collect::<Vec<_>>(),
+            )),
+            other => {
+                cast(&(Arc::new(Float64Array::from(v)) as ArrayRef), other).map_err(internal)?
+            }
+        };
+        columns.push(array);
+    }
+    let rows = columns.first().map_or(0, |c| c.len());
+    RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows)),
+    )
+    .map_err(internal)
+}
+
+fn noisy_value(o: &Output, components: &[Option<f64>], units: f64, job: &DpJob) -> Option<f64> {
     let noisy_count =
-        |c: usize| comps[c][row].unwrap_or(0.0) + noise::take(job.count_noise()) as f64;
+        |c: usize| components[c].unwrap_or(0.0) + noise::take(job.count_noise()) as f64;
     let noisy_sum = |c: usize, bound: f64| {
-        let fixed = (comps[c][row].unwrap_or(0.0) * FIXED).round()
+        let fixed = (components[c].unwrap_or(0.0) * FIXED).round()
             + noise::take(job.sum_noise(bound)) as f64;
         fixed / FIXED
     };
@@ -700,11 +894,13 @@ mod tests {
                 delta: 1e-6,
                 max_groups_per_unit: 1,
                 max_rows_per_unit: 1,
+                selection_share: None,
             },
             groups: 1,
             components: 0,
             outputs: vec![Output::Units],
             min_group_size: 10,
+            public: None,
         }
     }
 
@@ -747,7 +943,7 @@ mod tests {
     #[test]
     fn group_presence_is_decided_by_a_noisy_count() {
         let job = job();
-        let tau = job.selection_threshold();
+        let tau = job.selection_threshold().unwrap();
         let go = || false;
         // Groups sitting exactly at the threshold come out about half the time:
         // whether a group appears is not an exact membership oracle.
@@ -787,9 +983,10 @@ mod tests {
         let job = job();
         // A single unit's group passes with probability at most delta.
         let b = job.selection_noise().scale();
-        let p_release = 0.5 * (-(job.selection_threshold() - 1.0) / b).exp();
+        let tau = job.selection_threshold().unwrap();
+        let p_release = 0.5 * (-(tau - 1.0) / b).exp();
         assert!(p_release <= job.params.delta * 1.0001, "{p_release}");
-        assert!(job.selection_threshold() >= job.min_group_size as f64);
+        assert!(tau >= job.min_group_size as f64);
     }
 }
 
@@ -807,14 +1004,21 @@ mod gaussian_tests {
                 delta: 1e-6,
                 max_groups_per_unit: 4,
                 max_rows_per_unit: 20,
+                selection_share: None,
             },
             groups: 1,
             components: 1,
             outputs: vec![Output::Count { comp: 0 }],
             min_group_size: 10,
+            public: None,
         };
         // Two draws: selection and the count; each gets epsilon 0.5, the count delta 0.5e-6.
-        let sigma = 20.0 * (2.0 * (1.25f64 / 0.5e-6).ln()).sqrt() / 0.5;
+        // Two draws: selection and the count. The selection gets ε 0.5 and half of
+        // δ, the count the rest: σ is the tighter of classic and zCDP for one value.
+        let classic = 20.0 * (2.0 * (1.25f64 / 0.5e-6).ln()).sqrt() / 0.5;
+        let l = (1.0f64 / 0.5e-6).ln();
+        let rho = ((l + 0.5).sqrt() - l.sqrt()).powi(2);
+        let sigma = classic.min(20.0 / (2.0 * rho).sqrt());
         let noise = job.count_noise();
         assert!(matches!(noise, Noise::Gaussian { .. }));
         assert!(
@@ -829,5 +1033,21 @@ mod gaussian_tests {
             Field::new("n", DataType::Int64, true),
         ]));
         assert_eq!(job.report(&schema).mechanism, "discrete_gaussian");
+    }
+
+    #[test]
+    fn several_gaussian_values_compose_through_zcdp_when_that_is_tighter() {
+        // Four values at (1, 1e-6) together: zCDP beats splitting ε and δ four ways.
+        let (epsilon, delta) = (1.0, 1e-6);
+        let classic = (2.0 * (1.25f64 * 4.0 / delta).ln()).sqrt() * 4.0 / epsilon;
+        let sigma = gaussian_sigma(epsilon, delta, 4.0);
+        assert!(sigma < 0.75 * classic, "{sigma} vs {classic}");
+        // And it is what ρ-zCDP needs: ρ = 4 · 1/(2σ²) converts back to ε ≤ 1.
+        let rho = 4.0 / (2.0 * sigma * sigma);
+        let back = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
+        assert!(back <= epsilon * (1.0 + 1e-9), "{back}");
+        // One value: never worse than the classic Gaussian.
+        let one = (2.0 * (1.25f64 / delta).ln()).sqrt() / epsilon;
+        assert!(gaussian_sigma(epsilon, delta, 1.0) <= one);
     }
 }

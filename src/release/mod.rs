@@ -14,6 +14,7 @@ mod consent;
 pub mod dp;
 pub mod encode;
 pub mod noise;
+mod partitions;
 mod split;
 mod summary;
 

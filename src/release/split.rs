@@ -10,11 +10,13 @@ pub fn split(
     catalog: &Catalog,
     policies: &Policies,
     use_summaries: bool,
+    tightening: &dp::Tightening,
 ) -> Result<ReleasePlan, Error> {
     let mut splitter = Splitter {
         catalog,
         policies,
         use_summaries,
+        tightening,
         jobs: Vec::new(),
     };
     let (upper, unreleased) = splitter.visit(plan)?;
@@ -35,6 +37,7 @@ struct Splitter<'a> {
     catalog: &'a Catalog,
     policies: &'a Policies,
     use_summaries: bool,
+    tightening: &'a dp::Tightening,
     jobs: Vec<ReleaseJob>,
 }
 
@@ -121,6 +124,7 @@ impl Splitter<'_> {
                 ));
             }
             (Some((_, aliases)), false, Some(params)) => {
+                let params = params.tightened(self.tightening)?;
                 let unit_col = unit_column(&threaded.plan)?;
                 let aliases = aliases.clone();
                 let one_group_per_unit = self.one_group_per_unit(agg, &input);
@@ -135,6 +139,7 @@ impl Splitter<'_> {
                     dp::Shape {
                         one_group_per_unit,
                         summary: summary.as_ref(),
+                        max_groups: max_groups.unwrap_or(u64::MAX),
                     },
                 )?;
                 (plan, JobKind::Dp(job))

@@ -360,7 +360,14 @@ mod tests {
         let plan = ctx.state().create_logical_plan(sql).await.unwrap();
         let (plan, _) =
             super::super::filter_consent(plan, catalog, "public_health_research").unwrap();
-        let split = super::super::split(&plan, catalog, &policies(), use_summaries).unwrap();
+        let split = super::super::split(
+            &plan,
+            catalog,
+            &policies(),
+            use_summaries,
+            &Default::default(),
+        )
+        .unwrap();
         let mut out = Vec::new();
         for job in split.jobs {
             let summarised = job

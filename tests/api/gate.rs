@@ -68,6 +68,7 @@ fn request(sql: &str) -> Request {
         grant: None,
         purpose: None,
         dry_run: false,
+        dp: Default::default(),
     }
 }
 

@@ -22,3 +22,4 @@ mod privacy;
 mod queries;
 mod random_sql;
 mod restart;
+mod utility;

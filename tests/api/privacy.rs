@@ -120,9 +120,10 @@ fn rewritten_variants_drain_the_budget_instead_of_averaging_noise_away() {
 }
 
 #[test]
-fn one_person_with_many_rows_moves_a_sum_only_by_the_bound() {
+fn one_person_with_many_rows_moves_a_count_only_by_the_bound() {
     let app = spawn_app();
-    // The most frequent visitor: hundreds of visits in one district.
+    // The most frequent visitor, and a bound the buyer tightens to well below
+    // their visits (and most persons'), so that capping matters.
     let heavy = truth(
         "city_health",
         &format!(
@@ -133,27 +134,36 @@ fn one_person_with_many_rows_moves_a_sum_only_by_the_bound() {
         heavy[0][0].as_str().unwrap().to_string(),
         heavy[0][1].as_f64().unwrap(),
     );
+    const BOUND: u64 = 3;
     assert!(
-        visits > 100.0,
+        visits > 4.0 * BOUND as f64,
         "the demo data has a heavy visitor ({visits})"
     );
-    // The district sits near the noisy selection threshold at the test
-    // scale: when it is held back, ask again with a plan of its own (fresh
-    // noise); the bound is checked on the first released answer.
-    let doc = (0..5)
-        .map(|attempt| {
-            let r = app.query(&format!(
-                "SELECT district, COUNT(*) AS n{attempt} FROM city_health WHERE district = '{district}' GROUP BY district"
-            ));
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.json()
-        })
-        .find(|doc| !doc["rows"][0].is_null())
-        .expect("the district is released in one of five asks");
-    let released = doc["rows"][0][1].as_f64().unwrap();
-    let b = doc["release"]["noise"]["columns"][0]["scale"]
+    let r = app.query_as(
+        "buyer:acme",
+        json!({
+            "sql": format!("SELECT district, COUNT(*) AS n FROM city_health WHERE district = '{district}' GROUP BY district"),
+            "dp": { "max_rows_per_unit": BOUND },
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    let noise = &doc["release"]["noise"];
+    assert_eq!(
+        noise["max_rows_per_unit"], BOUND,
+        "the answer states the bound"
+    );
+    assert_eq!(noise["partitions"], "public");
+    // The district's domain is public: every district comes back, the others near zero.
+    let released = doc["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row[0] == district.as_str())
+        .expect("the filtered district is released")[1]
         .as_f64()
         .unwrap();
+    let b = noise["columns"][0]["scale"].as_f64().unwrap();
     let raw = truth(
         "city_health",
         &format!("SELECT COUNT(*) FROM city_health WHERE {CONSENTED} AND district = '{district}'"),
@@ -163,27 +173,55 @@ fn one_person_with_many_rows_moves_a_sum_only_by_the_bound() {
     let bounded = truth(
         "city_health",
         &format!(
-            "SELECT SUM(CASE WHEN n > 20 THEN 20 ELSE n END) FROM (SELECT person_id, COUNT(*) AS n FROM city_health \
+            "SELECT SUM(CASE WHEN n > {BOUND} THEN {BOUND} ELSE n END) FROM (SELECT person_id, COUNT(*) AS n FROM city_health \
              WHERE {CONSENTED} AND district = '{district}' GROUP BY person_id)"
         ),
     )[0][0]
         .as_f64()
         .unwrap();
     // Capping is active here, and the release estimates the capped count: one
-    // person moves it by at most max_rows_per_unit, whatever their rows.
+    // person moves it by at most the bound, whatever their rows.
     assert!(
         raw - bounded > 4.0 * b,
         "capping must matter here: raw {raw}, bounded {bounded}, scale {b}"
     );
     assert_eq!(
         b,
-        20.0 / 0.25,
-        "sensitivity is max_rows_per_unit, not the heavy visitor's {visits} rows"
+        BOUND as f64 / 0.5,
+        "sensitivity is the bound, not the heavy visitor's {visits} rows; public groups spend no ε on selection"
     );
     assert!(
         (released - bounded).abs() <= 14.0 * b,
         "released {released}, bounded truth {bounded}"
     );
+}
+
+#[test]
+fn a_buyer_can_tighten_a_release_but_never_loosen_it() {
+    let app = spawn_app();
+    let sql = "SELECT gender, COUNT(*) AS n FROM city_health GROUP BY gender";
+    for dp in [
+        json!({ "max_rows_per_unit": 21 }),
+        json!({ "max_rows_per_unit": 0 }),
+        json!({ "max_groups_per_unit": 5 }),
+        json!({ "selection_share": 0.99 }),
+        json!({ "epsilon": 5 }),
+    ] {
+        let r = app.query_as("buyer:acme", json!({ "sql": sql, "dp": dp }));
+        assert_eq!(r.status, 400, "{dp}: {}", r.text());
+        assert_eq!(r.code().as_deref(), Some("invalid_request"), "{dp}");
+    }
+    // A selection share is used where groups are selected from the data.
+    let r = app.query_as(
+        "buyer:acme",
+        json!({ "sql": "SELECT visit_date, COUNT(*) AS n FROM city_health GROUP BY visit_date",
+                "dp": { "selection_share": 0.2 } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let noise = &r.json()["release"]["noise"];
+    assert_eq!(noise["partitions"], "selected");
+    // Count noise: 20 rows / (0.8 × 0.5).
+    assert_eq!(noise["columns"][0]["scale"], 50.0);
 }
 
 #[test]
