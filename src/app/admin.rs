@@ -61,6 +61,41 @@ pub fn revoke_key(writer: &mut Writer, key: &str) -> Result<String, LedgerError>
     Ok(principal)
 }
 
+/// Measures `dataset`'s bound on rows per privacy unit from the data with
+/// differential privacy: the DP `quantile` of `rows_per_unit` (one count per
+/// person) among 1..=`max`, at `epsilon`, charged to the dataset's lifetime
+/// budget (`lifetime`) in the transaction that records it — refused when
+/// the budget cannot pay. Returns the bound, for the owner's manifest.
+pub fn measure_rows_per_unit(
+    writer: &mut Writer,
+    dataset: &str,
+    rows_per_unit: &[u64],
+    lifetime: f64,
+    (quantile, epsilon, max): (f64, f64, u64),
+) -> Result<u64, LedgerError> {
+    let budget = format!("dataset:{dataset}");
+    let (_, bound) = writer.commit(|tx| {
+        let spent = crate::ledger::tables::epsilon_spent(tx, &budget)?;
+        if spent + epsilon > lifetime {
+            return Err(store::StoreError::Conflict(format!(
+                "the lifetime budget of {budget} has {} epsilon left; measuring needs {epsilon}",
+                (lifetime - spent).max(0.0)
+            ))
+            .into());
+        }
+        let bound = crate::release::quantile::dp_quantile(rows_per_unit, quantile, epsilon, max);
+        let event = LedgerEvent::BoundMeasured {
+            dataset: dataset.to_string(),
+            measure: "rows_per_unit".into(),
+            quantile,
+            epsilon,
+            bound,
+        };
+        Ok((vec![event], bound))
+    })?;
+    Ok(bound)
+}
+
 /// Binds a principal to a client certificate's public key.
 pub fn bind_cert(
     writer: &mut Writer,

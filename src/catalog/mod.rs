@@ -277,6 +277,35 @@ fn fingerprint(path: &Path) -> Fingerprint {
 }
 
 impl Dataset {
+    /// How many rows each privacy unit has (one count per unit, unordered);
+    /// empty for a dataset without a privacy unit.
+    pub async fn rows_per_unit(&self) -> Result<Vec<u64>, String> {
+        use datafusion::arrow::array::{Array, Int64Array};
+        let Some(unit) = &self.manifest.privacy_unit else {
+            return Ok(Vec::new());
+        };
+        let ctx = SessionContext::new();
+        ctx.register_table("t", self.provider.clone())
+            .map_err(|e| e.to_string())?;
+        let batches = ctx
+            .sql(&format!("SELECT COUNT(*) FROM t GROUP BY \"{unit}\""))
+            .await
+            .map_err(|e| e.to_string())?
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut counts = Vec::new();
+        for b in &batches {
+            let c = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or("row counts are not integers")?;
+            counts.extend((0..c.len()).map(|i| c.value(i).max(0) as u64));
+        }
+        Ok(counts)
+    }
+
     /// Which version of the dataset this is: its manifest and the size of
     /// its data when registered.
     pub fn version(&self) -> String {

@@ -118,6 +118,24 @@ enum Command {
         #[arg(long)]
         reuse: bool,
     },
+    /// Measure a dataset's bound on rows per person with differential privacy
+    /// (a DP quantile, charged to its lifetime budget and recorded in the
+    /// ledger), to set `max_rows_per_unit` in its manifest.
+    Bounds {
+        #[arg(long)]
+        dataset: String,
+        #[arg(long, default_value_t = 0.99)]
+        quantile: f64,
+        #[arg(long, default_value_t = 0.1)]
+        epsilon: f64,
+        /// The largest bound considered.
+        #[arg(long, default_value_t = 1000)]
+        max: u64,
+        #[arg(long, default_value = "catalog")]
+        catalog: PathBuf,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Validate every manifest and policy file against schemas/.
     Check {
         #[arg(long, default_value = "catalog")]
@@ -259,6 +277,14 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::Bounds {
+            dataset,
+            quantile,
+            epsilon,
+            max,
+            catalog,
+            data_dir,
+        } => bounds(&dataset, (quantile, epsilon, max), &catalog, &data_dir),
         Command::BenchLedger {
             entries,
             work_dir,
@@ -410,6 +436,50 @@ fn problems_text(problems: Vec<Problem>) -> String {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn bounds(
+    dataset: &str,
+    (quantile, epsilon, max): (f64, f64, u64),
+    catalog_dir: &Path,
+    data_dir: &Path,
+) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&quantile) || !(epsilon.is_finite() && epsilon > 0.0) || max == 0 {
+        return Err("--quantile lies in [0, 1], --epsilon and --max are positive".into());
+    }
+    let schemas = Schemas::compiled();
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let (counts, lifetime) = rt.block_on(async {
+        let catalog = catalog::Catalog::load(catalog_dir, &schemas)
+            .await
+            .map_err(|e| e.to_string())?;
+        let d = catalog
+            .get(dataset)
+            .ok_or_else(|| format!("no dataset '{dataset}' in {}", catalog_dir.display()))?;
+        let Some(dp) = d.manifest.release.dp.as_ref() else {
+            return Err(format!(
+                "{dataset} is not released with differential privacy"
+            ));
+        };
+        let lifetime = dp
+            .epsilon_total
+            .unwrap_or(frostglass::config::Limits::default().default_dataset_epsilon);
+        Ok::<_, String>((d.rows_per_unit().await?, lifetime))
+    })?;
+    let bound = admin::measure_rows_per_unit(
+        &mut writer(data_dir)?,
+        dataset,
+        &counts,
+        lifetime,
+        (quantile, epsilon, max),
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "{dataset}: max_rows_per_unit {bound} (the {quantile} quantile of rows per person, \
+         differentially private at epsilon {epsilon}, charged to the dataset's lifetime budget)"
+    );
+    println!("{bound}");
+    Ok(())
 }
 
 fn writer(data_dir: &Path) -> Result<Writer, String> {

@@ -54,6 +54,16 @@ pub enum LedgerEvent {
     GrantRevoked {
         grant: String,
     },
+    /// An owner measured a contribution bound from the data with
+    /// differential privacy; its ε is charged to the dataset's lifetime budget.
+    BoundMeasured {
+        dataset: String,
+        /// What was measured (`rows_per_unit`).
+        measure: String,
+        quantile: f64,
+        epsilon: f64,
+        bound: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +139,7 @@ impl LedgerEvent {
             LedgerEvent::CertificateBound { .. } => "certificate_bound",
             LedgerEvent::GrantMade { .. } => "grant_made",
             LedgerEvent::GrantRevoked { .. } => "grant_revoked",
+            LedgerEvent::BoundMeasured { .. } => "bound_measured",
         }
     }
 }
@@ -197,6 +208,12 @@ impl Entry {
                     c.epsilon.push((format!("dataset:{dataset}"), *eps));
                 }
             }
+        }
+        if let LedgerEvent::BoundMeasured {
+            dataset, epsilon, ..
+        } = &self.event
+        {
+            c.epsilon.push((format!("dataset:{dataset}"), *epsilon));
         }
         c
     }

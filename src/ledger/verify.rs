@@ -93,7 +93,7 @@ impl Leaves {
             return Err(fail(Some(index), "the entry does not match its leaf hash"));
         }
         self.leaves.push(leaf);
-        if self.leaves.len() % PROGRESS_EVERY == 0 {
+        if self.leaves.len().is_multiple_of(PROGRESS_EVERY) {
             let rate = self.leaves.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
             eprintln!("verify: {} entries read ({rate:.0}/s)", self.leaves.len());
         }
@@ -303,7 +303,7 @@ pub fn run(options: &Options) -> Result<String, Failure> {
     let n = leaves.len() as u64;
 
     // Every signed head: signed by the pinned key, and the root of its prefix.
-    crate::ledger::check_heads(&leaves, &ledger.heads, &public_key)
+    crate::ledger::check_heads(leaves, &ledger.heads, &public_key)
         .map_err(|f| fail(Some(f.index), f.reason))?;
     let mut heads = ledger.heads.clone();
     heads.sort_by_key(|h| h.tree_size);
@@ -358,7 +358,7 @@ pub fn run(options: &Options) -> Result<String, Failure> {
     }
 
     if let Some(path) = &options.receipt {
-        check_receipt(path, &leaves, &public_key, &ledger, latest.as_ref())?;
+        check_receipt(path, leaves, &public_key, &ledger, latest.as_ref())?;
     }
 
     if let (Some(path), Some(head)) = (&options.state, &latest) {
@@ -369,7 +369,7 @@ pub fn run(options: &Options) -> Result<String, Failure> {
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
         std::fs::write(path, text).map_err(|e| fail(None, format!("cannot write state: {e}")))?;
     }
-    let root = hex::encode(merkle::root(&leaves));
+    let root = hex::encode(merkle::root(leaves));
     let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(format!(
         "ok: {n} entries, {} signed heads verified with key {}, root {root} ({rate:.0} entries/s)",

@@ -15,6 +15,7 @@ pub mod dp;
 pub mod encode;
 pub mod noise;
 mod partitions;
+pub mod quantile;
 mod split;
 mod summary;
 

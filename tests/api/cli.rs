@@ -267,3 +267,66 @@ fn keys_rotate_two_at_a_time_and_revoked_ones_stop_working() {
         "no key material in the ledger"
     );
 }
+
+#[test]
+fn an_owner_measures_a_bound_with_dp_and_pays_for_it_from_the_lifetime_budget() {
+    let app = spawn_app();
+    let data = app.data_dir.to_str().unwrap();
+    let catalog = shared_catalog().to_str().unwrap();
+    let measure = |epsilon: &str| {
+        frostglass(&[
+            "bounds",
+            "--dataset",
+            "city_health",
+            "--quantile",
+            "0.99",
+            "--epsilon",
+            epsilon,
+            "--catalog",
+            catalog,
+            "--data-dir",
+            data,
+        ])
+    };
+    // ε = 1: at the test scale (4,000 persons) the top 1% is 40 persons, and
+    // ranks that close need little noise to be told apart.
+    let out = measure("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bound: u64 = last_line(&out).parse().unwrap();
+    // The 99th percentile of visits per person, within the noise.
+    let truth = crate::helpers::truth(
+        "city_health",
+        "SELECT approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY n) FROM \
+         (SELECT person_id, CAST(COUNT(*) AS DOUBLE) AS n FROM city_health GROUP BY person_id)",
+    )[0][0]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (bound as f64) >= truth * 0.6 && (bound as f64) <= truth * 1.6,
+        "bound {bound}, true 99th percentile {truth}"
+    );
+    // Its ε is charged to the dataset's lifetime budget, which every buyer sees.
+    let doc = app
+        .get("/v1/datasets/city_health", Some(app.key("buyer:acme")))
+        .json();
+    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.0, "{doc}");
+    // More than the budget holds is refused, and charges nothing.
+    let out = measure("1000");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lifetime budget"));
+    let doc = app
+        .get("/v1/datasets/city_health", Some(app.key("buyer:acme")))
+        .json();
+    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.0);
+    // The ledger verifies with the new entry in it.
+    let out = frostglass(&["verify", "--data-dir", data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
