@@ -18,6 +18,10 @@ pub struct Settings {
     /// Answer releases from the per-unit summaries taken at registration
     /// where they cover the query (same answers, far fewer rows read).
     pub unit_summaries: bool,
+    /// The least time between two signed ledger checkpoints while appends
+    /// keep coming; an answer waits at most this long for the checkpoint
+    /// that covers it (0: a checkpoint per commit).
+    pub checkpoint_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +111,7 @@ impl Default for Settings {
             tls: None,
             allow_plain_http: false,
             unit_summaries: true,
+            checkpoint_interval_ms: 2,
         }
     }
 }

@@ -90,7 +90,10 @@ impl Sandbox {
             Policies::load(&settings.policies_dir, &schemas).map_err(StartError::Policies)?;
         let catalog = Catalog::load(&settings.catalog_dir, &schemas).await?;
         let store = Arc::new(Store::open(&settings.data_dir)?);
-        let ledger = Ledger::start(&settings.data_dir)?;
+        let ledger = Ledger::start(
+            &settings.data_dir,
+            std::time::Duration::from_millis(settings.checkpoint_interval_ms),
+        )?;
         record_registrations(&ledger, &catalog).await?;
         let engine = Engine::new(settings.limits.clone());
         let query_slots =

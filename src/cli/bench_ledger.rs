@@ -88,7 +88,7 @@ pub fn run(entries: u64, work_dir: &Path, reuse: bool) -> Result<(), String> {
         .map_err(err)?;
     drop(writer);
     let restart = Instant::now();
-    let ledger = Ledger::start(work_dir).map_err(err)?;
+    let ledger = Ledger::start(work_dir, std::time::Duration::from_millis(2)).map_err(err)?;
     let restart_ms = ms(restart);
 
     let usage = Instant::now();

@@ -25,6 +25,7 @@ use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 pub fn leaf_hash_hex(entry: &[u8]) -> String {
     hex::encode(merkle::leaf_hash(entry))
@@ -222,6 +223,33 @@ pub fn open_connection(data_dir: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
+/// What one transaction appended: the index of its first entry and the
+/// leaf hashes, in order.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    first: u64,
+    leaves: Vec<Hash>,
+}
+
+impl Appended {
+    /// The receipts of these entries under `head`, a checkpoint that covers them.
+    pub fn receipts(&self, head: &SignedHead) -> Vec<Receipt> {
+        self.leaves
+            .iter()
+            .enumerate()
+            .map(|(i, leaf)| Receipt {
+                ledger_index: self.first + i as u64,
+                entry_hash: hex::encode(leaf),
+                tree_size: head.tree_size,
+                root_hash: head.root_hash.clone(),
+                timestamp_ms: head.timestamp_ms,
+                signature: head.signature.clone(),
+                key_id: head.key_id.clone(),
+            })
+            .collect()
+    }
+}
+
 /// Appends entries; owns a connection and shares its view of the tree.
 pub struct Writer {
     conn: Connection,
@@ -270,8 +298,20 @@ impl Writer {
 
     /// Appends all entries in one durable transaction and signs the new head.
     pub fn append(&mut self, entries: &[NewEntry]) -> Result<Vec<Receipt>, LedgerError> {
-        self.transact(|_| Ok((entries.to_vec(), ())))
-            .map(|(receipts, ())| receipts)
+        let (appended, head, ()) = self.transact(true, |_| Ok((entries.to_vec(), ())))?;
+        Ok(head.map(|h| appended.receipts(&h)).unwrap_or_default())
+    }
+
+    /// Appends all entries in one durable transaction, signing the new head
+    /// only when `sign` says so (the server's committer signs checkpoints on
+    /// a cadence, not every commit).
+    pub fn append_checkpointed(
+        &mut self,
+        entries: &[NewEntry],
+        sign: bool,
+    ) -> Result<(Appended, Option<SignedHead>), LedgerError> {
+        let (appended, head, ()) = self.transact(sign, |_| Ok((entries.to_vec(), ())))?;
+        Ok((appended, head))
     }
 
     /// Makes a state change and appends the entries that record it in one
@@ -281,16 +321,21 @@ impl Writer {
         &mut self,
         change: impl FnOnce(&Connection) -> Result<(Vec<LedgerEvent>, T), LedgerError>,
     ) -> Result<(Vec<Receipt>, T), LedgerError> {
-        self.transact(|tx| {
+        let (appended, head, value) = self.transact(true, |tx| {
             let (events, value) = change(tx)?;
             Ok((events.into_iter().map(NewEntry::event).collect(), value))
-        })
+        })?;
+        Ok((
+            head.map(|h| appended.receipts(&h)).unwrap_or_default(),
+            value,
+        ))
     }
 
     fn transact<T>(
         &mut self,
+        sign: bool,
         change: impl FnOnce(&Connection) -> Result<(Vec<NewEntry>, T), LedgerError>,
-    ) -> Result<(Vec<Receipt>, T), LedgerError> {
+    ) -> Result<(Appended, Option<SignedHead>, T), LedgerError> {
         let mut view = lock(&self.view);
         let tx = self
             .conn
@@ -321,27 +366,21 @@ impl Writer {
             stored?;
             new_leaves.push(leaf);
         }
-        let head = self.signer.sign_head(frontier.len(), &frontier.root());
-        save_head(&tx, &head)?;
+        let head = sign.then(|| self.signer.sign_head(frontier.len(), &frontier.root()));
+        if let Some(head) = &head {
+            save_head(&tx, head)?;
+        }
         crate::util::failpoint("ledger_before_commit");
         tx.commit()?;
-        let first = view.frontier.len();
+        let appended = Appended {
+            first: view.frontier.len(),
+            leaves: new_leaves,
+        };
         view.frontier = frontier;
-        view.head = Some(head.clone());
-        let receipts = new_leaves
-            .iter()
-            .enumerate()
-            .map(|(i, leaf)| Receipt {
-                ledger_index: first + i as u64,
-                entry_hash: hex::encode(leaf),
-                tree_size: head.tree_size,
-                root_hash: head.root_hash.clone(),
-                timestamp_ms: head.timestamp_ms,
-                signature: head.signature.clone(),
-                key_id: head.key_id.clone(),
-            })
-            .collect();
-        Ok((receipts, value))
+        if let Some(head) = &head {
+            view.head = Some(head.clone());
+        }
+        Ok((appended, head, value))
     }
 
     /// A fresh signed head of the current tree (after catching up on others' appends).
@@ -593,52 +632,138 @@ pub struct Ledger {
 /// Most entries one transaction takes.
 const MAX_BATCH: usize = 512;
 
+/// Entries waiting for a checkpoint to cover them, with who waits.
+type Waiting = Vec<(
+    Appended,
+    Vec<tokio::sync::oneshot::Sender<Result<Receipt, String>>>,
+)>;
+
+/// The ledger thread: group commit, and checkpoints on a cadence. Every
+/// append is durable when its transaction commits; its receipt (and so the
+/// answer it belongs to) waits for the next signed checkpoint covering it.
+/// A checkpoint is signed with the first commit at least
+/// `interval` after the previous one — at once when the ledger was idle —
+/// or, when no commit comes, by itself once `interval` has passed: at most
+/// one signature per interval however fast appends come, and no wait beyond
+/// the interval.
+struct Committer {
+    writer: Writer,
+    interval: Duration,
+    last_signed: Instant,
+    waiting: Waiting,
+}
+
+impl Committer {
+    fn new(writer: Writer, interval: Duration) -> Committer {
+        Committer {
+            writer,
+            interval,
+            last_signed: Instant::now()
+                .checked_sub(interval)
+                .unwrap_or_else(Instant::now),
+            waiting: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = if self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                let due = self.last_signed + self.interval;
+                match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let head = self.writer.sign_current();
+                        self.settle(head);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let head = self.writer.sign_current();
+                        self.settle(head);
+                        return;
+                    }
+                }
+            };
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Append(entry, reply) => batch.push((entry, reply)),
+                    Job::Head(reply) => {
+                        let head = self.writer.sign_current();
+                        let _ =
+                            reply.send(head.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
+                        self.settle(head);
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let sign = self.last_signed.elapsed() >= self.interval;
+            let (entries, replies): (Vec<NewEntry>, Vec<_>) =
+                batch.into_iter().map(|(e, reply)| (*e, reply)).unzip();
+            match self.writer.append_checkpointed(&entries, sign) {
+                Ok((appended, head)) => {
+                    self.waiting.push((appended, replies));
+                    if let Some(head) = head {
+                        self.settle(Ok(head));
+                    }
+                }
+                Err(e) => {
+                    // A commit that may not be on disk must not be answered
+                    // around: stop, and let the restart recover from what is durable.
+                    tracing::error!(error = %e, "ledger commit failed; stopping");
+                    for reply in replies {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                    std::process::abort();
+                }
+            }
+        }
+    }
+
+    /// Answers everyone waiting with receipts under `head`, which covers them.
+    fn settle(&mut self, head: Result<SignedHead, LedgerError>) {
+        let head = match head {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::error!(error = %e, "signing a checkpoint failed; stopping");
+                for (_, replies) in self.waiting.drain(..) {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+                std::process::abort();
+            }
+        };
+        self.last_signed = Instant::now();
+        for (appended, replies) in self.waiting.drain(..) {
+            for (reply, receipt) in replies.into_iter().zip(appended.receipts(&head)) {
+                let _ = reply.send(Ok(receipt));
+            }
+        }
+    }
+}
+
 impl Ledger {
-    pub fn start(data_dir: &Path) -> Result<Ledger, LedgerError> {
-        let mut writer = Writer::open(data_dir)?;
+    /// Starts the committer. `checkpoint_interval`: the least time between
+    /// two signed checkpoints while appends keep coming (zero: one per commit).
+    pub fn start(data_dir: &Path, checkpoint_interval: Duration) -> Result<Ledger, LedgerError> {
+        let writer = Writer::open(data_dir)?;
         let view = writer.view();
         let public_key = writer.public_key();
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fg-ledger".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = Vec::new();
-                    let mut next = Some(first);
-                    while let Some(job) = next.take() {
-                        match job {
-                            Job::Append(entry, reply) => batch.push((entry, reply)),
-                            Job::Head(reply) => {
-                                let _ =
-                                    reply.send(writer.sign_current().map_err(|e| e.to_string()));
-                            }
-                        }
-                        if batch.len() < MAX_BATCH {
-                            next = rx.try_recv().ok();
-                        }
-                    }
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    let entries: Vec<NewEntry> = batch.iter().map(|(e, _)| (**e).clone()).collect();
-                    match writer.append(&entries) {
-                        Ok(receipts) => {
-                            for ((_, reply), receipt) in batch.into_iter().zip(receipts) {
-                                let _ = reply.send(Ok(receipt));
-                            }
-                        }
-                        Err(e) => {
-                            // A commit that may not be on disk must not be answered
-                            // around: stop, and let the restart recover from what is durable.
-                            tracing::error!(error = %e, "ledger commit failed; stopping");
-                            for (_, reply) in batch {
-                                let _ = reply.send(Err(e.to_string()));
-                            }
-                            std::process::abort();
-                        }
-                    }
-                }
-            })
+            .spawn(move || Committer::new(writer, checkpoint_interval).run(rx))
             .map_err(|e| LedgerError::Key(format!("cannot start the ledger thread: {e}")))?;
         Ok(Ledger {
             jobs: Mutex::new(tx),

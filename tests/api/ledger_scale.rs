@@ -182,3 +182,64 @@ fn a_hundred_thousand_entries_start_prove_and_verify_by_their_size_not_their_his
         String::from_utf8_lossy(&caught.stderr)
     );
 }
+
+#[test]
+fn checkpoints_come_on_a_cadence_and_every_receipt_is_covered_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    admin::open(dir.path()).unwrap();
+    let interval = std::time::Duration::from_millis(40);
+    let ledger =
+        std::sync::Arc::new(frostglass::ledger::Ledger::start(dir.path(), interval).unwrap());
+    let public_key = ledger.public_key().to_vec();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = std::time::Instant::now();
+    // 2,000 appends from 16 concurrent writers: many group commits.
+    let receipts = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..16u64 {
+            let ledger = ledger.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..125u64 {
+                    out.push(ledger.append(answered(w * 1000 + i)).await.unwrap());
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    let elapsed = started.elapsed();
+    assert_eq!(receipts.len(), 2_000);
+    let conn = open_connection(dir.path()).unwrap();
+    let heads = frostglass::ledger::heads(&conn).unwrap();
+    // Each writer waits for its receipt, so appends come in bursts; far
+    // fewer signatures than entries, and at most one per interval (plus
+    // the first, signed at once).
+    let most = (elapsed.as_millis() / interval.as_millis()) as usize + 2;
+    assert!(heads.len() <= most, "{} heads in {elapsed:?}", heads.len());
+    assert!(heads.len() < receipts.len() / 10, "{} heads", heads.len());
+    // Every receipt names a signed checkpoint that covers its entry, and
+    // the entry is in that tree.
+    for r in &receipts {
+        let head = heads
+            .iter()
+            .find(|h| h.tree_size == r.tree_size)
+            .expect("a receipt's checkpoint is stored");
+        assert!(head.verify(&public_key));
+        assert_eq!(head.signature, r.signature);
+        assert!(r.ledger_index < r.tree_size);
+        let path = ledger.inclusion_proof(r.ledger_index, r.tree_size).unwrap();
+        let leaf: Hash = hex::decode(&r.entry_hash).unwrap().try_into().unwrap();
+        assert!(merkle::verify_inclusion(
+            &leaf,
+            r.ledger_index,
+            r.tree_size,
+            &path,
+            &root_of(head)
+        ));
+    }
+}
