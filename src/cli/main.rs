@@ -136,6 +136,19 @@ enum Command {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Seal old ledger entries into a Parquet segment (with the checkpoint
+    /// that ends it) and drop their bodies from the database; `verify`
+    /// reads them back from the segment.
+    Archive {
+        /// Seal entries below this index (up to the newest verified checkpoint there).
+        #[arg(long)]
+        before: u64,
+        /// Where segments go [default: <data-dir>/archive].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Validate every manifest and policy file against schemas/.
     Check {
         #[arg(long, default_value = "catalog")]
@@ -277,6 +290,11 @@ fn main() -> ExitCode {
         Command::Grant { command } => grant(command),
         Command::DemoData { catalog, scale } => demo_data(&catalog, scale, true),
         Command::Check { catalog, policies } => check(&catalog, &policies),
+        Command::Archive {
+            before,
+            out,
+            data_dir,
+        } => archive(before, out, &data_dir),
         Command::Bounds {
             dataset,
             quantile,
@@ -436,6 +454,23 @@ fn problems_text(problems: Vec<Problem>) -> String {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn archive(before: u64, out: Option<PathBuf>, data_dir: &Path) -> Result<(), String> {
+    let out = out.unwrap_or_else(|| data_dir.join("archive"));
+    let sealed = frostglass::ledger::archive::seal(&mut writer(data_dir)?, data_dir, &out, before)
+        .map_err(|e| e.to_string())?;
+    match sealed {
+        Some(s) => println!(
+            "sealed entries {}..{} into {} (sha256 {})",
+            s.first,
+            s.end,
+            s.path.display(),
+            s.sha256
+        ),
+        None => println!("nothing to seal below {before}"),
+    }
+    Ok(())
 }
 
 fn bounds(

@@ -64,6 +64,15 @@ pub enum LedgerEvent {
         epsilon: f64,
         bound: u64,
     },
+    /// Entries `first..end` were sealed into an archive segment (their
+    /// bodies left the database); `root_hash` is the checkpoint ending it.
+    SegmentArchived {
+        first: u64,
+        end: u64,
+        file: String,
+        sha256: String,
+        root_hash: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +149,7 @@ impl LedgerEvent {
             LedgerEvent::GrantMade { .. } => "grant_made",
             LedgerEvent::GrantRevoked { .. } => "grant_revoked",
             LedgerEvent::BoundMeasured { .. } => "bound_measured",
+            LedgerEvent::SegmentArchived { .. } => "segment_archived",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! The CLI appends through the same [`Writer`], catching up on entries the
 //! server wrote, so one tree serves both.
 
+pub mod archive;
 pub mod event;
 pub mod merkle;
 pub mod tables;
@@ -864,11 +865,20 @@ impl Ledger {
     }
 
     /// Entry bodies in index order: (index, body, leaf hash).
+    /// Archived entries' bodies are read back from their segments.
     pub fn entries(
         &self,
         from: u64,
         limit: u64,
     ) -> Result<Vec<(u64, String, String)>, LedgerError> {
-        tables::entries(&self.reader(), from, limit)
+        let reader = self.reader();
+        let mut entries = tables::entries(&reader, from, limit)?;
+        let mut archived = archive::ArchivedBodies::open(&reader)?;
+        for (index, body, _) in &mut entries {
+            *body = archived
+                .fill(*index, std::mem::take(body))
+                .map_err(LedgerError::Corrupt)?;
+        }
+        Ok(entries)
     }
 }

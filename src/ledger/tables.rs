@@ -97,6 +97,7 @@ const TYPED_COLUMNS_VERSION: i64 = 7;
 /// Creates the tables; a ledger written before typed columns existed gets
 /// them, filled from its entries, once.
 pub fn create(conn: &Connection) -> Result<(), LedgerError> {
+    conn.execute_batch(super::archive::SCHEMA)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= TYPED_COLUMNS_VERSION {
         return Ok(());

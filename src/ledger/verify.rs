@@ -3,6 +3,7 @@
 //! pinned public key, checks that the log only grew since the last head this
 //! verifier saw (kept in a state file), and checks receipts.
 
+use crate::ledger::archive::ArchivedBodies;
 use crate::ledger::event::Entry;
 use crate::ledger::merkle::{self, Hash};
 use crate::ledger::tables;
@@ -153,6 +154,8 @@ fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> 
         .map_err(sql)?;
     let mut rows = stmt.query([]).map_err(sql)?;
     let mut leaves = Leaves::default();
+    let mut archived = ArchivedBodies::open(&conn).map_err(|e| fail(None, e.to_string()))?;
+    archived.check_files().map_err(|e| fail(None, e))?;
     while let Some(row) = rows.next().map_err(sql)? {
         let index = row.get::<_, i64>(0).map_err(sql)? as u64;
         let body = row
@@ -161,7 +164,12 @@ fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> 
             .as_str()
             .map_err(|e| fail(Some(index), e.to_string()))?;
         let stored = row.get_ref(2).map_err(sql)?.as_str().ok();
-        leaves.push(index, body, stored)?;
+        if body.is_empty() && index < archived.end() {
+            let body = archived.body(index).map_err(|e| fail(Some(index), e))?;
+            leaves.push(index, &body, stored)?;
+        } else {
+            leaves.push(index, body, stored)?;
+        }
     }
     let heads = crate::ledger::heads(&conn).map_err(|e| fail(None, e.to_string()))?;
     let key_path = public_key
@@ -459,9 +467,13 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
         (String, Option<String>, String, Vec<String>),
         UsageRollup,
     > = Default::default();
+    let mut archived = ArchivedBodies::open(conn).map_err(|e| fail(None, e.to_string()))?;
     let checked = tables::for_each_stored(conn, |index, body, stored| {
+        let body = archived
+            .fill(index, body.to_string())
+            .map_err(|e| format!("{index}:{e}"))?;
         let entry =
-            Entry::decode(body).map_err(|e| format!("{index}:the entry cannot be read: {e}"))?;
+            Entry::decode(&body).map_err(|e| format!("{index}:the entry cannot be read: {e}"))?;
         let derived = entry.columns();
         if let Some(column) = stored.mismatch(&derived) {
             return Err(format!(

@@ -3,6 +3,7 @@
 //! last verified checkpoint, proofs read O(log n) stored nodes, roll-ups
 //! equal a recount, and `verify` catches a flipped roll-up.
 
+use datafusion::arrow::array::Array;
 use frostglass::accounting::Usage;
 use frostglass::app::admin;
 use frostglass::ledger::event::{Decision, Entry, LedgerEvent, QueryEvent};
@@ -242,4 +243,120 @@ fn checkpoints_come_on_a_cadence_and_every_receipt_is_covered_by_one() {
             &root_of(head)
         ));
     }
+}
+
+#[test]
+fn sealed_segments_leave_the_database_and_the_ledger_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let mut writer = admin::open(data).unwrap();
+    for batch in 0..30u64 {
+        let entries: Vec<NewEntry> = (0..100).map(|i| answered(batch * 100 + i)).collect();
+        writer.append(&entries).unwrap();
+    }
+    // Start-up verifies the tail: only verified entries may be sealed.
+    drop(writer);
+    let mut writer = Writer::open(data).unwrap();
+    let conn = open_connection(data).unwrap();
+    let before = tables::entries(&conn, 0, 3_000).unwrap();
+    let out = data.join("archive");
+    let first = frostglass::ledger::archive::seal(&mut writer, data, &out, 2_050)
+        .unwrap()
+        .expect("a segment");
+    // Up to the newest checkpoint at or below 2,050: the head at 2,000.
+    assert_eq!((first.first, first.end), (0, 2_000));
+    assert!(
+        out.join("segment-000000000000-000000002000.checkpoint.json")
+            .exists()
+    );
+    let blank: i64 = conn
+        .query_row("SELECT COUNT(*) FROM usage_log WHERE body = ''", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(blank, 2_000, "the bodies left the database");
+    // The next segment continues where this one ended.
+    let second = frostglass::ledger::archive::seal(&mut writer, data, &out, 2_500)
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.first, second.end), (2_000, 2_500));
+    drop(writer);
+
+    // Verification reads the archived bodies back, roll-ups included.
+    let verify = |data: &std::path::Path| {
+        frostglass::ledger::verify::run(&frostglass::ledger::verify::Options {
+            source: frostglass::ledger::verify::Source::Local(data.to_path_buf()),
+            public_key: None,
+            state: None,
+            receipt: None,
+        })
+    };
+    verify(data).unwrap();
+    // The server serves them as they were, and restarts over them.
+    let ledger =
+        frostglass::ledger::Ledger::start(data, std::time::Duration::from_millis(2)).unwrap();
+    assert_eq!(ledger.entries(0, 3_000).unwrap()[..3_000], before[..]);
+    drop(ledger);
+
+    // A changed body in a segment is caught, even with its digest updated.
+    let path = &first.path;
+    let file = std::fs::File::open(path).unwrap();
+    let batches: Vec<_> =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let bodies: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+                .unwrap();
+            (0..c.len())
+                .map(|i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut forged = bodies.clone();
+    forged[1234] = forged[1234].replace("\"rows_scanned\":", "\"rows_scanned\":1");
+    assert_ne!(forged[1234], bodies[1234]);
+    let schema = batches[0].schema();
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    let forged_batch = datafusion::arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(datafusion::arrow::array::UInt64Array::from_iter_values(
+                0..2_000,
+            )),
+            std::sync::Arc::new(datafusion::arrow::array::StringArray::from(forged)),
+            std::sync::Arc::new(datafusion::arrow::array::StringArray::from(
+                before[..2_000]
+                    .iter()
+                    .map(|e| e.2.clone())
+                    .collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    writer.write(&forged_batch).unwrap();
+    writer.close().unwrap();
+    let failure = verify(data).unwrap_err();
+    assert!(failure.to_string().contains("digest"), "{failure}");
+    let digest = frostglass::util::sha256_hex(&std::fs::read(path).unwrap());
+    conn.execute(
+        "UPDATE archived_segments SET sha256 = ?1 WHERE first = 0",
+        [digest],
+    )
+    .unwrap();
+    let failure = verify(data).unwrap_err();
+    assert_eq!(failure.index, Some(1234), "{failure}");
 }
