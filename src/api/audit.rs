@@ -20,10 +20,28 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct Page {
+    /// The first index to return.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     from: u64,
+    /// How many entries, at most.
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     limit: u64,
+}
+
+/// The largest index or size a ledger can have (SQLite's integers).
+const MAX_INDEX: u64 = i64::MAX as u64;
+
+/// Refuses a parameter outside the range the document states.
+fn in_range(name: &str, value: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
+    if (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid(format!(
+            "{name} must lie between {lo} and {hi}"
+        )))
+    }
 }
 
 fn default_limit() -> u64 {
@@ -37,8 +55,8 @@ async fn entries(
     _: Authenticated,
     page: web::Query<Page>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = page.limit.clamp(1, 1000);
-    let from = page.from;
+    let limit = in_range("limit", page.limit, 1, 1000)?;
+    let from = in_range("from", page.from, 0, MAX_INDEX)?;
     let reader = sandbox.clone();
     let rows = web::block(move || reader.ledger.entries(from, limit))
         .await
@@ -78,7 +96,11 @@ async fn public_key(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct InclusionQuery {
+    /// The entry's index.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     index: u64,
+    /// The size of the tree the path leads to the root of: above `index`, at most the tree's size.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64)]
     size: u64,
 }
 
@@ -89,11 +111,14 @@ async fn inclusion(
     _: Authenticated,
     q: web::Query<InclusionQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    in_range("index", q.index, 0, MAX_INDEX)?;
+    in_range("size", q.size, 1, MAX_INDEX)?;
+    // In range but not in this ledger (yet): a state, not a malformed request.
     let proof = sandbox
         .ledger
         .inclusion_proof(q.index, q.size)
         .ok_or_else(|| {
-            ApiError::invalid("index must be below size, and size at most the tree size")
+            ApiError::NotFound("no such entry in a tree of that size: index must be below size, and size at most the tree's".into())
         })?;
     Ok(HttpResponse::Ok().json(json!({
         "index": q.index,
@@ -105,7 +130,11 @@ async fn inclusion(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct ConsistencyQuery {
+    /// The older tree's size: at most `to`.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     from: u64,
+    /// The newer tree's size: at most the tree's.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     to: u64,
 }
 
@@ -116,11 +145,16 @@ async fn consistency(
     _: Authenticated,
     q: web::Query<ConsistencyQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    in_range("from", q.from, 0, MAX_INDEX)?;
+    in_range("to", q.to, 0, MAX_INDEX)?;
     let proof = sandbox
         .ledger
         .consistency_proof(q.from, q.to)
         .ok_or_else(|| {
-            ApiError::invalid("from must be at most to, and to at most the tree size")
+            ApiError::NotFound(
+                "no such pair of trees: from must be at most to, and to at most the tree's size"
+                    .into(),
+            )
         })?;
     Ok(HttpResponse::Ok().json(json!({
         "from": q.from,

@@ -97,7 +97,43 @@ fn generate() -> Value {
     query["requestBody"]["content"]["application/json"]["schema"] = request;
     query["responses"]["200"]["content"]["application/vnd.apache.arrow.stream"]["schema"] =
         json!({ "type": "string", "format": "binary" });
+    add_links(&mut doc);
     doc
+}
+
+/// Where the ids of one route come from in another's answer, so a client
+/// (and stateful testing) can walk the real flows: the catalog to a
+/// dataset, an answer to the proof of its receipt, the head to its proofs.
+fn add_links(doc: &mut Value) {
+    let dataset = json!({ "id": "$response.body#/datasets/0/id" });
+    doc["paths"]["/v1/datasets"]["get"]["responses"]["200"]["links"] = json!({
+        "dataset": { "operationId": "get_dataset", "parameters": dataset,
+                     "description": "The first dataset of the catalog" },
+        "preview": { "operationId": "preview_dataset", "parameters": dataset,
+                     "description": "Synthetic rows of the first dataset" },
+    });
+    doc["paths"]["/v1/queries"]["post"]["responses"]["200"]["links"] = json!({
+        "receipt_inclusion": {
+            "operationId": "inclusion",
+            "parameters": {
+                "index": "$response.body#/receipt/ledger_index",
+                "size": "$response.body#/receipt/tree_size",
+            },
+            "description": "The inclusion proof of the answer's ledger entry under the checkpoint its receipt names (auditors)",
+        },
+    });
+    doc["paths"]["/v1/audit/head"]["get"]["responses"]["200"]["links"] = json!({
+        "first_entry_inclusion": {
+            "operationId": "inclusion",
+            "parameters": { "index": 0, "size": "$response.body#/tree_size" },
+            "description": "The first entry's inclusion proof under this head",
+        },
+        "consistency_from_empty": {
+            "operationId": "consistency",
+            "parameters": { "from": 0, "to": "$response.body#/tree_size" },
+            "description": "The proof that the empty tree is a prefix of this head's",
+        },
+    });
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AuditSql {
+    /// One SELECT over the `usage` table.
+    #[schema(min_length = 1, pattern = r"\S")]
     sql: String,
 }
 
@@ -66,6 +68,9 @@ async fn audit_sql(
     }
     let request: AuditSql = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))?;
+    if request.sql.trim().is_empty() {
+        return Err(ApiError::invalid("sql must hold a statement"));
+    }
     let table = UsageTable::new(
         &sandbox.settings.data_dir,
         std::time::Duration::from_millis(sandbox.settings.limits.query_timeout_ms),

@@ -96,8 +96,31 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
     // Only auditors read the ledger.
     let r = app.get("/v1/audit/head", Some(app.key("buyer:acme")));
     assert_eq!(r.status, 403);
+    // A well-formed request for a tree or entry the ledger does not hold is
+    // a 404 (a state), not a malformed request; out of the documented range is.
     let proof = app.get("/v1/audit/proof/inclusion?index=99&size=3", Some(&auditor));
-    assert_eq!(proof.code().as_deref(), Some("invalid_request"));
+    assert_eq!(proof.status, 404);
+    assert_eq!(proof.code().as_deref(), Some("not_found"));
+    let beyond = app.get(
+        "/v1/audit/proof/consistency?from=0&to=9223372036854775807",
+        Some(&auditor),
+    );
+    assert_eq!(beyond.status, 404);
+    let huge = app.get(
+        "/v1/audit/entries?limit=9223372036854775808",
+        Some(&auditor),
+    );
+    assert_eq!(huge.code().as_deref(), Some("invalid_request"));
+    let too_many = app.get("/v1/audit/entries?limit=1001", Some(&auditor));
+    assert_eq!(too_many.code().as_deref(), Some("invalid_request"));
+    let blank = app.request(
+        "POST",
+        "/v1/audit/sql",
+        Some(&auditor),
+        Some(br#"{"sql": " "}"#),
+        None,
+    );
+    assert_eq!(blank.code().as_deref(), Some("invalid_request"));
     let bad = app.get("/v1/audit/proof/inclusion?index=x", Some(&auditor));
     assert_eq!(bad.code().as_deref(), Some("invalid_request"));
 }
