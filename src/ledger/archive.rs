@@ -42,6 +42,15 @@ pub struct Segment {
 const BATCH: usize = 8192;
 
 pub fn segments(conn: &Connection) -> Result<Vec<Segment>, LedgerError> {
+    // A ledger opened read-only (by `verify`) may predate the table.
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'archived_segments')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
+    }
     let mut stmt = conn
         .prepare("SELECT first, end_index, path, sha256 FROM archived_segments ORDER BY first")?;
     let rows = stmt.query_map([], |r| {

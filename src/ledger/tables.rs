@@ -447,24 +447,28 @@ pub fn entries(
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Reads every entry's stored columns and ε rows, in index order, calling
-/// `each` with (index, body, stored columns).
+/// Reads the stored columns and ε rows of the entries in `range`, in index
+/// order, calling `each` with (index, body, stored columns).
 pub fn for_each_stored(
     conn: &Connection,
+    range: std::ops::Range<u64>,
     mut each: impl FnMut(u64, &str, StoredRow) -> Result<(), String>,
 ) -> Result<Result<(), String>, LedgerError> {
+    let bounds = params![range.start as i64, range.end.min(i64::MAX as u64) as i64];
     // Three streams in index order, merged: the entries with their typed
     // usage rows (a join on the primary key), and the epsilon rows.
-    let mut eps_stmt =
-        conn.prepare("SELECT idx, budget, epsilon FROM usage_epsilon ORDER BY idx, rowid")?;
-    let mut eps_rows = eps_stmt.query([])?;
+    let mut eps_stmt = conn.prepare(
+        "SELECT idx, budget, epsilon FROM usage_epsilon WHERE idx >= ?1 AND idx < ?2 ORDER BY idx, rowid",
+    )?;
+    let mut eps_rows = eps_stmt.query(bounds)?;
     let mut pending: Option<(i64, String, f64)> = None;
     let usage_columns = super::usage_table::column_list("q.");
     let mut stmt = conn.prepare(&format!(
         "SELECT l.idx, l.body, l.created_at, l.kind, l.principal, l.grant_id, l.decision, l.day, l.queries, l.rows_scanned, l.bytes_scanned, l.charge_micros, q.ledger_index IS NOT NULL, {usage_columns}
-         FROM usage_log l LEFT JOIN query_usage q ON q.ledger_index = l.idx ORDER BY l.idx"
+         FROM usage_log l LEFT JOIN query_usage q ON q.ledger_index = l.idx
+         WHERE l.idx >= ?1 AND l.idx < ?2 ORDER BY l.idx"
     ))?;
-    let mut rows = stmt.query([])?;
+    let mut rows = stmt.query(bounds)?;
     while let Some(r) = rows.next()? {
         let idx: i64 = r.get(0)?;
         let body: String = r.get(1)?;

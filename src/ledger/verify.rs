@@ -256,18 +256,11 @@ fn load_remote(
 pub fn run(options: &Options) -> Result<String, Failure> {
     let started = std::time::Instant::now();
     // Locally, the typed columns and roll-ups beside the entries are
-    // checked too: a second pass, independent of the tree's, on the other core.
+    // checked too: passes independent of the tree's, beside it.
     let columns = match &options.source {
         Source::Local(dir) => {
             let db = dir.join("frostglass.db");
-            Some(std::thread::spawn(move || {
-                let conn = rusqlite::Connection::open_with_flags(
-                    db,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .map_err(|e| fail(None, e.to_string()))?;
-                check_columns(&conn)
-            }))
+            Some(std::thread::spawn(move || check_columns(&db)))
         }
         Source::Remote { .. } => None,
     };
@@ -459,16 +452,43 @@ fn check_receipt(
 /// Checks every typed column stored beside an entry, and every roll-up,
 /// against what the entries themselves say: quotas and budgets are read
 /// from these, so a changed column is as much tampering as a changed entry.
-fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
+/// What the entries of a range add up to, to compare with the roll-ups.
+#[derive(Default)]
+struct Recount {
+    daily: tables::DailyRollups,
+    budgets: tables::BudgetRollups,
+    usage: std::collections::BTreeMap<(String, Option<String>, String, Vec<String>), UsageRollup>,
+}
+
+impl Recount {
+    fn merge(&mut self, other: Recount) {
+        for (key, sums) in other.daily {
+            let mine = self.daily.entry(key).or_default();
+            for (a, b) in mine.iter_mut().zip(sums) {
+                *a += b;
+            }
+        }
+        for (budget, eps) in other.budgets {
+            *self.budgets.entry(budget).or_default() += eps;
+        }
+        for (key, rollup) in other.usage {
+            match self.usage.get_mut(&key) {
+                Some(mine) => mine.add(&rollup),
+                None => {
+                    self.usage.insert(key, rollup);
+                }
+            }
+        }
+    }
+}
+
+/// Recounts the entries of `range`, checking each one's stored columns and
+/// usage row against the entry as it goes.
+fn recount(conn: &rusqlite::Connection, range: std::ops::Range<u64>) -> Result<Recount, Failure> {
     let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
-    let mut daily = tables::DailyRollups::new();
-    let mut budgets = tables::BudgetRollups::new();
-    let mut usage: std::collections::BTreeMap<
-        (String, Option<String>, String, Vec<String>),
-        UsageRollup,
-    > = Default::default();
-    let mut archived = ArchivedBodies::open(conn).map_err(|e| fail(None, e.to_string()))?;
-    let checked = tables::for_each_stored(conn, |index, body, stored| {
+    let mut archived = ArchivedBodies::open(conn).map_err(sql)?;
+    let mut out = Recount::default();
+    let checked = tables::for_each_stored(conn, range, |index, body, stored| {
         let body = archived
             .fill(index, body.to_string())
             .map_err(|e| format!("{index}:{e}"))?;
@@ -483,7 +503,8 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
         if let Some(grant) = &derived.grant
             && derived.queries > 0
         {
-            let sums = daily
+            let sums = out
+                .daily
                 .entry((grant.clone(), derived.day.clone()))
                 .or_default();
             sums[0] += derived.queries as i64;
@@ -492,7 +513,7 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
             sums[3] += derived.charge_micros;
         }
         for (budget, eps) in &derived.epsilon {
-            *budgets.entry(budget.clone()).or_default() += eps;
+            *out.budgets.entry(budget.clone()).or_default() += eps;
         }
         if let Some(record) = UsageRecord::of(index, &entry) {
             if stored.usage != Some(crate::ledger::usage_table::expected(&record)) {
@@ -507,20 +528,12 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
                 one.principal.clone(),
                 one.datasets.clone(),
             );
-            usage
-                .entry(key)
-                .or_insert_with(|| UsageRollup {
-                    answered: 0,
-                    refused: 0,
-                    rows_scanned: 0,
-                    bytes_scanned: 0,
-                    cpu_ms: 0,
-                    cells_released: 0,
-                    epsilon: 0.0,
-                    charge_micros: 0,
-                    ..one.clone()
-                })
-                .add(&one);
+            match out.usage.get_mut(&key) {
+                Some(sums) => sums.add(&one),
+                None => {
+                    out.usage.insert(key, one);
+                }
+            }
         }
         Ok(())
     })
@@ -529,7 +542,56 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
         let (index, reason) = e.split_once(':').unwrap_or(("", &e));
         return Err(fail(index.parse().ok(), reason));
     }
-    let (stored_daily, stored_budgets) = tables::rollups(conn).map_err(sql)?;
+    Ok(out)
+}
+
+/// How many threads share the column check (besides the tree's pass).
+const COLUMN_THREADS: u64 = 2;
+
+/// Every entry's typed columns against the entry, and every roll-up against
+/// a recount: ranges of the ledger checked on threads of their own, each on
+/// its own read-only connection, their recounts merged.
+fn check_columns(db: &Path) -> Result<(), Failure> {
+    let open = || {
+        rusqlite::Connection::open_with_flags(
+            db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| fail(None, e.to_string()))
+    };
+    let conn = open()?;
+    let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
+    let size: u64 = conn
+        .query_row("SELECT COALESCE(MAX(idx) + 1, 0) FROM usage_log", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(|e| fail(None, e.to_string()))? as u64;
+    let step = size.div_ceil(COLUMN_THREADS).max(1);
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..COLUMN_THREADS)
+            .map(|k| {
+                let range = (k * step).min(size)..((k + 1) * step).min(size);
+                scope.spawn(move || recount(&open()?, range))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(fail(None, "the column check stopped")))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut total = Recount::default();
+    for part in parts {
+        total.merge(part?);
+    }
+    let Recount {
+        daily,
+        budgets,
+        usage,
+    } = total;
+    let (stored_daily, stored_budgets) = tables::rollups(&conn).map_err(sql)?;
     if stored_daily != daily {
         let key = daily
             .keys()
@@ -544,7 +606,7 @@ fn check_columns(conn: &rusqlite::Connection) -> Result<(), Failure> {
             ),
         ));
     }
-    let stored_usage = tables::usage_rollups(conn).map_err(sql)?;
+    let stored_usage = tables::usage_rollups(&conn).map_err(sql)?;
     let same = |a: &UsageRollup, b: &UsageRollup| {
         (a.epsilon - b.epsilon).abs() <= 1e-9 * a.epsilon.abs().max(1.0)
             && UsageRollup {
