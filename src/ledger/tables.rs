@@ -464,7 +464,7 @@ pub fn for_each_stored(
     let mut pending: Option<(i64, String, f64)> = None;
     let usage_columns = super::usage_table::column_list("q.");
     let mut stmt = conn.prepare(&format!(
-        "SELECT l.idx, l.body, l.created_at, l.kind, l.principal, l.grant_id, l.decision, l.day, l.queries, l.rows_scanned, l.bytes_scanned, l.charge_micros, q.ledger_index IS NOT NULL, {usage_columns}
+        "SELECT l.idx, l.body, l.leaf_hash, l.created_at, l.kind, l.principal, l.grant_id, l.decision, l.day, l.queries, l.rows_scanned, l.bytes_scanned, l.charge_micros, q.ledger_index IS NOT NULL, {usage_columns}
          FROM usage_log l LEFT JOIN query_usage q ON q.ledger_index = l.idx
          WHERE l.idx >= ?1 AND l.idx < ?2 ORDER BY l.idx"
     ))?;
@@ -492,9 +492,9 @@ pub fn for_each_stored(
                 None => break,
             }
         }
-        let usage = if r.get::<_, bool>(12)? {
+        let usage = if r.get::<_, bool>(13)? {
             Some(
-                (13..13 + super::usage_table::COLUMN_COUNT)
+                (14..14 + super::usage_table::COLUMN_COUNT)
                     .map(|i| r.get::<_, rusqlite::types::Value>(i))
                     .collect::<Result<Vec<_>, _>>()?,
             )
@@ -502,16 +502,17 @@ pub fn for_each_stored(
             None
         };
         let stored = StoredRow {
-            created_at: r.get(2)?,
-            kind: r.get(3)?,
-            principal: r.get(4)?,
-            grant: r.get(5)?,
-            decision: r.get(6)?,
-            day: r.get(7)?,
-            queries: r.get(8)?,
-            rows_scanned: r.get(9)?,
-            bytes_scanned: r.get(10)?,
-            charge_micros: r.get(11)?,
+            leaf_hash: r.get(2)?,
+            created_at: r.get(3)?,
+            kind: r.get(4)?,
+            principal: r.get(5)?,
+            grant: r.get(6)?,
+            decision: r.get(7)?,
+            day: r.get(8)?,
+            queries: r.get(9)?,
+            rows_scanned: r.get(10)?,
+            bytes_scanned: r.get(11)?,
+            charge_micros: r.get(12)?,
             epsilon,
             usage,
         };
@@ -525,6 +526,8 @@ pub fn for_each_stored(
 /// One entry's columns as stored (not as derived).
 #[derive(Debug, PartialEq)]
 pub struct StoredRow {
+    /// Not a derived column: what the entry must hash to.
+    pub leaf_hash: String,
     pub created_at: String,
     pub kind: String,
     pub principal: Option<String>,

@@ -68,6 +68,9 @@ struct Ledger {
     heads: Vec<SignedHead>,
     public_key: Vec<u8>,
     remote: Option<Remote>,
+    /// Locally: what the entries add up to, for the roll-ups (checked after
+    /// the tree, whose findings say more).
+    recount: Option<Recount>,
 }
 
 /// Entries must come contiguous, each matching its stored leaf hash; progress
@@ -145,41 +148,20 @@ fn load_local(dir: &Path, public_key: Option<&Path>) -> Result<Ledger, Failure> 
     if !db.exists() {
         return Err(fail(None, format!("no ledger at {}", db.display())));
     }
+    let (leaves, recount) = scan_entries(&db)?;
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| fail(None, e.to_string()))?;
-    let sql = |e: rusqlite::Error| fail(None, e.to_string());
-    let mut stmt = conn
-        .prepare("SELECT idx, body, leaf_hash FROM usage_log ORDER BY idx")
-        .map_err(sql)?;
-    let mut rows = stmt.query([]).map_err(sql)?;
-    let mut leaves = Leaves::default();
-    let mut archived = ArchivedBodies::open(&conn).map_err(|e| fail(None, e.to_string()))?;
-    archived.check_files().map_err(|e| fail(None, e))?;
-    while let Some(row) = rows.next().map_err(sql)? {
-        let index = row.get::<_, i64>(0).map_err(sql)? as u64;
-        let body = row
-            .get_ref(1)
-            .map_err(sql)?
-            .as_str()
-            .map_err(|e| fail(Some(index), e.to_string()))?;
-        let stored = row.get_ref(2).map_err(sql)?.as_str().ok();
-        if body.is_empty() && index < archived.end() {
-            let body = archived.body(index).map_err(|e| fail(Some(index), e))?;
-            leaves.push(index, &body, stored)?;
-        } else {
-            leaves.push(index, body, stored)?;
-        }
-    }
     let heads = crate::ledger::heads(&conn).map_err(|e| fail(None, e.to_string()))?;
     let key_path = public_key
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("ledger-ed25519.pub"));
     Ok(Ledger {
-        leaves: leaves.leaves,
+        leaves,
         heads,
         public_key: read_public_key(&key_path)?,
         remote: None,
+        recount: Some(recount),
     })
 }
 
@@ -249,22 +231,14 @@ fn load_remote(
         heads: vec![head],
         public_key,
         remote: Some(remote),
+        recount: None,
     })
 }
 
 /// Verifies; on success returns a one-line summary.
 pub fn run(options: &Options) -> Result<String, Failure> {
     let started = std::time::Instant::now();
-    // Locally, the typed columns and roll-ups beside the entries are
-    // checked too: passes independent of the tree's, beside it.
-    let columns = match &options.source {
-        Source::Local(dir) => {
-            let db = dir.join("frostglass.db");
-            Some(std::thread::spawn(move || check_columns(&db)))
-        }
-        Source::Remote { .. } => None,
-    };
-    let ledger = match &options.source {
+    let mut ledger = match &options.source {
         Source::Local(dir) => load_local(dir, options.public_key.as_deref())?,
         Source::Remote { url, key, ca } => {
             load_remote(url, key, ca.as_deref(), options.public_key.as_deref())?
@@ -352,14 +326,12 @@ pub fn run(options: &Options) -> Result<String, Failure> {
         }
     }
 
-    if let Some(columns) = columns {
-        columns
-            .join()
-            .map_err(|_| fail(None, "the column check stopped"))??;
+    if let (Some(recount), Source::Local(dir)) = (ledger.recount.take(), &options.source) {
+        check_rollups(&dir.join("frostglass.db"), recount)?;
     }
 
     if let Some(path) = &options.receipt {
-        check_receipt(path, leaves, &public_key, &ledger, latest.as_ref())?;
+        check_receipt(path, &ledger.leaves, &public_key, &ledger, latest.as_ref())?;
     }
 
     if let (Some(path), Some(head)) = (&options.state, &latest) {
@@ -455,6 +427,9 @@ fn check_receipt(
 /// What the entries of a range add up to, to compare with the roll-ups.
 #[derive(Default)]
 struct Recount {
+    /// The first entry whose columns disagree with it, reported after the
+    /// tree's checks (whose findings say more).
+    mismatch: Option<(u64, String)>,
     daily: tables::DailyRollups,
     budgets: tables::BudgetRollups,
     usage: std::collections::BTreeMap<(String, Option<String>, String, Vec<String>), UsageRollup>,
@@ -462,6 +437,11 @@ struct Recount {
 
 impl Recount {
     fn merge(&mut self, other: Recount) {
+        if let Some(m) = other.mismatch
+            && self.mismatch.as_ref().is_none_or(|mine| m.0 < mine.0)
+        {
+            self.mismatch = Some(m);
+        }
         for (key, sums) in other.daily {
             let mine = self.daily.entry(key).or_default();
             for (a, b) in mine.iter_mut().zip(sums) {
@@ -482,58 +462,47 @@ impl Recount {
     }
 }
 
-/// Recounts the entries of `range`, checking each one's stored columns and
-/// usage row against the entry as it goes.
-fn recount(conn: &rusqlite::Connection, range: std::ops::Range<u64>) -> Result<Recount, Failure> {
+/// One pass over the entries of `range`: each entry's leaf (recomputed from
+/// its body and compared with the stored one), its stored columns and usage
+/// row against the entry, and its share of the roll-ups. The first range
+/// reports progress for all.
+fn scan(
+    conn: &rusqlite::Connection,
+    range: std::ops::Range<u64>,
+    ranges: u64,
+) -> Result<(Vec<Hash>, Recount), Failure> {
     let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
     let mut archived = ArchivedBodies::open(conn).map_err(sql)?;
     let mut out = Recount::default();
+    let first = range.start;
+    let mut leaves: Vec<Hash> = Vec::with_capacity((range.end - range.start) as usize);
+    let started = std::time::Instant::now();
     let checked = tables::for_each_stored(conn, range, |index, body, stored| {
+        let expected = first + leaves.len() as u64;
+        if index != expected {
+            return Err(format!("{expected}:entry {expected} is missing"));
+        }
         let body = archived
             .fill(index, body.to_string())
             .map_err(|e| format!("{index}:{e}"))?;
-        let entry =
-            Entry::decode(&body).map_err(|e| format!("{index}:the entry cannot be read: {e}"))?;
-        let derived = entry.columns();
-        if let Some(column) = stored.mismatch(&derived) {
-            return Err(format!(
-                "{index}:the stored column {column} does not match the entry"
-            ));
+        let leaf = merkle::leaf_hash(body.as_bytes());
+        if decode_hash(&stored.leaf_hash) != Some(leaf) {
+            return Err(format!("{index}:the entry does not match its leaf hash"));
         }
-        if let Some(grant) = &derived.grant
-            && derived.queries > 0
+        leaves.push(leaf);
+        if out.mismatch.is_none()
+            && let Err(reason) = recount_entry(&mut out, index, &body, stored)
         {
-            let sums = out
-                .daily
-                .entry((grant.clone(), derived.day.clone()))
-                .or_default();
-            sums[0] += derived.queries as i64;
-            sums[1] += derived.rows_scanned as i64;
-            sums[2] += derived.bytes_scanned as i64;
-            sums[3] += derived.charge_micros;
+            out.mismatch = Some((index, reason));
         }
-        for (budget, eps) in &derived.epsilon {
-            *out.budgets.entry(budget.clone()).or_default() += eps;
-        }
-        if let Some(record) = UsageRecord::of(index, &entry) {
-            if stored.usage != Some(crate::ledger::usage_table::expected(&record)) {
-                return Err(format!(
-                    "{index}:the stored usage row does not match the entry"
-                ));
-            }
-            let one = UsageRollup::of(&record);
-            let key = (
-                one.day.clone(),
-                one.grant.clone(),
-                one.principal.clone(),
-                one.datasets.clone(),
-            );
-            match out.usage.get_mut(&key) {
-                Some(sums) => sums.add(&one),
-                None => {
-                    out.usage.insert(key, one);
-                }
-            }
+        if first == 0
+            && leaves
+                .len()
+                .is_multiple_of(PROGRESS_EVERY / ranges as usize)
+        {
+            let read = leaves.len() as f64 * ranges as f64;
+            let rate = read / started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!("verify: about {read:.0} entries read ({rate:.0}/s)");
         }
         Ok(())
     })
@@ -542,16 +511,68 @@ fn recount(conn: &rusqlite::Connection, range: std::ops::Range<u64>) -> Result<R
         let (index, reason) = e.split_once(':').unwrap_or(("", &e));
         return Err(fail(index.parse().ok(), reason));
     }
-    Ok(out)
+    Ok((leaves, out))
 }
 
-/// How many threads share the column check (besides the tree's pass).
-const COLUMN_THREADS: u64 = 2;
+/// Checks one entry's stored columns and usage row against the entry, and
+/// adds it to the recount.
+fn recount_entry(
+    out: &mut Recount,
+    index: u64,
+    body: &str,
+    stored: tables::StoredRow,
+) -> Result<(), String> {
+    let entry = Entry::decode(body).map_err(|e| format!("the entry cannot be read: {e}"))?;
+    let derived = entry.columns();
+    if let Some(column) = stored.mismatch(&derived) {
+        return Err(format!(
+            "the stored column {column} does not match the entry"
+        ));
+    }
+    if let Some(grant) = &derived.grant
+        && derived.queries > 0
+    {
+        let sums = out
+            .daily
+            .entry((grant.clone(), derived.day.clone()))
+            .or_default();
+        sums[0] += derived.queries as i64;
+        sums[1] += derived.rows_scanned as i64;
+        sums[2] += derived.bytes_scanned as i64;
+        sums[3] += derived.charge_micros;
+    }
+    for (budget, eps) in &derived.epsilon {
+        *out.budgets.entry(budget.clone()).or_default() += eps;
+    }
+    if let Some(record) = UsageRecord::of(index, &entry) {
+        if stored.usage != Some(crate::ledger::usage_table::expected(&record)) {
+            return Err("the stored usage row does not match the entry".to_string());
+        }
+        let one = UsageRollup::of(&record);
+        let key = (
+            one.day.clone(),
+            one.grant.clone(),
+            one.principal.clone(),
+            one.datasets.clone(),
+        );
+        match out.usage.get_mut(&key) {
+            Some(sums) => sums.add(&one),
+            None => {
+                out.usage.insert(key, one);
+            }
+        }
+    }
+    Ok(())
+}
 
-/// Every entry's typed columns against the entry, and every roll-up against
-/// a recount: ranges of the ledger checked on threads of their own, each on
-/// its own read-only connection, their recounts merged.
-fn check_columns(db: &Path) -> Result<(), Failure> {
+/// How many ranges of the ledger are scanned at once (one per core).
+const SCAN_THREADS: u64 = 2;
+
+/// Every entry against its leaf and its typed columns: ranges of the
+/// ledger scanned once each, on threads of their own with their own
+/// read-only connections. Returns the leaves, in order, and the merged
+/// recount for [`check_rollups`].
+fn scan_entries(db: &Path) -> Result<(Vec<Hash>, Recount), Failure> {
     let open = || {
         rusqlite::Connection::open_with_flags(
             db,
@@ -566,12 +587,16 @@ fn check_columns(db: &Path) -> Result<(), Failure> {
             r.get::<_, i64>(0)
         })
         .map_err(|e| fail(None, e.to_string()))? as u64;
-    let step = size.div_ceil(COLUMN_THREADS).max(1);
+    ArchivedBodies::open(&conn)
+        .map_err(sql)?
+        .check_files()
+        .map_err(|e| fail(None, e))?;
+    let step = size.div_ceil(SCAN_THREADS).max(1);
     let parts = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..COLUMN_THREADS)
+        let handles: Vec<_> = (0..SCAN_THREADS)
             .map(|k| {
                 let range = (k * step).min(size)..((k + 1) * step).min(size);
-                scope.spawn(move || recount(&open()?, range))
+                scope.spawn(move || scan(&open()?, range, SCAN_THREADS))
             })
             .collect();
         handles
@@ -583,14 +608,30 @@ fn check_columns(db: &Path) -> Result<(), Failure> {
             .collect::<Vec<_>>()
     });
     let mut total = Recount::default();
+    let mut leaves = Vec::with_capacity(size as usize);
     for part in parts {
-        total.merge(part?);
+        let (part_leaves, recount) = part?;
+        leaves.extend(part_leaves);
+        total.merge(recount);
     }
+    Ok((leaves, total))
+}
+
+/// Every roll-up against the recount of the entries.
+fn check_rollups(db: &Path, recount: Recount) -> Result<(), Failure> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| fail(None, e.to_string()))?;
+    let sql = |e: crate::ledger::LedgerError| fail(None, e.to_string());
     let Recount {
+        mismatch,
         daily,
         budgets,
         usage,
-    } = total;
+    } = recount;
+    if let Some((index, reason)) = mismatch {
+        return Err(fail(Some(index), reason));
+    }
     let (stored_daily, stored_budgets) = tables::rollups(&conn).map_err(sql)?;
     if stored_daily != daily {
         let key = daily
