@@ -302,11 +302,15 @@ impl ArchivedBodies {
     }
 
     /// `body` unless the entry is archived, where it is read from its segment.
-    pub fn fill(&mut self, index: u64, body: String) -> Result<String, String> {
+    pub fn fill<'a>(
+        &mut self,
+        index: u64,
+        body: &'a str,
+    ) -> Result<std::borrow::Cow<'a, str>, String> {
         if body.is_empty() && index < self.end() {
-            self.body(index)
+            self.body(index).map(std::borrow::Cow::Owned)
         } else {
-            Ok(body)
+            Ok(std::borrow::Cow::Borrowed(body))
         }
     }
 }

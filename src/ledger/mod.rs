@@ -876,7 +876,8 @@ impl Ledger {
         let mut archived = archive::ArchivedBodies::open(&reader)?;
         for (index, body, _) in &mut entries {
             *body = archived
-                .fill(*index, std::mem::take(body))
+                .fill(*index, body)
+                .map(|b| b.into_owned())
                 .map_err(LedgerError::Corrupt)?;
         }
         Ok(entries)

@@ -483,7 +483,7 @@ fn scan(
             return Err(format!("{expected}:entry {expected} is missing"));
         }
         let body = archived
-            .fill(index, body.to_string())
+            .fill(index, body)
             .map_err(|e| format!("{index}:{e}"))?;
         let leaf = merkle::leaf_hash(body.as_bytes());
         if decode_hash(&stored.leaf_hash) != Some(leaf) {
