@@ -452,7 +452,7 @@ pub fn entries(
 pub fn for_each_stored(
     conn: &Connection,
     range: std::ops::Range<u64>,
-    mut each: impl FnMut(u64, &str, StoredRow) -> Result<(), String>,
+    mut each: impl FnMut(u64, &str, StoredRow<'_>) -> Result<(), String>,
 ) -> Result<Result<(), String>, LedgerError> {
     let bounds = params![range.start as i64, range.end.min(i64::MAX as u64) as i64];
     // Three streams in index order, merged: the entries with their typed
@@ -495,7 +495,7 @@ pub fn for_each_stored(
         let usage = if r.get::<_, bool>(13)? {
             Some(
                 (14..14 + super::usage_table::COLUMN_COUNT)
-                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .map(|i| r.get_ref(i))
                     .collect::<Result<Vec<_>, _>>()?,
             )
         } else {
@@ -525,7 +525,7 @@ pub fn for_each_stored(
 
 /// One entry's columns as stored (not as derived).
 #[derive(Debug, PartialEq)]
-pub struct StoredRow {
+pub struct StoredRow<'r> {
     /// Not a derived column: what the entry must hash to.
     pub leaf_hash: String,
     pub created_at: String,
@@ -540,10 +540,10 @@ pub struct StoredRow {
     pub charge_micros: i64,
     pub epsilon: Vec<(String, f64)>,
     /// The typed usage row of a query entry (`usage_table`), if any.
-    pub usage: Option<Vec<rusqlite::types::Value>>,
+    pub usage: Option<Vec<rusqlite::types::ValueRef<'r>>>,
 }
 
-impl StoredRow {
+impl StoredRow<'_> {
     /// The first column that differs from what the entry says, if any.
     pub fn mismatch(&self, c: &Columns) -> Option<&'static str> {
         let checks: [(&'static str, bool); 11] = [

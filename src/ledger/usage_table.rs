@@ -15,7 +15,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,11 +80,12 @@ const COLUMNS: [(&str, Kind); 19] = [
     ("charge_micros", Kind::Micros),
 ];
 
-/// The record's values in table order.
-fn values(r: &UsageRecord) -> [Value; 19] {
-    let text = |s: &str| Value::Text(s.to_string());
-    let opt = |s: &Option<String>| s.as_deref().map_or(Value::Null, text);
-    let int = |n: u64| Value::Integer(n as i64);
+/// The record's values in table order, borrowed from it (`datasets` is
+/// its dataset list joined with commas, the one value it does not hold).
+fn values<'a>(r: &'a UsageRecord, datasets: &'a str) -> [ValueRef<'a>; 19] {
+    let text = |s: &'a str| ValueRef::Text(s.as_bytes());
+    let opt = |s: &'a Option<String>| s.as_deref().map_or(ValueRef::Null, text);
+    let int = |n: u64| ValueRef::Integer(n as i64);
     [
         int(r.ledger_index),
         text(&r.at),
@@ -92,7 +93,7 @@ fn values(r: &UsageRecord) -> [Value; 19] {
         text(&r.principal),
         opt(&r.grant_id),
         opt(&r.purpose),
-        text(&r.datasets.join(",")),
+        text(datasets),
         text(&r.decision),
         opt(&r.code),
         opt(&r.rule),
@@ -103,8 +104,8 @@ fn values(r: &UsageRecord) -> [Value; 19] {
         int(r.groups_released),
         int(r.groups_suppressed),
         int(r.cells_released),
-        Value::Real(r.epsilon),
-        Value::Integer(r.charge_micros),
+        ValueRef::Real(r.epsilon),
+        ValueRef::Integer(r.charge_micros),
     ]
 }
 
@@ -120,7 +121,9 @@ pub fn insert(conn: &Connection, r: &UsageRecord) -> rusqlite::Result<()> {
         )
     });
     conn.prepare_cached(sql)?
-        .execute(rusqlite::params_from_iter(values(r)))?;
+        .execute(rusqlite::params_from_iter(
+            values(r, &r.datasets.join(",")).map(rusqlite::types::ToSqlOutput::Borrowed),
+        ))?;
     conn.prepare_cached(
         "INSERT INTO ledger_state (key, value) VALUES ('query_entries', 1)
          ON CONFLICT (key) DO UPDATE SET value = value + 1",
@@ -142,9 +145,9 @@ pub fn column_list(prefix: &str) -> String {
         .join(", ")
 }
 
-/// What the row of a record should be.
-pub fn expected(r: &UsageRecord) -> Vec<Value> {
-    values(r).to_vec()
+/// Whether a stored row is the record's row.
+pub fn matches(r: &UsageRecord, row: &[ValueRef<'_>]) -> bool {
+    row == values(r, &r.datasets.join(","))
 }
 
 pub fn schema() -> SchemaRef {
