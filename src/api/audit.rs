@@ -104,7 +104,7 @@ struct InclusionQuery {
     size: u64,
 }
 
-/// Audit path of one entry
+/// Audit path of one entry (any principal: how a buyer checks a receipt)
 #[utoipa::path(get, path = "/v1/audit/proof/inclusion", tag = "audit", params(InclusionQuery), responses((status = 200, description = "OK", body = Object)))]
 async fn inclusion(
     sandbox: web::Data<Sandbox>,

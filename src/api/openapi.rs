@@ -119,7 +119,7 @@ fn add_links(doc: &mut Value) {
                 "index": "$response.body#/receipt/ledger_index",
                 "size": "$response.body#/receipt/tree_size",
             },
-            "description": "The inclusion proof of the answer's ledger entry under the checkpoint its receipt names (auditors)",
+            "description": "The inclusion proof of the answer's ledger entry under the checkpoint its receipt names",
         },
     });
     doc["paths"]["/v1/audit/head"]["get"]["responses"]["200"]["links"] = json!({
