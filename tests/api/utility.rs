@@ -105,20 +105,25 @@ fn a_bucket_of_a_public_domain_stays_public() {
     assert!(noise["selection_threshold"].as_f64().unwrap() > 10.0);
 }
 
+/// The shared catalog with `city_health.<column>` declaring `domain`.
+fn city_health_with_domain(column: &str, domain: Value) -> std::path::PathBuf {
+    crate::helpers::catalog_with(|m| {
+        if m["id"] == "city_health" {
+            for c in m["columns"].as_array_mut().unwrap() {
+                if c["name"] == column {
+                    c["domain"] = domain.clone();
+                }
+            }
+        }
+    })
+}
+
 #[test]
 fn only_declared_values_come_out_of_a_public_domain() {
     // The attack: a group the data holds but the domain does not declare
     // (here mentougou, dropped from the declaration) must not show that it
     // exists; a declared value nobody has comes out like any other.
-    let catalog = crate::helpers::catalog_with(|m| {
-        if m["id"] == "city_health" {
-            for c in m["columns"].as_array_mut().unwrap() {
-                if c["name"] == "district" {
-                    c["domain"] = json!(["chaoyang", "haidian", "nowhere"]);
-                }
-            }
-        }
-    });
+    let catalog = city_health_with_domain("district", json!(["chaoyang", "haidian", "nowhere"]));
     let app = spawn_app_with(Options {
         catalog: Some(catalog),
         ..Default::default()
@@ -141,15 +146,7 @@ fn only_declared_values_come_out_of_a_public_domain() {
 
 #[test]
 fn a_domain_that_does_not_fit_its_column_stops_the_catalog() {
-    let catalog = crate::helpers::catalog_with(|m| {
-        if m["id"] == "city_health" {
-            for c in m["columns"].as_array_mut().unwrap() {
-                if c["name"] == "age" {
-                    c["domain"] = json!(["young", "old"]);
-                }
-            }
-        }
-    });
+    let catalog = city_health_with_domain("age", json!(["young", "old"]));
     let schemas = frostglass::validate::Schemas::compiled();
     let loaded = tokio::runtime::Runtime::new()
         .unwrap()
