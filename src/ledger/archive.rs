@@ -18,7 +18,7 @@ use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, UInt64
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,11 +83,7 @@ pub fn seal(
             params![first as i64, limit as i64],
             head_row,
         )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     let Some(head) = head else {
         return Ok(None);
     };
@@ -98,7 +94,7 @@ pub fn seal(
     write_segment(&conn, first, end, &path)?;
     let checkpoint = serde_json::to_string_pretty(&head).unwrap_or_default();
     std::fs::write(out_dir.join(format!("{name}.checkpoint.json")), checkpoint).map_err(io)?;
-    let sha256 = crate::util::sha256_hex(&std::fs::read(&path).map_err(io)?);
+    let sha256 = crate::util::file_sha256_hex(&path).map_err(io)?;
     let segment = Segment {
         first,
         end,
@@ -229,9 +225,9 @@ impl ArchivedBodies {
     /// Each segment file against its recorded digest.
     pub fn check_files(&self) -> Result<(), String> {
         for s in &self.segments {
-            let bytes = std::fs::read(&s.path)
+            let digest = crate::util::file_sha256_hex(&s.path)
                 .map_err(|e| format!("segment {} is unreadable: {e}", s.path.display()))?;
-            if crate::util::sha256_hex(&bytes) != s.sha256 {
+            if digest != s.sha256 {
                 return Err(format!(
                     "segment {} does not match its recorded digest",
                     s.path.display()

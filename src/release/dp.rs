@@ -608,15 +608,13 @@ impl DpJob {
     /// A new group (one unit, in up to max_groups groups) is released with
     /// probability at most delta. `None` when the groups are public.
     pub fn selection_threshold(&self) -> Option<f64> {
-        self.public.as_ref().map_or_else(
-            || {
-                let b = self.selection_noise().scale();
-                let l0 = self.params.max_groups_per_unit as f64;
-                let tau = 1.0 + b * (l0 / (2.0 * self.selection_delta().max(1e-300))).ln();
-                Some(tau.max(self.min_group_size as f64))
-            },
-            |_| None,
-        )
+        if self.public.is_some() {
+            return None;
+        }
+        let b = self.selection_noise().scale();
+        let l0 = self.params.max_groups_per_unit as f64;
+        let tau = 1.0 + b * (l0 / (2.0 * self.selection_delta().max(1e-300))).ln();
+        Some(tau.max(self.min_group_size as f64))
     }
 
     pub fn report(&self, schema: &SchemaRef) -> Report {
