@@ -2,6 +2,7 @@
 //! (`--config`), overridden by command-line flags.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +23,10 @@ pub struct Settings {
     /// keep coming; an answer waits at most this long for the checkpoint
     /// that covers it (0: a checkpoint per commit).
     pub checkpoint_interval_ms: u64,
+    /// Each owner organisation's domain root: the folder its datasets'
+    /// data must lie in to be registered over HTTP. An organisation not
+    /// listed gets `<data_dir>/owners/<org>`.
+    pub owner_roots: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +117,7 @@ impl Default for Settings {
             allow_plain_http: false,
             unit_summaries: true,
             checkpoint_interval_ms: 2,
+            owner_roots: BTreeMap::new(),
         }
     }
 }

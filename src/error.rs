@@ -59,6 +59,15 @@ pub enum Error {
     /// The client hung up while its query ran; the query was cancelled.
     #[error("the client closed the connection; the query was cancelled")]
     ClientClosed,
+    /// A manifest that fails its schema or its data: each problem at its
+    /// JSON Pointer.
+    #[error("the manifest is invalid: {}", .0.iter().map(|(at, m)| format!("{at}: {m}")).collect::<Vec<_>>().join("; "))]
+    InvalidManifest(Vec<(String, String)>),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request contradicts the state (an id taken, a registration under way).
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -73,7 +82,9 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Forbidden(_) => "forbidden",
-            Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidRequest(_) | Error::InvalidManifest(_) => "invalid_request",
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
             Error::SqlError(_) => "sql_error",
             Error::StatementNotAllowed(_) => "statement_not_allowed",
             Error::UnknownTable(_) => "unknown_table",
@@ -104,6 +115,12 @@ impl Error {
                 Value::Object(d)
             }
             Error::UnknownTable(t) => json!({ "table": t }),
+            Error::InvalidManifest(problems) => json!({
+                "problems": problems
+                    .iter()
+                    .map(|(path, message)| json!({ "path": path, "message": message }))
+                    .collect::<Vec<_>>()
+            }),
             _ => json!({}),
         }
     }
@@ -118,8 +135,10 @@ impl Error {
     }
 
     /// Every code [`Error::code`] can return.
-    pub const CODES: [&'static str; 13] = [
+    pub const CODES: [&'static str; 15] = [
         "forbidden",
+        "not_found",
+        "conflict",
         "invalid_request",
         "sql_error",
         "statement_not_allowed",
@@ -155,10 +174,14 @@ mod tests {
             Error::ResourceLimit(s()),
             Error::Overloaded,
             Error::ClientClosed,
+            Error::InvalidManifest(vec![(s(), s())]),
+            Error::NotFound(s()),
+            Error::Conflict(s()),
             Error::Internal(s()),
         ];
         let mut produced: Vec<&str> = all.iter().map(Error::code).collect();
         produced.sort();
+        produced.dedup();
         let mut listed = Error::CODES.to_vec();
         listed.sort();
         assert_eq!(produced, listed);

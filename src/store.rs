@@ -150,6 +150,21 @@ CREATE TABLE IF NOT EXISTS grants (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grants_buyer ON grants (buyer);
+CREATE TABLE IF NOT EXISTS registered_datasets (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quality_cards (
+    dataset TEXT NOT NULL,
+    version TEXT NOT NULL,
+    card TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (dataset, version)
+);
 CREATE TABLE IF NOT EXISTS released_answers (
     scope TEXT NOT NULL,
     plan_sha256 TEXT NOT NULL,
@@ -242,6 +257,37 @@ impl Store {
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Grant>, StoreError> {
         query_grants(&self.conn(), condition, args)
+    }
+
+    /// Datasets registered, changed or withdrawn over HTTP. Each wins over
+    /// a manifest file in `catalog/` with the same id.
+    pub fn registered_datasets(&self) -> Result<Vec<RegisteredDataset>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, owner, manifest, status, version FROM registered_datasets ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RegisteredDataset {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                manifest: r.get(2)?,
+                withdrawn: r.get::<_, String>(3)? == "withdrawn",
+                version: r.get::<_, i64>(4)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The quality card computed for this version of a dataset, if any.
+    pub fn quality_card(&self, dataset: &str, version: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .row(
+                "SELECT card FROM quality_cards WHERE dataset = ?1 AND version = ?2",
+                [dataset, version],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// A released answer kept so that asking again costs no new epsilon.
@@ -406,6 +452,72 @@ pub fn add_grant(conn: &Connection, g: &NewGrant) -> Result<Grant, StoreError> {
     query_grants(conn, "WHERE id = ?1", &[&id])?
         .pop()
         .ok_or_else(|| StoreError::NotFound(format!("grant '{id}' vanished")))
+}
+
+/// A dataset as registered over HTTP (see [`Store::registered_datasets`]).
+#[derive(Debug, Clone)]
+pub struct RegisteredDataset {
+    pub id: String,
+    pub owner: String,
+    /// The manifest JSON, its location resolved.
+    pub manifest: String,
+    pub withdrawn: bool,
+    /// 1 for the first registration, one more for each update.
+    pub version: u64,
+}
+
+/// Records the active version of a dataset's manifest; returns its version number.
+pub fn save_dataset(
+    conn: &Connection,
+    id: &str,
+    owner: &str,
+    manifest: &str,
+) -> Result<u64, StoreError> {
+    let version: i64 = conn.row(
+        "INSERT INTO registered_datasets (id, owner, manifest, status, version, updated_at) VALUES (?1, ?2, ?3, 'active', 1, ?4)
+         ON CONFLICT (id) DO UPDATE SET manifest = excluded.manifest, status = 'active', version = version + 1, updated_at = excluded.updated_at
+         RETURNING version",
+        params![id, owner, manifest, now_rfc3339()],
+        |r| r.get(0),
+    )?;
+    Ok(version.max(0) as u64)
+}
+
+/// Marks a dataset withdrawn (its manifest kept for the record) and ends
+/// every active grant that covers it; returns the grants ended.
+pub fn withdraw_dataset(
+    conn: &Connection,
+    id: &str,
+    owner: &str,
+    manifest: &str,
+) -> Result<Vec<String>, StoreError> {
+    conn.run(
+        "INSERT INTO registered_datasets (id, owner, manifest, status, version, updated_at) VALUES (?1, ?2, ?3, 'withdrawn', 1, ?4)
+         ON CONFLICT (id) DO UPDATE SET status = 'withdrawn', updated_at = excluded.updated_at",
+        params![id, owner, manifest, now_rfc3339()],
+    )?;
+    let ended: Vec<String> = query_grants(conn, "WHERE status = 'active'", &[])?
+        .into_iter()
+        .filter(|g| g.covers(id))
+        .map(|g| g.id)
+        .collect();
+    for g in &ended {
+        revoke_grant(conn, g)?;
+    }
+    Ok(ended)
+}
+
+pub fn save_quality_card(
+    conn: &Connection,
+    dataset: &str,
+    version: &str,
+    card: &str,
+) -> Result<(), StoreError> {
+    conn.run(
+        "INSERT OR REPLACE INTO quality_cards (dataset, version, card, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![dataset, version, card, now_rfc3339()],
+    )?;
+    Ok(())
 }
 
 pub fn revoke_grant(conn: &Connection, id: &str) -> Result<(), StoreError> {

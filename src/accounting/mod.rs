@@ -73,6 +73,13 @@ pub fn price(per_query: &str, per_million_rows: &str, rows: u64) -> Option<i128>
     base.checked_add(scanned)
 }
 
+/// The price of `epsilon` at `per_epsilon`, rounded up to the micro-unit.
+pub fn epsilon_price(per_epsilon: &str, epsilon: f64) -> Option<i128> {
+    let rate = parse_money(per_epsilon)?;
+    let micros = (rate as f64 * epsilon.max(0.0)).ceil();
+    (micros.is_finite() && micros < 1e30).then_some(micros as i128)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +96,9 @@ mod tests {
         assert_eq!(parse_money(&"9".repeat(38)), None);
         assert_eq!(price(&"9".repeat(33), "1", 1), None);
         assert_eq!(price("0", &"9".repeat(32), u64::MAX), None);
+        assert_eq!(epsilon_price("2.00", 0.5), Some(1_000_000));
+        assert_eq!(epsilon_price("1", 0.1234567), Some(123_457));
+        assert_eq!(epsilon_price("x", 1.0), None);
         assert_eq!(format_money(700_000), "0.70");
         assert_eq!(format_money(1_234_567), "1.234567");
         assert_eq!(format_money(0), "0.00");

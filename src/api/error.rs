@@ -105,11 +105,12 @@ impl ApiError {
 
     /// Every code an HTTP error can carry: the core's and the front door's
     /// own, in the order the OpenAPI document lists them.
-    pub const CODES: [&'static str; 17] = [
+    pub const CODES: [&'static str; 18] = [
         "unauthenticated",
         "forbidden",
         "invalid_request",
         "not_found",
+        "conflict",
         "method_not_allowed",
         "sql_error",
         "statement_not_allowed",
@@ -131,10 +132,12 @@ fn core_status(e: &Error) -> StatusCode {
         Error::Forbidden(_) | Error::NoGrant(_) | Error::PolicyViolation(_) => {
             StatusCode::FORBIDDEN
         }
-        Error::InvalidRequest(_) | Error::SqlError(_) | Error::StatementNotAllowed(_) => {
-            StatusCode::BAD_REQUEST
-        }
-        Error::UnknownTable(_) => StatusCode::NOT_FOUND,
+        Error::InvalidRequest(_)
+        | Error::InvalidManifest(_)
+        | Error::SqlError(_)
+        | Error::StatementNotAllowed(_) => StatusCode::BAD_REQUEST,
+        Error::UnknownTable(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Conflict(_) => StatusCode::CONFLICT,
         Error::QuotaExceeded(_) | Error::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::ResourceLimit(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,

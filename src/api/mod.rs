@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod connection;
+pub mod datasets;
 pub mod error;
 pub mod openapi;
 pub mod server;
@@ -13,7 +14,6 @@ pub mod throttle;
 pub mod usage;
 
 use crate::app::Sandbox;
-use crate::catalog::Dataset;
 use crate::pipeline::{self, Outcome};
 use crate::release::encode as format;
 use crate::store::{Principal, Role};
@@ -25,7 +25,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use throttle::Throttle;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -33,9 +32,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/openapi.json", web::get().to(openapi))
         .service(
             web::scope("/v1")
-                .route("/datasets", web::get().to(list_datasets))
-                .route("/datasets/{id}", web::get().to(get_dataset))
-                .route("/datasets/{id}/preview", web::get().to(preview_dataset))
+                .configure(datasets::routes)
                 .route("/queries", web::post().to(post_query))
                 .route("/grants", web::get().to(list_grants))
                 .configure(audit::routes)
@@ -45,6 +42,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 const ANY_ROLE: &[Role] = &[Role::Owner, Role::Buyer, Role::Auditor, Role::Admin];
 const BUYERS: &[Role] = &[Role::Buyer];
+const OWNERS: &[Role] = &[Role::Owner];
+const OWNERS_AND_AUDITORS: &[Role] = &[Role::Owner, Role::Auditor, Role::Admin];
 const AUDITORS: &[Role] = &[Role::Auditor, Role::Admin];
 
 /// Every route of the API and the roles that may call it (empty: no key
@@ -54,8 +53,12 @@ pub const ROUTES: &[(&str, &str, &[Role])] = &[
     ("GET", "/healthz", &[]),
     ("GET", "/openapi.json", &[]),
     ("GET", "/v1/datasets", ANY_ROLE),
+    ("POST", "/v1/datasets", OWNERS),
     ("GET", "/v1/datasets/{id}", ANY_ROLE),
+    ("PUT", "/v1/datasets/{id}", OWNERS),
+    ("DELETE", "/v1/datasets/{id}", OWNERS),
     ("GET", "/v1/datasets/{id}/preview", ANY_ROLE),
+    ("GET", "/v1/datasets/{id}/usage", OWNERS_AND_AUDITORS),
     ("POST", "/v1/queries", BUYERS),
     ("GET", "/v1/grants", ANY_ROLE),
     ("GET", "/v1/usage", ANY_ROLE),
@@ -159,121 +162,6 @@ impl FromRequest for Authenticated {
     }
 }
 
-fn dataset_summary(sandbox: &Sandbox, d: &Dataset) -> Value {
-    let m = &d.manifest;
-    let columns: Vec<Value> = m
-        .columns
-        .iter()
-        .map(|c| {
-            json!({
-                "name": c.name,
-                "class": c.class,
-                "type": d.data_type(&c.name).map(|t| t.to_string()),
-                "joinable": c.joinable,
-                "bounds": c.bounds,
-                "consent_column": m.consent_column.as_deref() == Some(c.name.as_str()),
-                "privacy_unit": m.privacy_unit.as_deref() == Some(c.name.as_str()),
-            })
-        })
-        .collect();
-    let level = sandbox.policies.levels.rule(m.level);
-    json!({
-        "id": m.id,
-        "title": m.title,
-        "owner": m.owner,
-        "description": m.description,
-        "level": m.level,
-        "region": m.region,
-        "personal_information": m.personal_information,
-        "privacy_unit": m.privacy_unit,
-        "rows": d.num_rows,
-        "columns": columns,
-        "release": {
-            "min_group_size": m.is_guarded().then(|| sandbox.policies.min_group_size(m)),
-            "max_groups": m.release.max_groups,
-            "dp": m.release.dp,
-            "row_level_output": !m.is_guarded(),
-        },
-        "level_rules": level,
-        "pricing": m.pricing,
-        "lifetime_epsilon": lifetime_epsilon(sandbox, d),
-    })
-}
-
-/// A DP dataset's lifetime budget, shared by every buyer: what its owner
-/// set (`release.dp.epsilon_total`, else the configured default), what is
-/// spent and what is left.
-fn lifetime_epsilon(sandbox: &Sandbox, d: &Dataset) -> Value {
-    if d.manifest.release.dp.is_none() {
-        return Value::Null;
-    }
-    let key = format!("dataset:{}", d.id());
-    let limit = d
-        .manifest
-        .release
-        .dp
-        .as_ref()
-        .and_then(|dp| dp.epsilon_total)
-        .unwrap_or(sandbox.settings.limits.default_dataset_epsilon);
-    match sandbox
-        .budgets
-        .spent_or_load(&key, || sandbox.ledger.epsilon_spent(&key))
-    {
-        Ok(spent) => {
-            json!({ "limit": limit, "spent": spent, "remaining": (limit - spent).max(0.0) })
-        }
-        Err(_) => json!({ "limit": limit }),
-    }
-}
-
-fn find_dataset<'a>(sandbox: &'a Sandbox, id: &str) -> Result<&'a Arc<Dataset>, ApiError> {
-    sandbox
-        .catalog
-        .get(id)
-        .ok_or_else(|| ApiError::NotFound(format!("dataset '{id}' does not exist")))
-}
-
-/// The catalog: schemas, classes, levels, release rules, prices
-#[utoipa::path(get, path = "/v1/datasets", tag = "catalog", responses((status = 200, description = "OK", body = Object)))]
-async fn list_datasets(sandbox: web::Data<Sandbox>, _: Authenticated) -> HttpResponse {
-    let datasets: Vec<Value> = sandbox
-        .catalog
-        .datasets
-        .values()
-        .map(|d| dataset_summary(&sandbox, d))
-        .collect();
-    HttpResponse::Ok().json(json!({ "datasets": datasets }))
-}
-
-/// One catalog entry
-#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "catalog", params(("id" = String, Path, description = "A dataset id from the catalog")), responses((status = 200, description = "OK", body = Object)))]
-async fn get_dataset(
-    sandbox: web::Data<Sandbox>,
-    _: Authenticated,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let d = find_dataset(&sandbox, &id)?;
-    Ok(HttpResponse::Ok().json(dataset_summary(&sandbox, d)))
-}
-
-/// Synthetic rows made from the schema, never real ones
-#[utoipa::path(get, path = "/v1/datasets/{id}/preview", tag = "catalog", params(("id" = String, Path, description = "A dataset id from the catalog")), responses((status = 200, description = "OK", body = Object)))]
-async fn preview_dataset(
-    sandbox: web::Data<Sandbox>,
-    _: Authenticated,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let d = find_dataset(&sandbox, &id)?;
-    let (columns, rows) = crate::catalog::synthetic_preview(d, 10);
-    Ok(HttpResponse::Ok().json(json!({
-        "dataset": d.id(),
-        "synthetic": true,
-        "note": "generated from the schema and declared bounds; no real row was read",
-        "columns": columns,
-        "rows": rows,
-    })))
-}
-
 /// Grants with today's use, remaining quotas and privacy budget
 #[utoipa::path(get, path = "/v1/grants", tag = "grants", responses((status = 200, description = "OK", body = Object)))]
 async fn list_grants(
@@ -284,6 +172,7 @@ async fn list_grants(
     let s = sandbox.clone();
     let catalog_owned: Vec<String> = sandbox
         .catalog
+        .current()
         .datasets
         .values()
         .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))

@@ -27,8 +27,8 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
     let all = web::block(move || reader.ledger.usage_rollups())
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
-    let owned: Vec<&str> = sandbox
-        .catalog
+    let catalog = sandbox.catalog.current();
+    let owned: Vec<&str> = catalog
         .datasets
         .values()
         .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))

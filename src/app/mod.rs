@@ -2,8 +2,10 @@
 //! share, opened from the settings. Nothing here knows a transport.
 
 pub mod admin;
+pub mod registration;
 
 use crate::catalog::Catalog;
+use crate::catalog::registry::Registry;
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::ledger::event::LedgerEvent;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 /// struct, so tests and front doors drive the pipeline without HTTP.
 pub struct Sandbox {
     pub settings: Settings,
-    pub catalog: Catalog,
+    pub catalog: Registry,
     pub policies: Policies,
     pub schemas: Schemas,
     pub store: Arc<Store>,
@@ -28,6 +30,10 @@ pub struct Sandbox {
     pub engine: Engine,
     pub query_slots: tokio::sync::Semaphore,
     pub runtime: QueryRuntime,
+    /// Where registrations are prepared: one thread at the lowest CPU
+    /// priority, so counting and summarising a new dataset takes what
+    /// queries leave and never a query's place.
+    pub registrations: QueryRuntime,
 }
 
 /// The runtime queries execute on: its own threads with deep stacks, so a
@@ -39,6 +45,21 @@ impl QueryRuntime {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("fg-query")
             .thread_stack_size(64 * 1024 * 1024)
+            .enable_all()
+            .build()?;
+        Ok(QueryRuntime(Some(rt)))
+    }
+
+    /// One worker (and its blocking threads) at nice 19.
+    pub fn background() -> std::io::Result<QueryRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("fg-register")
+            .worker_threads(1)
+            .thread_stack_size(64 * 1024 * 1024)
+            .on_thread_start(|| {
+                // Linux applies a process priority set on a thread to that thread alone.
+                let _ = rustix::process::setpriority_process(None, 19);
+            })
             .enable_all()
             .build()?;
         Ok(QueryRuntime(Some(rt)))
@@ -88,8 +109,9 @@ impl Sandbox {
         let schemas = Schemas::compiled();
         let policies =
             Policies::load(&settings.policies_dir, &schemas).map_err(StartError::Policies)?;
-        let catalog = Catalog::load(&settings.catalog_dir, &schemas).await?;
         let store = Arc::new(Store::open(&settings.data_dir)?);
+        let (catalog, unavailable) =
+            registration::load_catalog(&settings.catalog_dir, &schemas, &store).await?;
         let ledger = Ledger::start(
             &settings.data_dir,
             std::time::Duration::from_millis(settings.checkpoint_interval_ms),
@@ -98,9 +120,9 @@ impl Sandbox {
         let engine = Engine::new(settings.limits.clone());
         let query_slots =
             tokio::sync::Semaphore::new(settings.limits.max_concurrent_queries.max(1));
-        Ok(Sandbox {
+        let sandbox = Sandbox {
             settings,
-            catalog,
+            catalog: Registry::new(catalog),
             policies,
             schemas,
             store,
@@ -110,24 +132,44 @@ impl Sandbox {
             engine,
             query_slots,
             runtime: QueryRuntime::new()?,
-        })
+            registrations: QueryRuntime::background()?,
+        };
+        for (id, owner, reason) in unavailable {
+            let _ = sandbox.catalog.begin(&id, &owner);
+            sandbox.catalog.fail(&id, reason);
+        }
+        registration::evaluate_catalog(&sandbox).await?;
+        Ok(sandbox)
+    }
+
+    /// A dataset's lifetime epsilon: its owner's, else the configured default.
+    pub fn lifetime_epsilon(&self, manifest: &crate::catalog::Manifest) -> f64 {
+        manifest
+            .release
+            .dp
+            .as_ref()
+            .and_then(|dp| dp.epsilon_total)
+            .unwrap_or(self.settings.limits.default_dataset_epsilon)
     }
 }
 
-/// Records each dataset whose manifest is new or changed since its last registration entry.
+/// Records each dataset whose manifest or data is new or changed since its last registration entry.
 async fn record_registrations(ledger: &Ledger, catalog: &Catalog) -> Result<(), StartError> {
     let recorded = ledger.registered_manifests()?;
     for d in catalog.datasets.values() {
-        let digest = d.manifest_sha256.clone();
-        if recorded.get(d.id()) == Some(&digest) {
+        let key = crate::ledger::event::version_key(&d.manifest_sha256, Some(&d.data_sha256));
+        if recorded.get(d.id()) == Some(&key) {
             continue;
         }
         let event = LedgerEvent::DatasetRegistered {
             dataset: d.id().to_string(),
             owner: d.manifest.owner.clone(),
             level: d.manifest.level.as_str().to_string(),
-            manifest_sha256: digest,
+            manifest_sha256: d.manifest_sha256.clone(),
             rows: d.num_rows,
+            data_sha256: Some(d.data_sha256.clone()),
+            version: None,
+            by: None,
         };
         ledger.append(NewEntry::event(event)).await?;
     }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod domain;
+pub mod location;
 mod per_unit;
+pub mod registry;
 pub use domain::{Domain, MAX_DOMAIN_VALUES};
 pub use per_unit::{Part, ROWS, UnitSummary, clamped};
 
@@ -93,6 +95,37 @@ pub struct ColumnSpec {
     /// The values the column can take, public (see [`Domain`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<Domain>,
+    /// The kind of values the owner declares the data holds; checked at registration.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+}
+
+/// A column's kind of values, as an owner declares it (any width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Integer,
+    Float,
+    Decimal,
+    String,
+    Boolean,
+    Date,
+    Timestamp,
+}
+
+impl Kind {
+    pub fn of(t: &DataType) -> Option<Kind> {
+        Some(match t {
+            t if t.is_integer() => Kind::Integer,
+            DataType::Float16 | DataType::Float32 | DataType::Float64 => Kind::Float,
+            DataType::Decimal128(..) | DataType::Decimal256(..) => Kind::Decimal,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Kind::String,
+            DataType::Boolean => Kind::Boolean,
+            DataType::Date32 | DataType::Date64 => Kind::Date,
+            DataType::Timestamp(..) => Kind::Timestamp,
+            _ => return None,
+        })
+    }
 }
 
 impl ColumnSpec {
@@ -154,11 +187,33 @@ pub struct ReleaseRules {
     pub dp: Option<DpRules>,
 }
 
+/// What a buyer pays: amounts are decimal strings in `currency`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pricing {
     pub currency: String,
     pub per_query: String,
     pub per_million_rows_scanned: String,
+    /// Per unit of epsilon a query spends on the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_epsilon: Option<String>,
+    /// A grant's fee per calendar month it covers the dataset (settled per period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_subscription: Option<String>,
+    /// Answered queries per grant and calendar month that cost nothing per query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_queries_per_month: Option<u64>,
+}
+
+/// How the quality card is computed (see `quality`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EvaluationRules {
+    /// Epsilon the card of a personal dataset spends from its lifetime budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// The column whose time range the card reports (else the first date or
+    /// timestamp column that is neither identifying nor sensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_column: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +236,8 @@ pub struct Manifest {
     pub release: ReleaseRules,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationRules>,
 }
 
 impl Manifest {
@@ -194,37 +251,58 @@ impl Manifest {
         self.privacy_unit.is_some() || self.release.min_group_size.is_some()
     }
 
-    /// Checks a manifest makes sense on its own (beyond the JSON Schema).
-    pub fn semantic_problems(&self) -> Vec<String> {
+    /// Where a manifest does not make sense on its own (beyond the JSON
+    /// Schema): each problem with the JSON Pointer of the field at fault.
+    pub fn semantic_problems(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for c in &self.columns {
+        for (i, c) in self.columns.iter().enumerate() {
             if !seen.insert(c.name.as_str()) {
-                problems.push(format!("column '{}' is declared twice", c.name));
+                problems.push((
+                    format!("/columns/{i}/name"),
+                    format!("column '{}' is declared twice", c.name),
+                ));
             }
             if let Some([lo, hi]) = c.bounds
-                && lo > hi
+                && !(lo.is_finite() && hi.is_finite() && lo <= hi)
             {
-                problems.push(format!("column '{}' has bounds with lower > upper", c.name));
+                problems.push((
+                    format!("/columns/{i}/bounds"),
+                    format!("column '{}' has bounds with lower > upper", c.name),
+                ));
             }
             if let Some(problem) = c.domain.as_ref().and_then(Domain::problem) {
-                problems.push(format!("column '{}': {problem}", c.name));
+                problems.push((
+                    format!("/columns/{i}/domain"),
+                    format!("column '{}': {problem}", c.name),
+                ));
             }
         }
         if self.release.dp.is_some() && self.privacy_unit.is_none() {
-            problems.push("differential privacy (release.dp) needs a privacy_unit".into());
+            problems.push((
+                "/release/dp".into(),
+                "differential privacy (release.dp) needs a privacy_unit".into(),
+            ));
         }
         if self.personal_information && self.privacy_unit.is_none() {
-            problems.push("personal_information is true but no privacy_unit is declared".into());
+            problems.push((
+                "/personal_information".into(),
+                "personal_information is true but no privacy_unit is declared".into(),
+            ));
         }
+        let time_column = self.evaluation.as_ref().and_then(|e| e.time_column.clone());
         for (what, name) in [
             ("privacy_unit", &self.privacy_unit),
             ("consent_column", &self.consent_column),
+            ("evaluation/time_column", &time_column),
         ] {
             if let Some(name) = name
                 && self.column(name).is_none()
             {
-                problems.push(format!("{what} '{name}' is not a declared column"));
+                problems.push((
+                    format!("/{what}"),
+                    format!("{what} '{name}' is not a declared column"),
+                ));
             }
         }
         problems
@@ -245,6 +323,10 @@ pub struct Dataset {
     pub manifest_path: PathBuf,
     /// The SHA-256 of the manifest as registered (the ledger records it).
     pub manifest_sha256: String,
+    /// The SHA-256 of the data's files (names and bytes) when registered.
+    pub data_sha256: String,
+    /// The data-asset evaluation published with the listing, set once computed.
+    pub quality: std::sync::OnceLock<serde_json::Value>,
     /// Groupable columns that hold one value per privacy unit, measured at
     /// registration; valid while the data on disk is unchanged (`fingerprint`).
     pub unit_constant: BTreeSet<String>,
@@ -310,11 +392,10 @@ impl Dataset {
     /// its data when registered.
     pub fn version(&self) -> String {
         format!(
-            "{}:{}:{}:{}",
+            "{}:{}:{}",
             self.id(),
             self.manifest_sha256,
-            self.num_rows,
-            self.num_bytes
+            self.data_sha256
         )
     }
 
@@ -354,7 +435,7 @@ impl Dataset {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Catalog {
     pub datasets: BTreeMap<String, Arc<Dataset>>,
 }
@@ -367,6 +448,12 @@ pub enum CatalogError {
     Invalid(Vec<Problem>),
     #[error("dataset '{dataset}': {message}")]
     Data { dataset: String, message: String },
+    /// The data does not match its manifest; each problem at its field.
+    #[error("dataset '{dataset}': {}", .problems.iter().map(|(at, m)| format!("{at}: {m}")).collect::<Vec<_>>().join("; "))]
+    Mismatch {
+        dataset: String,
+        problems: Vec<(String, String)>,
+    },
 }
 
 /// Every `*.json` file directly under `dir`, sorted so loading is deterministic.
@@ -392,8 +479,8 @@ pub fn read_manifests(
     for path in manifest_files(dir)? {
         match validate::load_validated::<Manifest>(&path, &schemas.dataset) {
             Ok(m) => {
-                for p in m.semantic_problems() {
-                    problems.push(Problem::new(&path, "", p));
+                for (at, p) in m.semantic_problems() {
+                    problems.push(Problem::new(&path, &at, p));
                 }
                 manifests.push((path, m));
             }
@@ -466,13 +553,39 @@ pub async fn open_dataset(
     manifest_path: PathBuf,
     manifest: Manifest,
 ) -> Result<Dataset, CatalogError> {
-    let data_err = |message: String| CatalogError::Data {
-        dataset: manifest.id.clone(),
-        message,
-    };
     let location = data_location(catalog_dir, &manifest);
+    inspect(location, manifest_path, manifest)
+        .await?
+        .prepare(&|_| {})
+        .await
+}
+
+/// A dataset's data opened and checked against its manifest, not yet
+/// counted or summarised: what registration checks before it answers.
+pub struct Inspected {
+    manifest: Manifest,
+    manifest_path: PathBuf,
+    location: PathBuf,
+    ctx: SessionContext,
+    provider: Arc<dyn TableProvider>,
+    schema: SchemaRef,
+}
+
+/// Opens the data at `location` and checks it against `manifest`: every
+/// data column classified, every declared column present with its declared
+/// kind, bounds only on numbers, domains of the column's type.
+pub async fn inspect(
+    location: PathBuf,
+    manifest_path: PathBuf,
+    manifest: Manifest,
+) -> Result<Inspected, CatalogError> {
+    let mismatch = |problems: Vec<(String, String)>| CatalogError::Mismatch {
+        dataset: manifest.id.clone(),
+        problems,
+    };
+    let at_source = |message: String| mismatch(vec![("/source/location".into(), message)]);
     if !location.exists() {
-        return Err(data_err(format!(
+        return Err(at_source(format!(
             "data not found at {}",
             location.display()
         )));
@@ -489,61 +602,130 @@ pub async fn open_dataset(
                 .await
         }
     };
-    registered.map_err(|e| data_err(format!("cannot open data: {e}")))?;
+    registered.map_err(|e| at_source(format!("cannot open data: {e}")))?;
     let provider = ctx
         .table_provider("t")
         .await
-        .map_err(|e| data_err(e.to_string()))?;
+        .map_err(|e| at_source(e.to_string()))?;
     let schema = provider.schema();
-    for column in &manifest.columns {
+    let mut problems = Vec::new();
+    for (i, column) in manifest.columns.iter().enumerate() {
         let Ok(field) = schema.field_with_name(&column.name) else {
-            return Err(data_err(format!(
-                "column '{}' is declared but not in the data",
-                column.name
-            )));
+            problems.push((
+                format!("/columns/{i}/name"),
+                format!("column '{}' is declared but not in the data", column.name),
+            ));
+            continue;
         };
+        let found = Kind::of(field.data_type());
+        if let Some(declared) = column.kind
+            && found != Some(declared)
+        {
+            problems.push((
+                format!("/columns/{i}/type"),
+                format!(
+                    "column '{}' is declared {declared:?} but the data holds {}",
+                    column.name,
+                    field.data_type()
+                ),
+            ));
+        }
+        if column.bounds.is_some() && !field.data_type().is_numeric() {
+            problems.push((
+                format!("/columns/{i}/bounds"),
+                format!("column '{}' has bounds but is not numeric", column.name),
+            ));
+        }
         if let Some(Err(problem)) = column.domain.as_ref().map(|d| d.array(field.data_type())) {
-            return Err(data_err(format!("column '{}': {problem}", column.name)));
+            problems.push((
+                format!("/columns/{i}/domain"),
+                format!("column '{}': {problem}", column.name),
+            ));
         }
     }
     for field in schema.fields() {
         if manifest.column(field.name()).is_none() {
-            return Err(data_err(format!(
-                "column '{}' is in the data but has no classification in the manifest",
-                field.name()
-            )));
+            problems.push((
+                "/columns".into(),
+                format!(
+                    "column '{}' is in the data but has no classification in the manifest",
+                    field.name()
+                ),
+            ));
         }
     }
-    let num_rows = count_rows(&ctx)
-        .await
-        .map_err(|e| data_err(format!("cannot count rows: {e}")))?;
-    let num_bytes = disk_size(&location);
-    let fingerprint = fingerprint(&location);
-    let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
-    let in_memory = if num_bytes <= IN_MEMORY_DISK_BYTES {
-        decoded(&ctx, schema.clone()).await
-    } else {
-        None
-    };
-    let manifest_sha256 = crate::util::sha256_hex(
-        serde_json::to_string(&manifest)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
-    Ok(Dataset {
+    if !problems.is_empty() {
+        return Err(mismatch(problems));
+    }
+    Ok(Inspected {
         manifest,
-        provider,
-        in_memory,
-        schema,
-        num_rows,
-        num_bytes,
         manifest_path,
-        manifest_sha256,
-        unit_constant: per_unit.constant,
-        summary: per_unit.summary,
         location,
-        fingerprint,
+        ctx,
+        provider,
+        schema,
     })
+}
+
+impl Inspected {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Counts, digests and summarises the data: everything the release
+    /// mechanisms use. `progress` hears which step is running.
+    pub async fn prepare(self, progress: &(dyn Fn(&str) + Sync)) -> Result<Dataset, CatalogError> {
+        let Inspected {
+            manifest,
+            manifest_path,
+            location,
+            ctx,
+            provider,
+            schema,
+        } = self;
+        let data_err = |message: String| CatalogError::Data {
+            dataset: manifest.id.clone(),
+            message,
+        };
+        progress("counting rows");
+        let num_rows = count_rows(&ctx)
+            .await
+            .map_err(|e| data_err(format!("cannot count rows: {e}")))?;
+        let num_bytes = disk_size(&location);
+        let fingerprint = fingerprint(&location);
+        progress("digesting the data");
+        let data_sha256 = location::data_sha256(&location)
+            .map_err(|e| data_err(format!("cannot read the data: {e}")))?;
+        progress("summarising per privacy unit");
+        let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
+        progress("loading into memory");
+        let in_memory = if num_bytes <= IN_MEMORY_DISK_BYTES {
+            decoded(&ctx, schema.clone()).await
+        } else {
+            None
+        };
+        let manifest_sha256 = crate::util::sha256_hex(
+            serde_json::to_string(&manifest)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        Ok(Dataset {
+            manifest,
+            provider,
+            in_memory,
+            schema,
+            num_rows,
+            num_bytes,
+            manifest_path,
+            manifest_sha256,
+            data_sha256,
+            quality: std::sync::OnceLock::new(),
+            unit_constant: per_unit.constant,
+            summary: per_unit.summary,
+            location,
+            fingerprint,
+        })
+    }
 }
 
 /// Datasets up to this size on disk are also kept decoded in memory (at

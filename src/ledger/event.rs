@@ -26,12 +26,37 @@ pub struct Entry {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LedgerEvent {
     Query(QueryEvent),
+    /// A version of a dataset became active: at start-up for a new or
+    /// changed manifest file, or by its owner over HTTP (`by`).
     DatasetRegistered {
         dataset: String,
         owner: String,
         level: String,
         manifest_sha256: String,
         rows: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_sha256: Option<String>,
+        /// Of registrations over HTTP: 1, then one more per update.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// An owner withdrew a dataset: new queries are refused, the grants on it ended.
+    DatasetWithdrawn {
+        dataset: String,
+        owner: String,
+        by: String,
+        grants_ended: Vec<String>,
+    },
+    /// A version's quality card was computed; for personal data its ε is
+    /// charged to the dataset's lifetime budget.
+    DatasetEvaluated {
+        dataset: String,
+        manifest_sha256: String,
+        data_sha256: String,
+        epsilon: f64,
+        card_sha256: String,
     },
     PrincipalAdded {
         principal: Principal,
@@ -137,6 +162,15 @@ pub struct Columns {
     pub epsilon: Vec<(String, f64)>,
 }
 
+/// What identifies a registered version of a dataset: its manifest and,
+/// where recorded, its data.
+pub fn version_key(manifest_sha256: &str, data_sha256: Option<&str>) -> String {
+    match data_sha256 {
+        Some(data) => format!("{manifest_sha256}:{data}"),
+        None => manifest_sha256.to_string(),
+    }
+}
+
 impl LedgerEvent {
     pub fn kind(&self) -> &'static str {
         match self {
@@ -149,6 +183,8 @@ impl LedgerEvent {
             LedgerEvent::GrantMade { .. } => "grant_made",
             LedgerEvent::GrantRevoked { .. } => "grant_revoked",
             LedgerEvent::BoundMeasured { .. } => "bound_measured",
+            LedgerEvent::DatasetWithdrawn { .. } => "dataset_withdrawn",
+            LedgerEvent::DatasetEvaluated { .. } => "dataset_evaluated",
             LedgerEvent::SegmentArchived { .. } => "segment_archived",
         }
     }
@@ -242,7 +278,11 @@ impl Entry {
         }
         if let LedgerEvent::BoundMeasured {
             dataset, epsilon, ..
+        }
+        | LedgerEvent::DatasetEvaluated {
+            dataset, epsilon, ..
         } = &self.event
+            && *epsilon > 0.0
         {
             c.epsilon.push((format!("dataset:{dataset}"), *epsilon));
         }

@@ -618,6 +618,8 @@ enum Job {
         tokio::sync::oneshot::Sender<Result<Receipt, String>>,
     ),
     Head(tokio::sync::oneshot::Sender<Result<SignedHead, String>>),
+    /// A state change committed with its entries (see [`Ledger::commit`]).
+    Run(Box<dyn FnOnce(&mut Writer) + Send>),
 }
 
 /// The server's handle on the ledger: appends are batched by a committer
@@ -698,6 +700,13 @@ impl Committer {
                         let head = self.writer.sign_current();
                         let _ =
                             reply.send(head.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
+                        self.settle(head);
+                    }
+                    Job::Run(change) => {
+                        // Commits its own transaction, signed; the entries
+                        // waiting for a checkpoint get one too.
+                        change(&mut self.writer);
+                        let head = self.writer.sign_current();
                         self.settle(head);
                     }
                 }
@@ -783,6 +792,20 @@ impl Ledger {
             .map_err(LedgerError::Corrupt)
     }
 
+    /// Makes a state change and appends the entries recording it in one
+    /// durable transaction on the ledger's own connection (as
+    /// [`Writer::commit`]); resolves with their receipts once committed.
+    pub async fn commit<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&Connection) -> Result<(Vec<LedgerEvent>, T), LedgerError> + Send + 'static,
+    ) -> Result<(Vec<Receipt>, T), LedgerError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Run(Box::new(move |writer: &mut Writer| {
+            let _ = reply.send(writer.commit(change));
+        })))?;
+        rx.await.map_err(|_| LedgerError::Stopped)?
+    }
+
     fn send(&self, job: Job) -> Result<(), LedgerError> {
         self.jobs
             .lock()
@@ -847,12 +870,18 @@ impl Ledger {
         tables::used_on(&self.reader(), grant, &crate::util::today())
     }
 
+    /// Answered queries of a grant this calendar month (UTC).
+    pub fn queries_this_month(&self, grant: &str) -> Result<u64, LedgerError> {
+        let today = crate::util::today();
+        tables::queries_in_month(&self.reader(), grant, today.get(..7).unwrap_or(&today))
+    }
+
     /// Epsilon charged to a budget (`grant:<id>` or `dataset:<id>`), from the roll-up.
     pub fn epsilon_spent(&self, budget: &str) -> Result<f64, LedgerError> {
         tables::epsilon_spent(&self.reader(), budget)
     }
 
-    /// The manifest digest each dataset was last registered with.
+    /// The version key (`event::version_key`) each dataset was last registered with.
     pub fn registered_manifests(
         &self,
     ) -> Result<std::collections::HashMap<String, String>, LedgerError> {

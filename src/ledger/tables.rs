@@ -325,12 +325,15 @@ fn write_derived(
     if let super::event::LedgerEvent::DatasetRegistered {
         dataset,
         manifest_sha256,
+        data_sha256,
         ..
     } = &entry.event
     {
+        // The column holds the version key (manifest and data digests).
+        let version = super::event::version_key(manifest_sha256, data_sha256.as_deref());
         conn.run(
             "INSERT OR REPLACE INTO registered_manifests (dataset, manifest_sha256) VALUES (?1, ?2)",
-            params![dataset, manifest_sha256],
+            params![dataset, version],
         )?;
     }
     Ok(())
@@ -412,6 +415,16 @@ pub fn used_on(conn: &Connection, grant: &str, day: &str) -> Result<DailyUse, Le
     Ok(used.unwrap_or_default())
 }
 
+/// Answered queries of a grant in the calendar month `month` (`YYYY-MM`).
+pub fn queries_in_month(conn: &Connection, grant: &str, month: &str) -> Result<u64, LedgerError> {
+    let n: i64 = conn.row(
+        "SELECT COALESCE(SUM(queries), 0) FROM rollup_daily WHERE grant_id = ?1 AND day >= ?2 AND day < ?3",
+        params![grant, format!("{month}-01"), format!("{month}-99")],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
+}
+
 /// Epsilon charged to a budget (`grant:<id>` or `dataset:<id>`), from the roll-up.
 pub fn epsilon_spent(conn: &Connection, budget: &str) -> Result<f64, LedgerError> {
     Ok(conn
@@ -424,7 +437,7 @@ pub fn epsilon_spent(conn: &Connection, budget: &str) -> Result<f64, LedgerError
         .unwrap_or(0.0))
 }
 
-/// The manifest digest each dataset was last registered with.
+/// The version key (`event::version_key`) each dataset was last registered with.
 pub fn registered_manifests(conn: &Connection) -> Result<HashMap<String, String>, LedgerError> {
     let mut stmt = conn.prepare("SELECT dataset, manifest_sha256 FROM registered_manifests")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;

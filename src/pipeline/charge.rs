@@ -5,7 +5,7 @@ use crate::accounting::{
     self, BudgetBook, Charge, DailyLimits, DailyUse, QuotaBook, Reservation, Usage,
 };
 use crate::app::Sandbox;
-use crate::catalog::Dataset;
+use crate::catalog::{Catalog, Dataset};
 use crate::error::Error;
 use crate::release::ReleasePlan;
 use crate::store::Grant;
@@ -42,7 +42,7 @@ impl Budget {
 
 /// What the release jobs spend: the grant pays their sum, each dataset the
 /// jobs that read it.
-pub fn epsilon_of(sandbox: &Sandbox, split: &ReleasePlan) -> (f64, BTreeMap<String, f64>) {
+pub fn epsilon_of(catalog: &Catalog, split: &ReleasePlan) -> (f64, BTreeMap<String, f64>) {
     let mut by_dataset = BTreeMap::new();
     let mut total = 0.0;
     for job in &split.jobs {
@@ -52,8 +52,7 @@ pub fn epsilon_of(sandbox: &Sandbox, split: &ReleasePlan) -> (f64, BTreeMap<Stri
         }
         total += eps;
         for d in &job.datasets {
-            if sandbox
-                .catalog
+            if catalog
                 .get(d)
                 .is_some_and(|d| d.manifest.release.dp.is_some())
             {
@@ -68,6 +67,7 @@ pub fn epsilon_of(sandbox: &Sandbox, split: &ReleasePlan) -> (f64, BTreeMap<Stri
 /// dataset's budget shared by all buyers, all or nothing.
 pub fn reserve_budget(
     sandbox: &Sandbox,
+    catalog: &Catalog,
     grant: &Grant,
     by_dataset: &BTreeMap<String, f64>,
     epsilon: f64,
@@ -79,8 +79,7 @@ pub fn reserve_budget(
         epsilon,
     )];
     for (d, eps) in by_dataset {
-        let total = sandbox
-            .catalog
+        let total = catalog
             .get(d)
             .and_then(|d| d.manifest.release.dp.as_ref())
             .and_then(|dp| dp.epsilon_total)
@@ -127,21 +126,39 @@ pub fn reserve_quota(
 }
 
 /// Rows and bytes a query is metered for: whole tables per scan, from the
-/// catalog, so the figures never depend on what a filter matched.
-pub fn estimate(scanned: &[Arc<Dataset>]) -> Usage {
+/// catalog, so the figures never depend on what a filter matched. Priced
+/// per scan at each dataset's list: per query, per million rows, per unit
+/// of the ε it spends there — nothing for a dataset whose free tier
+/// (`in_free_tier`) still covers the query.
+pub fn estimate(
+    scanned: &[Arc<Dataset>],
+    epsilon_by_dataset: &BTreeMap<String, f64>,
+    in_free_tier: &dyn Fn(&Dataset) -> bool,
+) -> Usage {
     let rows_scanned = scanned.iter().map(|d| d.num_rows).sum();
     let bytes_scanned = scanned.iter().map(|d| d.num_bytes).sum();
     let mut charge = 0i128;
     let mut currency = None;
+    let mut priced_epsilon = std::collections::BTreeSet::new();
     for d in scanned {
-        if let Some(pricing) = &d.manifest.pricing {
-            charge += accounting::price(
-                &pricing.per_query,
-                &pricing.per_million_rows_scanned,
-                d.num_rows,
-            )
-            .unwrap_or(0);
-            currency.get_or_insert_with(|| pricing.currency.clone());
+        let Some(pricing) = &d.manifest.pricing else {
+            continue;
+        };
+        currency.get_or_insert_with(|| pricing.currency.clone());
+        if in_free_tier(d) {
+            continue;
+        }
+        charge += accounting::price(
+            &pricing.per_query,
+            &pricing.per_million_rows_scanned,
+            d.num_rows,
+        )
+        .unwrap_or(0);
+        // ε is spent per dataset, not per scan: priced once.
+        if let (Some(rate), Some(eps)) = (&pricing.per_epsilon, epsilon_by_dataset.get(d.id()))
+            && priced_epsilon.insert(d.id().to_string())
+        {
+            charge += accounting::epsilon_price(rate, *eps).unwrap_or(0);
         }
     }
     Usage {
@@ -150,5 +167,22 @@ pub fn estimate(scanned: &[Arc<Dataset>]) -> Usage {
         charge: accounting::format_money(charge),
         currency,
         ..Usage::default()
+    }
+}
+
+/// Whether a grant's answered queries this month leave `dataset`'s free tier open.
+pub fn free_tier<'a>(sandbox: &'a Sandbox, grant: &Grant) -> impl Fn(&Dataset) -> bool + 'a {
+    let used = std::cell::OnceCell::new();
+    let ledger = &sandbox.ledger;
+    let grant = grant.id.clone();
+    move |d: &Dataset| {
+        let free = d
+            .manifest
+            .pricing
+            .as_ref()
+            .and_then(|p| p.free_queries_per_month)
+            .unwrap_or(0);
+        free > 0
+            && *used.get_or_init(|| ledger.queries_this_month(&grant).unwrap_or(u64::MAX)) < free
     }
 }

@@ -30,6 +30,8 @@ use std::sync::Arc;
 /// A query the gate let through: checked, rewritten and split, not yet run.
 pub struct Gated {
     pub grant: Grant,
+    /// The catalog as the query found it: it runs on these versions to the end.
+    pub catalog: Arc<Catalog>,
     pub session: SessionState,
     pub split: ReleasePlan,
     /// Every dataset scan of the plan, once per scan (a self-join reads twice).
@@ -49,8 +51,9 @@ pub async fn gate(
     trace: &mut Trace,
 ) -> Result<Gated, Error> {
     let engine = &sandbox.engine;
+    let catalog = sandbox.catalog.current();
     let statement = engine.parse(&request.sql)?;
-    let named = resolve_tables(sandbox, &statement, trace)?;
+    let named = resolve_tables(sandbox, &catalog, &statement, trace)?;
     let grant = grant::choose(sandbox, principal, request, &named)?;
     trace.grant = Some(grant.id.clone());
     trace.purpose = Some(grant.purpose.clone());
@@ -58,7 +61,7 @@ pub async fn gate(
     let tables: Vec<Arc<Dataset>> = grant
         .datasets
         .iter()
-        .filter_map(|d| sandbox.catalog.get(d).cloned())
+        .filter_map(|d| catalog.get(d).cloned())
         .collect();
     let requester = Requester {
         region: &principal.region,
@@ -68,27 +71,28 @@ pub async fn gate(
         engine,
         &tables,
         statement,
-        &sandbox.catalog,
+        &catalog,
         &sandbox.policies,
         &requester,
     )
     .await?;
-    let scanned = scanned_datasets(&sandbox.catalog, &plan);
+    let scanned = scanned_datasets(&catalog, &plan);
     // The planned (not optimised) plan: names resolved, so case, whitespace
     // and comments do not change it. An optimiser pass only for the hash
     // cost more than the whole policy check.
     // The buyer's DP tightening changes the answer, so it is part of the key.
     let plan_sha256 = sha256_hex(format!("{}\n{:?}", plan.display_indent(), request.dp).as_bytes());
-    let (plan, consent_filters) = release::filter_consent(plan, &sandbox.catalog, &grant.purpose)?;
+    let (plan, consent_filters) = release::filter_consent(plan, &catalog, &grant.purpose)?;
     let split = release::split(
         &plan,
-        &sandbox.catalog,
+        &catalog,
         &sandbox.policies,
         sandbox.settings.unit_summaries,
         &request.dp,
     )?;
     Ok(Gated {
         grant,
+        catalog,
         session,
         split,
         scanned,
@@ -101,14 +105,14 @@ pub async fn gate(
 /// lets external buyers query it.
 fn resolve_tables(
     sandbox: &Sandbox,
+    catalog: &Catalog,
     statement: &DFStatement,
     trace: &mut Trace,
 ) -> Result<Vec<Arc<Dataset>>, Error> {
     let mut named = Vec::new();
     for reference in sandbox.engine.table_references(statement)? {
         let name = reference.table();
-        let dataset = sandbox
-            .catalog
+        let dataset = catalog
             .get(name)
             .ok_or_else(|| Error::UnknownTable(name.to_string()))?;
         access::level_access(&sandbox.policies, dataset)?;

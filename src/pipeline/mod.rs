@@ -60,6 +60,10 @@ pub struct ReleaseSummary {
     /// groups is itself a fact about the data.
     pub suppressed_groups: Option<u64>,
     pub noise: Option<Value>,
+    /// Whether a release read the unit summaries taken at registration
+    /// instead of the rows (same answer; a fact about the plan, not the data).
+    #[serde(default)]
+    pub summary_used: bool,
 }
 
 /// An answered query: released values only.
@@ -214,7 +218,7 @@ async fn prepare(
             .target_partitions = 1;
     }
     let reservation = charge::reserve_quota(sandbox, &gated.grant, &gated.scanned)?;
-    let (epsilon, epsilon_by_dataset) = charge::epsilon_of(sandbox, &gated.split);
+    let (epsilon, epsilon_by_dataset) = charge::epsilon_of(&gated.catalog, &gated.split);
     let cache_scope = cache::scope(principal, &gated);
     let cached = if epsilon > 0.0 {
         sandbox
@@ -226,6 +230,7 @@ async fn prepare(
     let charge = match (&cached, epsilon > 0.0) {
         (None, true) => Some(charge::reserve_budget(
             sandbox,
+            &gated.catalog,
             &gated.grant,
             &epsilon_by_dataset,
             epsilon,
@@ -315,6 +320,7 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
             1 => noise.pop(),
             _ => Some(Value::Array(noise)),
         },
+        summary_used: p.gated.split.jobs.iter().any(|j| j.reads_summary()),
     };
     Ok(Executed {
         schema: physical.schema(),
@@ -338,17 +344,18 @@ async fn finish(
         ..e
     };
     let rows = release::encode::json_rows(&e.batches)?;
-    let mut usage = charge::estimate(&p.gated.scanned);
-    usage.cpu_ms = e.cpu_ns / 1_000_000;
-    usage.wall_ms = started.elapsed().as_millis() as u64;
-    usage.groups_released = e.release.released_groups;
-    usage.groups_suppressed = e.release.suppressed_groups;
     let cached = p.cached.is_some();
     let (epsilon, by_dataset) = if cached {
         (0.0, BTreeMap::new())
     } else {
         (p.epsilon, p.epsilon_by_dataset.clone())
     };
+    let free = charge::free_tier(sandbox, &p.gated.grant);
+    let mut usage = charge::estimate(&p.gated.scanned, &by_dataset, &free);
+    usage.cpu_ms = e.cpu_ns / 1_000_000;
+    usage.wall_ms = started.elapsed().as_millis() as u64;
+    usage.groups_released = e.release.released_groups;
+    usage.groups_suppressed = e.release.suppressed_groups;
     usage.epsilon = epsilon;
     usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
     let gated = &p.gated;

@@ -90,6 +90,11 @@ pub fn outline(g: &Gated) -> Outline {
             })
             .collect(),
         releases,
-        estimated_usage: estimate(&g.scanned),
+        // Before any free tier: what the query costs at list price.
+        estimated_usage: estimate(
+            &g.scanned,
+            &super::charge::epsilon_of(&g.catalog, &g.split).1,
+            &|_| false,
+        ),
     }
 }

@@ -15,6 +15,7 @@ pub mod dp;
 pub mod encode;
 pub mod noise;
 mod partitions;
+pub mod quality;
 pub mod quantile;
 mod split;
 mod summary;
@@ -72,6 +73,11 @@ pub enum JobKind {
 }
 
 impl ReleaseJob {
+    /// Whether the job reads a unit summary taken at registration.
+    pub fn reads_summary(&self) -> bool {
+        summary::reads_summary(&self.plan)
+    }
+
     /// The epsilon this job spends.
     pub fn epsilon(&self) -> f64 {
         match &self.kind {

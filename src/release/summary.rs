@@ -29,6 +29,22 @@ use std::sync::Arc;
 /// The summary's name inside a release plan.
 const QUALIFIER: &str = "__fg_summary";
 
+/// Whether `plan` reads a unit summary rather than the dataset's rows.
+pub fn reads_summary(plan: &LogicalPlan) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && scan.table_name.table() == QUALIFIER
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
 /// A release aggregate's input, readable from a unit summary.
 pub struct Source {
     summary: Arc<UnitSummary>,

@@ -290,18 +290,19 @@ fn noise_cannot_be_averaged_across_grants_of_one_organisation() {
         assert_eq!(again.json()["rows"], first.json()["rows"]);
         assert_eq!(again.json()["usage"]["epsilon"], 0.0);
     }
-    // Owners and buyers see the dataset's lifetime budget: one charge so far.
+    // Owners and buyers see the dataset's lifetime budget: the quality
+    // card's 0.5 and one query's so far.
     let lifetime = |app: &TestApp| {
         app.get("/v1/datasets/city_health", Some(app.key("owner:hospital")))
             .json()["lifetime_epsilon"]
             .clone()
     };
     assert_eq!(lifetime(&app)["limit"], 100.0);
-    assert_eq!(lifetime(&app)["spent"], 0.5);
+    assert_eq!(lifetime(&app)["spent"], 1.0);
     // Another organisation draws its own noise, and pays for it.
     let other = app.query(sql);
     assert!(other.json()["usage"]["epsilon"].as_f64().unwrap() > 0.0);
-    assert_eq!(lifetime(&app)["spent"], 1.0);
+    assert_eq!(lifetime(&app)["spent"], 1.5);
 }
 
 /// A wide release is a bounded piece of work that does not hold up

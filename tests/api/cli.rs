@@ -309,11 +309,12 @@ fn an_owner_measures_a_bound_with_dp_and_pays_for_it_from_the_lifetime_budget() 
         (bound as f64) >= truth * 0.6 && (bound as f64) <= truth * 1.6,
         "bound {bound}, true 99th percentile {truth}"
     );
-    // Its ε is charged to the dataset's lifetime budget, which every buyer sees.
+    // Its ε is charged to the dataset's lifetime budget (after the quality
+    // card's 0.5), which every buyer sees.
     let doc = app
         .get("/v1/datasets/city_health", Some(app.key("buyer:acme")))
         .json();
-    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.0, "{doc}");
+    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.5, "{doc}");
     // More than the budget holds is refused, and charges nothing.
     let out = measure("1000");
     assert!(!out.status.success());
@@ -321,7 +322,7 @@ fn an_owner_measures_a_bound_with_dp_and_pays_for_it_from_the_lifetime_budget() 
     let doc = app
         .get("/v1/datasets/city_health", Some(app.key("buyer:acme")))
         .json();
-    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.0);
+    assert_eq!(doc["lifetime_epsilon"]["spent"], 1.5);
     // The ledger verifies with the new entry in it.
     let out = frostglass(&["verify", "--data-dir", data]);
     assert!(

@@ -57,8 +57,9 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
 
     let (ok, out) = verify_local(&app.data_dir, &["--receipt", receipt.to_str().unwrap()]);
     assert!(ok, "{out}");
-    // Five principals and two grants of the harness, five dataset registrations, two queries.
-    assert!(out.starts_with("ok: 14 entries"), "{out}");
+    // Five principals and two grants of the harness, five dataset
+    // registrations and their five quality cards, two queries.
+    assert!(out.starts_with("ok: 19 entries"), "{out}");
 
     let auditor = app.key("auditor:cac").to_string();
     let remote = |extra: &[&str]| {
@@ -82,9 +83,9 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
     }
     let (ok, out, err) = remote(&[]);
     assert!(ok, "{out}{err}");
-    assert!(out.starts_with("ok: 17 entries"), "{out}");
+    assert!(out.starts_with("ok: 22 entries"), "{out}");
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    assert_eq!(saved["head"]["tree_size"], 17);
+    assert_eq!(saved["head"]["tree_size"], 22);
 
     // A forged receipt fails.
     let mut forged: Value = first.json();
@@ -134,7 +135,7 @@ fn inclusion_and_consistency_proofs_from_the_api_verify() {
     let auditor = app.key("auditor:cac");
     let head = app.get("/v1/audit/head", Some(auditor)).json();
     let size = head["tree_size"].as_u64().unwrap();
-    assert_eq!(size, 14);
+    assert_eq!(size, 19);
     let root = hash(&head["root_hash"]);
     let index = receipt["ledger_index"].as_u64().unwrap();
     let leaf = hash(&receipt["entry_hash"]);
@@ -182,7 +183,7 @@ fn every_kind_of_tampering_is_caught() {
     let n: i64 = db(&base)
         .query_row("SELECT COUNT(*) FROM usage_log", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(n, 16);
+    assert_eq!(n, 21);
 
     let tampered = |name: &str, tamper: &dyn Fn(&Path), expect: &str| {
         let copy = snapshot(&base);
@@ -208,26 +209,26 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             db(d)
                 .execute(
-                    "UPDATE usage_log SET body = replace(body, 'refused', 'refusex') WHERE idx = 13",
+                    "UPDATE usage_log SET body = replace(body, 'refused', 'refusex') WHERE idx = 18",
                     [],
                 )
                 .unwrap();
         },
-        "broken at index 13",
+        "broken at index 18",
     );
     tampered(
         "flipped byte with its leaf hash recomputed",
         &|d| {
             let c = db(d);
             let body: String = c
-                .query_row("SELECT body FROM usage_log WHERE idx = 13", [], |r| {
+                .query_row("SELECT body FROM usage_log WHERE idx = 18", [], |r| {
                     r.get(0)
                 })
                 .unwrap();
             // A field no typed column repeats: only the signed heads can tell.
             let body = body.replace("\"sql_sha256\":\"", "\"sql_sha256\":\"0");
             c.execute(
-                "UPDATE usage_log SET body = ?1, leaf_hash = ?2 WHERE idx = 13",
+                "UPDATE usage_log SET body = ?1, leaf_hash = ?2 WHERE idx = 18",
                 rusqlite::params![body, hex::encode(merkle::leaf_hash(body.as_bytes()))],
             )
             .unwrap();
@@ -248,7 +249,7 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             let c = db(d);
             c.execute_batch(
-                "UPDATE usage_log SET idx = -1 WHERE idx = 13; UPDATE usage_log SET idx = 13 WHERE idx = 14; UPDATE usage_log SET idx = 14 WHERE idx = -1;",
+                "UPDATE usage_log SET idx = -1 WHERE idx = 18; UPDATE usage_log SET idx = 18 WHERE idx = 19; UPDATE usage_log SET idx = 19 WHERE idx = -1;",
             )
             .unwrap();
         },
@@ -258,7 +259,7 @@ fn every_kind_of_tampering_is_caught() {
         "truncated tail",
         &|d| {
             db(d)
-                .execute("DELETE FROM usage_log WHERE idx >= 14", [])
+                .execute("DELETE FROM usage_log WHERE idx >= 19", [])
                 .unwrap();
         },
         "truncated",
@@ -267,9 +268,9 @@ fn every_kind_of_tampering_is_caught() {
         "truncated tail and heads",
         &|d| {
             let c = db(d);
-            c.execute("DELETE FROM usage_log WHERE idx >= 14", [])
+            c.execute("DELETE FROM usage_log WHERE idx >= 19", [])
                 .unwrap();
-            c.execute("DELETE FROM tree_heads WHERE tree_size > 14", [])
+            c.execute("DELETE FROM tree_heads WHERE tree_size > 19", [])
                 .unwrap();
         },
         "shrank",
@@ -282,7 +283,7 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             db(d)
                 .execute(
-                    "UPDATE usage_log SET decision = 'refused' WHERE idx = 12",
+                    "UPDATE usage_log SET decision = 'refused' WHERE idx = 17",
                     [],
                 )
                 .unwrap();
@@ -294,7 +295,7 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             db(d)
                 .execute(
-                    "UPDATE usage_log SET created_at = '1999-01-01T00:00:00.000Z' WHERE idx = 12",
+                    "UPDATE usage_log SET created_at = '1999-01-01T00:00:00.000Z' WHERE idx = 17",
                     [],
                 )
                 .unwrap();
@@ -318,7 +319,7 @@ fn every_kind_of_tampering_is_caught() {
         &|d| {
             db(d)
                 .execute(
-                    "UPDATE query_usage SET decision = 'answered' WHERE ledger_index = 13",
+                    "UPDATE query_usage SET decision = 'answered' WHERE ledger_index = 18",
                     [],
                 )
                 .unwrap();

@@ -279,10 +279,12 @@ fn an_absurd_value_cannot_drag_an_average_out_of_bounds() {
 
 #[test]
 fn budgets_are_not_multiplied_by_more_grants_or_more_buyers() {
-    // A dataset whose lifetime budget is 2 epsilon, shared by everyone.
+    // A dataset whose lifetime budget is 2.1 epsilon, shared by everyone:
+    // 0.1 for its quality card, 2 for queries.
     let catalog = catalog_with(|m| {
         if m["id"] == "city_health" {
-            m["release"]["dp"]["epsilon_total"] = json!(2.0);
+            m["release"]["dp"]["epsilon_total"] = json!(2.1);
+            m["evaluation"] = json!({ "epsilon": 0.1 });
         }
     });
     let app = spawn_app_with(Options {

@@ -72,14 +72,14 @@ fn grouped_count_is_released_with_noise_usage_and_receipt() {
     assert_eq!(usage["rows_scanned"], 20_000);
     assert_eq!(usage["epsilon"], 0.5);
     assert_eq!(usage["cells_released"], released.len() as u64 * 2);
-    // 0.50 per query + 2.00 per million rows x 20,000 rows = 0.54
-    assert_eq!(usage["charge"], "0.54");
+    // 0.50 per query + 2.00 per million rows x 20,000 rows + 1.00 per ε x 0.5 = 1.04
+    assert_eq!(usage["charge"], "1.04");
     assert_eq!(doc["budget"]["epsilon_spent"], 0.5);
     let receipt = &doc["receipt"];
     // The harness's five principals and two grants, then the five dataset
-    // registrations, come first.
-    assert_eq!(receipt["ledger_index"], 12);
-    assert_eq!(receipt["tree_size"], 13);
+    // registrations and their quality cards, come first.
+    assert_eq!(receipt["ledger_index"], 17);
+    assert_eq!(receipt["tree_size"], 18);
     assert_eq!(receipt["entry_hash"].as_str().unwrap().len(), 64);
     assert_eq!(receipt["signature"].as_str().unwrap().len(), 128);
 }
@@ -338,7 +338,7 @@ fn dry_run_decides_without_reading_or_recording() {
     let doc = r.json();
     assert_eq!(doc["decision"], "allowed");
     assert_eq!(doc["releases"][0]["min_group_size"], 10);
-    assert_eq!(doc["estimated_usage"]["charge"], "0.54");
+    assert_eq!(doc["estimated_usage"]["charge"], "1.04");
     let refused = app.query_as(
         "buyer:acme",
         json!({ "sql": "SELECT name FROM city_health", "dry_run": true }),
