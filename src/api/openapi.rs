@@ -97,6 +97,22 @@ fn generate() -> Value {
     if let Some(schema) = request.as_object_mut() {
         schema.retain(|k, _| !k.starts_with('$'));
     }
+    // Registration and update bodies are manifests, validated with the
+    // schema the catalog's files are.
+    let mut manifest: Value =
+        serde_json::from_str(include_str!("../../schemas/dataset.schema.json")).unwrap_or_default();
+    if let Some(schema) = manifest.as_object_mut() {
+        schema.retain(|k, _| !k.starts_with('$'));
+    }
+    for method in ["post", "put"] {
+        let path = if method == "post" {
+            "/v1/datasets"
+        } else {
+            "/v1/datasets/{id}"
+        };
+        doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"] =
+            manifest.clone();
+    }
     let query = &mut doc["paths"]["/v1/queries"]["post"];
     query["requestBody"]["content"]["application/json"]["schema"] = request;
     query["responses"]["200"]["content"]["application/vnd.apache.arrow.stream"]["schema"] =

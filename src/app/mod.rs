@@ -30,7 +30,7 @@ pub struct Sandbox {
     pub engine: Engine,
     pub query_slots: tokio::sync::Semaphore,
     pub runtime: QueryRuntime,
-    /// Where registrations are prepared: one thread at the lowest CPU
+    /// Where registrations are prepared: one thread at a low CPU
     /// priority, so counting and summarising a new dataset takes what
     /// queries leave and never a query's place.
     pub registrations: QueryRuntime,
@@ -50,7 +50,8 @@ impl QueryRuntime {
         Ok(QueryRuntime(Some(rt)))
     }
 
-    /// One worker (and its blocking threads) at nice 19.
+    /// One worker (and its blocking threads) at nice 10: about a tenth of a
+    /// core while queries keep every core busy, all of an idle one.
     pub fn background() -> std::io::Result<QueryRuntime> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("fg-register")
@@ -58,7 +59,7 @@ impl QueryRuntime {
             .thread_stack_size(64 * 1024 * 1024)
             .on_thread_start(|| {
                 // Linux applies a process priority set on a thread to that thread alone.
-                let _ = rustix::process::setpriority_process(None, 19);
+                let _ = rustix::process::setpriority_process(None, 10);
             })
             .enable_all()
             .build()?;

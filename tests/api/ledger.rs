@@ -92,7 +92,7 @@ fn the_ledger_verifies_locally_and_remotely_with_receipts() {
     forged["receipt"]["entry_hash"] = json!(hex::encode(merkle::leaf_hash(b"forged")));
     std::fs::write(&receipt, forged.to_string()).unwrap();
     let (ok, out) = verify_local(&app.data_dir, &["--receipt", receipt.to_str().unwrap()]);
-    assert!(!ok && out.contains("broken at index 12"), "{out}");
+    assert!(!ok && out.contains("broken at index 17"), "{out}");
 
     // Only auditors read the ledger.
     let r = app.get("/v1/audit/head", Some(app.key("buyer:acme")));

@@ -17,6 +17,7 @@ mod ledger;
 mod ledger_scale;
 mod limits;
 mod metering;
+mod owners;
 mod policy;
 mod privacy;
 mod queries;
