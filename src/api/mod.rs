@@ -195,6 +195,7 @@ async fn list_grants(
             }
             Role::Auditor | Role::Admin => s.store.all_grants()?,
         };
+        let catalog = s.catalog.current();
         let mut rows = Vec::with_capacity(all.len());
         for g in all {
             let used = match s.quotas.used(&g.id) {
@@ -206,6 +207,7 @@ async fn list_grants(
                 "grant": g,
                 "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": s.budgets.spent_or_load(&format!("grant:{}", g.id), || s.ledger.epsilon_spent(&format!("grant:{}", g.id)))? },
                 "used_today": used,
+                "subscription": crate::pipeline::charge::subscription(&catalog, &g),
                 "remaining_today": {
                     "queries": left(g.queries_per_day, used.queries),
                     "rows": left(g.rows_per_day, used.rows),

@@ -30,7 +30,7 @@ pub struct Sandbox {
     pub engine: Engine,
     pub query_slots: tokio::sync::Semaphore,
     pub runtime: QueryRuntime,
-    /// Where registrations are prepared: one thread at a low CPU
+    /// Where registrations are prepared: one thread at idle CPU
     /// priority, so counting and summarising a new dataset takes what
     /// queries leave and never a query's place.
     pub registrations: QueryRuntime,
@@ -50,17 +50,16 @@ impl QueryRuntime {
         Ok(QueryRuntime(Some(rt)))
     }
 
-    /// One worker (and its blocking threads) at nice 10: about a tenth of a
-    /// core while queries keep every core busy, all of an idle one.
+    /// One worker (and its blocking threads) that runs only on a core
+    /// nothing else wants (Linux `SCHED_IDLE`): any query thread that wakes
+    /// up takes the core at once, so handing a query from thread to thread
+    /// never waits behind it.
     pub fn background() -> std::io::Result<QueryRuntime> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("fg-register")
             .worker_threads(1)
             .thread_stack_size(64 * 1024 * 1024)
-            .on_thread_start(|| {
-                // Linux applies a process priority set on a thread to that thread alone.
-                let _ = rustix::process::setpriority_process(None, 10);
-            })
+            .on_thread_start(idle_priority)
             .enable_all()
             .build()?;
         Ok(QueryRuntime(Some(rt)))
@@ -77,6 +76,18 @@ impl QueryRuntime {
         }
     }
 }
+
+/// Moves the calling thread to the idle scheduling class.
+#[cfg(target_os = "linux")]
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` only reads `param` during the call, and
+    // pid 0 names the calling thread; a failure leaves the thread as it was.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn idle_priority() {}
 
 impl Drop for QueryRuntime {
     fn drop(&mut self) {

@@ -435,6 +435,15 @@ async fn first_start(settings: &Settings) -> Result<(), String> {
     let path = settings.data_dir.join("demo-keys.txt");
     admin::write_keys_file(&path, &keys)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // Each demo owner gets its domain root, where it may put data to register.
+    for m in &manifests {
+        if let Ok(root) =
+            catalog::location::owner_root(&settings.owner_roots, &settings.data_dir, &m.owner)
+        {
+            std::fs::create_dir_all(&root)
+                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        }
+    }
     println!(
         "First start: created DEMO principals. These keys are shown once and saved (mode 0600) to {}:",
         path.display()

@@ -186,3 +186,20 @@ pub fn free_tier<'a>(sandbox: &'a Sandbox, grant: &Grant) -> impl Fn(&Dataset) -
             && *used.get_or_init(|| ledger.queries_this_month(&grant).unwrap_or(u64::MAX)) < free
     }
 }
+
+/// A grant's monthly subscription: the sum of the fees of the datasets it
+/// covers, in their currency (settled per period, not per query).
+pub fn subscription(catalog: &Catalog, grant: &Grant) -> Option<serde_json::Value> {
+    let mut total = 0i128;
+    let mut currency = None;
+    for d in grant.datasets.iter().filter_map(|d| catalog.get(d)) {
+        if let Some(p) = &d.manifest.pricing
+            && let Some(fee) = &p.monthly_subscription
+        {
+            total += accounting::parse_money(fee).unwrap_or(0);
+            currency.get_or_insert_with(|| p.currency.clone());
+        }
+    }
+    currency
+        .map(|c| serde_json::json!({ "currency": c, "monthly": accounting::format_money(total) }))
+}

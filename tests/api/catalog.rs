@@ -28,6 +28,15 @@ fn datasets_are_listed_with_classes_and_rules() {
         .find(|c| c["name"] == "name")
         .unwrap();
     assert_eq!(name["class"], "identifier");
+    // Prices as the owner lists them, and the quality card.
+    assert_eq!(health["pricing"]["per_epsilon"], "1.00");
+    assert_eq!(health["quality"]["method"], "differential_privacy");
+    assert_eq!(health["status"], "active");
+    let grants = app.get("/v1/grants", Some(app.key("buyer:acme"))).json();
+    assert_eq!(
+        grants["grants"][0]["subscription"]["monthly"], "300.00",
+        "{grants}"
+    );
     let one = app.get("/v1/datasets/power_grid", Some(app.key("buyer:other")));
     assert_eq!(one.json()["level"], "important");
     let missing = app.get("/v1/datasets/nope", Some(app.key("buyer:other")));
