@@ -46,6 +46,9 @@ pub struct TlsSettings {
 pub struct Limits {
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest manifest an owner may register (public domains of 10,000
+    /// values make manifests larger than other requests).
+    pub max_manifest_bytes: usize,
     /// Longest accepted SQL text, in bytes.
     pub max_sql_bytes: usize,
     /// Most SQL tokens; bounds expression size and depth before planning.
@@ -84,6 +87,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 256 * 1024,
+            max_manifest_bytes: 4 * 1024 * 1024,
             max_sql_bytes: 64 * 1024,
             max_sql_tokens: 4_000,
             max_parser_depth: 50,

@@ -223,7 +223,7 @@ async fn register_dataset(
     who: Authenticated,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, sandbox.settings.limits.max_body_bytes).await?;
+    let body = read_body(payload, sandbox.settings.limits.max_manifest_bytes).await?;
     let sandbox = sandbox.into_inner();
     let pending = registration::submit(&sandbox, &who.0, &body, None).await?;
     Ok(accepted(&pending))
@@ -240,7 +240,7 @@ async fn update_dataset(
     id: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, sandbox.settings.limits.max_body_bytes).await?;
+    let body = read_body(payload, sandbox.settings.limits.max_manifest_bytes).await?;
     let sandbox = sandbox.into_inner();
     let pending = registration::submit(&sandbox, &who.0, &body, Some(&id)).await?;
     Ok(accepted(&pending))

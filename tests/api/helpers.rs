@@ -339,11 +339,18 @@ fn raw_batches(dataset: &str, sql: &str) -> Vec<datafusion::arrow::record_batch:
 /// Reads one string or integer column of a demo data file, for tests that
 /// must know the real values (to prove they never come out).
 pub fn column_values(dataset: &str, column: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for b in raw_batches(
+    first_column_strings(raw_batches(
         dataset,
         &format!("SELECT CAST({column} AS VARCHAR) FROM {dataset}"),
-    ) {
+    ))
+}
+
+/// The first column of `batches`, as strings (nulls left out).
+pub fn first_column_strings(
+    batches: Vec<datafusion::arrow::record_batch::RecordBatch>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
         let col = datafusion::arrow::compute::cast(
             b.column(0),
             &datafusion::arrow::datatypes::DataType::Utf8,

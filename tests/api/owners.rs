@@ -77,6 +77,15 @@ fn wait_settled(app: &TestApp, id: &str) -> Value {
     }
 }
 
+/// [`listing`], registered and waited for until active; returns its manifest.
+fn registered(app: &TestApp, source: &str, id: &str, scale: f64, folder: &str) -> Value {
+    let manifest = listing(&app.data_dir, source, id, scale, folder);
+    let r = register(app, &manifest);
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_settled(app, id);
+    manifest
+}
+
 fn grant(app: &TestApp, datasets: &[&str]) -> String {
     app.admin()
         .add_grant(&NewGrant {
@@ -223,15 +232,7 @@ fn an_update_swaps_in_atomically_and_running_queries_finish_on_their_version() {
         l.requests_per_second = 1e6;
         l.request_burst = 1e6;
     });
-    let mut manifest = listing(
-        &app.data_dir,
-        "power_grid.json",
-        "substations",
-        0.03,
-        "grid/v1",
-    );
-    assert_eq!(register(&app, &manifest).status, 202);
-    wait_settled(&app, "substations");
+    let mut manifest = registered(&app, "power_grid.json", "substations", 0.03, "grid/v1");
     grant(&app, &["substations"]);
     // Version 2: twice the rows (the same file twice), in a new folder.
     let folder = |v: &str| root(&app.data_dir).join("grid").join(v);
@@ -332,15 +333,7 @@ fn an_update_swaps_in_atomically_and_running_queries_finish_on_their_version() {
 #[test]
 fn an_update_rebuilds_the_unit_summaries_a_changed_file_had_lost() {
     let app = spawn_app();
-    let manifest = listing(
-        &app.data_dir,
-        "city_health.json",
-        "clinic_visits",
-        0.1,
-        "clinic",
-    );
-    assert_eq!(register(&app, &manifest).status, 202);
-    wait_settled(&app, "clinic_visits");
+    let manifest = registered(&app, "city_health.json", "clinic_visits", 0.1, "clinic");
     grant(&app, &["clinic_visits"]);
     let summary_used = |n: u32| {
         let sql = format!(
@@ -393,15 +386,7 @@ fn an_update_rebuilds_the_unit_summaries_a_changed_file_had_lost() {
 #[test]
 fn a_withdrawn_dataset_is_unknown_to_buyers_and_its_grants_end() {
     let app = spawn_app();
-    let manifest = listing(
-        &app.data_dir,
-        "enterprise_registry.json",
-        "shops",
-        0.1,
-        "shops",
-    );
-    assert_eq!(register(&app, &manifest).status, 202);
-    wait_settled(&app, "shops");
+    let manifest = registered(&app, "enterprise_registry.json", "shops", 0.1, "shops");
     let granted = grant(&app, &["shops"]);
     let sql = "SELECT industry, COUNT(*) FROM shops GROUP BY industry";
     assert_eq!(app.query(sql).status, 200);
@@ -586,6 +571,19 @@ fn a_bad_manifest_is_refused_naming_each_failing_path() {
         None,
     );
     assert_eq!(r.status, 400);
+    // Manifests may be larger than other requests (public domains of
+    // 10,000 values), up to 4 MiB.
+    let mut padded = good.clone();
+    padded["description"] = json!("x".repeat(1 << 20));
+    let r = register(&app, &padded);
+    assert_eq!(
+        r.status,
+        400,
+        "schema-checked, not cut off: {}",
+        &r.text()[..200.min(r.text().len())]
+    );
+    padded["description"] = json!("x".repeat(5 << 20));
+    assert_eq!(register(&app, &padded).status, 413);
     // None of it registered anything.
     assert_eq!(
         app.get("/v1/datasets/shops", Some(app.key("owner:hospital")))
@@ -744,20 +742,7 @@ impl Data {
         let batches = self
             .rt
             .block_on(async { self.ctx.sql(&sql).await.unwrap().collect().await.unwrap() });
-        let mut out = Vec::new();
-        for b in batches {
-            let col = datafusion::arrow::compute::cast(
-                b.column(0),
-                &datafusion::arrow::datatypes::DataType::Utf8,
-            )
-            .unwrap();
-            let arr = col
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::StringArray>()
-                .unwrap();
-            out.extend(arr.iter().flatten().map(str::to_string));
-        }
-        out
+        crate::helpers::first_column_strings(batches)
     }
 }
 
