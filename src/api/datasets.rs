@@ -29,9 +29,20 @@ fn owns(principal: &Principal, owner: &str) -> bool {
     principal.role == Role::Owner && principal.org.as_deref() == Some(owner)
 }
 
-/// Whether `principal` may see a registration that is not active.
-fn sees_pending(principal: &Principal, pending: &Pending) -> bool {
-    owns(principal, &pending.owner) || matches!(principal.role, Role::Auditor | Role::Admin)
+/// A registration that is not active, as `principal` may see it: its
+/// owner in full, auditors without the reason of a failure (it may quote
+/// the owner's data, a parse error say), others not at all.
+fn pending_for(principal: &Principal, pending: Pending) -> Option<Pending> {
+    if owns(principal, &pending.owner) {
+        Some(pending)
+    } else if matches!(principal.role, Role::Auditor | Role::Admin) {
+        Some(Pending {
+            reason: None,
+            ..pending
+        })
+    } else {
+        None
+    }
 }
 
 fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
@@ -60,7 +71,7 @@ fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
     let pending = sandbox
         .catalog
         .pending_of(d.id())
-        .filter(|p| sees_pending(principal, p));
+        .and_then(|p| pending_for(principal, p));
     json!({
         "id": m.id,
         "title": m.title,
@@ -162,7 +173,8 @@ async fn list_datasets(
         .catalog
         .all_pending()
         .into_iter()
-        .filter(|p| params.mine && sees_pending(principal, p) && catalog.get(&p.dataset).is_none())
+        .filter(|p| params.mine && catalog.get(&p.dataset).is_none())
+        .filter_map(|p| pending_for(principal, p))
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "datasets": datasets, "pending": pending })))
 }
@@ -177,14 +189,18 @@ async fn get_dataset(
     if let Some(d) = sandbox.catalog.get(&id) {
         return Ok(HttpResponse::Ok().json(summary(&sandbox, &who.0, &d)));
     }
-    match sandbox.catalog.pending_of(&id) {
-        Some(p) if sees_pending(&who.0, &p) => Ok(HttpResponse::Ok().json(json!({
+    match sandbox
+        .catalog
+        .pending_of(&id)
+        .and_then(|p| pending_for(&who.0, p))
+    {
+        Some(p) => Ok(HttpResponse::Ok().json(json!({
             "id": p.dataset,
             "owner": p.owner,
             "status": p.status,
             "pending": p,
         }))),
-        _ => Err(ApiError::NotFound(format!("dataset '{id}' does not exist"))),
+        None => Err(ApiError::NotFound(format!("dataset '{id}' does not exist"))),
     }
 }
 

@@ -68,7 +68,9 @@ pub async fn load_catalog(
                 catalog.datasets.insert(id, Arc::new(dataset));
             }
             Err(e) => {
-                tracing::error!(dataset = %id, error = %e, "a registered dataset cannot be opened");
+                // The reason may quote the data (a parse error): its owner
+                // reads it in the dataset's status, the log does not.
+                tracing::error!(dataset = %id, "a registered dataset cannot be opened");
                 unavailable.push((id, owner, e.to_string()));
             }
         }
@@ -91,7 +93,7 @@ pub async fn evaluate_catalog(sandbox: &Sandbox) -> Result<(), StartError> {
             None => match evaluate(sandbox, dataset, None).await {
                 Ok(card) => card,
                 Err(e) => {
-                    tracing::warn!(dataset = %dataset.id(), error = ?e, "no quality card");
+                    tracing::warn!(dataset = %dataset.id(), code = e.code(), "no quality card");
                     continue;
                 }
             },
@@ -281,11 +283,11 @@ pub async fn submit(
         };
         match activated {
             Ok(dataset) => {
-                tracing::info!(dataset = %dataset.id(), rows = dataset.num_rows, "dataset active");
+                tracing::info!(dataset = %dataset.id(), "dataset active");
                 sandbox.catalog.install(dataset);
             }
             Err(e) => {
-                tracing::warn!(dataset = %id, error = ?e, "registration failed");
+                tracing::warn!(dataset = %id, code = e.code(), "registration failed");
                 sandbox.catalog.fail(&id, e.public_message());
             }
         }

@@ -843,3 +843,53 @@ fn a_crash_during_registration_leaves_the_catalog_as_it_was_and_withdrawals_pers
     assert!(after.contains(&"shops".to_string()), "{after:?}");
     assert!(!after.contains(&"city_health".to_string()), "{after:?}");
 }
+
+#[test]
+fn a_registration_whose_card_the_budget_cannot_pay_fails_visibly_to_its_owner_only() {
+    let app = spawn_app();
+    let mut manifest = listing(
+        &app.data_dir,
+        "city_health.json",
+        "clinic_visits",
+        0.05,
+        "clinic",
+    );
+    manifest["release"]["dp"]["epsilon_total"] = json!(0.2);
+    manifest["evaluation"] = json!({ "epsilon": 0.5 });
+    assert_eq!(register(&app, &manifest).status, 202);
+    let started = Instant::now();
+    let failed = loop {
+        let doc = app
+            .get(
+                "/v1/datasets/clinic_visits",
+                Some(app.key("owner:hospital")),
+            )
+            .json();
+        if doc["status"] == "failed" {
+            break doc;
+        }
+        assert_eq!(doc["status"], "registering", "{doc}");
+        assert!(started.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reason = failed["pending"]["reason"].as_str().unwrap();
+    assert!(reason.contains("lifetime budget"), "{reason}");
+    // Auditors see that it failed, not why (a reason may quote the owner's data).
+    let audited = app
+        .get("/v1/datasets/clinic_visits", Some(app.key("auditor:cac")))
+        .json();
+    assert_eq!(audited["status"], "failed");
+    assert!(audited["pending"]["reason"].is_null(), "{audited}");
+    assert_eq!(
+        app.get("/v1/datasets/clinic_visits", Some(app.key("buyer:acme")))
+            .status,
+        404
+    );
+    // Nothing was charged or recorded, and the id is free to try again.
+    assert!(entries(&app, "dataset_evaluated", "clinic_visits").is_empty());
+    assert!(entries(&app, "dataset_registered", "clinic_visits").is_empty());
+    manifest["evaluation"] = json!({ "epsilon": 0.1 });
+    assert_eq!(register(&app, &manifest).status, 202);
+    let listed = wait_settled(&app, "clinic_visits");
+    assert_eq!(listed["lifetime_epsilon"]["spent"], 0.1, "{listed}");
+}
