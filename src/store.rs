@@ -466,6 +466,18 @@ pub struct RegisteredDataset {
     pub version: u64,
 }
 
+/// Whether a dataset was withdrawn (ids are not reused).
+pub fn is_withdrawn(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .row(
+            "SELECT status = 'withdrawn' FROM registered_datasets WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false))
+}
+
 /// Records the active version of a dataset's manifest; returns its version number.
 pub fn save_dataset(
     conn: &Connection,

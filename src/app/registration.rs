@@ -16,9 +16,9 @@ use crate::catalog::location::{self, LocationError};
 use crate::catalog::{self, Catalog, CatalogError, Dataset, Manifest};
 use crate::error::Error;
 use crate::ledger::event::{LedgerEvent, version_key};
-use crate::ledger::{LedgerError, tables};
+use crate::ledger::tables;
 use crate::release::quality;
-use crate::store::{self, Principal, Store, StoreError};
+use crate::store::{self, Principal, Store};
 use crate::validate::{self, Schemas};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -150,13 +150,19 @@ async fn evaluate(
     let result = sandbox
         .ledger
         .commit(move |tx| {
+            // Refusals write nothing and record nothing.
             let spent = tables::epsilon_spent(tx, &budget)?;
             if epsilon > 0.0 && spent + epsilon > lifetime {
-                return Err(StoreError::Conflict(format!(
-                    "the lifetime budget of {budget} has {} epsilon left; the quality card needs {epsilon}",
-                    (lifetime - spent).max(0.0)
-                ))
-                .into());
+                let left = (lifetime - spent).max(0.0);
+                let message = format!(
+                    "the lifetime budget of {budget} has {left} epsilon left; the quality card needs {epsilon}"
+                );
+                return Ok((Vec::new(), Some(Error::BudgetExhausted(message))));
+            }
+            // Withdrawn while this version was being prepared: it stays so.
+            if registration.is_some() && store::is_withdrawn(tx, &id)? {
+                let message = format!("dataset '{id}' was withdrawn meanwhile");
+                return Ok((Vec::new(), Some(Error::Conflict(message))));
             }
             store::save_quality_card(tx, &id, &key, &card_json)?;
             let mut events = vec![evaluated];
@@ -167,15 +173,12 @@ async fn evaluate(
                 }
                 events.push(registered);
             }
-            Ok((events, ()))
+            Ok((events, None))
         })
-        .await;
+        .await?;
     match result {
-        Ok(_) => Ok(card),
-        Err(LedgerError::Change(StoreError::Conflict(message))) => {
-            Err(Error::BudgetExhausted(message))
-        }
-        Err(e) => Err(e.into()),
+        (_, None) => Ok(card),
+        (_, Some(refused)) => Err(refused),
     }
 }
 

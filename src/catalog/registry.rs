@@ -75,11 +75,12 @@ impl Registry {
         self.pending().remove(&id);
     }
 
-    /// Takes a dataset out of the catalog; queries that started before go on.
+    /// Takes a dataset out of the catalog; queries that started before go
+    /// on. A version being prepared meanwhile stays listed until its commit
+    /// refuses it.
     pub fn remove(&self, id: &str) -> Option<Arc<Dataset>> {
         let mut removed = None;
         self.swap(|datasets| removed = datasets.remove(id));
-        self.pending().remove(id);
         removed
     }
 

@@ -390,6 +390,15 @@ fn a_withdrawn_dataset_is_unknown_to_buyers_and_its_grants_end() {
     let granted = grant(&app, &["shops"]);
     let sql = "SELECT industry, COUNT(*) FROM shops GROUP BY industry";
     assert_eq!(app.query(sql).status, 200);
+    // A new version is being prepared when the owner withdraws: it never comes.
+    let r = send(
+        &app,
+        "PUT",
+        "/v1/datasets/shops",
+        "owner:hospital",
+        &manifest,
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
     let by_buyer = app.request(
         "DELETE",
         "/v1/datasets/shops",
@@ -423,6 +432,25 @@ fn a_withdrawn_dataset_is_unknown_to_buyers_and_its_grants_end() {
         .find(|g| g["grant"]["id"] == granted.as_str())
         .unwrap();
     assert_eq!(ended["grant"]["status"], "revoked");
+    let started = Instant::now();
+    let pending = loop {
+        let doc = app
+            .get("/v1/datasets/shops", Some(app.key("owner:hospital")))
+            .json();
+        if doc["status"] == "failed" {
+            break doc;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{doc}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        pending["pending"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("withdrawn"),
+        "{pending}"
+    );
+    assert_eq!(app.query(sql).code().as_deref(), Some("unknown_table"));
     // History stays: the registration, the answered query, the withdrawal.
     assert_eq!(entries(&app, "dataset_registered", "shops").len(), 1);
     let withdrawn = entries(&app, "dataset_withdrawn", "shops");
