@@ -131,3 +131,35 @@ fn auditors_run_sql_over_usage_metadata_only() {
     let r = ask(app.key("buyer:acme"), "SELECT COUNT(*) FROM usage");
     assert_eq!(r.status, 403);
 }
+
+#[test]
+fn a_free_tier_covers_a_grants_first_queries_of_the_month_and_epsilon_is_priced() {
+    let catalog = crate::helpers::catalog_with(|m| {
+        if m["id"] == "enterprise_registry" {
+            m["pricing"] = json!({ "currency": "CNY", "per_query": "1.00",
+                "per_million_rows_scanned": "0.00", "free_queries_per_month": 2 });
+        }
+    });
+    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
+        catalog: Some(catalog),
+        ..Default::default()
+    });
+    let charge = |n: u32| {
+        let sql = format!(
+            "SELECT industry, COUNT(*) FROM enterprise_registry WHERE employees > {n} GROUP BY industry"
+        );
+        let r = app.query(&sql);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["usage"]["charge"].as_str().unwrap().to_string()
+    };
+    assert_eq!(charge(1), "0.00");
+    assert_eq!(charge(2), "0.00");
+    // The third answered query this month pays the list price.
+    assert_eq!(charge(3), "1.00");
+    // A dry run estimates at list price, before any free tier.
+    let dry = app.query_as(
+        "buyer:acme",
+        json!({ "sql": "SELECT industry, COUNT(*) FROM enterprise_registry GROUP BY industry", "dry_run": true }),
+    );
+    assert_eq!(dry.json()["estimated_usage"]["charge"], "1.00");
+}
