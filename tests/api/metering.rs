@@ -133,7 +133,7 @@ fn auditors_run_sql_over_usage_metadata_only() {
 }
 
 #[test]
-fn a_free_tier_covers_a_grants_first_queries_of_the_month_and_epsilon_is_priced() {
+fn a_free_tier_covers_a_grants_first_queries_of_the_month() {
     let catalog = crate::helpers::catalog_with(|m| {
         if m["id"] == "enterprise_registry" {
             m["pricing"] = json!({ "currency": "CNY", "per_query": "1.00",
