@@ -26,7 +26,13 @@ pub enum StoreError {
 
 impl From<StoreError> for crate::error::Error {
     fn from(e: StoreError) -> Self {
-        crate::error::Error::Internal(e.to_string())
+        // Conflicts and absences are the request's (an id taken, a key
+        // unknown); anything else is the server's.
+        match e {
+            StoreError::Conflict(m) => crate::error::Error::Conflict(m),
+            StoreError::NotFound(m) => crate::error::Error::NotFound(m),
+            other => crate::error::Error::Internal(other.to_string()),
+        }
     }
 }
 
@@ -156,6 +162,26 @@ CREATE TABLE IF NOT EXISTS registered_datasets (
     manifest TEXT NOT NULL,
     status TEXT NOT NULL,
     version INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS signing_keys (
+    key_id TEXT PRIMARY KEY,
+    principal_id TEXT NOT NULL REFERENCES principals(id),
+    public_key BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_operators (
+    dataset TEXT NOT NULL,
+    operator TEXT NOT NULL REFERENCES principals(id),
+    delegated_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (dataset, operator)
+);
+CREATE TABLE IF NOT EXISTS access_requests (
+    id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,
+    grant_id TEXT,
     updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quality_cards (
@@ -570,4 +596,122 @@ fn query_grants(
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+// The market: signing keys, operators, access requests.
+
+/// Registers a principal's Ed25519 public key; its id is the first 16 hex
+/// digits of the key's SHA-256.
+pub fn add_signing_key(
+    conn: &Connection,
+    principal: &str,
+    public_key: &[u8],
+) -> Result<String, StoreError> {
+    require_principal(conn, principal)?;
+    let key_id = crate::util::sha256_hex(public_key)[..16].to_string();
+    let changed = conn.run(
+        "INSERT OR IGNORE INTO signing_keys (key_id, principal_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![key_id, principal, public_key, now_rfc3339()],
+    )?;
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!(
+            "signing key {key_id} is registered already"
+        )));
+    }
+    Ok(key_id)
+}
+
+/// The public key `key_id` of `principal`, if it registered one by that id.
+pub fn signing_key(
+    conn: &Connection,
+    principal: &str,
+    key_id: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .row(
+            "SELECT public_key FROM signing_keys WHERE key_id = ?1 AND principal_id = ?2",
+            [key_id, principal],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+pub fn set_operator(
+    conn: &Connection,
+    dataset: &str,
+    operator: &str,
+    by: &str,
+    delegate: bool,
+) -> Result<(), StoreError> {
+    if delegate {
+        let p = require_principal(conn, operator)?;
+        if p.role != Role::Owner {
+            return Err(StoreError::Conflict(format!(
+                "principal '{operator}' is not an owner or operator"
+            )));
+        }
+        conn.run(
+            "INSERT OR REPLACE INTO dataset_operators (dataset, operator, delegated_by, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![dataset, operator, by, now_rfc3339()],
+        )?;
+    } else if conn.run(
+        "DELETE FROM dataset_operators WHERE dataset = ?1 AND operator = ?2",
+        [dataset, operator],
+    )? == 0
+    {
+        return Err(StoreError::NotFound(format!(
+            "'{operator}' does not operate '{dataset}'"
+        )));
+    }
+    Ok(())
+}
+
+pub fn is_operator(conn: &Connection, dataset: &str, operator: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .row(
+            "SELECT 1 FROM dataset_operators WHERE dataset = ?1 AND operator = ?2",
+            [dataset, operator],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// An access request as stored: its JSON (see `app::market::AccessRequest`).
+pub fn access_request(conn: &Connection, id: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .row(
+            "SELECT request FROM access_requests WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+pub fn save_access_request(
+    conn: &Connection,
+    id: &str,
+    request: &str,
+    status: &str,
+) -> Result<(), StoreError> {
+    conn.run(
+        "INSERT INTO access_requests (id, request, status, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET request = excluded.request, status = excluded.status, updated_at = excluded.updated_at",
+        params![id, request, status, now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Every access request, oldest first, as stored JSON.
+    pub fn access_requests(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT request FROM access_requests ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn access_request(&self, id: &str) -> Result<Option<String>, StoreError> {
+        access_request(&self.conn(), id)
+    }
 }

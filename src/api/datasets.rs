@@ -94,6 +94,10 @@ fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
         },
         "level_rules": sandbox.policies.levels.rule(m.level),
         "pricing": m.pricing,
+        "commitment": {
+            "text": crate::app::market::commitment(m).0,
+            "sha256": crate::app::market::commitment(m).1,
+        },
         "quality": quality,
         "lifetime_epsilon": lifetime_epsilon(sandbox, d),
     })

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod connection;
 pub mod datasets;
 pub mod error;
+pub mod market;
 pub mod openapi;
 pub mod server;
 pub mod telemetry;
@@ -33,6 +34,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             web::scope("/v1")
                 .configure(datasets::routes)
+                .configure(market::routes)
                 .route("/queries", web::post().to(post_query))
                 .route("/grants", web::get().to(list_grants))
                 .configure(audit::routes)
@@ -44,6 +46,8 @@ const ANY_ROLE: &[Role] = &[Role::Owner, Role::Buyer, Role::Auditor, Role::Admin
 const BUYERS: &[Role] = &[Role::Buyer];
 const OWNERS: &[Role] = &[Role::Owner];
 const OWNERS_AND_AUDITORS: &[Role] = &[Role::Owner, Role::Auditor, Role::Admin];
+const OWNERS_AND_ADMINS: &[Role] = &[Role::Owner, Role::Admin];
+const ADMINS: &[Role] = &[Role::Admin];
 const AUDITORS: &[Role] = &[Role::Auditor, Role::Admin];
 
 /// Every route of the API and the roles that may call it (empty: no key
@@ -59,6 +63,18 @@ pub const ROUTES: &[(&str, &str, &[Role])] = &[
     ("DELETE", "/v1/datasets/{id}", OWNERS),
     ("GET", "/v1/datasets/{id}/preview", ANY_ROLE),
     ("GET", "/v1/datasets/{id}/usage", OWNERS_AND_AUDITORS),
+    ("POST", "/v1/datasets/{id}/operators", OWNERS),
+    ("DELETE", "/v1/datasets/{id}/operators/{principal}", OWNERS),
+    ("POST", "/v1/principals", ADMINS),
+    ("POST", "/v1/principals/me/keys/rotate", ANY_ROLE),
+    ("POST", "/v1/principals/me/signing-keys", ANY_ROLE),
+    ("POST", "/v1/access-requests", BUYERS),
+    ("GET", "/v1/access-requests", ANY_ROLE),
+    ("GET", "/v1/access-requests/{id}", ANY_ROLE),
+    ("POST", "/v1/access-requests/{id}/commitment", BUYERS),
+    ("POST", "/v1/access-requests/{id}/approve", OWNERS),
+    ("POST", "/v1/access-requests/{id}/reject", OWNERS),
+    ("POST", "/v1/grants/{id}/revoke", OWNERS_AND_ADMINS),
     ("POST", "/v1/queries", BUYERS),
     ("GET", "/v1/grants", ANY_ROLE),
     ("GET", "/v1/usage", ANY_ROLE),

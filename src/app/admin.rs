@@ -9,6 +9,7 @@ use crate::ledger::event::LedgerEvent;
 use crate::ledger::{LedgerError, Writer};
 use crate::policy::Policies;
 use crate::store::{self, Grant, NewGrant, Principal, Role};
+use rusqlite::Connection;
 use std::path::Path;
 
 /// The writer admin changes go through, on a data directory whose store
@@ -22,43 +23,62 @@ pub fn open(data_dir: &Path) -> Result<Writer, LedgerError> {
 pub fn add_principal(writer: &mut Writer, principal: &Principal) -> Result<String, LedgerError> {
     let key = auth::generate_key();
     let hash = auth::key_hash(&key);
-    writer.commit(|tx| {
-        store::add_principal(tx, principal, &hash)?;
-        let event = LedgerEvent::PrincipalAdded {
-            principal: principal.clone(),
-        };
-        Ok((vec![event], ()))
-    })?;
+    writer.commit(|tx| principal_added(tx, principal, &hash))?;
     Ok(key)
+}
+
+/// The state change of [`add_principal`], for any writer of the ledger.
+pub fn principal_added(
+    tx: &Connection,
+    principal: &Principal,
+    key_hash: &str,
+) -> Result<(Vec<LedgerEvent>, ()), LedgerError> {
+    store::add_principal(tx, principal, key_hash)?;
+    let event = LedgerEvent::PrincipalAdded {
+        principal: principal.clone(),
+    };
+    Ok((vec![event], ()))
 }
 
 /// Gives a principal a second key, for rotation; returns it (shown once).
 pub fn add_key(writer: &mut Writer, principal: &str) -> Result<String, LedgerError> {
     let key = auth::generate_key();
     let hash = auth::key_hash(&key);
-    writer.commit(|tx| {
-        store::add_key(tx, principal, &hash)?;
-        let event = LedgerEvent::KeyAdded {
-            principal: principal.to_string(),
-            key_hash_prefix: hash[..12].to_string(),
-        };
-        Ok((vec![event], ()))
-    })?;
+    writer.commit(|tx| key_added(tx, principal, &hash))?;
     Ok(key)
+}
+
+pub fn key_added(
+    tx: &Connection,
+    principal: &str,
+    key_hash: &str,
+) -> Result<(Vec<LedgerEvent>, ()), LedgerError> {
+    store::add_key(tx, principal, key_hash)?;
+    let event = LedgerEvent::KeyAdded {
+        principal: principal.to_string(),
+        key_hash_prefix: key_hash[..12].to_string(),
+    };
+    Ok((vec![event], ()))
 }
 
 /// Revokes a key (given as the key itself); returns whose it was.
 pub fn revoke_key(writer: &mut Writer, key: &str) -> Result<String, LedgerError> {
     let hash = auth::key_hash(key);
-    let (_, principal) = writer.commit(|tx| {
-        let principal = store::revoke_key(tx, &hash)?;
-        let event = LedgerEvent::KeyRevoked {
-            principal: principal.clone(),
-            key_hash_prefix: hash[..12].to_string(),
-        };
-        Ok((vec![event], principal))
-    })?;
+    let (_, principal) = writer.commit(|tx| key_revoked(tx, &hash))?;
     Ok(principal)
+}
+
+/// Revokes the key with this hash; returns whose it was.
+pub fn key_revoked(
+    tx: &Connection,
+    key_hash: &str,
+) -> Result<(Vec<LedgerEvent>, String), LedgerError> {
+    let principal = store::revoke_key(tx, key_hash)?;
+    let event = LedgerEvent::KeyRevoked {
+        principal: principal.clone(),
+        key_hash_prefix: key_hash[..12].to_string(),
+    };
+    Ok((vec![event], principal))
 }
 
 /// Measures `dataset`'s bound on rows per privacy unit from the data with

@@ -2,6 +2,7 @@
 //! share, opened from the settings. Nothing here knows a transport.
 
 pub mod admin;
+pub mod market;
 pub mod registration;
 
 use crate::catalog::Catalog;

@@ -238,6 +238,10 @@ pub struct Manifest {
     pub pricing: Option<Pricing>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<EvaluationRules>,
+    /// The security-use commitment a buyer signs to be granted access
+    /// (a platform default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<String>,
 }
 
 impl Manifest {

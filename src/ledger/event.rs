@@ -49,6 +49,44 @@ pub enum LedgerEvent {
         by: String,
         grants_ended: Vec<String>,
     },
+    /// A principal registered an Ed25519 key it signs commitments with.
+    SigningKeyAdded {
+        principal: String,
+        key_id: String,
+    },
+    /// A buyer asked for access; pending once it signs the commitment.
+    AccessRequested {
+        request: String,
+        buyer: String,
+        datasets: Vec<String>,
+        purpose: String,
+    },
+    /// The buyer signed the security-use commitment of a request: the
+    /// exact bytes' digest and the signature, for dispute evidence.
+    CommitmentSigned {
+        request: String,
+        key_id: String,
+        message_sha256: String,
+        signature: String,
+    },
+    /// An owner — or an operator on its behalf — decided on its datasets of a request.
+    AccessDecided {
+        request: String,
+        datasets: Vec<String>,
+        approved: bool,
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_behalf_of: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// An owner delegated (or withdrew) decisions on a dataset to an operator.
+    OperatorDelegated {
+        dataset: String,
+        operator: String,
+        by: String,
+        withdrawn: bool,
+    },
     /// A version's quality card was computed; for personal data its ε is
     /// charged to the dataset's lifetime budget.
     DatasetEvaluated {
@@ -184,6 +222,11 @@ impl LedgerEvent {
             LedgerEvent::GrantRevoked { .. } => "grant_revoked",
             LedgerEvent::BoundMeasured { .. } => "bound_measured",
             LedgerEvent::DatasetWithdrawn { .. } => "dataset_withdrawn",
+            LedgerEvent::SigningKeyAdded { .. } => "signing_key_added",
+            LedgerEvent::AccessRequested { .. } => "access_requested",
+            LedgerEvent::CommitmentSigned { .. } => "commitment_signed",
+            LedgerEvent::AccessDecided { .. } => "access_decided",
+            LedgerEvent::OperatorDelegated { .. } => "operator_delegated",
             LedgerEvent::DatasetEvaluated { .. } => "dataset_evaluated",
             LedgerEvent::SegmentArchived { .. } => "segment_archived",
         }

@@ -53,7 +53,11 @@ pub enum LedgerError {
 
 impl From<LedgerError> for crate::error::Error {
     fn from(e: LedgerError) -> Self {
-        crate::error::Error::Internal(e.to_string())
+        match e {
+            // A state change the request asked for and the state refused.
+            LedgerError::Change(refused) => refused.into(),
+            other => crate::error::Error::Internal(other.to_string()),
+        }
     }
 }
 

@@ -120,6 +120,7 @@ mod tests {
                 release: ReleaseRules::default(),
                 pricing: None,
                 evaluation: None,
+                commitment: None,
             },
             provider: Arc::new(EmptyTable::new(schema.clone())),
             in_memory: None,

@@ -16,6 +16,7 @@ mod leaks;
 mod ledger;
 mod ledger_scale;
 mod limits;
+mod market;
 mod metering;
 mod owners;
 mod policy;

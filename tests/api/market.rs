@@ -1,0 +1,400 @@
+//! The trade over HTTP: principals, a signed security-use commitment,
+//! owners' decisions (one through a delegated operator), the grant they
+//! make, and its revocation.
+
+use crate::helpers::{PURPOSE, Response, TestApp, shared_catalog, spawn_app};
+use base64::Engine;
+use frostglass::store::{Principal, Role};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(text: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
+}
+
+fn post(app: &TestApp, key: &str, path: &str, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap();
+    app.request("POST", path, Some(key), Some(&bytes), None)
+}
+
+fn keypair() -> Ed25519KeyPair {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+/// The app with an admin, whose key is returned.
+fn with_admin(app: &TestApp) -> String {
+    app.admin()
+        .add_principal(&Principal {
+            id: "admin:ops".into(),
+            role: Role::Admin,
+            org: Some("ops".into()),
+            region: "CN".into(),
+        })
+        .unwrap()
+}
+
+fn kinds(app: &TestApp, kind: &str) -> Vec<Value> {
+    app.admin()
+        .entries(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|(_, body, _)| serde_json::from_str::<Value>(&body).unwrap())
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() {
+    let app = spawn_app();
+    let admin = with_admin(&app);
+    // The admin registers the principals of the trade over HTTP.
+    let mut keys = std::collections::HashMap::new();
+    for (id, role, org) in [
+        ("buyer:newco", "buyer", "newco"),
+        ("owner:grid", "owner", "grid_operator"),
+        ("owner:opco", "owner", "opco"),
+    ] {
+        let r = post(
+            &app,
+            &admin,
+            "/v1/principals",
+            &json!({ "id": id, "role": role, "org": org, "region": "CN" }),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        keys.insert(id, r.json()["key"].as_str().unwrap().to_string());
+    }
+    let again = post(
+        &app,
+        &admin,
+        "/v1/principals",
+        &json!({ "id": "buyer:newco", "role": "buyer", "region": "CN" }),
+    );
+    assert_eq!(again.code().as_deref(), Some("conflict"));
+    let by_owner = post(
+        &app,
+        app.key("owner:hospital"),
+        "/v1/principals",
+        &json!({ "id": "x", "role": "admin", "region": "CN" }),
+    );
+    assert_eq!(by_owner.status, 403);
+    let buyer = keys["buyer:newco"].clone();
+    // The buyer rotates its key: the old one stops working at once.
+    let rotated = post(&app, &buyer, "/v1/principals/me/keys/rotate", &json!({}));
+    assert_eq!(rotated.status, 201, "{}", rotated.text());
+    assert_eq!(app.get("/v1/datasets", Some(&buyer)).status, 401);
+    let buyer = rotated.json()["key"].as_str().unwrap().to_string();
+    // ... registers a signing key, discovers and previews.
+    let pair = keypair();
+    let r = post(
+        &app,
+        &buyer,
+        "/v1/principals/me/signing-keys",
+        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let key_id = r.json()["key_id"].as_str().unwrap().to_string();
+    let listing = app.get("/v1/datasets", Some(&buyer)).json();
+    let commitment_of = |id: &str| {
+        listing["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()["commitment"]["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        app.get("/v1/datasets/power_grid/preview", Some(&buyer))
+            .status,
+        200
+    );
+    // ... files a request over two owners' datasets.
+    let request = json!({
+        "datasets": ["city_health", "power_grid"],
+        "purpose": PURPOSE,
+        "period": { "from": "2026-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z" },
+        "quotas": { "queries_per_day": 100 },
+        "epsilon": 5.0,
+    });
+    let filed = post(&app, &buyer, "/v1/access-requests", &request);
+    assert_eq!(filed.status, 201, "{}", filed.text());
+    let filed = filed.json();
+    assert_eq!(filed["status"], "awaiting_signature");
+    let id = filed["id"].as_str().unwrap().to_string();
+    let to_sign = unb64(filed["to_sign"].as_str().unwrap());
+    let text = String::from_utf8(to_sign.clone()).unwrap();
+    assert!(
+        text.starts_with("frostglass security-use commitment v1\n"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("request: {id}\n")));
+    assert!(text.contains(&format!(
+        "dataset: city_health sha256:{}\n",
+        commitment_of("city_health")
+    )));
+    assert!(text.contains(&format!(
+        "dataset: power_grid sha256:{}\n",
+        commitment_of("power_grid")
+    )));
+    let sign =
+        |bytes: &[u8]| json!({ "key_id": key_id, "signature": b64(pair.sign(bytes).as_ref()) });
+    let commit = |request: &str, body: &Value| {
+        post(
+            &app,
+            &buyer,
+            &format!("/v1/access-requests/{request}/commitment"),
+            body,
+        )
+    };
+    // A wrong signature, and a valid signature of another request, are refused.
+    assert_eq!(
+        commit(&id, &sign(b"something else")).code().as_deref(),
+        Some("forbidden")
+    );
+    let other = post(&app, &buyer, "/v1/access-requests", &request).json();
+    let other_sig = sign(&unb64(other["to_sign"].as_str().unwrap()));
+    assert_eq!(commit(&id, &other_sig).code().as_deref(), Some("forbidden"));
+    let stranger = keypair();
+    let forged = json!({ "key_id": key_id, "signature": b64(stranger.sign(&to_sign).as_ref()) });
+    assert_eq!(commit(&id, &forged).code().as_deref(), Some("forbidden"));
+    // Nobody decides before the buyer signs.
+    let early = post(
+        &app,
+        app.key("owner:hospital"),
+        &format!("/v1/access-requests/{id}/approve"),
+        &json!({}),
+    );
+    assert_eq!(early.code().as_deref(), Some("conflict"));
+    let signed = commit(&id, &sign(&to_sign));
+    assert_eq!(signed.status, 200, "{}", signed.text());
+    assert_eq!(signed.json()["status"], "pending");
+    // Replayed: the request is no longer waiting for it.
+    assert_eq!(
+        commit(&id, &sign(&to_sign)).code().as_deref(),
+        Some("conflict")
+    );
+    // The buyer cannot approve its own request; an owner decides only its own datasets.
+    let approve = |key: &str, body: &Value| {
+        post(
+            &app,
+            key,
+            &format!("/v1/access-requests/{id}/approve"),
+            body,
+        )
+    };
+    assert_eq!(approve(&buyer, &json!({})).status, 403);
+    let widened = approve(
+        app.key("owner:hospital"),
+        &json!({ "quotas": { "queries_per_day": 1000 } }),
+    );
+    assert_eq!(widened.code().as_deref(), Some("invalid_request"));
+    let first = approve(
+        app.key("owner:hospital"),
+        &json!({ "quotas": { "queries_per_day": 50 } }),
+    );
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["status"], "pending", "power_grid is undecided");
+    assert_eq!(
+        approve(app.key("owner:hospital"), &json!({}))
+            .code()
+            .as_deref(),
+        Some("forbidden")
+    );
+    // The grid operator delegates its decisions, withdraws, delegates again.
+    let operators = "/v1/datasets/power_grid/operators";
+    let grid = keys["owner:grid"].clone();
+    let opco = keys["owner:opco"].clone();
+    assert_eq!(
+        post(
+            &app,
+            app.key("owner:hospital"),
+            operators,
+            &json!({ "principal": "owner:opco" })
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        post(
+            &app,
+            &grid,
+            operators,
+            &json!({ "principal": "owner:opco" })
+        )
+        .status,
+        200
+    );
+    let withdrawn = app.request(
+        "DELETE",
+        &format!("{operators}/owner:opco"),
+        Some(&grid),
+        None,
+        None,
+    );
+    assert_eq!(withdrawn.status, 200, "{}", withdrawn.text());
+    assert_eq!(
+        approve(&opco, &json!({})).code().as_deref(),
+        Some("forbidden")
+    );
+    assert_eq!(
+        post(
+            &app,
+            &grid,
+            operators,
+            &json!({ "principal": "owner:opco" })
+        )
+        .status,
+        200
+    );
+    let done = approve(&opco, &json!({ "epsilon": 2.0 }));
+    assert_eq!(done.status, 200, "{}", done.text());
+    let done = done.json();
+    assert_eq!(done["status"], "approved");
+    let grant = done["grant"].as_str().unwrap().to_string();
+    // The ledger says who decided, on whose behalf; the grant is the narrowest.
+    let decided = kinds(&app, "access_decided");
+    assert_eq!(decided.len(), 2);
+    assert_eq!(decided[1]["by"], "owner:opco");
+    assert_eq!(decided[1]["on_behalf_of"], "grid_operator");
+    assert_eq!(kinds(&app, "commitment_signed")[0]["request"], id.as_str());
+    let grants = app.get("/v1/grants", Some(&buyer)).json();
+    let made = &grants["grants"][0]["grant"];
+    assert_eq!(made["id"], grant.as_str());
+    assert_eq!(made["queries_per_day"], 50);
+    assert_eq!(made["epsilon"], 2.0);
+    assert_eq!(made["expires_at"], "2030-01-01T00:00:00Z");
+    // The buyer queries under it; after revocation the next query is refused.
+    let sql = json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" });
+    assert_eq!(app.ask(&buyer, sql.clone()).status, 200);
+    let revoked = post(
+        &app,
+        app.key("owner:hospital"),
+        &format!("/v1/grants/{grant}/revoke"),
+        &json!({}),
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(app.ask(&buyer, sql).code().as_deref(), Some("no_grant"));
+    // Parties see the request; others do not.
+    assert_eq!(
+        app.get(&format!("/v1/access-requests/{id}"), Some(&grid))
+            .status,
+        200
+    );
+    assert_eq!(
+        app.get(
+            &format!("/v1/access-requests/{id}"),
+            Some(app.key("buyer:acme"))
+        )
+        .status,
+        404
+    );
+}
+
+#[test]
+fn requests_are_refused_by_the_rules_queries_obey_and_a_changed_commitment_voids_a_signature() {
+    let app = spawn_app();
+    let buyer = app.key("buyer:acme").to_string();
+    let period = json!({ "from": "2026-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z" });
+    let file = |datasets: Value, purpose: &str| {
+        post(
+            &app,
+            &buyer,
+            "/v1/access-requests",
+            &json!({ "datasets": datasets, "purpose": purpose, "period": period }),
+        )
+    };
+    assert_eq!(
+        file(json!(["city_health"]), "individual_profiling")
+            .rule()
+            .as_deref(),
+        Some("prohibited_purpose")
+    );
+    assert_eq!(
+        file(json!(["population_registry"]), PURPOSE)
+            .rule()
+            .as_deref(),
+        Some("core_data_denied")
+    );
+    assert_eq!(
+        file(json!(["nope"]), PURPOSE).code().as_deref(),
+        Some("unknown_table")
+    );
+    let backwards = post(
+        &app,
+        &buyer,
+        "/v1/access-requests",
+        &json!({ "datasets": ["city_health"], "purpose": PURPOSE,
+        "period": { "from": "2030-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z" } }),
+    );
+    assert_eq!(backwards.code().as_deref(), Some("invalid_request"));
+    // Filed and about to be signed when the owner publishes a new commitment.
+    let pair = keypair();
+    let key_id = post(
+        &app,
+        &buyer,
+        "/v1/principals/me/signing-keys",
+        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
+    )
+    .json()["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let filed = file(json!(["city_health"]), PURPOSE).json();
+    let id = filed["id"].as_str().unwrap();
+    let root = app.data_dir.join("owners/hospital");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(
+        shared_catalog().join("data/city_health.parquet"),
+        root.join("visits.parquet"),
+    )
+    .unwrap();
+    let mut manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(shared_catalog().join("city_health.json")).unwrap(),
+    )
+    .unwrap();
+    manifest["source"]["location"] = json!(root.join("visits.parquet").to_str().unwrap());
+    manifest["commitment"] = json!("Results are used for hospital capacity planning only.");
+    let r = app.request(
+        "PUT",
+        "/v1/datasets/city_health",
+        Some(app.key("owner:hospital")),
+        Some(&serde_json::to_vec(&manifest).unwrap()),
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let started = std::time::Instant::now();
+    while app.get("/v1/datasets/city_health", Some(&buyer)).json()["commitment"]["text"]
+        != manifest["commitment"]
+    {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let signature = b64(pair
+        .sign(&unb64(filed["to_sign"].as_str().unwrap()))
+        .as_ref());
+    let r = post(
+        &app,
+        &buyer,
+        &format!("/v1/access-requests/{id}/commitment"),
+        &json!({ "key_id": key_id, "signature": signature }),
+    );
+    assert_eq!(r.code().as_deref(), Some("conflict"), "{}", r.text());
+    // A key that is not a raw 32-byte Ed25519 key is refused.
+    let short = post(
+        &app,
+        &buyer,
+        "/v1/principals/me/signing-keys",
+        &json!({ "public_key": b64(b"short") }),
+    );
+    assert_eq!(short.code().as_deref(), Some("invalid_request"));
+}
