@@ -69,7 +69,10 @@ def main():
                 [ST, "--config-file", os.path.join(HERE, "schemathesis.toml"), "run", f"{base}/openapi.json",
                  "--header", f"Authorization: Bearer {keys[role]}", "--checks", "all",
                  "--seed", SEED, "--max-examples", EXAMPLES, "--workers", "2",
-                 "--phases", "examples,coverage,fuzzing,stateful", "--no-color"],
+                 "--phases", "examples,coverage,fuzzing,stateful", "--no-color",
+                 # Rotation revokes the very key this run authenticates with,
+                 # and every later call would be 401 (tests/api/market.rs covers it).
+                 "--exclude-path", "/v1/principals/me/keys/rotate"],
                 cwd=work).returncode
             if code != 0:
                 failed.append(role)
