@@ -74,8 +74,10 @@ fn the_openapi_document_is_valid_and_matches_the_served_routes() {
             (method == "POST").then_some(&body[..]),
             None,
         );
+        // A 404 of a route that exists names the missing resource, not the route.
+        let unrouted = r.status == 404 && r.json()["error"]["message"] == "no such route";
         assert!(
-            r.status != 404 && r.status != 405,
+            !unrouted && r.status != 405,
             "{method} {path}: {}",
             r.status
         );
@@ -378,10 +380,14 @@ fn every_route_admits_exactly_the_roles_of_the_route_table() {
         ),
     ];
     let body = serde_json::to_vec(&json!({ "sql": "SELECT 1" })).unwrap();
-    for (method, path, roles) in frostglass::api::ROUTES
+    // Rotation revokes the key it is called with: it goes last.
+    let rotate = "/v1/principals/me/keys/rotate";
+    let mut routes: Vec<_> = frostglass::api::ROUTES
         .iter()
         .filter(|(_, _, roles)| !roles.is_empty())
-    {
+        .collect();
+    routes.sort_by_key(|(_, path, _)| *path == rotate);
+    for (method, path, roles) in routes {
         // A withdrawal would end the grants the other routes need.
         let id = if *method == "DELETE" {
             "no_such_dataset"
