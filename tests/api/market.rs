@@ -398,3 +398,76 @@ fn requests_are_refused_by_the_rules_queries_obey_and_a_changed_commitment_voids
     );
     assert_eq!(short.code().as_deref(), Some("invalid_request"));
 }
+
+#[test]
+fn important_data_abroad_needs_the_owners_cross_border_assessment_at_approval() {
+    let app = spawn_app();
+    let admin = with_admin(&app);
+    let grid = post(
+        &app,
+        &admin,
+        "/v1/principals",
+        &json!({ "id": "owner:grid", "role": "owner", "org": "grid_operator", "region": "CN" }),
+    )
+    .json()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let abroad = app.key("buyer:abroad").to_string();
+    let pair = keypair();
+    let key_id = post(
+        &app,
+        &abroad,
+        "/v1/principals/me/signing-keys",
+        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
+    )
+    .json()["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let filed = post(
+        &app,
+        &abroad,
+        "/v1/access-requests",
+        &json!({ "datasets": ["power_grid"], "purpose": PURPOSE,
+        "period": { "from": "2026-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z" } }),
+    );
+    assert_eq!(filed.status, 201, "{}", filed.text());
+    let filed = filed.json();
+    let id = filed["id"].as_str().unwrap();
+    let signature = b64(pair
+        .sign(&unb64(filed["to_sign"].as_str().unwrap()))
+        .as_ref());
+    let signed = post(
+        &app,
+        &abroad,
+        &format!("/v1/access-requests/{id}/commitment"),
+        &json!({ "key_id": key_id, "signature": signature }),
+    );
+    assert_eq!(signed.json()["status"], "pending", "{}", signed.text());
+    let approve = |body: &Value| {
+        post(
+            &app,
+            &grid,
+            &format!("/v1/access-requests/{id}/approve"),
+            body,
+        )
+    };
+    let without = approve(&json!({}));
+    assert_eq!(
+        without.rule().as_deref(),
+        Some("cross_border_assessment_required"),
+        "{}",
+        without.text()
+    );
+    let with = approve(&json!({ "cross_border_assessment": "CBA-2026-17" }));
+    assert_eq!(with.json()["status"], "approved", "{}", with.text());
+    let grants = app.get("/v1/grants", Some(&abroad)).json();
+    let made = grants["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["grant"]["id"] == with.json()["grant"])
+        .unwrap();
+    assert_eq!(made["grant"]["cross_border_assessment"], "CBA-2026-17");
+}
