@@ -29,6 +29,16 @@ fn keypair() -> Ed25519KeyPair {
     Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
 }
 
+/// A fresh Ed25519 key pair, registered for the principal holding `key`; and its id.
+fn signing_key(app: &TestApp, key: &str) -> (Ed25519KeyPair, String) {
+    let pair = keypair();
+    let body = json!({ "public_key": b64(pair.public_key().as_ref()) });
+    let r = post(app, key, "/v1/principals/me/signing-keys", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["key_id"].as_str().unwrap().to_string();
+    (pair, id)
+}
+
 /// The app with an admin, whose key is returned.
 fn with_admin(app: &TestApp) -> String {
     app.admin()
@@ -92,15 +102,7 @@ fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() 
     assert_eq!(app.get("/v1/datasets", Some(&buyer)).status, 401);
     let buyer = rotated.json()["key"].as_str().unwrap().to_string();
     // ... registers a signing key, discovers and previews.
-    let pair = keypair();
-    let r = post(
-        &app,
-        &buyer,
-        "/v1/principals/me/signing-keys",
-        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let key_id = r.json()["key_id"].as_str().unwrap().to_string();
+    let (pair, key_id) = signing_key(&app, &buyer);
     let listing = app.get("/v1/datasets", Some(&buyer)).json();
     let commitment_of = |id: &str| {
         listing["datasets"]
@@ -338,17 +340,7 @@ fn requests_are_refused_by_the_rules_queries_obey_and_a_changed_commitment_voids
     );
     assert_eq!(backwards.code().as_deref(), Some("invalid_request"));
     // Filed and about to be signed when the owner publishes a new commitment.
-    let pair = keypair();
-    let key_id = post(
-        &app,
-        &buyer,
-        "/v1/principals/me/signing-keys",
-        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
-    )
-    .json()["key_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (pair, key_id) = signing_key(&app, &buyer);
     let filed = file(json!(["city_health"]), PURPOSE).json();
     let id = filed["id"].as_str().unwrap();
     let root = app.data_dir.join("owners/hospital");
@@ -414,17 +406,7 @@ fn important_data_abroad_needs_the_owners_cross_border_assessment_at_approval() 
         .unwrap()
         .to_string();
     let abroad = app.key("buyer:abroad").to_string();
-    let pair = keypair();
-    let key_id = post(
-        &app,
-        &abroad,
-        "/v1/principals/me/signing-keys",
-        &json!({ "public_key": b64(pair.public_key().as_ref()) }),
-    )
-    .json()["key_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (pair, key_id) = signing_key(&app, &abroad);
     let filed = post(
         &app,
         &abroad,
