@@ -50,11 +50,12 @@ struct AuditSql {
     sql: String,
 }
 
-/// SQL over usage metadata (table `usage`), never over datasets
+/// SQL over usage metadata (table `usage`) and the trade (`requests`, `decisions`, `grants`), never over datasets
 ///
-/// The session holds that one table and nothing else: one row per query
-/// entry, read from the ledger's typed rows with filters, projection and
-/// LIMIT pushed down, at most a million rows read per request.
+/// The session holds those tables and nothing else: `usage` has one row
+/// per query entry, read from the ledger's typed rows with filters,
+/// projection and LIMIT pushed down, at most a million rows read per
+/// request; the others are read from the state store.
 #[utoipa::path(post, path = "/v1/audit/sql", tag = "audit", request_body = AuditSql, responses((status = 200, description = "OK", body = Object)))]
 async fn audit_sql(
     sandbox: web::Data<Sandbox>,
@@ -81,7 +82,9 @@ async fn audit_sql(
         async move {
             let engine = &sandbox.engine;
             let statement = engine.parse(&request.sql)?;
-            let state = engine.session_with(vec![("usage".to_string(), Arc::new(table) as _)])?;
+            let mut tables = crate::app::market::supervision_tables(&sandbox)?;
+            tables.push(("usage".to_string(), Arc::new(table) as _));
+            let state = engine.session_with(tables)?;
             let plan = engine.plan(&state, statement).await?;
             let (batches, physical) = engine
                 .execute(&state, &plan, sandbox.settings.limits.max_result_rows)

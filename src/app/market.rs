@@ -736,3 +736,176 @@ pub async fn rotate_key(
         .await?;
     Ok(key)
 }
+
+/// The tables auditors supervise the trade with in `/v1/audit/sql`, beside
+/// `usage`: `requests`, `decisions` (one row per dataset decided) and
+/// `grants`, read from the state store when the query is asked.
+pub fn supervision_tables(
+    sandbox: &Sandbox,
+) -> Result<
+    Vec<(
+        String,
+        std::sync::Arc<dyn datafusion::catalog::TableProvider>,
+    )>,
+    Error,
+> {
+    use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
+    use std::sync::Arc;
+    let text = |v: Vec<Option<String>>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let requests: Vec<AccessRequest> = sandbox
+        .store
+        .access_requests()?
+        .iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    let decisions: Vec<(&AccessRequest, &Decision)> = requests
+        .iter()
+        .flat_map(|r| r.decisions.iter().map(move |d| (r, d)))
+        .collect();
+    let grants = sandbox.store.all_grants()?;
+    let some = |s: &str| Some(s.to_string());
+    let count = |n: Option<u64>| n.map(|n| n as i64);
+    let tables = [
+        (
+            "requests",
+            vec![
+                ("id", text(requests.iter().map(|r| some(&r.id)).collect())),
+                (
+                    "buyer",
+                    text(requests.iter().map(|r| some(&r.buyer)).collect()),
+                ),
+                (
+                    "datasets",
+                    text(
+                        requests
+                            .iter()
+                            .map(|r| Some(r.datasets.join(",")))
+                            .collect(),
+                    ),
+                ),
+                (
+                    "purpose",
+                    text(requests.iter().map(|r| some(&r.purpose)).collect()),
+                ),
+                (
+                    "status",
+                    text(requests.iter().map(|r| some(r.status.as_str())).collect()),
+                ),
+                (
+                    "created_at",
+                    text(requests.iter().map(|r| some(&r.created_at)).collect()),
+                ),
+                (
+                    "grant",
+                    text(requests.iter().map(|r| r.grant.clone()).collect()),
+                ),
+            ],
+        ),
+        (
+            "decisions",
+            vec![
+                (
+                    "request",
+                    text(decisions.iter().map(|(r, _)| some(&r.id)).collect()),
+                ),
+                (
+                    "dataset",
+                    text(decisions.iter().map(|(_, d)| some(&d.dataset)).collect()),
+                ),
+                (
+                    "approved",
+                    Arc::new(BooleanArray::from(
+                        decisions
+                            .iter()
+                            .map(|(_, d)| d.approved)
+                            .collect::<Vec<_>>(),
+                    )) as ArrayRef,
+                ),
+                (
+                    "by",
+                    text(decisions.iter().map(|(_, d)| some(&d.by)).collect()),
+                ),
+                (
+                    "on_behalf_of",
+                    text(
+                        decisions
+                            .iter()
+                            .map(|(_, d)| d.on_behalf_of.clone())
+                            .collect(),
+                    ),
+                ),
+                (
+                    "reason",
+                    text(decisions.iter().map(|(_, d)| d.reason.clone()).collect()),
+                ),
+                (
+                    "at",
+                    text(decisions.iter().map(|(_, d)| some(&d.at)).collect()),
+                ),
+            ],
+        ),
+        (
+            "grants",
+            vec![
+                ("id", text(grants.iter().map(|g| some(&g.id)).collect())),
+                (
+                    "buyer",
+                    text(grants.iter().map(|g| some(&g.buyer)).collect()),
+                ),
+                (
+                    "datasets",
+                    text(grants.iter().map(|g| Some(g.datasets.join(","))).collect()),
+                ),
+                (
+                    "purpose",
+                    text(grants.iter().map(|g| some(&g.purpose)).collect()),
+                ),
+                (
+                    "status",
+                    text(grants.iter().map(|g| some(&g.status)).collect()),
+                ),
+                (
+                    "created_at",
+                    text(grants.iter().map(|g| some(&g.created_at)).collect()),
+                ),
+                (
+                    "expires_at",
+                    text(grants.iter().map(|g| g.expires_at.clone()).collect()),
+                ),
+                (
+                    "queries_per_day",
+                    Arc::new(Int64Array::from(
+                        grants
+                            .iter()
+                            .map(|g| count(g.queries_per_day))
+                            .collect::<Vec<_>>(),
+                    )) as ArrayRef,
+                ),
+                (
+                    "epsilon",
+                    Arc::new(Float64Array::from(
+                        grants.iter().map(|g| g.epsilon).collect::<Vec<_>>(),
+                    )) as ArrayRef,
+                ),
+                (
+                    "cross_border_assessment",
+                    text(
+                        grants
+                            .iter()
+                            .map(|g| g.cross_border_assessment.clone())
+                            .collect(),
+                    ),
+                ),
+            ],
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, columns) in tables {
+        let batch = datafusion::arrow::record_batch::RecordBatch::try_from_iter(columns)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let table = datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]])
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        out.push((name.to_string(), Arc::new(table) as _));
+    }
+    Ok(out)
+}

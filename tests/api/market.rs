@@ -286,6 +286,42 @@ fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() 
     );
     assert_eq!(revoked.status, 200, "{}", revoked.text());
     assert_eq!(app.ask(&buyer, sql).code().as_deref(), Some("no_grant"));
+    // Auditors supervise the trade in SQL: requests, decisions, grants.
+    let audit = |sql: &str| {
+        let r = post(
+            &app,
+            app.key("auditor:cac"),
+            "/v1/audit/sql",
+            &json!({ "sql": sql }),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["rows"].clone()
+    };
+    assert_eq!(
+        audit("SELECT status, COUNT(*) FROM requests GROUP BY status ORDER BY status"),
+        json!([["approved", 1], ["awaiting_signature", 1]])
+    );
+    assert_eq!(
+        audit("SELECT dataset, by, on_behalf_of FROM decisions ORDER BY at, dataset"),
+        json!([
+            ["city_health", "owner:hospital", null],
+            ["power_grid", "owner:opco", "grid_operator"]
+        ])
+    );
+    assert_eq!(
+        audit(&format!(
+            "SELECT status, queries_per_day FROM grants WHERE id = '{grant}'"
+        )),
+        json!([["revoked", 50]])
+    );
+    // Buyers do not.
+    let r = post(
+        &app,
+        &buyer,
+        "/v1/audit/sql",
+        &json!({ "sql": "SELECT * FROM requests" }),
+    );
+    assert_eq!(r.status, 403);
     // Parties see the request; others do not.
     assert_eq!(
         app.get(&format!("/v1/access-requests/{id}"), Some(&grid))
