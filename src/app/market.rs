@@ -737,18 +737,16 @@ pub async fn rotate_key(
     Ok(key)
 }
 
+/// A table as a session registers it.
+pub type NamedTable = (
+    String,
+    std::sync::Arc<dyn datafusion::catalog::TableProvider>,
+);
+
 /// The tables auditors supervise the trade with in `/v1/audit/sql`, beside
 /// `usage`: `requests`, `decisions` (one row per dataset decided) and
 /// `grants`, read from the state store when the query is asked.
-pub fn supervision_tables(
-    sandbox: &Sandbox,
-) -> Result<
-    Vec<(
-        String,
-        std::sync::Arc<dyn datafusion::catalog::TableProvider>,
-    )>,
-    Error,
-> {
+pub fn supervision_tables(sandbox: &Sandbox) -> Result<Vec<NamedTable>, Error> {
     use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
     use std::sync::Arc;
     let text = |v: Vec<Option<String>>| Arc::new(StringArray::from(v)) as ArrayRef;
