@@ -41,7 +41,8 @@ fn one() -> i64 {
 }
 
 impl Domain {
-    fn len(&self) -> u64 {
+    /// How many values the domain holds.
+    pub fn values(&self) -> u64 {
         match self {
             Domain::Values(v) => v.len() as u64,
             Domain::Range { min, max, step } if *step > 0 && min <= max => {
@@ -74,7 +75,7 @@ impl Domain {
                 return Some("a domain lists a value twice".into());
             }
         }
-        match self.len() {
+        match self.values() {
             0 => Some("a domain must hold at least one value".into()),
             n if n > MAX_DOMAIN_VALUES as u64 => Some(format!(
                 "a domain holds at most {MAX_DOMAIN_VALUES} values; this one has {n}"

@@ -397,7 +397,11 @@ impl Exact {
                     "class": spec.class,
                     "type": dataset.data_type(&spec.name).map(|t| t.to_string()),
                     "null_share": share(release(f.nulls, rows_unit), rows),
-                    "distinct": f.distinct.map(|d| release(d, sensitivity).round()),
+                    // A declared domain bounds the count (post-processing: free).
+                    "distinct": f.distinct.map(|d| {
+                        let most = spec.domain.as_ref().map_or(f64::INFINITY, |dom| dom.values() as f64);
+                        release(d, sensitivity).round().min(most)
+                    }),
                     "bounds": spec.bounds,
                     "outside_bounds_share": f.outside.map(|o| share(release(o, rows_unit), rows)),
                 })
