@@ -714,4 +714,12 @@ impl Store {
     pub fn access_request(&self, id: &str) -> Result<Option<String>, StoreError> {
         access_request(&self.conn(), id)
     }
+
+    pub fn signing_key(
+        &self,
+        principal: &str,
+        key_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        signing_key(&self.conn(), principal, key_id)
+    }
 }

@@ -33,7 +33,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/datasets/{id}/operators/{principal}",
             web::delete().to(undelegate),
         )
-        .route("/grants/{id}/revoke", web::post().to(revoke_grant));
+        .route("/grants/{id}/revoke", web::post().to(revoke_grant))
+        .route("/evidence/{query_id}", web::get().to(evidence));
 }
 
 /// A JSON body of type `T`; a malformed one is `invalid_request`.
@@ -251,4 +252,15 @@ async fn revoke_grant(
 ) -> Result<HttpResponse, ApiError> {
     market::revoke_grant(&sandbox, &who.0, &id).await?;
     Ok(HttpResponse::Ok().json(json!({ "grant": id.as_str(), "status": "revoked" })))
+}
+
+/// Dispute evidence of an answered query, checkable offline (`frostglass verify --evidence`)
+#[utoipa::path(get, path = "/v1/evidence/{query_id}", tag = "market", params(("query_id" = String, Path, description = "An answered query")), responses((status = 200, description = "OK", body = Object)))]
+async fn evidence(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    query_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let bundle = market::evidence(&sandbox, &who.0, &query_id).await?;
+    Ok(HttpResponse::Ok().json(bundle))
 }

@@ -42,6 +42,7 @@ use utoipa::OpenApi;
         super::market::approve,
         super::market::reject,
         super::market::revoke_grant,
+        super::market::evidence,
         super::post_query,
         super::list_grants,
         super::usage::usage,

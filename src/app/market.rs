@@ -907,3 +907,100 @@ pub fn supervision_tables(sandbox: &Sandbox) -> Result<Vec<NamedTable>, Error> {
     }
     Ok(out)
 }
+
+/// The dispute evidence of an answered query, for the buyer who asked, the
+/// owners of the datasets it read, auditors and admins (anyone else: not
+/// found). See `ledger::evidence`.
+pub async fn evidence(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    query_id: &str,
+) -> Result<crate::ledger::evidence::Bundle, Error> {
+    use crate::ledger::event::Entry;
+    let missing = || Error::NotFound(format!("no answered query '{query_id}' you may see"));
+    let entry_at = |index: u64| -> Result<(u64, String), Error> {
+        let (i, body, _) = sandbox
+            .ledger
+            .entries(index, 1)?
+            .pop()
+            .ok_or_else(|| Error::Internal(format!("entry {index} vanished")))?;
+        Ok((i, body))
+    };
+    let keyed = |key: String| -> Result<Vec<(u64, String)>, Error> {
+        sandbox
+            .ledger
+            .entries_by_key(&key)?
+            .into_iter()
+            .map(entry_at)
+            .collect()
+    };
+    let query_entry = keyed(format!("query:{query_id}"))?
+        .pop()
+        .ok_or_else(missing)?;
+    let LedgerEvent::Query(query) = Entry::decode(&query_entry.1)
+        .map_err(Error::Internal)?
+        .event
+    else {
+        return Err(missing());
+    };
+    let catalog = sandbox.catalog.current();
+    let owns_one = query.datasets.iter().any(|d| {
+        catalog
+            .get(d)
+            .is_some_and(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
+    });
+    let allowed = match principal.role {
+        Role::Buyer => query.principal == principal.id,
+        Role::Owner => owns_one,
+        Role::Auditor | Role::Admin => true,
+    };
+    let grant = query.grant.clone().ok_or_else(missing)?;
+    if !allowed || query.decision != crate::ledger::event::Decision::Answered {
+        return Err(missing());
+    }
+    let mut entries = vec![query_entry];
+    entries.extend(keyed(format!("grant:{grant}"))?);
+    let request = visible_requests(
+        sandbox,
+        &Principal {
+            role: Role::Auditor,
+            ..principal.clone()
+        },
+    )?
+    .into_iter()
+    .find(|r| r.grant.as_deref() == Some(grant.as_str()));
+    let mut commitment = None;
+    if let Some(r) = &request
+        && let Some(sig) = &r.signature
+    {
+        entries.extend(keyed(format!("request:{}", r.id))?);
+        entries.extend(keyed(format!("signing_key:{}", sig.key_id))?);
+        let public_key = sandbox.store.signing_key(&r.buyer, &sig.key_id)?;
+        commitment = Some(crate::ledger::evidence::Commitment {
+            to_sign: r.to_sign.clone(),
+            public_key: b64(&public_key.unwrap_or_default()),
+            signature: sig.signature.clone(),
+        });
+    }
+    let head = sandbox.ledger.head().await?;
+    let entries = entries
+        .into_iter()
+        .map(|(index, body)| {
+            let proof = sandbox
+                .ledger
+                .inclusion_proof(index, head.tree_size)
+                .ok_or_else(|| Error::Internal(format!("no proof of entry {index}")))?;
+            Ok(crate::ledger::evidence::ProvenEntry {
+                index,
+                body,
+                proof: proof.iter().map(hex::encode).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(crate::ledger::evidence::Bundle {
+        query_id: query_id.to_string(),
+        head,
+        entries,
+        commitment,
+    })
+}

@@ -84,6 +84,10 @@ enum Command {
         /// A receipt (or a whole query response) to check.
         #[arg(long)]
         receipt: Option<PathBuf>,
+        /// A dispute evidence bundle (`GET /v1/evidence/{query_id}`) to check
+        /// offline against `--public-key` alone.
+        #[arg(long, requires = "public_key")]
+        evidence: Option<PathBuf>,
     },
     /// Benchmark the sandbox against plain DataFusion, side by side (build with --release).
     Bench {
@@ -339,22 +343,27 @@ fn main() -> ExitCode {
             public_key,
             state,
             receipt,
+            evidence,
         } => {
-            let source = match (url, key) {
-                (Some(url), Some(key)) => verify::Source::Remote { url, key, ca },
-                _ => verify::Source::Local(data_dir.unwrap_or_else(|| PathBuf::from("data"))),
-            };
-            match verify::run(&verify::Options {
-                source,
-                public_key,
-                state,
-                receipt,
-            }) {
-                Ok(summary) => {
-                    println!("{summary}");
-                    Ok(())
+            if let (Some(bundle), Some(key)) = (&evidence, &public_key) {
+                verify_evidence(bundle, key)
+            } else {
+                let source = match (url, key) {
+                    (Some(url), Some(key)) => verify::Source::Remote { url, key, ca },
+                    _ => verify::Source::Local(data_dir.unwrap_or_else(|| PathBuf::from("data"))),
+                };
+                match verify::run(&verify::Options {
+                    source,
+                    public_key,
+                    state,
+                    receipt,
+                }) {
+                    Ok(summary) => {
+                        println!("{summary}");
+                        Ok(())
+                    }
+                    Err(failure) => Err(failure.to_string()),
                 }
-                Err(failure) => Err(failure.to_string()),
             }
         }
     };
@@ -365,6 +374,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks a dispute evidence bundle offline against the ledger key in `key_file` (hex).
+fn verify_evidence(bundle: &Path, key_file: &Path) -> Result<(), String> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let bundle: frostglass::ledger::evidence::Bundle =
+        serde_json::from_str(&read(bundle)?).map_err(|e| format!("not an evidence bundle: {e}"))?;
+    let key =
+        hex::decode(read(key_file)?.trim()).map_err(|_| "the public key is not hex".to_string())?;
+    let summary = frostglass::ledger::evidence::verify(&bundle, &key)?;
+    println!("{summary}");
+    Ok(())
 }
 
 fn serve(

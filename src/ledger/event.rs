@@ -210,6 +210,19 @@ pub fn version_key(manifest_sha256: &str, data_sha256: Option<&str>) -> String {
 }
 
 impl LedgerEvent {
+    /// What an entry is found by when dispute evidence is assembled.
+    pub fn lookup_keys(&self) -> Vec<String> {
+        match self {
+            LedgerEvent::Query(q) => vec![format!("query:{}", q.query_id)],
+            LedgerEvent::GrantMade { grant } => vec![format!("grant:{}", grant.id)],
+            LedgerEvent::AccessRequested { request, .. }
+            | LedgerEvent::CommitmentSigned { request, .. }
+            | LedgerEvent::AccessDecided { request, .. } => vec![format!("request:{request}")],
+            LedgerEvent::SigningKeyAdded { key_id, .. } => vec![format!("signing_key:{key_id}")],
+            _ => Vec::new(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             LedgerEvent::Query(_) => "query",

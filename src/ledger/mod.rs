@@ -11,6 +11,7 @@
 
 pub mod archive;
 pub mod event;
+pub mod evidence;
 pub mod merkle;
 pub mod tables;
 pub mod usage;
@@ -872,6 +873,11 @@ impl Ledger {
     /// What a grant used today (UTC), from the roll-up the appends keep.
     pub fn used_today(&self, grant: &str) -> Result<crate::accounting::DailyUse, LedgerError> {
         tables::used_on(&self.reader(), grant, &crate::util::today())
+    }
+
+    /// The indexes of the entries filed under `key` (`LedgerEvent::lookup_keys`).
+    pub fn entries_by_key(&self, key: &str) -> Result<Vec<u64>, LedgerError> {
+        tables::entries_by_key(&self.reader(), key)
     }
 
     /// Answered queries of a grant this calendar month (UTC).

@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS rollup_budget (
     budget TEXT PRIMARY KEY,
     epsilon REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS entry_keys (
+    key TEXT NOT NULL,
+    ledger_index INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entry_keys_key ON entry_keys (key);
 CREATE TABLE IF NOT EXISTS registered_manifests (
     dataset TEXT PRIMARY KEY,
     manifest_sha256 TEXT NOT NULL
@@ -147,7 +152,7 @@ pub fn create(conn: &Connection) -> Result<(), LedgerError> {
 /// Derives every entry's columns and the roll-ups from the bodies.
 fn backfill(conn: &Connection) -> Result<(), LedgerError> {
     conn.execute_batch(
-        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests; DELETE FROM rollup_usage; DELETE FROM query_usage; DELETE FROM ledger_state WHERE key = 'query_entries';",
+        "DELETE FROM usage_epsilon; DELETE FROM rollup_daily; DELETE FROM rollup_budget; DELETE FROM registered_manifests; DELETE FROM entry_keys; DELETE FROM rollup_usage; DELETE FROM query_usage; DELETE FROM ledger_state WHERE key = 'query_entries';",
     )?;
     let bodies: Vec<(i64, String)> = conn
         .prepare("SELECT idx, body FROM usage_log ORDER BY idx")?
@@ -296,6 +301,12 @@ fn write_derived(
     entry: &Entry,
     c: &Columns,
 ) -> Result<(), LedgerError> {
+    for key in entry.event.lookup_keys() {
+        conn.run(
+            "INSERT INTO entry_keys (key, ledger_index) VALUES (?1, ?2)",
+            params![key, idx],
+        )?;
+    }
     for (budget, eps) in &c.epsilon {
         conn.run(
             "INSERT INTO usage_epsilon (idx, budget, epsilon) VALUES (?1, ?2, ?3)",
@@ -604,4 +615,15 @@ pub fn rollups(conn: &Connection) -> Result<(DailyRollups, BudgetRollups), Ledge
         budgets.insert(r.get(0)?, r.get(1)?);
     }
     Ok((daily, budgets))
+}
+
+/// The indexes of the entries filed under `key` (see `LedgerEvent::lookup_keys`), in order.
+pub fn entries_by_key(conn: &Connection, key: &str) -> Result<Vec<u64>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ledger_index FROM entry_keys WHERE key = ?1 ORDER BY ledger_index",
+    )?;
+    let rows = stmt.query_map([key], |r| r.get::<_, i64>(0))?;
+    Ok(rows
+        .map(|r| r.map(|i| i.max(0) as u64))
+        .collect::<Result<Vec<_>, _>>()?)
 }

@@ -277,7 +277,10 @@ fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() 
     assert_eq!(made["expires_at"], "2030-01-01T00:00:00Z");
     // The buyer queries under it; after revocation the next query is refused.
     let sql = json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" });
-    assert_eq!(app.ask(&buyer, sql.clone()).status, 200);
+    let answered = app.ask(&buyer, sql.clone());
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    let query_id = answered.json()["query_id"].as_str().unwrap().to_string();
+    check_evidence(&app, &buyer, &query_id);
     let revoked = post(
         &app,
         app.key("owner:hospital"),
@@ -488,4 +491,97 @@ fn important_data_abroad_needs_the_owners_cross_border_assessment_at_approval() 
         .find(|g| g["grant"]["id"] == with.json()["grant"])
         .unwrap();
     assert_eq!(made["grant"]["cross_border_assessment"], "CBA-2026-17");
+}
+
+/// The dispute bundle of `query_id`: who may fetch it, that it verifies
+/// offline with the ledger key alone, and that changing any field is caught.
+fn check_evidence(app: &TestApp, buyer: &str, query_id: &str) {
+    let path = format!("/v1/evidence/{query_id}");
+    assert_eq!(app.get(&path, Some(app.key("buyer:other"))).status, 404);
+    assert_eq!(app.get(&path, Some(app.key("owner:hospital"))).status, 200);
+    let bundle = app.get(&path, Some(buyer));
+    assert_eq!(bundle.status, 200, "{}", bundle.text());
+    let bundle = bundle.json();
+    let key = app
+        .get("/v1/audit/public-key", Some(app.key("auditor:cac")))
+        .json()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("ledger.pub");
+    std::fs::write(&key_file, &key).unwrap();
+    let verify = |b: &Value| {
+        let file = dir.path().join("bundle.json");
+        std::fs::write(&file, b.to_string()).unwrap();
+        crate::helpers::cli(&[
+            "verify",
+            "--evidence",
+            file.to_str().unwrap(),
+            "--public-key",
+            key_file.to_str().unwrap(),
+        ])
+    };
+    let (ok, out, err) = verify(&bundle);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("signed by the buyer and approved by every owner"),
+        "{out}"
+    );
+    // Every field matters.
+    let flip = |s: &str| {
+        let mut chars: Vec<char> = s.chars().collect();
+        let i = chars.len() / 2;
+        chars[i] = if chars[i] == '0' { '1' } else { '0' };
+        chars.into_iter().collect::<String>()
+    };
+    let n = bundle["entries"].as_array().unwrap().len();
+    let mut tampered: Vec<(String, Value)> = Vec::new();
+    for i in 0..n {
+        let mut b = bundle.clone();
+        let body = b["entries"][i]["body"]
+            .as_str()
+            .unwrap()
+            .replace("\"at\":\"20", "\"at\":\"19");
+        b["entries"][i]["body"] = json!(body);
+        tampered.push((format!("entry {i} body"), b));
+        if bundle["entries"][i]["proof"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+        {
+            let mut b = bundle.clone();
+            b["entries"][i]["proof"][0] =
+                json!(flip(b["entries"][i]["proof"][0].as_str().unwrap()));
+            tampered.push((format!("entry {i} proof"), b));
+        }
+        let mut b = bundle.clone();
+        b["entries"][i]["index"] = json!(b["entries"][i]["index"].as_u64().unwrap() + 1);
+        tampered.push((format!("entry {i} index"), b));
+        let mut b = bundle.clone();
+        b["entries"].as_array_mut().unwrap().remove(i);
+        tampered.push((format!("entry {i} left out"), b));
+    }
+    for field in ["signature", "root_hash"] {
+        let mut b = bundle.clone();
+        b["head"][field] = json!(flip(b["head"][field].as_str().unwrap()));
+        tampered.push((format!("head {field}"), b));
+    }
+    let mut b = bundle.clone();
+    b["head"]["tree_size"] = json!(b["head"]["tree_size"].as_u64().unwrap() + 1);
+    tampered.push(("head tree_size".into(), b));
+    for field in ["to_sign", "signature", "public_key"] {
+        let mut b = bundle.clone();
+        let raw = unb64(b["commitment"][field].as_str().unwrap());
+        let mut changed = raw.clone();
+        changed[raw.len() / 2] ^= 1;
+        b["commitment"][field] = json!(b64(&changed));
+        tampered.push((format!("commitment {field}"), b));
+    }
+    let mut b = bundle.clone();
+    b["query_id"] = json!("q_0000000000000000");
+    tampered.push(("query id".into(), b));
+    for (what, b) in tampered {
+        let (ok, out, _) = verify(&b);
+        assert!(!ok, "{what} was not caught: {out}");
+    }
 }
