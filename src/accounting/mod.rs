@@ -26,6 +26,9 @@ pub struct Usage {
     pub epsilon: f64,
     pub charge: String,
     pub currency: Option<String>,
+    /// The charge per dataset read (settled to its owner).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub charges: std::collections::BTreeMap<String, String>,
 }
 
 /// Parses a non-negative decimal with up to six fractional digits into millionths.

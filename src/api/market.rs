@@ -34,7 +34,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::delete().to(undelegate),
         )
         .route("/grants/{id}/revoke", web::post().to(revoke_grant))
-        .route("/evidence/{query_id}", web::get().to(evidence));
+        .route("/evidence/{query_id}", web::get().to(evidence))
+        .route("/settlements", web::get().to(settlement));
 }
 
 /// A JSON body of type `T`; a malformed one is `invalid_request`.
@@ -263,4 +264,25 @@ async fn evidence(
 ) -> Result<HttpResponse, ApiError> {
     let bundle = market::evidence(&sandbox, &who.0, &query_id).await?;
     Ok(HttpResponse::Ok().json(bundle))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Period {
+    /// The calendar month, `YYYY-MM`.
+    #[param(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$")]
+    period: String,
+}
+
+/// A month's settlement, signed by the ledger key (`frostglass verify --settlement`)
+///
+/// Auditors see every line, owners their organisation's, buyers their own.
+#[utoipa::path(get, path = "/v1/settlements", tag = "market", params(Period), responses((status = 200, description = "OK", body = Object)))]
+async fn settlement(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    params: web::Query<Period>,
+) -> Result<HttpResponse, ApiError> {
+    let statement = market::settlement(&sandbox, &who.0, &params.period).await?;
+    Ok(HttpResponse::Ok().json(statement))
 }

@@ -76,6 +76,7 @@ pub const ROUTES: &[(&str, &str, &[Role])] = &[
     ("POST", "/v1/access-requests/{id}/reject", OWNERS),
     ("POST", "/v1/grants/{id}/revoke", OWNERS_AND_ADMINS),
     ("GET", "/v1/evidence/{query_id}", ANY_ROLE),
+    ("GET", "/v1/settlements", ANY_ROLE),
     ("POST", "/v1/queries", BUYERS),
     ("GET", "/v1/grants", ANY_ROLE),
     ("GET", "/v1/usage", ANY_ROLE),

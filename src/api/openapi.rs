@@ -43,6 +43,7 @@ use utoipa::OpenApi;
         super::market::reject,
         super::market::revoke_grant,
         super::market::evidence,
+        super::market::settlement,
         super::post_query,
         super::list_grants,
         super::usage::usage,

@@ -1004,3 +1004,43 @@ pub async fn evidence(
         commitment,
     })
 }
+
+/// The signed settlement of `period` (`YYYY-MM`) as `principal` may see it:
+/// auditors and admins every line, owners their organisation's, buyers
+/// their own. Computed from the ledger's entries up to a fresh signed head.
+pub async fn settlement(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    period: &str,
+) -> Result<crate::ledger::settlement::Statement, Error> {
+    use crate::ledger::settlement::{self, Scope};
+    if !settlement::valid_period(period) {
+        return Err(Error::InvalidRequest("period must be YYYY-MM".into()));
+    }
+    let scope = match principal.role {
+        Role::Auditor | Role::Admin => Scope::All,
+        Role::Owner => Scope::Owner(principal.org.clone().unwrap_or_default()),
+        Role::Buyer => Scope::Buyer(principal.id.clone()),
+    };
+    let head = sandbox.ledger.head().await?;
+    let bodies = ledger_bodies(sandbox, head.tree_size)?;
+    let statement = settlement::compute(period, scope, &bodies).map_err(Error::Internal)?;
+    Ok(sandbox.ledger.sign_statement(statement).await?)
+}
+
+/// The bodies of the ledger's first `size` entries.
+fn ledger_bodies(sandbox: &Sandbox, size: u64) -> Result<Vec<String>, Error> {
+    const CHUNK: u64 = 10_000;
+    let mut bodies = Vec::with_capacity(size as usize);
+    while (bodies.len() as u64) < size {
+        let from = bodies.len() as u64;
+        let chunk = sandbox.ledger.entries(from, CHUNK.min(size - from))?;
+        if chunk.is_empty() {
+            return Err(Error::Internal(format!(
+                "the ledger ends at {from}, not {size}"
+            )));
+        }
+        bodies.extend(chunk.into_iter().map(|(_, body, _)| body));
+    }
+    Ok(bodies)
+}

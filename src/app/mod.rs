@@ -183,6 +183,7 @@ async fn record_registrations(ledger: &Ledger, catalog: &Catalog) -> Result<(), 
             data_sha256: Some(d.data_sha256.clone()),
             version: None,
             by: None,
+            pricing: d.manifest.pricing.clone(),
         };
         ledger.append(NewEntry::event(event)).await?;
     }

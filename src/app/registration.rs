@@ -144,6 +144,7 @@ async fn evaluate(
         data_sha256: Some(dataset.data_sha256.clone()),
         version: None,
         by: None,
+        pricing: m.pricing.clone(),
     };
     let owner = m.owner.clone();
     let budget = format!("dataset:{id}");

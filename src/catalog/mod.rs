@@ -188,7 +188,7 @@ pub struct ReleaseRules {
 }
 
 /// What a buyer pays: amounts are decimal strings in `currency`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pricing {
     pub currency: String,
     pub per_query: String,

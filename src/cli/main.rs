@@ -88,6 +88,10 @@ enum Command {
         /// offline against `--public-key` alone.
         #[arg(long, requires = "public_key")]
         evidence: Option<PathBuf>,
+        /// A settlement statement (`GET /v1/settlements`) to recompute from
+        /// the ledger in `--data-dir` and check against `--public-key`.
+        #[arg(long, requires = "public_key", conflicts_with = "evidence")]
+        settlement: Option<PathBuf>,
     },
     /// Benchmark the sandbox against plain DataFusion, side by side (build with --release).
     Bench {
@@ -344,9 +348,13 @@ fn main() -> ExitCode {
             state,
             receipt,
             evidence,
+            settlement,
         } => {
             if let (Some(bundle), Some(key)) = (&evidence, &public_key) {
                 verify_evidence(bundle, key)
+            } else if let (Some(statement), Some(key)) = (&settlement, &public_key) {
+                let dir = data_dir.unwrap_or_else(|| PathBuf::from("data"));
+                verify_settlement(statement, &dir, key)
             } else {
                 let source = match (url, key) {
                     (Some(url), Some(key)) => verify::Source::Remote { url, key, ca },
@@ -386,6 +394,28 @@ fn verify_evidence(bundle: &Path, key_file: &Path) -> Result<(), String> {
     let key =
         hex::decode(read(key_file)?.trim()).map_err(|_| "the public key is not hex".to_string())?;
     let summary = frostglass::ledger::evidence::verify(&bundle, &key)?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// Recomputes a settlement statement from the ledger in `data_dir` and
+/// checks its signature against the ledger key in `key_file` (hex).
+fn verify_settlement(statement: &Path, data_dir: &Path, key_file: &Path) -> Result<(), String> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let statement: frostglass::ledger::settlement::Statement =
+        serde_json::from_str(&read(statement)?)
+            .map_err(|e| format!("not a settlement statement: {e}"))?;
+    let key =
+        hex::decode(read(key_file)?.trim()).map_err(|_| "the public key is not hex".to_string())?;
+    let conn = frostglass::ledger::open_connection(data_dir).map_err(|e| e.to_string())?;
+    let bodies: Vec<String> = frostglass::ledger::tables::entries(&conn, 0, statement.tree_size)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(_, body, _)| body)
+        .collect();
+    let summary = frostglass::ledger::settlement::verify(&statement, &bodies, &key)?;
     println!("{summary}");
     Ok(())
 }

@@ -41,6 +41,9 @@ pub enum LedgerEvent {
         version: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
+        /// The version's price list: what settlements charge by.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pricing: Option<crate::catalog::Pricing>,
     },
     /// An owner withdrew a dataset: new queries are refused, the grants on it ended.
     DatasetWithdrawn {

@@ -13,6 +13,7 @@ pub mod archive;
 pub mod event;
 pub mod evidence;
 pub mod merkle;
+pub mod settlement;
 pub mod tables;
 pub mod usage;
 pub mod usage_table;
@@ -140,6 +141,12 @@ impl Signer {
 
     pub fn public_key(&self) -> &[u8] {
         self.key_pair.public_key().as_ref()
+    }
+
+    /// Signs a settlement statement (its message has its own header, so it
+    /// can never be taken for a head).
+    pub fn sign_statement(&self, statement: &settlement::Statement) -> String {
+        hex::encode(self.key_pair.sign(&statement.message()).as_ref())
     }
 
     pub fn sign_head(&self, tree_size: u64, root: &Hash) -> SignedHead {
@@ -873,6 +880,19 @@ impl Ledger {
     /// What a grant used today (UTC), from the roll-up the appends keep.
     pub fn used_today(&self, grant: &str) -> Result<crate::accounting::DailyUse, LedgerError> {
         tables::used_on(&self.reader(), grant, &crate::util::today())
+    }
+
+    /// Signs `statement` with the ledger key (on the ledger thread, which holds it).
+    pub async fn sign_statement(
+        &self,
+        mut statement: settlement::Statement,
+    ) -> Result<settlement::Statement, LedgerError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Run(Box::new(move |writer: &mut Writer| {
+            statement.signature = writer.signer.sign_statement(&statement);
+            let _ = reply.send(statement);
+        })))?;
+        rx.await.map_err(|_| LedgerError::Stopped)
     }
 
     /// The indexes of the entries filed under `key` (`LedgerEvent::lookup_keys`).

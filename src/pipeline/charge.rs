@@ -137,7 +137,7 @@ pub fn estimate(
 ) -> Usage {
     let rows_scanned = scanned.iter().map(|d| d.num_rows).sum();
     let bytes_scanned = scanned.iter().map(|d| d.num_bytes).sum();
-    let mut charge = 0i128;
+    let mut by_dataset: BTreeMap<String, i128> = BTreeMap::new();
     let mut currency = None;
     let mut priced_epsilon = std::collections::BTreeSet::new();
     for d in scanned {
@@ -145,10 +145,11 @@ pub fn estimate(
             continue;
         };
         currency.get_or_insert_with(|| pricing.currency.clone());
+        let owed = by_dataset.entry(d.id().to_string()).or_default();
         if in_free_tier(d) {
             continue;
         }
-        charge += accounting::price(
+        *owed += accounting::price(
             &pricing.per_query,
             &pricing.per_million_rows_scanned,
             d.num_rows,
@@ -158,14 +159,20 @@ pub fn estimate(
         if let (Some(rate), Some(eps)) = (&pricing.per_epsilon, epsilon_by_dataset.get(d.id()))
             && priced_epsilon.insert(d.id().to_string())
         {
-            charge += accounting::epsilon_price(rate, *eps).unwrap_or(0);
+            *owed += accounting::epsilon_price(rate, *eps).unwrap_or(0);
         }
     }
+    let charge = by_dataset.values().sum();
+    let charges = by_dataset
+        .into_iter()
+        .map(|(d, c)| (d, accounting::format_money(c)))
+        .collect();
     Usage {
         rows_scanned,
         bytes_scanned,
         charge: accounting::format_money(charge),
         currency,
+        charges,
         ..Usage::default()
     }
 }

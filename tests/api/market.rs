@@ -281,6 +281,8 @@ fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() 
     assert_eq!(answered.status, 200, "{}", answered.text());
     let query_id = answered.json()["query_id"].as_str().unwrap().to_string();
     check_evidence(&app, &buyer, &query_id);
+    let charge = answered.json()["usage"]["charges"]["city_health"].clone();
+    check_settlement(&app, &buyer, &grant, &charge);
     let revoked = post(
         &app,
         app.key("owner:hospital"),
@@ -581,6 +583,110 @@ fn check_evidence(app: &TestApp, buyer: &str, query_id: &str) {
     b["query_id"] = json!("q_0000000000000000");
     tampered.push(("query id".into(), b));
     for (what, b) in tampered {
+        let (ok, out, _) = verify(&b);
+        assert!(!ok, "{what} was not caught: {out}");
+    }
+}
+
+/// This month's settlement: the grant's line holds city_health's monthly fee
+/// and the query's metered charge; buyers see only their own lines; the
+/// statement verifies against the ledger and its key, and not when changed.
+fn check_settlement(app: &TestApp, buyer: &str, grant: &str, charge: &Value) {
+    let period = &frostglass::util::today()[..7];
+    let path = format!("/v1/settlements?period={period}");
+    let all = app.get(&path, Some(app.key("auditor:cac")));
+    assert_eq!(all.status, 200, "{}", all.text());
+    let all = all.json();
+    let line = all["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["grant"] == grant && l["owner"] == "hospital")
+        .unwrap_or_else(|| panic!("no line for {grant}: {all}"))
+        .clone();
+    assert_eq!(line["subscription"], "300.00");
+    assert_eq!(&line["metered"], charge);
+    let hospital: i128 = all["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["owner"] == "hospital")
+        .map(|l| frostglass::accounting::parse_money(l["total"].as_str().unwrap()).unwrap())
+        .sum();
+    assert_eq!(
+        all["owners"]["hospital"],
+        frostglass::accounting::format_money(hospital)
+    );
+    let mine = app.get(&path, Some(buyer)).json();
+    assert!(
+        mine["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["buyer"] == "buyer:newco"),
+        "{mine}"
+    );
+    assert_eq!(
+        app.get("/v1/settlements?period=2026-13", Some(buyer))
+            .status,
+        400
+    );
+    // Offline: recomputed from the ledger, checked against its key.
+    let key = app
+        .get("/v1/audit/public-key", Some(app.key("auditor:cac")))
+        .json()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("ledger.pub");
+    std::fs::write(&key_file, &key).unwrap();
+    let verify = |statement: &Value| {
+        let file = dir.path().join("statement.json");
+        std::fs::write(&file, statement.to_string()).unwrap();
+        crate::helpers::cli(&[
+            "verify",
+            "--settlement",
+            file.to_str().unwrap(),
+            "--data-dir",
+            app.data_dir.to_str().unwrap(),
+            "--public-key",
+            key_file.to_str().unwrap(),
+        ])
+    };
+    let (ok, out, err) = verify(&all);
+    assert!(ok, "{out}{err}");
+    let i = all["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|l| l["grant"] == grant)
+        .unwrap();
+    let mut changes: Vec<(&str, Value)> = Vec::new();
+    let mut b = all.clone();
+    b["lines"][i]["metered"] = json!("0.01");
+    changes.push(("a line's charge", b));
+    let mut b = all.clone();
+    b["total"] = json!("0.00");
+    changes.push(("the total", b));
+    let mut b = all.clone();
+    b["period"] = json!("2020-01");
+    changes.push(("the period", b));
+    let mut b = all.clone();
+    b["lines"].as_array_mut().unwrap().remove(i);
+    changes.push(("a line left out", b));
+    let mut b = all.clone();
+    let sig = b["signature"].as_str().unwrap().to_string();
+    b["signature"] = json!(format!(
+        "{}{}",
+        if sig.starts_with('0') { "1" } else { "0" },
+        &sig[1..]
+    ));
+    changes.push(("the signature", b));
+    let mut b = all.clone();
+    b["tree_size"] = json!(b["tree_size"].as_u64().unwrap() - 1);
+    changes.push(("the ledger prefix", b));
+    for (what, b) in changes {
         let (ok, out, _) = verify(&b);
         assert!(!ok, "{what} was not caught: {out}");
     }
