@@ -184,6 +184,15 @@ CREATE TABLE IF NOT EXISTS access_requests (
     grant_id TEXT,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS held_answers (
+    query_id TEXT PRIMARY KEY,
+    buyer TEXT NOT NULL,
+    owners TEXT NOT NULL,
+    status TEXT NOT NULL,
+    nonce BLOB,
+    sealed BLOB,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quality_cards (
     dataset TEXT NOT NULL,
     version TEXT NOT NULL,
@@ -721,5 +730,89 @@ impl Store {
         key_id: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         signing_key(&self.conn(), principal, key_id)
+    }
+}
+
+/// A released answer held for its owners' review, sealed (see `app::review`).
+#[derive(Debug, Clone)]
+pub struct HeldAnswer {
+    pub query_id: String,
+    pub buyer: String,
+    pub owners: Vec<String>,
+    /// `held`, `approved` or `rejected` (then the sealed answer is gone).
+    pub status: String,
+    pub nonce: Option<Vec<u8>>,
+    pub sealed: Option<Vec<u8>>,
+}
+
+pub fn hold_answer(conn: &Connection, h: &HeldAnswer) -> Result<(), StoreError> {
+    conn.run(
+        "INSERT INTO held_answers (query_id, buyer, owners, status, nonce, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            h.query_id,
+            h.buyer,
+            serde_json::to_string(&h.owners).unwrap_or_default(),
+            h.status,
+            h.nonce,
+            h.sealed,
+            now_rfc3339()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Settles a held answer; a rejection destroys the sealed bytes.
+pub fn review_answer(conn: &Connection, query_id: &str, approved: bool) -> Result<(), StoreError> {
+    let changed = if approved {
+        conn.run(
+            "UPDATE held_answers SET status = 'approved' WHERE query_id = ?1 AND status = 'held'",
+            [query_id],
+        )?
+    } else {
+        conn.run(
+            "UPDATE held_answers SET status = 'rejected', nonce = NULL, sealed = NULL WHERE query_id = ?1 AND status = 'held'",
+            [query_id],
+        )?
+    };
+    if changed == 0 {
+        return Err(StoreError::Conflict(format!(
+            "no answer '{query_id}' waits for review"
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    pub fn held_answer(&self, query_id: &str) -> Result<Option<HeldAnswer>, StoreError> {
+        Ok(self
+            .held_answers("WHERE query_id = ?1", &[&query_id])?
+            .pop())
+    }
+
+    pub fn held_answers_waiting(&self) -> Result<Vec<HeldAnswer>, StoreError> {
+        self.held_answers("WHERE status = 'held'", &[])
+    }
+
+    fn held_answers(
+        &self,
+        condition: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<HeldAnswer>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT query_id, buyer, owners, status, nonce, sealed FROM held_answers {condition} ORDER BY created_at"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
+            let owners: String = r.get(2)?;
+            Ok(HeldAnswer {
+                query_id: r.get(0)?,
+                buyer: r.get(1)?,
+                owners: serde_json::from_str(&owners).unwrap_or_default(),
+                status: r.get(3)?,
+                nonce: r.get(4)?,
+                sealed: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }

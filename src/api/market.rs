@@ -6,6 +6,7 @@ use super::error::ApiError;
 use super::{Authenticated, auth};
 use crate::app::Sandbox;
 use crate::app::market::{self, Approval, NewRequest};
+use crate::app::review;
 use crate::store::{Principal, Role};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -35,7 +36,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/grants/{id}/revoke", web::post().to(revoke_grant))
         .route("/evidence/{query_id}", web::get().to(evidence))
-        .route("/settlements", web::get().to(settlement));
+        .route("/settlements", web::get().to(settlement))
+        .route("/queries/{query_id}", web::get().to(held_query))
+        .route("/reviews", web::get().to(reviews))
+        .route(
+            "/reviews/{query_id}/approve",
+            web::post().to(approve_answer),
+        )
+        .route("/reviews/{query_id}/reject", web::post().to(reject_answer));
 }
 
 /// A JSON body of type `T`; a malformed one is `invalid_request`.
@@ -285,4 +293,45 @@ async fn settlement(
 ) -> Result<HttpResponse, ApiError> {
     let statement = market::settlement(&sandbox, &who.0, &params.period).await?;
     Ok(HttpResponse::Ok().json(statement))
+}
+
+/// A held answer: its review status, or the answer once an owner approved it
+#[utoipa::path(get, path = "/v1/queries/{query_id}", tag = "queries", params(("query_id" = String, Path, description = "A query answered with 202")), responses((status = 200, description = "OK", body = Object)))]
+async fn held_query(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    query_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(review::fetch(&sandbox, &who.0, &query_id)?))
+}
+
+/// Answers waiting for the caller's review: the released aggregate, never a row
+#[utoipa::path(get, path = "/v1/reviews", tag = "market", responses((status = 200, description = "OK", body = Object)))]
+async fn reviews(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(json!({ "waiting": review::waiting(&sandbox, &who.0)? })))
+}
+
+/// Release a held answer to its buyer
+#[utoipa::path(post, path = "/v1/reviews/{query_id}/approve", tag = "market", params(("query_id" = String, Path, description = "A held answer")), responses((status = 200, description = "OK", body = Object)))]
+async fn approve_answer(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    query_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    review::review(&sandbox, &who.0, &query_id, true).await?;
+    Ok(HttpResponse::Ok().json(json!({ "query_id": query_id.as_str(), "status": "approved" })))
+}
+
+/// Reject a held answer: it is destroyed and never reaches the buyer
+#[utoipa::path(post, path = "/v1/reviews/{query_id}/reject", tag = "market", params(("query_id" = String, Path, description = "A held answer")), responses((status = 200, description = "OK", body = Object)))]
+async fn reject_answer(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    query_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    review::review(&sandbox, &who.0, &query_id, false).await?;
+    Ok(HttpResponse::Ok().json(json!({ "query_id": query_id.as_str(), "status": "rejected" })))
 }

@@ -77,6 +77,10 @@ pub const ROUTES: &[(&str, &str, &[Role])] = &[
     ("POST", "/v1/grants/{id}/revoke", OWNERS_AND_ADMINS),
     ("GET", "/v1/evidence/{query_id}", ANY_ROLE),
     ("GET", "/v1/settlements", ANY_ROLE),
+    ("GET", "/v1/queries/{query_id}", BUYERS),
+    ("GET", "/v1/reviews", OWNERS_AND_ADMINS),
+    ("POST", "/v1/reviews/{query_id}/approve", OWNERS),
+    ("POST", "/v1/reviews/{query_id}/reject", OWNERS),
     ("POST", "/v1/queries", BUYERS),
     ("GET", "/v1/grants", ANY_ROLE),
     ("GET", "/v1/usage", ANY_ROLE),
@@ -368,20 +372,15 @@ async fn post_query(
         .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??;
     let answer = match outcome {
         Outcome::DryRun(outline) => return Ok(HttpResponse::Ok().json(outline)),
+        Outcome::Held(query_id) => {
+            return Ok(HttpResponse::Accepted()
+                .insert_header(("Location", format!("/v1/queries/{query_id}")))
+                .json(json!({ "query_id": query_id, "status": "held" })));
+        }
         Outcome::Answer(a) => a,
     };
     match format {
-        Format::Json => Ok(HttpResponse::Ok().json(json!({
-            "query_id": answer.query_id,
-            "grant": answer.grant,
-            "purpose": answer.purpose,
-            "columns": format::columns(&answer.schema),
-            "rows": answer.rows,
-            "release": answer.release,
-            "usage": answer.usage,
-            "budget": answer.budget,
-            "receipt": answer.receipt,
-        }))),
+        Format::Json => Ok(HttpResponse::Ok().json(answer.document())),
         Format::Csv | Format::Arrow => {
             let (content_type, bytes) = match format {
                 Format::Csv => ("text/csv; charset=utf-8", format::csv(&answer.batches)?),

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod market;
 pub mod registration;
+pub mod review;
 
 use crate::catalog::Catalog;
 use crate::catalog::registry::Registry;
@@ -35,6 +36,8 @@ pub struct Sandbox {
     /// priority, so counting and summarising a new dataset takes what
     /// queries leave and never a query's place.
     pub registrations: QueryRuntime,
+    /// Seals answers held for owners' review.
+    pub vault: review::Vault,
 }
 
 /// The runtime queries execute on: its own threads with deep stacks, so a
@@ -133,6 +136,8 @@ impl Sandbox {
         let engine = Engine::new(settings.limits.clone());
         let query_slots =
             tokio::sync::Semaphore::new(settings.limits.max_concurrent_queries.max(1));
+        let vault = review::Vault::open(&settings.data_dir)
+            .map_err(|e| StartError::Config(format!("{e:?}")))?;
         let sandbox = Sandbox {
             settings,
             catalog: Registry::new(catalog),
@@ -146,6 +151,7 @@ impl Sandbox {
             query_slots,
             runtime: QueryRuntime::new()?,
             registrations: QueryRuntime::background()?,
+            vault,
         };
         for (id, owner, reason) in unavailable {
             let _ = sandbox.catalog.begin(&id, &owner);

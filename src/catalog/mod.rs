@@ -185,6 +185,9 @@ pub struct ReleaseRules {
     pub max_groups: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpRules>,
+    /// Every answer reading the dataset waits for its owner's review.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review: bool,
 }
 
 /// What a buyer pays: amounts are decimal strings in `currency`.

@@ -83,6 +83,18 @@ pub enum LedgerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A released answer is held for review by the owners of its datasets.
+    AnswerHeld {
+        query_id: String,
+        owners: Vec<String>,
+    },
+    /// An owner approved a held answer (the buyer may fetch it) or rejected
+    /// it (its sealed bytes were destroyed).
+    AnswerReviewed {
+        query_id: String,
+        approved: bool,
+        by: String,
+    },
     /// An owner delegated (or withdrew) decisions on a dataset to an operator.
     OperatorDelegated {
         dataset: String,
@@ -243,6 +255,8 @@ impl LedgerEvent {
             LedgerEvent::CommitmentSigned { .. } => "commitment_signed",
             LedgerEvent::AccessDecided { .. } => "access_decided",
             LedgerEvent::OperatorDelegated { .. } => "operator_delegated",
+            LedgerEvent::AnswerHeld { .. } => "answer_held",
+            LedgerEvent::AnswerReviewed { .. } => "answer_reviewed",
             LedgerEvent::DatasetEvaluated { .. } => "dataset_evaluated",
             LedgerEvent::SegmentArchived { .. } => "segment_archived",
         }

@@ -79,11 +79,32 @@ pub struct Answer {
     /// The grant's privacy budget after this query.
     pub budget: Budget,
     pub receipt: Receipt,
+    /// Owners who review answers of the datasets it read (`release.review`).
+    pub review_owners: Vec<String>,
+}
+
+impl Answer {
+    /// The answer as JSON, as the buyer receives it.
+    pub fn document(&self) -> Value {
+        serde_json::json!({
+            "query_id": self.query_id,
+            "grant": self.grant,
+            "purpose": self.purpose,
+            "columns": release::encode::columns(&self.schema),
+            "rows": self.rows,
+            "release": self.release,
+            "usage": self.usage,
+            "budget": self.budget,
+            "receipt": self.receipt,
+        })
+    }
 }
 
 pub enum Outcome {
     Answer(Box<Answer>),
     DryRun(Box<outline::Outline>),
+    /// Released and recorded, but held for its owners' review (`app::review`).
+    Held(String),
 }
 
 /// A gated query with its quota and budget held.
@@ -142,7 +163,19 @@ pub async fn run(
                 &sandbox, &principal, &request, query_id, started, prepared, executed,
             )
             .await?;
-            Ok(Outcome::Answer(Box::new(answer)))
+            if answer.review_owners.is_empty() {
+                return Ok(Outcome::Answer(Box::new(answer)));
+            }
+            let owners = answer.review_owners.clone();
+            crate::app::review::hold(
+                &sandbox,
+                &principal,
+                &answer.query_id,
+                owners,
+                &answer.document(),
+            )
+            .await?;
+            Ok(Outcome::Held(answer.query_id))
         }
         Err(e) => {
             let wall_ms = started.elapsed().as_millis() as u64;
@@ -383,6 +416,14 @@ async fn finish(
             .store
             .cache_answer(&p.cache_scope, &gated.plan_sha256, &ipc, &release)?;
     }
+    let mut review_owners: Vec<String> = gated
+        .scanned
+        .iter()
+        .filter(|d| d.manifest.release.review)
+        .map(|d| d.manifest.owner.clone())
+        .collect();
+    review_owners.sort();
+    review_owners.dedup();
     let Prepared {
         gated, reservation, ..
     } = *p;
@@ -399,6 +440,7 @@ async fn finish(
         release: e.release,
         usage,
         receipt,
+        review_owners,
     })
 }
 

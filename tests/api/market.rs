@@ -691,3 +691,109 @@ fn check_settlement(app: &TestApp, buyer: &str, grant: &str, charge: &Value) {
         assert!(!ok, "{what} was not caught: {out}");
     }
 }
+
+#[test]
+fn answers_of_reviewed_data_wait_sealed_for_the_owner_and_a_rejected_one_never_arrives() {
+    let catalog = crate::helpers::catalog_with(|m| {
+        if m["id"] == "city_health" {
+            m["release"]["review"] = json!(true);
+        }
+    });
+    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
+        catalog: Some(catalog),
+        ..Default::default()
+    });
+    let ask = |sql: &str| {
+        let r = app.query(sql);
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert_eq!(r.json()["status"], "held");
+        r.json()["query_id"].as_str().unwrap().to_string()
+    };
+    let first = ask("SELECT district, COUNT(*) FROM city_health GROUP BY district");
+    let fetch = |who: &str, id: &str| app.get(&format!("/v1/queries/{id}"), Some(app.key(who)));
+    assert_eq!(fetch("buyer:acme", &first).json()["status"], "held");
+    assert_eq!(
+        fetch("buyer:other", &first).status,
+        404,
+        "another buyer's held answer"
+    );
+    // Sealed at rest: the stored bytes hold no district name.
+    let db = rusqlite::Connection::open(app.data_dir.join("frostglass.db")).unwrap();
+    let sealed: Vec<u8> = db
+        .query_row(
+            "SELECT sealed FROM held_answers WHERE query_id = ?1",
+            [&first],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&sealed).contains("chaoyang"));
+    // The owner sees the released aggregate and approves; the buyer gets it.
+    let waiting = app
+        .get("/v1/reviews", Some(app.key("owner:hospital")))
+        .json();
+    let held = &waiting["waiting"][0];
+    assert_eq!(held["query_id"], first.as_str());
+    assert!(
+        held["answer"]["rows"].as_array().unwrap().len() > 1,
+        "{held}"
+    );
+    let review = |id: &str, verdict: &str| {
+        let path = format!("/v1/reviews/{id}/{verdict}");
+        app.request("POST", &path, Some(app.key("owner:hospital")), None, None)
+    };
+    assert_eq!(review(&first, "approve").status, 200);
+    let answer = fetch("buyer:acme", &first).json();
+    assert_eq!(answer["rows"], held["answer"]["rows"]);
+    assert!(answer["receipt"]["ledger_index"].is_u64(), "{answer}");
+    assert_eq!(review(&first, "reject").code().as_deref(), Some("conflict"));
+    // A rejected answer is destroyed and never reaches the buyer.
+    let second = ask("SELECT gender, COUNT(*) FROM city_health GROUP BY gender");
+    assert_eq!(review(&second, "reject").status, 200);
+    let gone = fetch("buyer:acme", &second).json();
+    assert_eq!(gone["status"], "rejected");
+    assert!(gone["rows"].is_null());
+    let destroyed: Option<Vec<u8>> = db
+        .query_row(
+            "SELECT sealed FROM held_answers WHERE query_id = ?1",
+            [&second],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(destroyed.is_none());
+    let reviewed = kinds(&app, "answer_reviewed");
+    assert_eq!(reviewed.len(), 2);
+    assert_eq!(reviewed[1]["approved"], false);
+    assert_eq!(kinds(&app, "answer_held").len(), 2);
+    // Only an owner of the data reviews.
+    let third = ask("SELECT district, COUNT(*) FROM city_health WHERE age > 30 GROUP BY district");
+    let admin = with_admin(&app);
+    let telecom = post(
+        &app,
+        &admin,
+        "/v1/principals",
+        &json!({ "id": "owner:tel", "role": "owner", "org": "telecom", "region": "CN" }),
+    )
+    .json()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app.request(
+        "POST",
+        &format!("/v1/reviews/{third}/approve"),
+        Some(&telecom),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        app.request(
+            "POST",
+            &format!("/v1/reviews/{third}/approve"),
+            Some(app.key("buyer:acme")),
+            None,
+            None
+        )
+        .status,
+        403
+    );
+}
