@@ -62,8 +62,17 @@ fn kinds(app: &TestApp, kind: &str) -> Vec<Value> {
 }
 
 #[test]
-fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() {
-    let app = spawn_app();
+fn the_whole_trade_from_principals_to_settlement_evidence_and_revocation() {
+    // The hospital reviews every answer on its visits.
+    let catalog = crate::helpers::catalog_with(|m| {
+        if m["id"] == "city_health" {
+            m["release"]["review"] = json!(true);
+        }
+    });
+    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
+        catalog: Some(catalog),
+        ..Default::default()
+    });
     let admin = with_admin(&app);
     // The admin registers the principals of the trade over HTTP.
     let mut keys = std::collections::HashMap::new();
@@ -277,11 +286,46 @@ fn a_request_signed_and_approved_by_every_owner_becomes_a_grant_until_revoked() 
     assert_eq!(made["expires_at"], "2030-01-01T00:00:00Z");
     // The buyer queries under it; after revocation the next query is refused.
     let sql = json!({ "sql": "SELECT district, COUNT(*) FROM city_health GROUP BY district" });
-    let answered = app.ask(&buyer, sql.clone());
-    assert_eq!(answered.status, 200, "{}", answered.text());
-    let query_id = answered.json()["query_id"].as_str().unwrap().to_string();
+    // Held for review: the owner approves one answer and rejects another.
+    let held = |sql: &Value| {
+        let r = app.ask(&buyer, sql.clone());
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["query_id"].as_str().unwrap().to_string()
+    };
+    let verdict = |id: &str, v: &str| {
+        let path = format!("/v1/reviews/{id}/{v}");
+        let r = app.request("POST", &path, Some(app.key("owner:hospital")), None, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let query_id = held(&sql);
+    verdict(&query_id, "approve");
+    let answered = app
+        .get(&format!("/v1/queries/{query_id}"), Some(&buyer))
+        .json();
+    assert!(
+        answered["rows"].as_array().is_some_and(|r| !r.is_empty()),
+        "{answered}"
+    );
+    let rejected =
+        held(&json!({ "sql": "SELECT gender, COUNT(*) FROM city_health GROUP BY gender" }));
+    verdict(&rejected, "reject");
+    let gone = app
+        .get(&format!("/v1/queries/{rejected}"), Some(&buyer))
+        .json();
+    assert_eq!(gone, json!({ "query_id": rejected, "status": "rejected" }));
     check_evidence(&app, &buyer, &query_id);
-    let charge = answered.json()["usage"]["charges"]["city_health"].clone();
+    // Both queries were answered (noise drawn, ε spent) and are metered.
+    let charged: i128 = kinds(&app, "query")
+        .iter()
+        .filter(|q| q["grant"] == grant.as_str())
+        .map(|q| {
+            frostglass::accounting::parse_money(
+                q["usage"]["charges"]["city_health"].as_str().unwrap(),
+            )
+            .unwrap()
+        })
+        .sum();
+    let charge = json!(frostglass::accounting::format_money(charged));
     check_settlement(&app, &buyer, &grant, &charge);
     let revoked = post(
         &app,
