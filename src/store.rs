@@ -184,6 +184,9 @@ CREATE TABLE IF NOT EXISTS access_requests (
     grant_id TEXT,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS grant_reviews (
+    grant_id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS held_answers (
     query_id TEXT PRIMARY KEY,
     buyer TEXT NOT NULL,
@@ -761,6 +764,15 @@ pub fn hold_answer(conn: &Connection, h: &HeldAnswer) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Makes every answer under `grant` wait for its owners' review.
+pub fn require_review(conn: &Connection, grant: &str) -> Result<(), StoreError> {
+    conn.run(
+        "INSERT OR IGNORE INTO grant_reviews (grant_id) VALUES (?1)",
+        [grant],
+    )?;
+    Ok(())
+}
+
 /// Settles a held answer; a rejection destroys the sealed bytes.
 pub fn review_answer(conn: &Connection, query_id: &str, approved: bool) -> Result<(), StoreError> {
     let changed = if approved {
@@ -783,6 +795,19 @@ pub fn review_answer(conn: &Connection, query_id: &str, approved: bool) -> Resul
 }
 
 impl Store {
+    /// Whether an owner asked, when approving it, to review every answer under `grant`.
+    pub fn grant_requires_review(&self, grant: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .row(
+                "SELECT 1 FROM grant_reviews WHERE grant_id = ?1",
+                [grant],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     pub fn held_answer(&self, query_id: &str) -> Result<Option<HeldAnswer>, StoreError> {
         Ok(self
             .held_answers("WHERE query_id = ?1", &[&query_id])?

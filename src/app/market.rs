@@ -65,6 +65,9 @@ pub struct Approval {
     /// An earlier end of the period.
     pub period_to: Option<String>,
     pub cross_border_assessment: Option<String>,
+    /// Every answer under the grant waits for its owners' review.
+    #[serde(default)]
+    pub review: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +87,8 @@ pub struct Decision {
     pub period_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_border_assessment: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review: bool,
     pub at: String,
 }
 
@@ -498,6 +503,7 @@ fn decide_in(
             cross_border_assessment: approval
                 .as_ref()
                 .and_then(|a| a.cross_border_assessment.clone()),
+            review: approval.as_ref().is_some_and(|a| a.review),
             at: at.clone(),
         });
     }
@@ -518,6 +524,9 @@ fn decide_in(
             .any(|x| &x.dataset == d && x.approved)
     }) {
         let grant = store::add_grant(tx, &grant_of(&request))?;
+        if request.decisions.iter().any(|d| d.review) {
+            store::require_review(tx, &grant.id)?;
+        }
         request.status = RequestStatus::Approved;
         request.grant = Some(grant.id.clone());
         events.push(LedgerEvent::GrantMade { grant });

@@ -84,8 +84,8 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     file.sync_all().map_err(io)
 }
 
-/// Holds `answer` (the buyer's JSON) for the `owners`' review: sealed,
-/// stored and recorded in one transaction.
+/// Holds `answer` (`{"answer": the buyer's JSON, "sql", "trace"}`) for the
+/// `owners`' review: sealed, stored and recorded in one transaction.
 pub async fn hold(
     sandbox: &Sandbox,
     buyer: &Principal,
@@ -127,7 +127,7 @@ pub fn fetch(sandbox: &Sandbox, buyer: &Principal, query_id: &str) -> Result<Val
     }
     match (held.status.as_str(), &held.nonce, &held.sealed) {
         ("approved", Some(nonce), Some(sealed)) => {
-            sandbox.vault.open_sealed(query_id, nonce, sealed)
+            Ok(sandbox.vault.open_sealed(query_id, nonce, sealed)?["answer"].take())
         }
         (status, _, _) => Ok(serde_json::json!({ "query_id": query_id, "status": status })),
     }
@@ -143,12 +143,10 @@ pub fn waiting(sandbox: &Sandbox, owner: &Principal) -> Result<Vec<Value>, Error
             continue;
         }
         if let (Some(nonce), Some(sealed)) = (&held.nonce, &held.sealed) {
-            let answer = sandbox.vault.open_sealed(&held.query_id, nonce, sealed)?;
-            out.push(serde_json::json!({
-                "query_id": held.query_id,
-                "buyer": held.buyer,
-                "answer": answer,
-            }));
+            let mut review = sandbox.vault.open_sealed(&held.query_id, nonce, sealed)?;
+            review["query_id"] = Value::from(held.query_id.clone());
+            review["buyer"] = Value::from(held.buyer.clone());
+            out.push(review);
         }
     }
     Ok(out)

@@ -166,15 +166,19 @@ pub async fn run(
             if answer.review_owners.is_empty() {
                 return Ok(Outcome::Answer(Box::new(answer)));
             }
+            // The owner reviews the SQL, how it was released, and the
+            // released aggregate; the buyer later gets the answer alone.
+            let held = serde_json::json!({
+                "answer": answer.document(),
+                "sql": request.sql,
+                "trace": {
+                    "grant": answer.grant,
+                    "purpose": answer.purpose,
+                    "release": answer.release,
+                },
+            });
             let owners = answer.review_owners.clone();
-            crate::app::review::hold(
-                &sandbox,
-                &principal,
-                &answer.query_id,
-                owners,
-                &answer.document(),
-            )
-            .await?;
+            crate::app::review::hold(&sandbox, &principal, &answer.query_id, owners, &held).await?;
             Ok(Outcome::Held(answer.query_id))
         }
         Err(e) => {
@@ -416,10 +420,13 @@ async fn finish(
             .store
             .cache_answer(&p.cache_scope, &gated.plan_sha256, &ipc, &release)?;
     }
+    // Owners of datasets that review every answer, or all of the query's
+    // owners when one asked, approving the grant, to review its answers.
+    let whole_grant = sandbox.store.grant_requires_review(&gated.grant.id)?;
     let mut review_owners: Vec<String> = gated
         .scanned
         .iter()
-        .filter(|d| d.manifest.release.review)
+        .filter(|d| whole_grant || d.manifest.release.review)
         .map(|d| d.manifest.owner.clone())
         .collect();
     review_owners.sort();

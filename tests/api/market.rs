@@ -527,7 +527,8 @@ fn important_data_abroad_needs_the_owners_cross_border_assessment_at_approval() 
         "{}",
         without.text()
     );
-    let with = approve(&json!({ "cross_border_assessment": "CBA-2026-17" }));
+    // The owner also asks to review every answer under this grant.
+    let with = approve(&json!({ "cross_border_assessment": "CBA-2026-17", "review": true }));
     assert_eq!(with.json()["status"], "approved", "{}", with.text());
     let grants = app.get("/v1/grants", Some(&abroad)).json();
     let made = grants["grants"]
@@ -537,6 +538,16 @@ fn important_data_abroad_needs_the_owners_cross_border_assessment_at_approval() 
         .find(|g| g["grant"]["id"] == with.json()["grant"])
         .unwrap();
     assert_eq!(made["grant"]["cross_border_assessment"], "CBA-2026-17");
+    let sql = "SELECT district, COUNT(*) FROM power_grid GROUP BY district";
+    let body = json!({ "sql": sql, "grant": with.json()["grant"] });
+    let r = app.ask(&abroad, body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let waiting = app.get("/v1/reviews", Some(&grid)).json();
+    assert_eq!(waiting["waiting"][0]["sql"], sql, "{waiting}");
+    assert_eq!(
+        waiting["waiting"][0]["trace"]["grant"],
+        with.json()["grant"]
+    );
 }
 
 /// The dispute bundle of `query_id`: who may fetch it, that it verifies
