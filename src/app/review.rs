@@ -30,7 +30,8 @@ impl Vault {
                 SystemRandom::new()
                     .fill(&mut fresh)
                     .map_err(|_| Error::Internal("no random source".into()))?;
-                write_secret(&path, &fresh)?;
+                crate::util::write_secret(&path, &fresh)
+                    .map_err(|e| Error::Internal(format!("cannot write the review key: {e}")))?;
                 fresh.to_vec()
             }
         };
@@ -68,20 +69,6 @@ impl Vault {
             .map_err(|_| Error::Internal("a held answer does not open".into()))?;
         serde_json::from_slice(plain).map_err(|e| Error::Internal(e.to_string()))
     }
-}
-
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| Error::Internal(format!("cannot write the review key: {e}"));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)
 }
 
 /// Holds `answer` (`{"answer": the buyer's JSON, "sql", "trace"}`) for the

@@ -169,8 +169,6 @@ pub fn key_id(public_key: &[u8]) -> String {
 }
 
 fn create_key(data_dir: &Path, path: &Path) -> Result<Vec<u8>, LedgerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 =
         Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| LedgerError::Key(e.to_string()))?;
@@ -178,14 +176,7 @@ fn create_key(data_dir: &Path, path: &Path) -> Result<Vec<u8>, LedgerError> {
         Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| LedgerError::Key(e.to_string()))?;
     let io = |e: std::io::Error| LedgerError::Key(format!("cannot write {}: {e}", path.display()));
     std::fs::create_dir_all(data_dir).map_err(io)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(pkcs8.as_ref()).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    crate::util::write_secret(&path, pkcs8.as_ref()).map_err(io)?;
     std::fs::write(
         data_dir.join(PUBLIC_KEY_FILE),
         hex::encode(key_pair.public_key().as_ref()),

@@ -24,6 +24,20 @@ pub fn file_sha256_hex(path: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// Writes a new secret file readable by its owner only (0600), durably;
+/// refuses to overwrite one.
+pub fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

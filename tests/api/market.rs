@@ -559,25 +559,14 @@ fn check_evidence(app: &TestApp, buyer: &str, query_id: &str) {
     let bundle = app.get(&path, Some(buyer));
     assert_eq!(bundle.status, 200, "{}", bundle.text());
     let bundle = bundle.json();
-    let key = app
-        .get("/v1/audit/public-key", Some(app.key("auditor:cac")))
-        .json()["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("ledger.pub");
-    std::fs::write(&key_file, &key).unwrap();
+    let (dir, key_file) = ledger_key_file(app);
     let verify = |b: &Value| {
-        let file = dir.path().join("bundle.json");
-        std::fs::write(&file, b.to_string()).unwrap();
-        crate::helpers::cli(&[
-            "verify",
+        verify_file(
+            dir.path(),
             "--evidence",
-            file.to_str().unwrap(),
-            "--public-key",
-            key_file.to_str().unwrap(),
-        ])
+            b,
+            &["--public-key", key_file.to_str().unwrap()],
+        )
     };
     let (ok, out, err) = verify(&bundle);
     assert!(ok, "{out}{err}");
@@ -687,28 +676,15 @@ fn check_settlement(app: &TestApp, buyer: &str, grant: &str, charge: &Value) {
         400
     );
     // Offline: recomputed from the ledger, checked against its key.
-    let key = app
-        .get("/v1/audit/public-key", Some(app.key("auditor:cac")))
-        .json()["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("ledger.pub");
-    std::fs::write(&key_file, &key).unwrap();
-    let verify = |statement: &Value| {
-        let file = dir.path().join("statement.json");
-        std::fs::write(&file, statement.to_string()).unwrap();
-        crate::helpers::cli(&[
-            "verify",
-            "--settlement",
-            file.to_str().unwrap(),
-            "--data-dir",
-            app.data_dir.to_str().unwrap(),
-            "--public-key",
-            key_file.to_str().unwrap(),
-        ])
-    };
+    let (dir, key_file) = ledger_key_file(app);
+    let data_dir = app.data_dir.to_str().unwrap();
+    let args = [
+        "--data-dir",
+        data_dir,
+        "--public-key",
+        key_file.to_str().unwrap(),
+    ];
+    let verify = |statement: &Value| verify_file(dir.path(), "--settlement", statement, &args);
     let (ok, out, err) = verify(&all);
     assert!(ok, "{out}{err}");
     let i = all["lines"]
@@ -851,4 +827,33 @@ fn answers_of_reviewed_data_wait_sealed_for_the_owner_and_a_rejected_one_never_a
         .status,
         403
     );
+}
+
+/// The ledger's public key (fetched as an auditor), in a file in a fresh
+/// folder that lives as long as the returned guard.
+fn ledger_key_file(app: &TestApp) -> (tempfile::TempDir, std::path::PathBuf) {
+    let key = app
+        .get("/v1/audit/public-key", Some(app.key("auditor:cac")))
+        .json()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("ledger.pub");
+    std::fs::write(&key_file, key).unwrap();
+    (dir, key_file)
+}
+
+/// `frostglass verify <flag> <doc written to a file in dir> <extra…>`.
+fn verify_file(
+    dir: &std::path::Path,
+    flag: &str,
+    doc: &Value,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let file = dir.join("document.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let mut args = vec!["verify", flag, file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    crate::helpers::cli(&args)
 }
