@@ -72,6 +72,7 @@ fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
         .catalog
         .pending_of(d.id())
         .and_then(|p| pending_for(principal, p));
+    let (commitment, commitment_sha256) = crate::app::market::commitment(m);
     json!({
         "id": m.id,
         "title": m.title,
@@ -95,8 +96,8 @@ fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
         "level_rules": sandbox.policies.levels.rule(m.level),
         "pricing": m.pricing,
         "commitment": {
-            "text": crate::app::market::commitment(m).0,
-            "sha256": crate::app::market::commitment(m).1,
+            "text": commitment,
+            "sha256": commitment_sha256,
         },
         "quality": quality,
         "lifetime_epsilon": lifetime_epsilon(sandbox, d),

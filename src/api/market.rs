@@ -3,7 +3,7 @@
 //! (see `app::market`).
 
 use super::error::ApiError;
-use super::{Authenticated, auth};
+use super::{Authenticated, auth, json_body as body};
 use crate::app::Sandbox;
 use crate::app::market::{self, Approval, NewRequest};
 use crate::app::review;
@@ -44,12 +44,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(approve_answer),
         )
         .route("/reviews/{query_id}/reject", web::post().to(reject_answer));
-}
-
-/// A JSON body of type `T`; a malformed one is `invalid_request`.
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))
 }
 
 #[derive(Deserialize, ToSchema)]

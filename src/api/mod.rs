@@ -244,6 +244,12 @@ async fn list_grants(
     Ok(HttpResponse::Ok().json(json!({ "grants": grants })))
 }
 
+/// A JSON body of type `T`; a malformed one is `invalid_request`.
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))
+}
+
 /// Reads a body up to `limit` bytes; larger bodies are refused without reading them all.
 async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();

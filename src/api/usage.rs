@@ -67,8 +67,7 @@ async fn audit_sql(
             sandbox.settings.limits.max_body_bytes,
         ));
     }
-    let request: AuditSql = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the body is not a valid request: {e}")))?;
+    let request: AuditSql = super::json_body(&body)?;
     if request.sql.trim().is_empty() {
         return Err(ApiError::invalid("sql must hold a statement"));
     }

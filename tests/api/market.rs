@@ -39,6 +39,19 @@ fn signing_key(app: &TestApp, key: &str) -> (Ed25519KeyPair, String) {
     (pair, id)
 }
 
+/// An app whose hospital reviews every answer on its visits (`city_health`).
+fn reviewing_city_health() -> TestApp {
+    let catalog = crate::helpers::catalog_with(|m| {
+        if m["id"] == "city_health" {
+            m["release"]["review"] = json!(true);
+        }
+    });
+    crate::helpers::spawn_app_with(crate::helpers::Options {
+        catalog: Some(catalog),
+        ..Default::default()
+    })
+}
+
 /// The app with an admin, whose key is returned.
 fn with_admin(app: &TestApp) -> String {
     app.admin()
@@ -64,15 +77,7 @@ fn kinds(app: &TestApp, kind: &str) -> Vec<Value> {
 #[test]
 fn the_whole_trade_from_principals_to_settlement_evidence_and_revocation() {
     // The hospital reviews every answer on its visits.
-    let catalog = crate::helpers::catalog_with(|m| {
-        if m["id"] == "city_health" {
-            m["release"]["review"] = json!(true);
-        }
-    });
-    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
-        catalog: Some(catalog),
-        ..Default::default()
-    });
+    let app = reviewing_city_health();
     let admin = with_admin(&app);
     // The admin registers the principals of the trade over HTTP.
     let mut keys = std::collections::HashMap::new();
@@ -725,15 +730,7 @@ fn check_settlement(app: &TestApp, buyer: &str, grant: &str, charge: &Value) {
 
 #[test]
 fn answers_of_reviewed_data_wait_sealed_for_the_owner_and_a_rejected_one_never_arrives() {
-    let catalog = crate::helpers::catalog_with(|m| {
-        if m["id"] == "city_health" {
-            m["release"]["review"] = json!(true);
-        }
-    });
-    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
-        catalog: Some(catalog),
-        ..Default::default()
-    });
+    let app = reviewing_city_health();
     let ask = |sql: &str| {
         let r = app.query(sql);
         assert_eq!(r.status, 202, "{}", r.text());
