@@ -27,6 +27,29 @@ pub struct Settings {
     /// data must lie in to be registered over HTTP. An organisation not
     /// listed gets `<data_dir>/owners/<org>`.
     pub owner_roots: BTreeMap<String, String>,
+    pub console: ConsoleSettings,
+}
+
+/// The web console's sign-in sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// A session ends after this long without a request.
+    pub session_idle_s: u64,
+    /// A session ends this long after sign-in, however busy.
+    pub session_max_s: u64,
+    /// Most sessions open at once, all principals together.
+    pub max_sessions: usize,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings {
+            session_idle_s: 30 * 60,
+            session_max_s: 8 * 60 * 60,
+            max_sessions: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +145,7 @@ impl Default for Settings {
             unit_summaries: true,
             checkpoint_interval_ms: 2,
             owner_roots: BTreeMap::new(),
+            console: ConsoleSettings::default(),
         }
     }
 }

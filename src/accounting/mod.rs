@@ -1,6 +1,8 @@
 //! Metering and prices. Money is exact: decimal strings are parsed into
 //! integer millionths, never floats.
 
+pub mod burn_down;
+
 use serde::{Deserialize, Serialize};
 
 const SCALE: i128 = 1_000_000;

@@ -305,9 +305,22 @@ async fn dataset_usage(
         all.iter()
             .filter(|r| r.datasets.iter().any(|x| x == d.id())),
     );
+    let mut lifetime = lifetime_epsilon(&sandbox, &d);
+    if let (Some(limit), Some(spent)) = (lifetime["limit"].as_f64(), lifetime["spent"].as_f64()) {
+        let reader = sandbox.clone();
+        let key = format!("dataset:{}", d.id());
+        let by_day = web::block(move || reader.ledger.epsilon_by_day(&key))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+        let today = chrono::Utc::now().date_naive();
+        let burn = crate::accounting::burn_down::burn_down(limit, spent, &by_day, today);
+        lifetime["by_day"] = json!(burn.by_day);
+        lifetime["pace_per_day"] = json!(burn.pace_per_day);
+        lifetime["projected_exhaustion"] = json!(burn.projected_exhaustion);
+    }
     Ok(HttpResponse::Ok().json(json!({
         "dataset": d.id(),
         "usage": usage,
-        "lifetime_epsilon": lifetime_epsilon(&sandbox, &d),
+        "lifetime_epsilon": lifetime,
     })))
 }

@@ -36,6 +36,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     RateLimited(String),
+    #[error(
+        "a state change with a console session must come from the console and carry its CSRF token"
+    )]
+    CrossSite,
     #[error("method not allowed on this route")]
     MethodNotAllowed(Vec<&'static str>),
     #[error(transparent)]
@@ -84,6 +88,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::CrossSite => "csrf_rejected",
             ApiError::Core(e) => e.code(),
         }
     }
@@ -105,9 +110,10 @@ impl ApiError {
 
     /// Every code an HTTP error can carry: the core's and the front door's
     /// own, in the order the OpenAPI document lists them.
-    pub const CODES: [&'static str; 18] = [
+    pub const CODES: [&'static str; 19] = [
         "unauthenticated",
         "forbidden",
+        "csrf_rejected",
         "invalid_request",
         "not_found",
         "conflict",
@@ -155,6 +161,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::CrossSite => StatusCode::FORBIDDEN,
             ApiError::Core(e) => core_status(e),
         }
     }
@@ -193,6 +200,7 @@ mod tests {
             ApiError::NotFound(s()),
             ApiError::RateLimited(s()),
             ApiError::MethodNotAllowed(vec![]),
+            ApiError::CrossSite,
         ];
         all.extend(Error::CODES.iter().map(|_| ApiError::internal(s())));
         let mut produced: Vec<&str> = all.iter().map(ApiError::code).collect();

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod connection;
+pub mod console;
 pub mod datasets;
 pub mod error;
 pub mod market;
@@ -30,6 +31,7 @@ use throttle::Throttle;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
+        .configure(console::routes)
         .route("/openapi.json", web::get().to(openapi))
         .service(
             web::scope("/v1")
@@ -92,6 +94,10 @@ pub const ROUTES: &[(&str, &str, &[Role])] = &[
     ("GET", "/v1/audit/proof/inclusion", ANY_ROLE),
     ("GET", "/v1/audit/proof/consistency", AUDITORS),
     ("POST", "/v1/audit/sql", AUDITORS),
+    ("GET", "/v1/audit/verify", AUDITORS),
+    ("POST", "/v1/audit/verify", AUDITORS),
+    ("GET", "/v1/refusals", ANY_ROLE),
+    ("GET", "/v1/queries", BUYERS),
 ];
 
 /// The roles allowed on the route a request matched; none if it matched none.
@@ -146,26 +152,10 @@ impl FromRequest for Authenticated {
         let throttle = req.app_data::<web::Data<Throttle>>().cloned();
         let cert = req.conn_data::<auth::ClientCert>().cloned();
         let roles = allowed_roles(req);
-        let token = req
-            .headers()
-            .get("Authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(auth::bearer)
-            .map(crate::auth::key_hash);
+        let key_hash = credentials(req);
         Box::pin(async move {
             let sandbox = sandbox.ok_or_else(|| ApiError::internal("sandbox state missing"))?;
-            let hash = token.ok_or(ApiError::Unauthenticated)?;
-            let store = sandbox.store.clone();
-            let principal = web::block(move || store.principal_by_key_hash(&hash))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))??;
-            let (principal, bound) = principal.ok_or(ApiError::Unauthenticated)?;
-            // A key bound to a client certificate only works with that certificate.
-            if let Some(bound) = bound
-                && cert.as_ref().is_none_or(|c| c.spki_sha256 != bound)
-            {
-                return Err(ApiError::Unauthenticated);
-            }
+            let principal = principal_of(&sandbox, key_hash?, cert).await?;
             if !roles.contains(&principal.role) {
                 return Err(ApiError::forbidden(format!(
                     "a principal with role {} may not call this route",
@@ -182,6 +172,45 @@ impl FromRequest for Authenticated {
             Ok(Authenticated(principal))
         })
     }
+}
+
+/// The hash of the API key a request presents: in its `Authorization`
+/// header, or held by the console session its cookie names (state changes
+/// then pass [`console::guard_state_change`]).
+fn credentials(req: &HttpRequest) -> Result<String, ApiError> {
+    let bearer = req
+        .headers()
+        .get("Authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(auth::bearer);
+    if let Some(token) = bearer {
+        return Ok(crate::auth::key_hash(token));
+    }
+    let (_, session) = console::session_of(req).ok_or(ApiError::Unauthenticated)?;
+    if !req.method().is_safe() {
+        console::guard_state_change(req, &session)?;
+    }
+    Ok(session.key_hash)
+}
+
+/// The principal whose API key has hash `key_hash`; a key bound to a client
+/// certificate only counts over a connection that presented it.
+async fn principal_of(
+    sandbox: &Sandbox,
+    key_hash: String,
+    cert: Option<auth::ClientCert>,
+) -> Result<Principal, ApiError> {
+    let store = sandbox.store.clone();
+    let principal = web::block(move || store.principal_by_key_hash(&key_hash))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let (principal, bound) = principal.ok_or(ApiError::Unauthenticated)?;
+    if let Some(bound) = bound
+        && cert.as_ref().is_none_or(|c| c.spki_sha256 != bound)
+    {
+        return Err(ApiError::Unauthenticated);
+    }
+    Ok(principal)
 }
 
 /// Grants with today's use, remaining quotas and privacy budget
@@ -225,9 +254,14 @@ async fn list_grants(
                 None => s.ledger.used_today(&g.id)?,
             };
             let left = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
+            let limit = g.epsilon.unwrap_or(default_epsilon);
+            let budget = format!("grant:{}", g.id);
+            let spent = s
+                .budgets
+                .spent_or_load(&budget, || s.ledger.epsilon_spent(&budget))?;
             rows.push(json!({
                 "grant": g,
-                "budget": { "epsilon_limit": g.epsilon.unwrap_or(default_epsilon), "epsilon_spent": s.budgets.spent_or_load(&format!("grant:{}", g.id), || s.ledger.epsilon_spent(&format!("grant:{}", g.id)))? },
+                "budget": { "epsilon_limit": limit, "epsilon_spent": spent, "epsilon_remaining": (limit - spent).max(0.0) },
                 "used_today": used,
                 "subscription": crate::pipeline::charge::subscription(&catalog, &g),
                 "remaining_today": {

@@ -57,6 +57,10 @@ use utoipa::OpenApi;
         super::audit::inclusion,
         super::audit::consistency,
         super::usage::audit_sql,
+        super::audit::last_verification,
+        super::audit::verify_now,
+        super::usage::refusals,
+        super::usage::query_history,
     ),
     components(schemas(ErrorBody))
 )]

@@ -70,13 +70,27 @@ impl Application {
             )));
         }
         let limits = settings.limits.clone();
+        let sessions = web::Data::new(api::console::session::Sessions::new(&settings.console));
         let sandbox = web::Data::new(Sandbox::open(settings).await?);
         let throttle = web::Data::new(api::throttle::Throttle::default());
+        let verifications = web::Data::new(api::audit::Verifications::default());
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(api::telemetry::request_span))
                 .app_data(sandbox.clone())
+                .wrap(
+                    actix_web::middleware::DefaultHeaders::new()
+                        .add((
+                            "Content-Security-Policy",
+                            api::console::CONTENT_SECURITY_POLICY,
+                        ))
+                        .add(("X-Content-Type-Options", "nosniff"))
+                        .add(("X-Frame-Options", "DENY"))
+                        .add(("Referrer-Policy", "same-origin")),
+                )
                 .app_data(throttle.clone())
+                .app_data(sessions.clone())
+                .app_data(verifications.clone())
                 .app_data(
                     web::QueryConfig::default()
                         .error_handler(|e, _| ApiError::invalid(e.to_string()).into()),

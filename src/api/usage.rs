@@ -5,16 +5,138 @@ use super::error::ApiError;
 use crate::app::Sandbox;
 use crate::ledger::usage::summarize;
 use crate::ledger::usage_table::UsageTable;
-use crate::store::Role;
+use crate::store::{Principal, Role};
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/usage", web::get().to(usage))
+        .route("/refusals", web::get().to(refusals))
+        .route("/queries", web::get().to(query_history))
         .route("/audit/sql", web::post().to(audit_sql));
+}
+
+/// Ids of the datasets `principal`'s organisation owns.
+fn owned_ids(sandbox: &Sandbox, principal: &Principal) -> Vec<String> {
+    sandbox
+        .catalog
+        .current()
+        .datasets
+        .values()
+        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
+        .map(|d| d.id().to_string())
+        .collect()
+}
+
+/// Whether `principal` may see a query of `asker` over `datasets`: buyers
+/// their own, owners those reading their datasets, auditors all.
+fn sees(principal: &Principal, owned: &[String], asker: &str, datasets: &[String]) -> bool {
+    match principal.role {
+        Role::Buyer => asker == principal.id,
+        Role::Owner => datasets.iter().any(|d| owned.contains(d)),
+        Role::Auditor | Role::Admin => true,
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Days {
+    /// How many days back, today included.
+    #[serde(default = "thirty")]
+    #[param(minimum = 1, maximum = 366)]
+    days: u64,
+}
+
+fn thirty() -> u64 {
+    30
+}
+
+/// Refused queries per day, code and rule
+///
+/// Buyers see their own refusals; owners those of queries on their
+/// datasets; auditors all.
+#[utoipa::path(get, path = "/v1/refusals", tag = "usage", params(Days), responses((status = 200, description = "OK", body = Object)))]
+async fn refusals(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    params: web::Query<Days>,
+) -> Result<HttpResponse, ApiError> {
+    if !(1..=366).contains(&params.days) {
+        return Err(ApiError::invalid("days must be between 1 and 366"));
+    }
+    let since = (chrono::Utc::now() - chrono::Duration::days(params.days as i64 - 1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let reader = sandbox.clone();
+    let since_day = since.clone();
+    let all = web::block(move || reader.ledger.refusals(&since_day))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let owned = owned_ids(&sandbox, &who.0);
+    let mut counts: std::collections::BTreeMap<(String, Option<String>, Option<String>), u64> =
+        Default::default();
+    for r in all
+        .iter()
+        .filter(|r| sees(&who.0, &owned, &r.principal, &r.datasets))
+    {
+        *counts
+            .entry((r.day.clone(), r.code.clone(), r.rule.clone()))
+            .or_default() += r.count;
+    }
+    let rows: Vec<_> = counts
+        .into_iter()
+        .map(|((day, code, rule), count)| json!({ "day": day, "code": code, "rule": rule, "count": count }))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "since": since, "refusals": rows })))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Recent {
+    /// How many queries, newest first.
+    #[serde(default = "fifty")]
+    #[param(minimum = 1, maximum = 500)]
+    limit: u64,
+}
+
+fn fifty() -> u64 {
+    50
+}
+
+/// The caller's recent queries, newest first; answers with the evidence (receipt) to fetch
+#[utoipa::path(get, path = "/v1/queries", tag = "queries", params(Recent), responses((status = 200, description = "OK", body = Object)))]
+async fn query_history(
+    sandbox: web::Data<Sandbox>,
+    who: Authenticated,
+    params: web::Query<Recent>,
+) -> Result<HttpResponse, ApiError> {
+    if !(1..=500).contains(&params.limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 500"));
+    }
+    let reader = sandbox.clone();
+    let principal = who.0.id.clone();
+    let limit = params.limit;
+    let queries = web::block(move || reader.ledger.recent_queries(&principal, limit))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let queries: Vec<_> = queries
+        .into_iter()
+        .map(|q| {
+            // Evidence is kept for answers: what a buyer may have to prove.
+            let evidence = q
+                .query_id
+                .as_ref()
+                .filter(|_| q.decision == "answered")
+                .map(|id| format!("/v1/evidence/{id}"));
+            let mut v = json!(q);
+            v["evidence"] = json!(evidence);
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "queries": queries })))
 }
 
 /// Metered use per grant and day
@@ -27,18 +149,10 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
     let all = web::block(move || reader.ledger.usage_rollups())
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
-    let catalog = sandbox.catalog.current();
-    let owned: Vec<&str> = catalog
-        .datasets
-        .values()
-        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
-        .map(|d| d.id())
-        .collect();
-    let visible = all.iter().filter(|r| match principal.role {
-        Role::Buyer => r.principal == principal.id,
-        Role::Owner => r.datasets.iter().any(|d| owned.contains(&d.as_str())),
-        Role::Auditor | Role::Admin => true,
-    });
+    let owned = owned_ids(&sandbox, &principal);
+    let visible = all
+        .iter()
+        .filter(|r| sees(&principal, &owned, &r.principal, &r.datasets));
     Ok(HttpResponse::Ok().json(json!({ "usage": summarize(visible) })))
 }
 

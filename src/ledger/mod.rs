@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod event;
 pub mod evidence;
+pub mod history;
 pub mod merkle;
 pub mod settlement;
 pub mod tables;
@@ -912,6 +913,25 @@ impl Ledger {
     /// The usage roll-ups (see `usage::UsageRollup`).
     pub fn usage_rollups(&self) -> Result<Vec<usage::UsageRollup>, LedgerError> {
         tables::usage_rollups(&self.reader())
+    }
+
+    /// Refusals since `since_day`, grouped (see `history::refusals`).
+    pub fn refusals(&self, since_day: &str) -> Result<Vec<history::Refusals>, LedgerError> {
+        history::refusals(&self.reader(), since_day)
+    }
+
+    /// The most recent queries of `principal`, newest first.
+    pub fn recent_queries(
+        &self,
+        principal: &str,
+        limit: u64,
+    ) -> Result<Vec<history::PastQuery>, LedgerError> {
+        history::recent_queries(&self.reader(), principal, limit)
+    }
+
+    /// ε charged to `budget` per day, over the entries not yet archived.
+    pub fn epsilon_by_day(&self, budget: &str) -> Result<Vec<(String, f64)>, LedgerError> {
+        history::epsilon_by_day(&self.reader(), budget)
     }
 
     /// Entry bodies in index order: (index, body, leaf hash).
