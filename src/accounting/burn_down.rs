@@ -27,7 +27,12 @@ pub struct BurnDown {
 /// The burn-down of a budget of `limit` of which `spent` is used, from the
 /// ε charged per day (`by_day`, oldest first; entries already archived are
 /// missing from it and count as spent before its first day).
-pub fn burn_down(limit: f64, spent: f64, by_day: &[(String, f64)], today: chrono::NaiveDate) -> BurnDown {
+pub fn burn_down(
+    limit: f64,
+    spent: f64,
+    by_day: &[(String, f64)],
+    today: chrono::NaiveDate,
+) -> BurnDown {
     let listed: f64 = by_day.iter().map(|(_, e)| e).sum();
     let mut used = (spent - listed).max(0.0);
     let days = by_day
@@ -45,7 +50,8 @@ pub fn burn_down(limit: f64, spent: f64, by_day: &[(String, f64)], today: chrono
     let recent: f64 = by_day
         .iter()
         .filter(|(day, _)| {
-            chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_ok_and(|d| d >= first && d <= today)
+            chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
+                .is_ok_and(|d| d >= first && d <= today)
         })
         .map(|(_, e)| e)
         .sum();
@@ -54,7 +60,9 @@ pub fn burn_down(limit: f64, spent: f64, by_day: &[(String, f64)], today: chrono
     let projected_exhaustion = (pace > 0.0 && remaining > 0.0).then(|| {
         // The tolerance keeps float error from adding a day to an exact quotient.
         let days = (remaining / pace - 1e-9).ceil().min(36_500.0) as i64;
-        (today + chrono::Duration::days(days)).format("%Y-%m-%d").to_string()
+        (today + chrono::Duration::days(days))
+            .format("%Y-%m-%d")
+            .to_string()
     });
     BurnDown {
         by_day: days,
@@ -92,8 +100,14 @@ mod tests {
     #[test]
     fn no_projection_without_recent_spending_or_without_budget_left() {
         let old = vec![("2026-01-01".to_string(), 1.0)];
-        assert_eq!(burn_down(5.0, 1.0, &old, day("2026-11-30")).projected_exhaustion, None);
+        assert_eq!(
+            burn_down(5.0, 1.0, &old, day("2026-11-30")).projected_exhaustion,
+            None
+        );
         let recent = vec![("2026-11-30".to_string(), 5.0)];
-        assert_eq!(burn_down(5.0, 5.0, &recent, day("2026-11-30")).projected_exhaustion, None);
+        assert_eq!(
+            burn_down(5.0, 5.0, &recent, day("2026-11-30")).projected_exhaustion,
+            None
+        );
     }
 }

@@ -57,7 +57,9 @@ async fn verify_now(
     _: Authenticated,
 ) -> Result<HttpResponse, ApiError> {
     let Ok(_one_at_a_time) = verifications.running.try_lock() else {
-        return Err(crate::error::Error::Conflict("a verification is already running".into()).into());
+        return Err(
+            crate::error::Error::Conflict("a verification is already running".into()).into(),
+        );
     };
     let started = std::time::Instant::now();
     let mut outcome = Err(crate::ledger::verify::Failure {

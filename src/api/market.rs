@@ -289,8 +289,8 @@ async fn settlement(
     Ok(HttpResponse::Ok().json(statement))
 }
 
-/// A held answer: its review status, or the answer once an owner approved it
-#[utoipa::path(get, path = "/v1/queries/{query_id}", tag = "queries", params(("query_id" = String, Path, description = "A query answered with 202")), responses((status = 200, description = "OK", body = Object)))]
+/// One of the caller's queries: a held answer's review status, or the answer once an owner approved it; any other query its recorded decision
+#[utoipa::path(get, path = "/v1/queries/{query_id}", tag = "queries", params(("query_id" = String, Path, description = "A query of the caller")), responses((status = 200, description = "OK", body = Object)))]
 async fn held_query(
     sandbox: web::Data<Sandbox>,
     who: Authenticated,

@@ -104,11 +104,14 @@ pub async fn hold(
     Ok(())
 }
 
-/// What the buyer who asked sees of its query: the answer once approved,
-/// else its review status. Anyone else: not found.
+/// What the buyer who asked sees of its query: a held answer once
+/// approved, else its review status; any other query its decision as the
+/// ledger records it. Anyone else: not found.
 pub fn fetch(sandbox: &Sandbox, buyer: &Principal, query_id: &str) -> Result<Value, Error> {
-    let missing = || Error::NotFound(format!("no held answer '{query_id}' of yours"));
-    let held = sandbox.store.held_answer(query_id)?.ok_or_else(missing)?;
+    let missing = || Error::NotFound(format!("no query '{query_id}' of yours"));
+    let Some(held) = sandbox.store.held_answer(query_id)? else {
+        return recorded(sandbox, buyer, query_id)?.ok_or_else(missing);
+    };
     if held.buyer != buyer.id {
         return Err(missing());
     }
@@ -118,6 +121,38 @@ pub fn fetch(sandbox: &Sandbox, buyer: &Principal, query_id: &str) -> Result<Val
         }
         (status, _, _) => Ok(serde_json::json!({ "query_id": query_id, "status": status })),
     }
+}
+
+/// A query of `buyer` that was not held: its decision, ledger index and,
+/// for an answer, where its evidence is (the answer itself is not kept).
+fn recorded(sandbox: &Sandbox, buyer: &Principal, query_id: &str) -> Result<Option<Value>, Error> {
+    let Some(index) = sandbox
+        .ledger
+        .entries_by_key(&format!("query:{query_id}"))?
+        .pop()
+    else {
+        return Ok(None);
+    };
+    let Some((_, body, _)) = sandbox.ledger.entries(index, 1)?.pop() else {
+        return Ok(None);
+    };
+    let entry = crate::ledger::event::Entry::decode(&body).map_err(Error::Internal)?;
+    let LedgerEvent::Query(q) = entry.event else {
+        return Ok(None);
+    };
+    if q.principal != buyer.id {
+        return Ok(None);
+    }
+    let answered = q.decision == crate::ledger::event::Decision::Answered;
+    Ok(Some(serde_json::json!({
+        "query_id": query_id,
+        "status": if answered { "answered" } else { "refused" },
+        "ledger_index": index,
+        "at": entry.at,
+        "code": q.code,
+        "rule": q.rule,
+        "evidence": answered.then(|| format!("/v1/evidence/{query_id}")),
+    })))
 }
 
 /// Answers waiting for `owner`'s review: the released aggregate and how it

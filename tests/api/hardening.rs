@@ -13,10 +13,19 @@ const QUICK: &str = "SELECT industry, COUNT(*) FROM enterprise_registry GROUP BY
 #[test]
 fn wrong_methods_answer_405_with_the_allowed_ones() {
     let app = spawn_app();
-    let r = app.get("/v1/queries", Some(app.key("buyer:acme")));
+    let r = app.request(
+        "DELETE",
+        "/v1/queries",
+        Some(app.key("buyer:acme")),
+        None,
+        None,
+    );
     assert_eq!(r.status, 405);
     assert_eq!(r.code().as_deref(), Some("method_not_allowed"));
-    assert_eq!(r.headers.get("allow").map(String::as_str), Some("POST"));
+    assert_eq!(
+        r.headers.get("allow").map(String::as_str),
+        Some("POST, GET")
+    );
     let r = app.request(
         "PATCH",
         "/v1/datasets/city_health",

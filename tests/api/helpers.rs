@@ -183,6 +183,7 @@ pub fn spawn_app_with(options: Options) -> TestApp {
     let port = rx.recv().expect("the application reports its port");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .max_redirects(0)
         .timeout_global(Some(std::time::Duration::from_secs(120)))
         .build()
         .into();
@@ -208,23 +209,40 @@ impl TestApp {
         body: Option<&[u8]>,
         accept: Option<&str>,
     ) -> Response {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        let mut headers = Vec::new();
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b.as_str()));
+        }
+        if let Some(a) = accept {
+            headers.push(("Accept", a));
+        }
+        self.send(method, path, &headers, body)
+    }
+
+    /// A request with exactly `headers` (a JSON body gets its content type).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Response {
         let url = format!("{}{path}", self.base);
-        let builder = ureq::http::Request::builder().method(method).uri(&url);
-        let builder = match key {
-            Some(k) => builder.header("Authorization", format!("Bearer {k}")),
-            None => builder,
-        };
-        let builder = match accept {
-            Some(a) => builder.header("Accept", a),
-            None => builder,
-        };
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
         let result = match body {
-            Some(b) => self.agent.run(
-                builder
-                    .header("Content-Type", "application/json")
-                    .body(b.to_vec())
-                    .unwrap(),
-            ),
+            Some(b) => {
+                if !headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                {
+                    builder = builder.header("Content-Type", "application/json");
+                }
+                self.agent.run(builder.body(b.to_vec()).unwrap())
+            }
             None => self.agent.run(builder.body(()).unwrap()),
         };
         let mut response = result.expect("the server answers");

@@ -10,6 +10,7 @@ mod auth;
 mod catalog;
 mod channels;
 mod cli;
+mod console;
 mod fuzz_replay;
 mod gate;
 mod leaks;

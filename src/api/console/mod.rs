@@ -107,7 +107,9 @@ pub fn same_origin(req: &HttpRequest) -> bool {
         return true;
     };
     let info = req.connection_info();
-    origin.to_str().is_ok_and(|o| o == format!("{}://{}", info.scheme(), info.host()))
+    origin
+        .to_str()
+        .is_ok_and(|o| o == format!("{}://{}", info.scheme(), info.host()))
 }
 
 /// A state change made with a session must come from this origin and echo
@@ -157,7 +159,9 @@ fn sign_in_page(status: actix_web::http::StatusCode, problem: Option<&str>) -> H
 async fn signed_in(sandbox: &Sandbox, req: &HttpRequest) -> Option<Principal> {
     let (_, session) = session_of(req)?;
     let cert = req.conn_data::<super::auth::ClientCert>().cloned();
-    super::principal_of(sandbox, session.key_hash, cert).await.ok()
+    super::principal_of(sandbox, session.key_hash, cert)
+        .await
+        .ok()
 }
 
 async fn to_index() -> HttpResponse {
@@ -255,7 +259,9 @@ async fn sign_in(
             return refuse(
                 actix_web::http::StatusCode::BAD_REQUEST,
                 "Enter an API key.",
-                ApiError::invalid("the body must hold an API key: {\"key\": \"…\"} or a form field key"),
+                ApiError::invalid(
+                    "the body must hold an API key: {\"key\": \"…\"} or a form field key",
+                ),
             );
         }
     };
@@ -276,7 +282,11 @@ async fn sign_in(
         session::SessionError::Full => ApiError::Core(crate::error::Error::Overloaded),
         session::SessionError::Random => ApiError::internal(e.to_string()),
     })?;
-    let secure = if sandbox.settings.tls.is_some() { "; Secure" } else { "" };
+    let secure = if sandbox.settings.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
         "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         session::COOKIE,
@@ -320,14 +330,20 @@ async fn whoami(sandbox: web::Data<Sandbox>, req: HttpRequest) -> Result<HttpRes
 }
 
 /// Sign out: the session ends on the server and the cookie is cleared.
-async fn sign_out(sessions: web::Data<Sessions>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+async fn sign_out(
+    sessions: web::Data<Sessions>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let (id, session) = session_of(&req).ok_or(ApiError::Unauthenticated)?;
     guard_state_change(&req, &session)?;
     sessions.close(&id);
     Ok(HttpResponse::Ok()
         .insert_header((
             header::SET_COOKIE,
-            format!("{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0", session::COOKIE),
+            format!(
+                "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+                session::COOKIE
+            ),
         ))
         .json(json!({ "signed_out": true })))
 }

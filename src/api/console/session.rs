@@ -157,7 +157,11 @@ mod tests {
         let (id, s) = sessions.open("k".into()).unwrap();
         assert_eq!(sessions.find(&id).unwrap().key_hash, "k");
         assert!(s.csrf_matches(&s.csrf) && !s.csrf_matches(&id));
-        assert!(sessions.find(&token(&SystemRandom::new()).unwrap()).is_none());
+        assert!(
+            sessions
+                .find(&token(&SystemRandom::new()).unwrap())
+                .is_none()
+        );
         sessions.close(&id);
         assert!(sessions.find(&id).is_none());
     }
@@ -166,7 +170,10 @@ mod tests {
     fn sessions_expire_and_are_capped() {
         let expired = Sessions::new(&settings(0, 60, 10));
         let (id, _) = expired.open("k".into()).unwrap();
-        assert!(expired.find(&id).is_none(), "an idle timeout of 0 ends it at once");
+        assert!(
+            expired.find(&id).is_none(),
+            "an idle timeout of 0 ends it at once"
+        );
         let small = Sessions::new(&settings(60, 60, 2));
         small.open("a".into()).unwrap();
         small.open("b".into()).unwrap();
