@@ -213,6 +213,18 @@ async fn principal_of(
     Ok(principal)
 }
 
+/// Ids of the datasets `principal`'s organisation owns.
+fn owned_ids(sandbox: &Sandbox, principal: &Principal) -> Vec<String> {
+    sandbox
+        .catalog
+        .current()
+        .datasets
+        .values()
+        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
+        .map(|d| d.id().to_string())
+        .collect()
+}
+
 /// Grants with today's use, remaining quotas and privacy budget
 #[utoipa::path(get, path = "/v1/grants", tag = "grants", responses((status = 200, description = "OK", body = Object)))]
 async fn list_grants(
@@ -221,14 +233,7 @@ async fn list_grants(
 ) -> Result<HttpResponse, ApiError> {
     let principal = who.0;
     let s = sandbox.clone();
-    let catalog_owned: Vec<String> = sandbox
-        .catalog
-        .current()
-        .datasets
-        .values()
-        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
-        .map(|d| d.id().to_string())
-        .collect();
+    let catalog_owned = owned_ids(&sandbox, &principal);
     let default_epsilon = sandbox.settings.limits.default_grant_epsilon;
     let grants = web::block(move || -> Result<_, crate::error::Error> {
         let all = match principal.role {

@@ -19,17 +19,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/audit/sql", web::post().to(audit_sql));
 }
 
-/// Ids of the datasets `principal`'s organisation owns.
-fn owned_ids(sandbox: &Sandbox, principal: &Principal) -> Vec<String> {
-    sandbox
-        .catalog
-        .current()
-        .datasets
-        .values()
-        .filter(|d| principal.org.as_deref() == Some(d.manifest.owner.as_str()))
-        .map(|d| d.id().to_string())
-        .collect()
-}
 
 /// Whether `principal` may see a query of `asker` over `datasets`: buyers
 /// their own, owners those reading their datasets, auditors all.
@@ -75,7 +64,7 @@ async fn refusals(
     let all = web::block(move || reader.ledger.refusals(&since_day))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
-    let owned = owned_ids(&sandbox, &who.0);
+    let owned = super::owned_ids(&sandbox, &who.0);
     let mut counts: std::collections::BTreeMap<(String, Option<String>, Option<String>), u64> =
         Default::default();
     for r in all
@@ -149,7 +138,7 @@ async fn usage(sandbox: web::Data<Sandbox>, who: Authenticated) -> Result<HttpRe
     let all = web::block(move || reader.ledger.usage_rollups())
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
-    let owned = owned_ids(&sandbox, &principal);
+    let owned = super::owned_ids(&sandbox, &principal);
     let visible = all
         .iter()
         .filter(|r| sees(&principal, &owned, &r.principal, &r.datasets));

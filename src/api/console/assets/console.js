@@ -119,7 +119,7 @@ function stackedBars(id, data, label) {
   const series = [...new Set(data.map((d) => d.series))].sort();
   const totals = xs.map((x) => data.filter((d) => d.x === x).reduce((a, d) => a + d.value, 0));
   const max = Math.max(...totals, 1e-12);
-  const width = 640, height = 200, left = 48, bottom = 28, bar = Math.max(4, (width - left) / xs.length - 6);
+  const width = 640, height = 200, left = 48, bottom = 28, bar = Math.min(48, Math.max(4, (width - left) / xs.length - 6));
   const chart = svg('svg', { id, class: 'chart', viewBox: `0 0 ${width} ${height + bottom}`, role: 'img', 'aria-label': label });
   chart.append(svg('text', { x: 0, y: 12, class: 'axis' }, shown(max)));
   chart.append(svg('line', { x1: left - 4, y1: height, x2: width, y2: height, class: 'axis-line' }));
