@@ -19,7 +19,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/audit/sql", web::post().to(audit_sql));
 }
 
-
 /// Whether `principal` may see a query of `asker` over `datasets`: buyers
 /// their own, owners those reading their datasets, auditors all.
 fn sees(principal: &Principal, owned: &[String], asker: &str, datasets: &[String]) -> bool {

@@ -222,6 +222,20 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.body_mut().read_to_string().unwrap().contains("ok"));
+    // A console session over HTTPS gets a Secure cookie; the page's origin
+    // (https) is recognised as the server's own.
+    let sign_in = ureq::http::Request::post(format!("https://localhost:{port}/console/session"))
+        .header("Content-Type", "application/json")
+        .header("Origin", format!("https://localhost:{port}"))
+        .body(format!(r#"{{"key": "{}"}}"#, app.key("buyer:acme")))
+        .unwrap();
+    let signed = agent.run(sign_in).unwrap();
+    assert_eq!(signed.status(), 200);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
     // A client that does not trust the certificate cannot talk to it.
     let untrusting: ureq::Agent = ureq::Agent::config_builder().build().into();
     assert!(
