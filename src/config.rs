@@ -28,6 +28,8 @@ pub struct Settings {
     /// listed gets `<data_dir>/owners/<org>`.
     pub owner_roots: BTreeMap<String, String>,
     pub console: ConsoleSettings,
+    /// Where Arrow Flight SQL listens (same TLS as HTTPS); none: off.
+    pub flight_listen: Option<String>,
 }
 
 /// The web console's sign-in sessions.
@@ -146,6 +148,7 @@ impl Default for Settings {
             checkpoint_interval_ms: 2,
             owner_roots: BTreeMap::new(),
             console: ConsoleSettings::default(),
+            flight_listen: Some("127.0.0.1:50051".into()),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod flight;
 pub mod fuzzing;
 pub mod ledger;
 pub mod pipeline;

@@ -51,6 +51,7 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<rustls::ServerConfig, 
 
 pub struct Application {
     port: u16,
+    flight_port: Option<u16>,
     server: Server,
 }
 
@@ -73,6 +74,18 @@ impl Application {
         let sessions = web::Data::new(api::console::session::Sessions::new(&settings.console));
         let sandbox = web::Data::new(Sandbox::open(settings).await?);
         let throttle = web::Data::new(api::throttle::Throttle::default());
+        let flight_port = match &sandbox.settings.flight_listen {
+            Some(listen) => Some(
+                crate::flight::start(
+                    sandbox.clone().into_inner(),
+                    throttle.clone().into_inner(),
+                    listen,
+                    sandbox.settings.tls.as_ref(),
+                )?
+                .port,
+            ),
+            None => None,
+        };
         let verifications = web::Data::new(api::audit::Verifications::default());
         let server = HttpServer::new(move || {
             App::new()
@@ -117,11 +130,20 @@ impl Application {
             None => server.listen(listener)?,
         }
         .run();
-        Ok(Application { port, server })
+        Ok(Application {
+            port,
+            flight_port,
+            server,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The Flight SQL port, when it listens.
+    pub fn flight_port(&self) -> Option<u16> {
+        self.flight_port
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {

@@ -156,6 +156,7 @@ fn ensure_data(options: &Options) -> Result<PathBuf, String> {
 
 fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
     let mut s = Settings::default();
+    s.flight_listen = Some("127.0.0.1:0".into());
     s.catalog_dir = catalog;
     s.policies_dir = options.policies.clone();
     s.data_dir = options

@@ -43,6 +43,9 @@ enum Command {
         /// JSON configuration file (see README, "Configuration").
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where Arrow Flight SQL listens (default 127.0.0.1:50051; `off`: not at all).
+        #[arg(long)]
+        flight_listen: Option<String>,
     },
     /// Manage principals.
     Principal {
@@ -275,7 +278,8 @@ fn main() -> ExitCode {
             policies,
             data_dir,
             config,
-        } => serve(listen, catalog, policies, data_dir, config),
+            flight_listen,
+        } => serve(listen, catalog, policies, data_dir, config, flight_listen),
         Command::Principal {
             command:
                 PrincipalCommand::Add {
@@ -426,9 +430,15 @@ fn serve(
     policies: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     config: Option<PathBuf>,
+    flight_listen: Option<String>,
 ) -> Result<(), String> {
     telemetry::init();
     let mut settings = Settings::load(config.as_deref())?;
+    match flight_listen.as_deref() {
+        Some("off") => settings.flight_listen = None,
+        Some(listen) => settings.flight_listen = Some(listen.to_string()),
+        None => {}
+    }
     if let Some(l) = listen {
         settings.listen = l;
     }
@@ -452,6 +462,13 @@ fn serve(
             "Frostglass is serving on http://{}",
             with_port(&settings.listen, app.port())
         );
+        if let (Some(listen), Some(port)) = (&settings.flight_listen, app.flight_port()) {
+            eprintln!(
+                "  Flight SQL on grpc{}://{}",
+                if settings.tls.is_some() { "+tls" } else { "" },
+                with_port(listen, port)
+            );
+        }
         eprintln!("  catalog:  {}", settings.catalog_dir.display());
         eprintln!("  policies: {}", settings.policies_dir.display());
         eprintln!(

@@ -33,8 +33,8 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-const CATALOG: &str = "datafusion";
-const SCHEMA: &str = "public";
+pub const CATALOG: &str = "datafusion";
+pub const SCHEMA: &str = "public";
 
 pub struct Engine {
     template: SessionState,

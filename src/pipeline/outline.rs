@@ -18,6 +18,9 @@ pub struct Outline {
     pub consent_filters: Vec<ConsentFilter>,
     pub releases: Vec<PlannedRelease>,
     pub estimated_usage: Usage,
+    /// The answer's columns (for Flight SQL's `FlightInfo`; not in the JSON).
+    #[serde(skip)]
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,6 +78,7 @@ pub fn outline(g: &Gated) -> Outline {
         })
         .collect();
     Outline {
+        schema: std::sync::Arc::new(g.split.upper.schema().as_arrow().clone()),
         decision: "allowed",
         grant: g.grant.id.clone(),
         purpose: g.grant.purpose.clone(),

@@ -38,6 +38,8 @@ pub fn repo() -> PathBuf {
 
 pub struct TestApp {
     pub base: String,
+    /// Where its Flight SQL server listens.
+    pub flight_port: u16,
     pub data_dir: PathBuf,
     pub keys: HashMap<String, String>,
     pub grants: HashMap<String, String>,
@@ -165,6 +167,7 @@ pub fn spawn_app_with(options: Options) -> TestApp {
 
     let mut settings = options.settings;
     settings.listen = "127.0.0.1:0".into();
+    settings.flight_listen = Some("127.0.0.1:0".into());
     settings.catalog_dir = options
         .catalog
         .unwrap_or_else(|| shared_catalog().to_path_buf());
@@ -176,11 +179,11 @@ pub fn spawn_app_with(options: Options) -> TestApp {
             let app = Application::build(settings)
                 .await
                 .expect("the application starts");
-            tx.send(app.port()).unwrap();
+            tx.send((app.port(), app.flight_port())).unwrap();
             let _ = app.run_until_stopped().await;
         })
     });
-    let port = rx.recv().expect("the application reports its port");
+    let (port, flight_port) = rx.recv().expect("the application reports its port");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
@@ -189,6 +192,7 @@ pub fn spawn_app_with(options: Options) -> TestApp {
         .into();
     TestApp {
         base: format!("http://127.0.0.1:{port}"),
+        flight_port: flight_port.unwrap_or(0),
         data_dir,
         keys,
         grants,
@@ -408,6 +412,7 @@ impl Server {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"));
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--flight-listen", "127.0.0.1:0"])
             .args(["--catalog", shared_catalog().to_str().unwrap()])
             .args(["--policies", repo().join("policies").to_str().unwrap()])
             .args(["--data-dir", data_dir.to_str().unwrap()])

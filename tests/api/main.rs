@@ -11,6 +11,7 @@ mod catalog;
 mod channels;
 mod cli;
 mod console;
+mod flight;
 mod fuzz_replay;
 mod gate;
 mod leaks;

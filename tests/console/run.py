@@ -74,7 +74,8 @@ def start_server(work, data, port):
     log = open(os.path.join(work, "server.log"), "a")
     config = os.path.join(work, "config.json")
     server = subprocess.Popen([BIN, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
-                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data],
+                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data,
+                               "--flight-listen", "127.0.0.1:0"],
                               cwd=work, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(240):
         try:

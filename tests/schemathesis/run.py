@@ -47,7 +47,8 @@ def main():
         port = s.getsockname()[1]
     log = open(os.path.join(work, "server.log"), "w")
     server = subprocess.Popen([BIN, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
-                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data],
+                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data,
+                               "--flight-listen", "127.0.0.1:0"],
                               cwd=work, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

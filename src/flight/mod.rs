@@ -1,0 +1,188 @@
+//! Arrow Flight SQL, the buyers' second front door, for the standard
+//! drivers (ADBC, JDBC): the same API keys, the same pipeline as HTTP (gate,
+//! release, metering, ledger), the same refusals with the same stable codes,
+//! answers as Arrow. It listens on its own port (`flight_listen`), with the
+//! same TLS certificates and client CA as HTTPS.
+//!
+//! A key comes as `authorization: Bearer <key>` on every call; the
+//! interceptor ([`authenticate`]) resolves it to its principal before any
+//! method runs. `Handshake` with basic credentials (any user name, the key
+//! as password) answers that same key as the bearer token, for drivers that
+//! begin with it.
+
+mod service;
+pub mod tickets;
+
+use crate::api::error::ApiError;
+use crate::api::throttle::Throttle;
+use crate::app::{Sandbox, StartError};
+use crate::config::TlsSettings;
+use crate::store::Principal;
+use arrow_flight::flight_service_server::FlightServiceServer;
+use std::sync::Arc;
+use tonic::{Request, Status};
+
+/// The front door's state: the sandbox, the HTTP door's throttle (one rate
+/// and concurrency budget per principal across both doors), and the
+/// handles clients hold between calls.
+pub struct FlightSql {
+    sandbox: Arc<Sandbox>,
+    throttle: Arc<Throttle>,
+    tickets: tickets::Handles,
+    prepared: tickets::Handles,
+}
+
+/// A running Flight SQL server.
+pub struct FlightServer {
+    pub port: u16,
+}
+
+/// Binds `listen` and serves Flight SQL on a runtime of its own (two
+/// threads: the work of a statement runs on the sandbox's query runtime).
+pub fn start(
+    sandbox: Arc<Sandbox>,
+    throttle: Arc<Throttle>,
+    listen: &str,
+    tls: Option<&TlsSettings>,
+) -> Result<FlightServer, StartError> {
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| StartError::Listen(listen.to_string(), e))?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let tls = tls.map(tls_config).transpose()?;
+    let store = sandbox.store.clone();
+    let service = FlightSql {
+        sandbox,
+        throttle,
+        tickets: tickets::Handles::new(tickets::TICKET_TTL),
+        prepared: tickets::Handles::new(tickets::PREPARED_TTL),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fg-flight")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("fg-flight".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Flight SQL cannot listen");
+                        return;
+                    }
+                };
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let server = FlightServiceServer::with_interceptor(service, move |r| {
+                    authenticate(&store, r)
+                });
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = tls {
+                    builder = match builder.tls_config(tls) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "Flight SQL TLS");
+                            return;
+                        }
+                    };
+                }
+                if let Err(e) = builder
+                    .add_service(server)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!(error = %e, "Flight SQL server stopped");
+                }
+            })
+        })?;
+    Ok(FlightServer { port })
+}
+
+fn tls_config(tls: &TlsSettings) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StartError::Config(format!("TLS {}: {e}", p.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        // Optional at the TLS layer, as on HTTPS: principals bound to a
+        // certificate are held to it per call.
+        config = config
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
+}
+
+/// The principal a call authenticated as, put there by [`authenticate`].
+#[derive(Clone)]
+struct Caller(Principal);
+
+/// Resolves a bearer key to its principal for every call (a key bound to a
+/// client certificate counts only with it). A call without a key passes on
+/// without a principal: only the handshake works without one.
+fn authenticate(
+    store: &crate::store::Store,
+    mut request: Request<()>,
+) -> Result<Request<()>, Status> {
+    let Some(header) = request.metadata().get("authorization") else {
+        return Ok(request);
+    };
+    let Some(key) = header.to_str().ok().and_then(crate::api::auth::bearer) else {
+        // Basic credentials belong to the handshake, which checks them itself.
+        return Ok(request);
+    };
+    let principal = principal_of_key(store, key, &request)?;
+    request.extensions_mut().insert(Caller(principal));
+    Ok(request)
+}
+
+fn principal_of_key<T>(
+    store: &crate::store::Store,
+    key: &str,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
+    let found = store
+        .principal_by_key_hash(&crate::auth::key_hash(key))
+        .map_err(|e| status(ApiError::from(e)))?;
+    let (principal, bound) = found.ok_or_else(|| status(ApiError::Unauthenticated))?;
+    if let Some(bound) = bound {
+        let presented = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| crate::auth::spki_sha256(c)));
+        if presented.as_deref() != Some(bound.as_str()) {
+            return Err(status(ApiError::Unauthenticated));
+        }
+    }
+    Ok(principal)
+}
+
+/// An error as Flight returns it: the gRPC code that matches its HTTP
+/// status, and as message the very JSON body HTTP would send (same stable
+/// code, same rule, never a data value).
+pub fn status(error: ApiError) -> Status {
+    use actix_web::ResponseError;
+    use tonic::Code;
+    let code = match error.status_code().as_u16() {
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        409 => Code::FailedPrecondition,
+        413 | 422 | 429 => Code::ResourceExhausted,
+        499 => Code::Cancelled,
+        503 => Code::Unavailable,
+        500..=599 => Code::Internal,
+        _ => Code::InvalidArgument,
+    };
+    if let ApiError::Core(crate::error::Error::Internal(cause)) = &error {
+        tracing::error!(cause = %cause, "internal error (Flight SQL)");
+    }
+    Status::new(code, error.body().to_string())
+}
+
+impl From<crate::error::Error> for Status {
+    fn from(e: crate::error::Error) -> Status {
+        status(e.into())
+    }
+}
