@@ -358,3 +358,45 @@ fn catalog_calls_list_only_what_the_principal_may_see() {
         assert_eq!(rows(&catalogs), vec![vec![json!("datafusion")]]);
     });
 }
+
+#[test]
+fn a_dropped_stream_cancels_its_query_and_the_ledger_records_it() {
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_timeout_ms = 300_000;
+        // One slot: the next query runs only once the abandoned one stopped.
+        limits.max_concurrent_queries = 1;
+        limits.queue_wait_ms = 60_000;
+    });
+    let acme = app.key("buyer:acme").to_string();
+    let slow = "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district";
+    let rt = runtime();
+    rt.block_on(async {
+        let info = flight_info(&app, &acme, slow).await.expect("allowed");
+        let ticket = ticket_of(&info);
+        let (app_ref, key) = (&app, acme.clone());
+        let redeeming = async move { redeem(app_ref, &key, &ticket).await };
+        let gave_up = tokio::time::timeout(std::time::Duration::from_secs(1), redeeming).await;
+        assert!(gave_up.is_err(), "the join runs longer than a second");
+    });
+    drop(rt);
+    let started = std::time::Instant::now();
+    assert_eq!(app.query(QUICK).status, 200);
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "the abandoned query kept its slot for {:?}",
+        started.elapsed()
+    );
+    let entries = app
+        .get(
+            "/v1/audit/entries?from=0&limit=1000",
+            Some(app.key("auditor:cac")),
+        )
+        .json();
+    let closed = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["body"].as_str().unwrap().contains("\"client_closed\""))
+        .count();
+    assert_eq!(closed, 1, "the cancelled query is in the ledger once");
+}

@@ -236,6 +236,24 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
         cookie.contains("; Secure") && cookie.contains("HttpOnly"),
         "{cookie}"
     );
+    // Flight SQL serves the same certificate on its own port.
+    let flight_tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let flight_url = format!("https://localhost:{}", app.flight_port);
+    let listed = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = tonic::transport::Channel::from_shared(flight_url)
+            .unwrap()
+            .tls_config(flight_tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("Flight SQL over TLS");
+        let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+        client.set_token(app.key("buyer:acme").to_string());
+        client.get_catalogs().await.map(|info| info.endpoint.len())
+    });
+    assert_eq!(listed.unwrap(), 1);
     // A client that does not trust the certificate cannot talk to it.
     let untrusting: ureq::Agent = ureq::Agent::config_builder().build().into();
     assert!(
