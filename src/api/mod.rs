@@ -416,7 +416,7 @@ async fn post_query(
         .await
         .map_err(|e| ApiError::internal(format!("query task failed: {e}")))??;
     let answer = match outcome {
-        Outcome::DryRun(outline) => return Ok(HttpResponse::Ok().json(outline)),
+        Outcome::DryRun(decided) => return Ok(HttpResponse::Ok().json(&decided.outline)),
         Outcome::Held(query_id) => {
             return Ok(HttpResponse::Accepted()
                 .insert_header(("Location", format!("/v1/queries/{query_id}")))

@@ -29,7 +29,7 @@ pub struct Options {
     pub http_seconds: u64,
 }
 
-const SUITE: [(&str, &str); 5] = [
+pub(super) const SUITE: [(&str, &str); 5] = [
     (
         "grouped_count",
         "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district",
@@ -53,7 +53,7 @@ const SUITE: [(&str, &str); 5] = [
     ),
 ];
 
-const SMALL_QUERY: &str =
+pub(super) const SMALL_QUERY: &str =
     "SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry";
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,7 +64,7 @@ pub struct Timing {
 }
 
 /// Median, min and max; NaN for a mode that refused the query.
-fn timing(mut samples: Vec<f64>) -> Timing {
+pub(super) fn timing(mut samples: Vec<f64>) -> Timing {
     samples.sort_by(|a, b| a.total_cmp(b));
     Timing {
         median_ms: percentile(&samples, 0.5),
@@ -73,14 +73,14 @@ fn timing(mut samples: Vec<f64>) -> Timing {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -93,7 +93,7 @@ fn peak_rss_mb(process: &str) -> Option<f64> {
 }
 
 /// A catalog of the demo manifests over data at the given scale; without DP when `dp` is false.
-fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, String> {
+pub(super) fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, String> {
     let dir = options.work_dir.join(if dp {
         "catalog-dp"
     } else {
@@ -128,7 +128,7 @@ fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, 
     Ok(dir)
 }
 
-fn ensure_data(options: &Options) -> Result<PathBuf, String> {
+pub(super) fn ensure_data(options: &Options) -> Result<PathBuf, String> {
     let data = options
         .work_dir
         .join(format!("data-scale-{}", options.scale));
@@ -154,7 +154,7 @@ fn ensure_data(options: &Options) -> Result<PathBuf, String> {
     Ok(data)
 }
 
-fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
+pub(super) fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
     let mut s = Settings::default();
     s.flight_listen = Some("127.0.0.1:0".into());
     s.catalog_dir = catalog;
@@ -176,13 +176,13 @@ fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
 
 /// The server under test: `frostglass serve` in its own process (its own
 /// memory, allocator and threads, logging as in production), stopped on drop.
-struct Server {
+pub(super) struct Server {
     child: std::process::Child,
-    base: String,
+    pub(super) base: String,
 }
 
 impl Server {
-    fn start(mut settings: Settings) -> Result<Server, String> {
+    pub(super) fn start(mut settings: Settings) -> Result<Server, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
@@ -259,7 +259,7 @@ impl Subject {
     }
 }
 
-fn buyer(admin: &RefCell<Writer>) -> Result<(Principal, String), String> {
+pub(super) fn buyer(admin: &RefCell<Writer>) -> Result<(Principal, String), String> {
     let p = Principal {
         id: "buyer:bench".into(),
         role: Role::Buyer,
@@ -270,7 +270,7 @@ fn buyer(admin: &RefCell<Writer>) -> Result<(Principal, String), String> {
     Ok((p, key))
 }
 
-fn grant(admin: &RefCell<Writer>) -> Result<String, String> {
+pub(super) fn grant(admin: &RefCell<Writer>) -> Result<String, String> {
     let grant = NewGrant {
         buyer: "buyer:bench".into(),
         datasets: vec![

@@ -2,6 +2,7 @@
 //! grants, generate demo data, check manifests and policies.
 
 mod bench;
+mod bench_flight;
 mod bench_ledger;
 
 use clap::{Parser, Subcommand};
@@ -117,6 +118,9 @@ enum Command {
         http_clients: usize,
         #[arg(long, default_value_t = 10)]
         http_seconds: u64,
+        /// Compare the two front doors instead: HTTP (JSON) and Flight SQL (Arrow).
+        #[arg(long)]
+        flight: bool,
     },
     /// The ledger at N entries, appended directly: restart, usage report, proofs, verify (build with --release).
     BenchLedger {
@@ -333,16 +337,24 @@ fn main() -> ExitCode {
             out,
             http_clients,
             http_seconds,
-        } => bench::run(bench::Options {
-            catalog,
-            policies,
-            scale,
-            runs: runs.max(1),
-            work_dir,
-            out,
-            http_clients: http_clients.max(1),
-            http_seconds: http_seconds.max(1),
-        }),
+            flight,
+        } => {
+            let options = bench::Options {
+                catalog,
+                policies,
+                scale,
+                runs: runs.max(1),
+                work_dir,
+                out,
+                http_clients: http_clients.max(1),
+                http_seconds: http_seconds.max(1),
+            };
+            if flight {
+                bench_flight::run(options)
+            } else {
+                bench::run(options)
+            }
+        }
         Command::Verify {
             data_dir,
             url,

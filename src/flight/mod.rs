@@ -28,8 +28,9 @@ use tonic::{Request, Status};
 pub struct FlightSql {
     sandbox: Arc<Sandbox>,
     throttle: Arc<Throttle>,
-    tickets: tickets::Handles,
-    prepared: tickets::Handles,
+    /// A ticket holds its statement and the gate's decision on it.
+    tickets: tickets::Handles<(crate::pipeline::Request, Box<crate::pipeline::gate::Gated>)>,
+    prepared: tickets::Handles<crate::pipeline::Request>,
 }
 
 /// A running Flight SQL server.
@@ -73,7 +74,9 @@ pub fn start(
                         return;
                     }
                 };
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                // Without TCP_NODELAY every small answer waits out a delayed ACK.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 let server = FlightServiceServer::with_interceptor(service, move |r| {
                     authenticate(&store, r)
                 });

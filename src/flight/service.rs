@@ -157,12 +157,13 @@ impl FlightSql {
     }
 
     /// The gate's decision on `statement` without reading data: its
-    /// outline (a refusal is recorded and returned, as on HTTP).
+    /// outline and the gate's output (a refusal is recorded and returned,
+    /// as on HTTP).
     async fn decide(
         &self,
         principal: &Principal,
         statement: &pipeline::Request,
-    ) -> Result<Box<pipeline::outline::Outline>, Status> {
+    ) -> Result<Box<pipeline::Decided>, Status> {
         let dry = pipeline::Request {
             dry_run: true,
             ..statement.clone()
@@ -174,7 +175,7 @@ impl FlightSql {
             std::future::pending(),
         );
         match self.sandbox.runtime.spawn(run).await {
-            Ok(Ok(Outcome::DryRun(outline))) => Ok(outline),
+            Ok(Ok(Outcome::DryRun(decided))) => Ok(decided),
             Ok(Ok(_)) => Err(status(ApiError::internal("a dry run answered"))),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(status(ApiError::internal(e.to_string()))),
@@ -189,10 +190,11 @@ impl FlightSql {
         statement: pipeline::Request,
         descriptor: FlightDescriptor,
     ) -> Result<Response<FlightInfo>, Status> {
-        let outline = self.decide(principal, &statement).await?;
+        let decided = self.decide(principal, &statement).await?;
+        let pipeline::Decided { outline, gated } = *decided;
         let handle = self
             .tickets
-            .issue(&principal.id, statement)
+            .issue(&principal.id, (statement, Box::new(gated)))
             .map_err(|r| refused_handle(r, "ticket"))?;
         let ticket = TicketStatementQuery {
             statement_handle: handle.into_bytes().into(),
@@ -219,6 +221,7 @@ impl FlightSql {
         &self,
         principal: Principal,
         statement: pipeline::Request,
+        decided: Box<pipeline::gate::Gated>,
     ) -> Result<Response<DoGetStream>, Status> {
         let limits = &self.sandbox.settings.limits;
         let running = self
@@ -226,9 +229,15 @@ impl FlightSql {
             .start(&principal.id, limits.max_concurrent_queries_per_principal)
             .map_err(status)?;
         let (client_here, client_gone) = tokio::sync::oneshot::channel::<()>();
-        let run = pipeline::run(self.sandbox.clone(), principal, statement, async move {
-            let _ = client_gone.await;
-        });
+        let run = pipeline::run_decided(
+            self.sandbox.clone(),
+            principal,
+            statement,
+            Some(decided),
+            async move {
+                let _ = client_gone.await;
+            },
+        );
         let outcome = self.sandbox.runtime.spawn(run).await;
         drop((client_here, running));
         let answer = match outcome.map_err(|e| status(ApiError::internal(e.to_string())))?? {
@@ -375,11 +384,11 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<DoGetStream>, Status> {
         let principal = self.caller(&request)?;
         let handle = String::from_utf8_lossy(&ticket.statement_handle).into_owned();
-        let statement = self
+        let (statement, decided) = self
             .tickets
             .take(&principal.id, &handle)
             .map_err(|r| refused_handle(r, "ticket"))?;
-        self.execute(principal, statement).await
+        self.execute(principal, statement, decided).await
     }
 
     async fn do_action_create_prepared_statement(
@@ -389,14 +398,14 @@ impl FlightSqlService for FlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let principal = self.caller(&request)?;
         let statement = Self::statement(&request, query.query);
-        let outline = self.decide(&principal, &statement).await?;
+        let schema = self.decide(&principal, &statement).await?.outline.schema;
         let handle = self
             .prepared
             .issue(&principal.id, statement)
             .map_err(|r| refused_handle(r, "prepared statement"))?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into_bytes().into(),
-            dataset_schema: ipc_schema(&outline.schema)?,
+            dataset_schema: ipc_schema(&schema)?,
             parameter_schema: ipc_schema(&Schema::empty())?,
         })
     }

@@ -4,7 +4,6 @@
 //! idle too long). Both live in memory; a restart ends them, and clients
 //! prepare again.
 
-use crate::pipeline::Request;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,15 +16,15 @@ pub const PREPARED_TTL: Duration = Duration::from_secs(3600);
 /// Most tickets and prepared statements held at once, per principal.
 const PER_PRINCIPAL: usize = 256;
 
-struct Held {
+struct Held<T> {
     principal: String,
-    request: Request,
+    statement: T,
     expires: Instant,
 }
 
 /// Handles to statements, bound to principals.
-pub struct Handles {
-    held: Mutex<HashMap<String, Held>>,
+pub struct Handles<T> {
+    held: Mutex<HashMap<String, Held<T>>>,
     ttl: Duration,
     rng: SystemRandom,
 }
@@ -38,8 +37,8 @@ pub enum Refused {
     TooMany,
 }
 
-impl Handles {
-    pub fn new(ttl: Duration) -> Handles {
+impl<T> Handles<T> {
+    pub fn new(ttl: Duration) -> Handles<T> {
         Handles {
             held: Mutex::default(),
             ttl,
@@ -47,12 +46,12 @@ impl Handles {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held<T>>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `request` for `principal`; the handle names it.
-    pub fn issue(&self, principal: &str, request: Request) -> Result<String, Refused> {
+    /// Keeps `statement` for `principal`; the handle names it.
+    pub fn issue(&self, principal: &str, statement: T) -> Result<String, Refused> {
         let mut bytes = [0u8; 24];
         self.rng.fill(&mut bytes).map_err(|_| Refused::TooMany)?;
         let handle = hex::encode(bytes);
@@ -66,33 +65,36 @@ impl Handles {
             handle.clone(),
             Held {
                 principal: principal.to_string(),
-                request,
+                statement,
                 expires: now + self.ttl,
             },
         );
         Ok(handle)
     }
 
-    /// The request behind `handle`, removed: a ticket is used once.
-    pub fn take(&self, principal: &str, handle: &str) -> Result<Request, Refused> {
+    /// The statement behind `handle`, removed: a ticket is used once.
+    pub fn take(&self, principal: &str, handle: &str) -> Result<T, Refused> {
         let mut held = self.lock();
         match held.get(handle) {
             Some(h) if h.principal == principal && h.expires > Instant::now() => {}
             _ => return Err(Refused::Unknown),
         }
         held.remove(handle)
-            .map(|h| h.request)
+            .map(|h| h.statement)
             .ok_or(Refused::Unknown)
     }
 
-    /// The request behind `handle`, kept (and its life renewed).
-    pub fn get(&self, principal: &str, handle: &str) -> Result<Request, Refused> {
+    /// The statement behind `handle`, kept (and its life renewed).
+    pub fn get(&self, principal: &str, handle: &str) -> Result<T, Refused>
+    where
+        T: Clone,
+    {
         let mut held = self.lock();
         let now = Instant::now();
         match held.get_mut(handle) {
             Some(h) if h.principal == principal && h.expires > now => {
                 h.expires = now + self.ttl;
-                Ok(h.request.clone())
+                Ok(h.statement.clone())
             }
             _ => Err(Refused::Unknown),
         }
@@ -106,6 +108,7 @@ impl Handles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Request;
 
     fn request() -> Request {
         Request {
@@ -119,7 +122,7 @@ mod tests {
 
     #[test]
     fn a_ticket_is_used_once_by_its_principal_only() {
-        let tickets = Handles::new(TICKET_TTL);
+        let tickets: Handles<Request> = Handles::new(TICKET_TTL);
         let t = tickets.issue("buyer:a", request()).unwrap();
         assert_eq!(tickets.take("buyer:b", &t).unwrap_err(), Refused::Unknown);
         assert_eq!(tickets.take("buyer:a", &t).unwrap().sql, "SELECT 1");
@@ -128,10 +131,10 @@ mod tests {
 
     #[test]
     fn handles_expire_and_are_capped_per_principal() {
-        let expired = Handles::new(Duration::ZERO);
+        let expired: Handles<Request> = Handles::new(Duration::ZERO);
         let t = expired.issue("buyer:a", request()).unwrap();
         assert_eq!(expired.take("buyer:a", &t).unwrap_err(), Refused::Unknown);
-        let prepared = Handles::new(PREPARED_TTL);
+        let prepared: Handles<Request> = Handles::new(PREPARED_TTL);
         for _ in 0..PER_PRINCIPAL {
             prepared.issue("buyer:a", request()).unwrap();
         }

@@ -100,9 +100,16 @@ impl Answer {
     }
 }
 
+/// A dry run's decision: its outline, and the gate's output for a later
+/// run of the same request (see `gate::again_or_gate`).
+pub struct Decided {
+    pub outline: outline::Outline,
+    pub gated: Gated,
+}
+
 pub enum Outcome {
     Answer(Box<Answer>),
-    DryRun(Box<outline::Outline>),
+    DryRun(Box<Decided>),
     /// Released and recorded, but held for its owners' review (`app::review`).
     Held(String),
 }
@@ -143,12 +150,26 @@ pub async fn run(
     request: Request,
     client_gone: impl Future<Output = ()> + Send,
 ) -> Result<Outcome, Error> {
+    run_decided(sandbox, principal, request, None, client_gone).await
+}
+
+/// [`run`], with the gate's output of an earlier dry run of the same
+/// request, used again if nothing it rests on changed.
+pub async fn run_decided(
+    sandbox: Arc<Sandbox>,
+    principal: Principal,
+    request: Request,
+    decided: Option<Box<Gated>>,
+    client_gone: impl Future<Output = ()> + Send,
+) -> Result<Outcome, Error> {
     let started = Instant::now();
     let query_id = new_id("q");
     let mut trace = Trace::default();
     let timeout = Duration::from_millis(sandbox.settings.limits.query_timeout_ms);
-    let answered =
-        tokio::time::timeout(timeout, answer(&sandbox, &principal, &request, &mut trace));
+    let answered = tokio::time::timeout(
+        timeout,
+        answer(&sandbox, &principal, &request, decided, &mut trace),
+    );
     let result = tokio::select! {
         r = answered => r.unwrap_or_else(|_| Err(Error::ResourceLimit(format!(
             "the query ran longer than {} ms and was cancelled",
@@ -157,7 +178,7 @@ pub async fn run(
         () = client_gone => Err(Error::ClientClosed),
     };
     match result {
-        Ok(Step::DryRun(outline)) => Ok(Outcome::DryRun(outline)),
+        Ok(Step::DryRun(decided)) => Ok(Outcome::DryRun(decided)),
         Ok(Step::Done(prepared, executed)) => {
             let answer = finish(
                 &sandbox, &principal, &request, query_id, started, prepared, executed,
@@ -193,7 +214,7 @@ pub async fn run(
 }
 
 enum Step {
-    DryRun(Box<outline::Outline>),
+    DryRun(Box<Decided>),
     Done(Box<Prepared>, Executed),
 }
 
@@ -201,15 +222,20 @@ async fn answer(
     sandbox: &Sandbox,
     principal: &Principal,
     request: &Request,
+    decided: Option<Box<Gated>>,
     trace: &mut Trace,
 ) -> Result<Step, Error> {
     if principal.role != Role::Buyer {
         return Err(Error::Forbidden("only buyers run queries".into()));
     }
     sandbox.policies.check_principal(&principal.id)?;
-    let mut prepared = prepare(sandbox, principal, request, trace).await?;
+    let mut prepared = prepare(sandbox, principal, request, decided, trace).await?;
     if request.dry_run {
-        return Ok(Step::DryRun(Box::new(outline::outline(&prepared.gated))));
+        let outline = outline::outline(&prepared.gated);
+        return Ok(Step::DryRun(Box::new(Decided {
+            outline,
+            gated: prepared.gated,
+        })));
     }
     if let Some((answer, release)) = &prepared.cached {
         let executed = cache::from_cache(answer, release)?;
@@ -236,9 +262,10 @@ async fn prepare(
     sandbox: &Sandbox,
     principal: &Principal,
     request: &Request,
+    decided: Option<Box<Gated>>,
     trace: &mut Trace,
 ) -> Result<Prepared, Error> {
-    let mut gated = gate::gate(sandbox, principal, request, trace).await?;
+    let mut gated = gate::again_or_gate(sandbox, principal, request, trace, decided).await?;
     let rows: u64 = gated.scanned.iter().map(|d| d.num_rows).sum();
     let cap = sandbox.settings.limits.max_rows_scanned;
     if rows > cap {

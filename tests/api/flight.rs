@@ -400,3 +400,27 @@ fn a_dropped_stream_cancels_its_query_and_the_ledger_records_it() {
         .count();
     assert_eq!(closed, 1, "the cancelled query is in the ledger once");
 }
+
+#[test]
+fn a_ticket_is_decided_again_when_its_grant_ends_before_it_is_redeemed() {
+    let app = spawn_app();
+    let acme = app.key("buyer:acme").to_string();
+    let rt = runtime();
+    let ticket = rt.block_on(async {
+        let sql = "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district";
+        ticket_of(&flight_info(&app, &acme, sql).await.expect("allowed"))
+    });
+    let revoke = app.request(
+        "POST",
+        &format!("/v1/grants/{}/revoke", app.grants["buyer:acme"]),
+        Some(app.key("owner:hospital")),
+        None,
+        None,
+    );
+    assert_eq!(revoke.status, 200, "{}", revoke.text());
+    let refused = rt
+        .block_on(redeem(&app, &acme, &ticket))
+        .expect_err("the grant it was decided under is gone");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(body_of(&refused)["error"]["code"], "no_grant");
+}

@@ -1,0 +1,254 @@
+//! `frostglass bench --flight`: the same server answering the same queries
+//! through its two front doors, side by side in one run — HTTP with JSON
+//! answers (read to the last byte) and Arrow Flight SQL (`GetFlightInfo`,
+//! then `DoGet` to the last batch) — the suite, two wide answers of 1,000+
+//! rows, and the load test's small query from concurrent clients on each.
+
+use super::bench::{
+    Options, SMALL_QUERY, SUITE, Server, Timing, buyer, ensure_data, grant, ms, percentile,
+    prepare_catalog, settings, timing,
+};
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use serde_json::json;
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Answers of many rows, where Arrow's columnar encoding should tell.
+const WIDE: [(&str, &str); 2] = [
+    (
+        "wide_open_rows",
+        "SELECT company_id, name, district, industry, employees FROM enterprise_registry LIMIT 5000",
+    ),
+    (
+        "wide_dp_groups",
+        "SELECT district, age, COUNT(*) AS n FROM city_health GROUP BY district, age",
+    ),
+];
+
+struct Doors {
+    base: String,
+    key: String,
+    agent: ureq::Agent,
+    flight: Channel,
+}
+
+impl Doors {
+    /// One statement over HTTP, the JSON answer read to its end: rows.
+    fn http(&self, sql: &str, grant: &str) -> Result<(Duration, usize), String> {
+        let started = Instant::now();
+        let mut resp = self
+            .agent
+            .post(format!("{}/v1/queries", self.base))
+            .header("Authorization", &format!("Bearer {}", self.key))
+            .send_json(json!({ "sql": sql, "grant": grant }))
+            .map_err(|e| e.to_string())?;
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed();
+        if resp.status() != 200 {
+            return Err(format!(
+                "HTTP {}: {}",
+                resp.status(),
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Ok((elapsed, doc["rows"].as_array().map_or(0, Vec::len)))
+    }
+
+    /// One statement over Flight SQL, every batch received: rows.
+    async fn flight(&self, sql: &str, grant: &str) -> Result<(Duration, usize), String> {
+        let started = Instant::now();
+        let mut client = FlightSqlServiceClient::new(self.flight.clone());
+        client.set_token(self.key.clone());
+        client.set_header("x-frostglass-grant", grant);
+        let info = client
+            .execute(sql.to_string(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ticket = info
+            .endpoint
+            .first()
+            .and_then(|e| e.ticket.clone())
+            .ok_or("no ticket")?;
+        let batches: Vec<_> = client
+            .do_get(ticket)
+            .await
+            .map_err(|e| e.to_string())?
+            .try_collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = batches.iter().map(|b| b.num_rows()).sum();
+        Ok((started.elapsed(), rows))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+/// Small queries from `clients` threads for `seconds`: latencies and errors.
+fn load(
+    clients: usize,
+    seconds: u64,
+    one: &(dyn Fn() -> Result<Duration, String> + Sync),
+) -> (Vec<f64>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(move || {
+                    let (mut lat, mut errors) = (Vec::new(), 0);
+                    while Instant::now() < deadline {
+                        match one() {
+                            Ok(d) => lat.push(ms(d)),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut latencies: Vec<f64> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (latencies, results.iter().map(|(_, e)| e).sum())
+}
+
+pub fn run(options: Options) -> Result<(), String> {
+    let data = ensure_data(&options)?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let catalog = prepare_catalog(&options, &data, true)?;
+    let mut server_settings = settings(&options, catalog, "flight");
+    server_settings.limits.max_concurrent_queries = 8;
+    let flight_port = free_port()?;
+    server_settings.flight_listen = Some(format!("127.0.0.1:{flight_port}"));
+    let store = RefCell::new(
+        frostglass::app::admin::open(&server_settings.data_dir).map_err(|e| e.to_string())?,
+    );
+    let (_, key) = buyer(&store)?;
+    let server = Server::start(server_settings)?;
+    let flight = rt
+        .block_on(
+            Channel::from_shared(format!("http://127.0.0.1:{flight_port}"))
+                .map_err(|e| e.to_string())?
+                .connect(),
+        )
+        .map_err(|e| format!("Flight SQL: {e}"))?;
+    let doors = Doors {
+        base: server.base.clone(),
+        key,
+        agent: ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_idle_connections(options.http_clients * 2)
+            .max_idle_connections_per_host(options.http_clients * 2)
+            .build()
+            .into(),
+        flight,
+    };
+
+    println!(
+        "{:<18} {:>7} {:>10} {:>10} {:>12}",
+        "query", "rows", "http ms", "flight ms", "flight/http"
+    );
+    let mut rows = Vec::new();
+    for (name, sql) in SUITE.iter().chain(WIDE.iter()) {
+        let (mut http, mut flight) = (Vec::new(), Vec::new());
+        let mut answer_rows = 0;
+        // One warm-up each, then the doors interleaved run by run; every
+        // statement a plan of its own under a fresh grant, so it is computed.
+        let measured = (0..=options.runs).try_for_each(|run| -> Result<(), String> {
+            let fresh = format!("SELECT * FROM ({sql}) AS run_{run}");
+            let (h, n) = doors.http(&fresh, &grant(&store)?)?;
+            let fresh = format!("SELECT * FROM ({sql}) AS flight_{run}");
+            let (f, m) = rt.block_on(doors.flight(&fresh, &grant(&store)?))?;
+            // Where differential privacy selects the groups, two releases may
+            // differ in how many pass; elsewhere the doors answer alike.
+            answer_rows = n.max(m);
+            if run > 0 {
+                http.push(ms(h));
+                flight.push(ms(f));
+            }
+            Ok(())
+        });
+        if let Err(e) = measured {
+            println!("{name:<18} failed: {e}");
+            rows.push(json!({ "query": name, "sql": sql, "error": e }));
+            continue;
+        }
+        let (h, f): (Timing, Timing) = (timing(http), timing(flight));
+        let ratio = f.median_ms / h.median_ms;
+        println!(
+            "{name:<18} {answer_rows:>7} {:>10.1} {:>10.1} {ratio:>12.2}",
+            h.median_ms, f.median_ms
+        );
+        rows.push(json!({
+            "query": name, "sql": sql, "rows": answer_rows, "http": h, "flight": f, "ratio_flight_http": ratio,
+        }));
+    }
+
+    let small_grant = grant(&store)?;
+    let clients = options.http_clients;
+    let seconds = options.http_seconds;
+    let (http_lat, http_errors) = load(clients, seconds, &|| {
+        doors.http(SMALL_QUERY, &small_grant).map(|(d, _)| d)
+    });
+    let flight_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (flight_lat, flight_errors) = load(clients, seconds, &|| {
+        flight_rt
+            .block_on(doors.flight(SMALL_QUERY, &small_grant))
+            .map(|(d, _)| d)
+    });
+    let summary = |lat: &[f64], errors: usize| {
+        json!({
+            "answered": lat.len(), "errors": errors, "queries_per_second": lat.len() as f64 / seconds as f64,
+            "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+        })
+    };
+    let (http_load, flight_load) = (
+        summary(&http_lat, http_errors),
+        summary(&flight_lat, flight_errors),
+    );
+    for (door, s) in [("HTTP", &http_load), ("Flight SQL", &flight_load)] {
+        println!(
+            "{door} load: {clients} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+            s["queries_per_second"].as_f64().unwrap_or(0.0),
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p99_ms"].as_f64().unwrap_or(0.0),
+            s["errors"]
+        );
+    }
+    let report = json!({
+        "scale": options.scale, "runs": options.runs,
+        "machine": { "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) },
+        "suite": rows,
+        "load": { "sql": SMALL_QUERY, "clients": clients, "seconds": seconds, "http": http_load, "flight": flight_load },
+    });
+    std::fs::write(
+        &options.out,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("wrote {}", options.out.display());
+    Ok(())
+}
