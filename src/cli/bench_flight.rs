@@ -62,8 +62,9 @@ impl Doors {
         Ok((elapsed, doc["rows"].as_array().map_or(0, Vec::len)))
     }
 
-    /// One statement over Flight SQL, every batch received: rows.
-    async fn flight(&self, sql: &str, grant: &str) -> Result<(Duration, usize), String> {
+    /// One statement over Flight SQL, every batch received: rows, and how
+    /// long its `GetFlightInfo` (the gate's dry run) took of it.
+    async fn flight(&self, sql: &str, grant: &str) -> Result<(Duration, usize, Duration), String> {
         let started = Instant::now();
         let mut client = FlightSqlServiceClient::new(self.flight.clone());
         client.set_token(self.key.clone());
@@ -72,6 +73,7 @@ impl Doors {
             .execute(sql.to_string(), None)
             .await
             .map_err(|e| e.to_string())?;
+        let decided = started.elapsed();
         let ticket = info
             .endpoint
             .first()
@@ -85,7 +87,7 @@ impl Doors {
             .await
             .map_err(|e| e.to_string())?;
         let rows = batches.iter().map(|b| b.num_rows()).sum();
-        Ok((started.elapsed(), rows))
+        Ok((started.elapsed(), rows, decided))
     }
 }
 
@@ -164,12 +166,12 @@ pub fn run(options: Options) -> Result<(), String> {
     };
 
     println!(
-        "{:<18} {:>7} {:>10} {:>10} {:>12}",
-        "query", "rows", "http ms", "flight ms", "flight/http"
+        "{:<18} {:>7} {:>10} {:>10} {:>9} {:>12}",
+        "query", "rows", "http ms", "flight ms", "info ms", "flight/http"
     );
     let mut rows = Vec::new();
     for (name, sql) in SUITE.iter().chain(WIDE.iter()) {
-        let (mut http, mut flight) = (Vec::new(), Vec::new());
+        let (mut http, mut flight, mut info) = (Vec::new(), Vec::new(), Vec::new());
         let mut answer_rows = 0;
         // One warm-up each, then the doors interleaved run by run; every
         // statement a plan of its own under a fresh grant, so it is computed.
@@ -177,13 +179,14 @@ pub fn run(options: Options) -> Result<(), String> {
             let fresh = format!("SELECT * FROM ({sql}) AS run_{run}");
             let (h, n) = doors.http(&fresh, &grant(&store)?)?;
             let fresh = format!("SELECT * FROM ({sql}) AS flight_{run}");
-            let (f, m) = rt.block_on(doors.flight(&fresh, &grant(&store)?))?;
+            let (f, m, i) = rt.block_on(doors.flight(&fresh, &grant(&store)?))?;
             // Where differential privacy selects the groups, two releases may
             // differ in how many pass; elsewhere the doors answer alike.
             answer_rows = n.max(m);
             if run > 0 {
                 http.push(ms(h));
                 flight.push(ms(f));
+                info.push(ms(i));
             }
             Ok(())
         });
@@ -192,14 +195,14 @@ pub fn run(options: Options) -> Result<(), String> {
             rows.push(json!({ "query": name, "sql": sql, "error": e }));
             continue;
         }
-        let (h, f): (Timing, Timing) = (timing(http), timing(flight));
+        let (h, f, i): (Timing, Timing, Timing) = (timing(http), timing(flight), timing(info));
         let ratio = f.median_ms / h.median_ms;
         println!(
-            "{name:<18} {answer_rows:>7} {:>10.1} {:>10.1} {ratio:>12.2}",
-            h.median_ms, f.median_ms
+            "{name:<18} {answer_rows:>7} {:>10.1} {:>10.1} {:>9.1} {ratio:>12.2}",
+            h.median_ms, f.median_ms, i.median_ms
         );
         rows.push(json!({
-            "query": name, "sql": sql, "rows": answer_rows, "http": h, "flight": f, "ratio_flight_http": ratio,
+            "query": name, "sql": sql, "rows": answer_rows, "http": h, "flight": f, "flight_info": i, "ratio_flight_http": ratio,
         }));
     }
 
@@ -217,7 +220,7 @@ pub fn run(options: Options) -> Result<(), String> {
     let (flight_lat, flight_errors) = load(clients, seconds, &|| {
         flight_rt
             .block_on(doors.flight(SMALL_QUERY, &small_grant))
-            .map(|(d, _)| d)
+            .map(|(d, _, _)| d)
     });
     let summary = |lat: &[f64], errors: usize| {
         json!({
