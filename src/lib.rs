@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod pipeline;
 pub mod policy;
 pub mod release;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod util;

@@ -81,6 +81,11 @@ impl ApiError {
         Error::ResourceLimit(message.into()).into()
     }
 
+    /// The HTTP status this error answers with (other doors map from it).
+    pub fn http_status(&self) -> u16 {
+        ResponseError::status_code(self).as_u16()
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthenticated => "unauthenticated",

@@ -3,11 +3,13 @@
 
 use super::error::ApiError;
 use crate::api;
+use crate::api::throttle::Throttle;
 use crate::app::{Sandbox, StartError};
 use crate::config::Settings;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use std::net::TcpListener;
+use std::sync::Arc;
 
 /// TLS 1.2 and 1.3 only, with rustls's modern cipher suites (ring provider).
 fn tls_config(tls: &crate::config::TlsSettings) -> Result<rustls::ServerConfig, StartError> {
@@ -51,12 +53,25 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<rustls::ServerConfig, 
 
 pub struct Application {
     port: u16,
-    flight_port: Option<u16>,
+    door_ports: Vec<u16>,
     server: Server,
 }
 
+/// Another front door on the same sandbox and throttle (Flight SQL), given
+/// by the caller so that HTTP need not know it: it starts and answers its port.
+pub type Door = Box<dyn FnOnce(Arc<Sandbox>, Arc<Throttle>) -> Result<u16, StartError>>;
+
 impl Application {
+    /// HTTP alone.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        Application::build_with(settings, Vec::new()).await
+    }
+
+    /// HTTP, and `doors` on the same sandbox once it is open.
+    pub async fn build_with(
+        settings: Settings,
+        doors: Vec<Door>,
+    ) -> Result<Application, StartError> {
         let tls = match &settings.tls {
             Some(tls) => Some(tls_config(tls)?),
             None => None,
@@ -74,18 +89,10 @@ impl Application {
         let sessions = web::Data::new(api::console::session::Sessions::new(&settings.console));
         let sandbox = web::Data::new(Sandbox::open(settings).await?);
         let throttle = web::Data::new(api::throttle::Throttle::default());
-        let flight_port = match &sandbox.settings.flight_listen {
-            Some(listen) => Some(
-                crate::flight::start(
-                    sandbox.clone().into_inner(),
-                    throttle.clone().into_inner(),
-                    listen,
-                    sandbox.settings.tls.as_ref(),
-                )?
-                .port,
-            ),
-            None => None,
-        };
+        let door_ports = doors
+            .into_iter()
+            .map(|start| start(sandbox.clone().into_inner(), throttle.clone().into_inner()))
+            .collect::<Result<Vec<u16>, StartError>>()?;
         let verifications = web::Data::new(api::audit::Verifications::default());
         let server = HttpServer::new(move || {
             App::new()
@@ -132,7 +139,7 @@ impl Application {
         .run();
         Ok(Application {
             port,
-            flight_port,
+            door_ports,
             server,
         })
     }
@@ -141,9 +148,9 @@ impl Application {
         self.port
     }
 
-    /// The Flight SQL port, when it listens.
-    pub fn flight_port(&self) -> Option<u16> {
-        self.flight_port
+    /// The ports of the other doors, in the order they were given.
+    pub fn door_ports(&self) -> &[u16] {
+        &self.door_ports
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {

@@ -6,7 +6,6 @@ mod bench_flight;
 mod bench_ledger;
 
 use clap::{Parser, Subcommand};
-use frostglass::api::server::Application;
 use frostglass::app::admin;
 use frostglass::catalog;
 use frostglass::config::Settings;
@@ -467,14 +466,14 @@ fn serve(
     let rt = actix_web::rt::System::new();
     rt.block_on(async move {
         first_start(&settings).await?;
-        let app = Application::build(settings.clone())
+        let doors = frostglass::startup::start(settings.clone())
             .await
             .map_err(|e| e.to_string())?;
         eprintln!(
             "Frostglass is serving on http://{}",
-            with_port(&settings.listen, app.port())
+            with_port(&settings.listen, doors.http.port())
         );
-        if let (Some(listen), Some(port)) = (&settings.flight_listen, app.flight_port()) {
+        if let (Some(listen), Some(port)) = (&settings.flight_listen, doors.flight_port) {
             eprintln!(
                 "  Flight SQL on grpc{}://{}",
                 if settings.tls.is_some() { "+tls" } else { "" },
@@ -487,7 +486,11 @@ fn serve(
             "  data:     {} (state, usage log)",
             settings.data_dir.display()
         );
-        app.run_until_stopped().await.map_err(|e| e.to_string())
+        doors
+            .http
+            .run_until_stopped()
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 

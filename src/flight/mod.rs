@@ -165,9 +165,8 @@ fn principal_of_key<T>(
 /// status, and as message the very JSON body HTTP would send (same stable
 /// code, same rule, never a data value).
 pub fn status(error: ApiError) -> Status {
-    use actix_web::ResponseError;
     use tonic::Code;
-    let code = match error.status_code().as_u16() {
+    let code = match error.http_status() {
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,

@@ -27,6 +27,9 @@ const RANKS: &[(&str, u8)] = &[
     ("pipeline", 6),
     ("api", 7),
     ("fuzzing", 7),
+    // Flight SQL answers with HTTP's error bodies and shares its throttle.
+    ("flight", 8),
+    ("startup", 9),
 ];
 
 fn rank(module: &str) -> u8 {

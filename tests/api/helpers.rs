@@ -1,7 +1,6 @@
 //! Test harness: the real application on a random port, over real HTTP,
 //! with demo data generated once per test binary at a small scale.
 
-use frostglass::api::server::Application;
 use frostglass::app::admin;
 use frostglass::config::{Limits, Settings};
 use frostglass::ledger::{LedgerError, Writer};
@@ -176,11 +175,11 @@ pub fn spawn_app_with(options: Options) -> TestApp {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let app = Application::build(settings)
+            let doors = frostglass::startup::start(settings)
                 .await
                 .expect("the application starts");
-            tx.send((app.port(), app.flight_port())).unwrap();
-            let _ = app.run_until_stopped().await;
+            tx.send((doors.http.port(), doors.flight_port)).unwrap();
+            let _ = doors.http.run_until_stopped().await;
         })
     });
     let (port, flight_port) = rx.recv().expect("the application reports its port");
