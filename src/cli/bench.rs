@@ -174,6 +174,42 @@ pub(super) fn settings(options: &Options, catalog: PathBuf, name: &str) -> Setti
     s
 }
 
+/// Small queries from `clients` threads for `seconds`: sorted latencies
+/// (ms) and the number of errors.
+pub(super) fn load(
+    clients: usize,
+    seconds: u64,
+    one: &(dyn Fn() -> Result<Duration, String> + Sync),
+) -> (Vec<f64>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(move || {
+                    let (mut lat, mut errors) = (Vec::new(), 0);
+                    while Instant::now() < deadline {
+                        match one() {
+                            Ok(d) => lat.push(ms(d)),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut latencies: Vec<f64> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (latencies, results.iter().map(|(_, e)| e).sum())
+}
+
 /// The server under test: `frostglass serve` in its own process (its own
 /// memory, allocator and threads, logging as in production), stopped on drop.
 pub(super) struct Server {
@@ -495,36 +531,9 @@ pub fn run(options: Options) -> Result<(), String> {
 
     // Many small aggregate queries from concurrent clients, each answer durably logged.
     let small_grant = grant(&store)?;
-    let deadline = Instant::now() + Duration::from_secs(options.http_seconds);
-    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..options.http_clients)
-            .map(|_| {
-                let small_grant = small_grant.clone();
-                let http_query = &http_query;
-                s.spawn(move || {
-                    let mut lat = Vec::new();
-                    let mut errors = 0;
-                    while Instant::now() < deadline {
-                        match http_query(SMALL_QUERY, &small_grant) {
-                            Ok(d) => lat.push(ms(d)),
-                            Err(_) => errors += 1,
-                        }
-                    }
-                    (lat, errors)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
+    let (latencies, errors) = load(options.http_clients, options.http_seconds, &|| {
+        http_query(SMALL_QUERY, &small_grant)
     });
-    let mut latencies: Vec<f64> = results
-        .iter()
-        .flat_map(|(l, _)| l.iter().copied())
-        .collect();
-    let errors: usize = results.iter().map(|(_, e)| e).sum();
-    latencies.sort_by(|a, b| a.total_cmp(b));
     let qps = latencies.len() as f64 / options.http_seconds as f64;
     let load = json!({
         "clients": options.http_clients, "seconds": options.http_seconds, "answered": latencies.len(), "errors": errors,

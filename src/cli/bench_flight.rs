@@ -5,7 +5,7 @@
 //! rows, and the load test's small query from concurrent clients on each.
 
 use super::bench::{
-    Options, SMALL_QUERY, SUITE, Server, Timing, buyer, ensure_data, grant, ms, percentile,
+    Options, SMALL_QUERY, SUITE, Server, Timing, buyer, ensure_data, grant, load, ms, percentile,
     prepare_catalog, settings, timing,
 };
 use arrow_flight::sql::client::FlightSqlServiceClient;
@@ -96,41 +96,6 @@ fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| e.to_string())
-}
-
-/// Small queries from `clients` threads for `seconds`: latencies and errors.
-fn load(
-    clients: usize,
-    seconds: u64,
-    one: &(dyn Fn() -> Result<Duration, String> + Sync),
-) -> (Vec<f64>, usize) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|_| {
-                s.spawn(move || {
-                    let (mut lat, mut errors) = (Vec::new(), 0);
-                    while Instant::now() < deadline {
-                        match one() {
-                            Ok(d) => lat.push(ms(d)),
-                            Err(_) => errors += 1,
-                        }
-                    }
-                    (lat, errors)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    let mut latencies: Vec<f64> = results
-        .iter()
-        .flat_map(|(l, _)| l.iter().copied())
-        .collect();
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    (latencies, results.iter().map(|(_, e)| e).sum())
 }
 
 pub fn run(options: Options) -> Result<(), String> {

@@ -306,13 +306,15 @@ fn table_schema(d: &Dataset) -> Schema {
         .iter()
         .map(|f| {
             let mut metadata = HashMap::new();
-            if let Some(c) = d.manifest.columns.iter().find(|c| &c.name == f.name()) {
-                if let Some(class) = serde_json::to_value(&c.class)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                {
-                    metadata.insert("frostglass.class".to_string(), class);
-                }
+            let class = d
+                .manifest
+                .columns
+                .iter()
+                .find(|c| &c.name == f.name())
+                .and_then(|c| serde_json::to_value(c.class).ok())
+                .and_then(|v| v.as_str().map(str::to_string));
+            if let Some(class) = class {
+                metadata.insert("frostglass.class".to_string(), class);
             }
             if d.manifest.privacy_unit.as_deref() == Some(f.name().as_str()) {
                 metadata.insert("frostglass.privacy_unit".to_string(), "true".to_string());
@@ -519,7 +521,7 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.caller(&request)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         info_for(query, &schema, request.into_inner())
     }
 
@@ -594,7 +596,7 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.caller(&request)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         info_for(query, &schema, request.into_inner())
     }
 

@@ -10,8 +10,7 @@ copies them into docs/.
 
     FG_BIN=target/debug/frostglass python3 tests/console/run.py
 """
-import base64, http.client, http.server, json, os, shutil, socket, sqlite3, subprocess, sys
-import tempfile, threading, time
+import base64, http.client, http.server, json, os, shutil, sqlite3, sys, threading, time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
@@ -20,26 +19,12 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-BIN = os.environ.get("FG_BIN", os.path.join(REPO, "target", "debug", "frostglass"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import REPO, Checks, demo_folder, free_port, run, serve  # noqa: E402
+
 ARTIFACTS = os.environ.get("FG_ARTIFACTS", "/tmp/frostglass-artifacts")
 PURPOSE = "public_health_research"
-CHECKS = []
-
-
-def check(ok, what):
-    CHECKS.append(what)
-    if not ok:
-        raise AssertionError(what)
-    print(f"ok  {what}", flush=True)
-
-
-def run(args, cwd):
-    out = subprocess.run([BIN] + args, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"frostglass {' '.join(args)}: {out.stderr[-400:]}")
-    return (out.stdout.strip().splitlines() or [""])[-1]
+check = Checks()
 
 
 class Api:
@@ -68,33 +53,6 @@ class Api:
         status, doc, _ = self.call("GET", path, key)
         assert status == 200, f"GET {path}: {status} {doc}"
         return doc
-
-
-def start_server(work, data, port):
-    log = open(os.path.join(work, "server.log"), "a")
-    config = os.path.join(work, "config.json")
-    server = subprocess.Popen([BIN, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
-                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data,
-                               "--flight-listen", "127.0.0.1:0"],
-                              cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(240):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", "/healthz")
-            if c.getresponse().status == 200:
-                return server
-        except OSError:
-            pass
-        if server.poll() is not None:
-            sys.exit("the server exited: " + open(log.name).read()[-600:])
-        time.sleep(0.5)
-    sys.exit("the server did not start")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def browser():
@@ -175,17 +133,12 @@ def screenshot(driver, name):
 
 def main():
     update_docs = "--update-docs" in sys.argv
-    work = tempfile.mkdtemp(prefix="fg-console-")
-    for d in ("catalog", "policies"):
-        shutil.copytree(os.path.join(REPO, d), os.path.join(work, d),
-                        ignore=shutil.ignore_patterns("*.parquet", "*.csv"))
+    work, data = demo_folder("fg-console-", 0.02)
     # Every answer on city_health waits for its owner's review here.
     manifest_path = os.path.join(work, "catalog", "city_health.json")
     manifest = json.load(open(manifest_path))
     manifest["release"]["review"] = True
     json.dump(manifest, open(manifest_path, "w"), indent=2)
-    data = os.path.join(work, "data")
-    run(["demo-data", "--catalog", "catalog", "--scale", "0.02"], work)
     keys = {}
     for pid, role, org in (("owner:hospital", "owner", "hospital"), ("buyer:a", "buyer", "buyer-a"),
                            ("buyer:b", "buyer", "buyer-b"), ("auditor:x", "auditor", "audit-x")):
@@ -195,9 +148,8 @@ def main():
          "--dataset", "power_grid", "--epsilon", "50", "--queries-per-day", "100", "--data-dir", data], work)
     run(["grant", "add", "--buyer", "buyer:b", "--purpose", PURPOSE, "--dataset", "city_health",
          "--epsilon", "20", "--queries-per-day", "40", "--data-dir", data], work)
-    json.dump({}, open(os.path.join(work, "config.json"), "w"))
     port = free_port()
-    server = start_server(work, data, port)
+    server = serve(work, data, port)
     base = f"http://127.0.0.1:{port}"
     api = Api(port)
     owner, buyer_a, buyer_b, auditor = (keys[k] for k in ("owner:hospital", "buyer:a", "buyer:b", "auditor:x"))
@@ -425,7 +377,7 @@ def main():
             for name in ("owner", "buyer", "auditor"):
                 shutil.copy(os.path.join(ARTIFACTS, f"console-{name}.png"),
                             os.path.join(REPO, "docs", f"console-{name}.png"))
-        print(f"console: {len(CHECKS)} checks passed")
+        print(f"console: {len(check.held)} checks passed")
     except BaseException:
         if driver:
             screenshot(driver, "failure")

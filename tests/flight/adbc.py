@@ -7,36 +7,16 @@ tables; refusals carry the same stable codes and rules as HTTP.
 
     FG_BIN=target/debug/frostglass python tests/flight/adbc.py
 """
-import http.client, json, os, shutil, socket, subprocess, sys, tempfile, time
+import http.client, json, os, sys
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-BIN = os.environ.get("FG_BIN", os.path.join(REPO, "target", "debug", "frostglass"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import Checks, demo_folder, free_port, run, serve  # noqa: E402
+
 PURPOSE = "public_health_research"
-CHECKS = []
-
-
-def check(ok, what):
-    CHECKS.append(what)
-    if not ok:
-        raise AssertionError(what)
-    print(f"ok  {what}", flush=True)
-
-
-def run(args, cwd):
-    out = subprocess.run([BIN] + args, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"frostglass {' '.join(args)}: {out.stderr[-400:]}")
-    return (out.stdout.strip().splitlines() or [""])[-1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+check = Checks()
 
 
 def http_query(port, key, sql):
@@ -68,12 +48,7 @@ def refusal(conn, sql):
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="fg-adbc-")
-    for d in ("catalog", "policies"):
-        shutil.copytree(os.path.join(REPO, d), os.path.join(work, d),
-                        ignore=shutil.ignore_patterns("*.parquet", "*.csv"))
-    data = os.path.join(work, "data")
-    run(["demo-data", "--catalog", "catalog", "--scale", "0.05"], work)
+    work, data = demo_folder("fg-adbc-", 0.05)
     keys = {}
     for pid in ("buyer:a", "buyer:b"):
         keys[pid] = run(["principal", "add", pid, "--role", "buyer", "--org", pid.split(":")[1],
@@ -81,23 +56,8 @@ def main():
     run(["grant", "add", "--buyer", "buyer:a", "--purpose", PURPOSE, "--dataset", "city_health",
          "--dataset", "enterprise_registry", "--epsilon", "1000", "--data-dir", data], work)
     port, flight_port = free_port(), free_port()
-    log = open(os.path.join(work, "server.log"), "w")
-    server = subprocess.Popen([BIN, "serve", "--listen", f"127.0.0.1:{port}", "--catalog", "catalog",
-                               "--policies", "policies", "--data-dir", data,
-                               "--flight-listen", f"127.0.0.1:{flight_port}"],
-                              cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    server = serve(work, data, port, ["--flight-listen", f"127.0.0.1:{flight_port}"])
     try:
-        for _ in range(240):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None:
-                sys.exit("the server exited: " + open(log.name).read()[-600:])
-            time.sleep(0.5)
         key = keys["buyer:a"]
         conn = connect(flight_port, key)
 
@@ -154,7 +114,7 @@ def main():
         conn.close()
         other.close()
         check(server.poll() is None, "the server stayed up")
-        print(f"adbc: {len(CHECKS)} checks passed")
+        print(f"adbc: {len(check.held)} checks passed")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -6,31 +6,20 @@ schemathesis.toml beside this file, each with its reason.
 
     FG_BIN=target/debug/frostglass SCHEMATHESIS=.venv/bin/schemathesis python3 tests/schemathesis/run.py
 """
-import http.client, json, os, shutil, socket, subprocess, sys, tempfile, time
+import json, os, shutil, subprocess, sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import demo_folder, free_port, run, serve  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-BIN = os.environ.get("FG_BIN", os.path.join(REPO, "target", "debug", "frostglass"))
 ST = os.environ.get("SCHEMATHESIS", "schemathesis")
 EXAMPLES = os.environ.get("ST_MAX_EXAMPLES", "25")
 SEED = os.environ.get("ST_SEED", "20261130")
 ROLES = ("buyer", "owner", "auditor", "admin")
 
 
-def run(args, cwd):
-    out = subprocess.run([BIN] + args, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"frostglass {' '.join(args)}: {out.stderr[-400:]}")
-    return (out.stdout.strip().splitlines() or [""])[-1]
-
-
 def main():
-    work = tempfile.mkdtemp(prefix="fg-schemathesis-")
-    for d in ("catalog", "policies"):
-        shutil.copytree(os.path.join(REPO, d), os.path.join(work, d),
-                        ignore=shutil.ignore_patterns("*.parquet", "*.csv"))
-    data = os.path.join(work, "data")
-    run(["demo-data", "--catalog", "catalog", "--scale", "0.02"], work)
+    work, data = demo_folder("fg-schemathesis-", 0.02)
     keys = {}
     for role in ROLES:
         keys[role] = run(["principal", "add", f"{role}:st", "--role", role, "--org", f"st-{role}",
@@ -42,27 +31,10 @@ def main():
     # Generated traffic is a flood by design: lift the per-principal rate limit.
     config = os.path.join(work, "config.json")
     json.dump({"limits": {"requests_per_second": 1e6, "request_burst": 1e6}}, open(config, "w"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(os.path.join(work, "server.log"), "w")
-    server = subprocess.Popen([BIN, "serve", "--config", config, "--listen", f"127.0.0.1:{port}",
-                               "--catalog", "catalog", "--policies", "policies", "--data-dir", data,
-                               "--flight-listen", "127.0.0.1:0"],
-                              cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    server = serve(work, data, port, ["--config", config])
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None:
-                sys.exit("the server exited: " + open(log.name).read()[-400:])
-            time.sleep(0.5)
         failed = []
         for role in ROLES:
             print(f"== schemathesis as {role}", flush=True)
@@ -78,7 +50,8 @@ def main():
             if code != 0:
                 failed.append(role)
         if server.poll() is not None:
-            sys.exit("the server died during the run: " + open(log.name).read()[-400:])
+            sys.exit("the server died during the run: "
+                     + open(os.path.join(work, "server.log")).read()[-400:])
         if failed:
             sys.exit(f"schemathesis failed for: {', '.join(failed)}")
         print("schemathesis: 0 failures for every role")
