@@ -5,6 +5,7 @@ pub mod admin;
 pub mod market;
 pub mod registration;
 pub mod review;
+pub mod slots;
 
 use crate::catalog::Catalog;
 use crate::catalog::registry::Registry;
@@ -30,7 +31,8 @@ pub struct Sandbox {
     pub quotas: Arc<crate::accounting::QuotaBook>,
     pub budgets: Arc<crate::accounting::BudgetBook>,
     pub engine: Engine,
-    pub query_slots: tokio::sync::Semaphore,
+    /// Shared fairly between principals (see `slots`).
+    pub query_slots: Arc<slots::Slots>,
     pub runtime: QueryRuntime,
     /// Where registrations are prepared: one thread at idle CPU
     /// priority, so counting and summarising a new dataset takes what
@@ -134,8 +136,7 @@ impl Sandbox {
         )?;
         record_registrations(&ledger, &catalog).await?;
         let engine = Engine::new(settings.limits.clone());
-        let query_slots =
-            tokio::sync::Semaphore::new(settings.limits.max_concurrent_queries.max(1));
+        let query_slots = slots::Slots::new(settings.limits.max_concurrent_queries.max(1));
         let vault = review::Vault::open(&settings.data_dir)
             .map_err(|e| StartError::Config(format!("{e:?}")))?;
         let sandbox = Sandbox {

@@ -311,7 +311,7 @@ async fn give_way_to_queries(sandbox: &Sandbox) -> std::convert::Infallible {
     let slots = sandbox.settings.limits.max_concurrent_queries.max(1);
     loop {
         tokio::time::sleep(WORK_SLICE).await;
-        if sandbox.query_slots.available_permits() < slots {
+        if sandbox.query_slots.available() < slots {
             // Blocks the registration runtime's one worker on purpose.
             std::thread::sleep(3 * WORK_SLICE);
         }

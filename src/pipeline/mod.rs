@@ -243,10 +243,9 @@ async fn answer(
     }
     // A bounded wait: under overload, answer 503 quickly rather than pile up.
     let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
-    let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire())
+    let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id))
         .await
-        .map_err(|_| Error::Overloaded)?
-        .map_err(|_| Error::Internal("query slots closed".into()))?;
+        .map_err(|_| Error::Overloaded)?;
     // Reserved until now (an `overloaded` refusal costs nothing); from here
     // on data is read, and the charge stands whatever happens.
     if let Some(charge) = prepared.charge.as_mut() {

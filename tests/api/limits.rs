@@ -216,3 +216,57 @@ fn a_query_whose_client_hangs_up_is_cancelled_and_recorded() {
         .collect();
     assert_eq!(closed.len(), 1, "the cancelled query is in the ledger once");
 }
+
+/// Fair sharing: with one buyer's heavy queries holding the only slot and
+/// more of them queued, another buyer's query is the next to start. Checked
+/// by order (the ledger's), not by wall time.
+#[test]
+fn another_buyers_query_starts_before_a_flooders_queued_ones() {
+    // Each heavy join holds the one slot until its time runs out (2 s).
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_timeout_ms = 2_000;
+        limits.max_concurrent_queries = 1;
+        limits.queue_wait_ms = 300_000;
+    });
+    let slow = |i: usize| {
+        json!({
+            "sql": format!("SELECT COUNT(*) AS n{i} FROM power_grid a JOIN power_grid b ON a.district = b.district")
+        })
+    };
+    std::thread::scope(|s| {
+        let app = &app;
+        let mut flood = Vec::new();
+        for i in 0..3 {
+            flood.push(s.spawn(move || app.query_as("buyer:acme", slow(i)).status));
+            // Arrival order: the first takes the slot, the others queue.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let quick = app.query_as(
+            "buyer:abroad",
+            json!({ "sql": "SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry" }),
+        );
+        assert_eq!(quick.status, 200, "{}", quick.text());
+        for f in flood {
+            assert_eq!(f.join().unwrap(), 422, "stopped by the time limit");
+        }
+    });
+    let entries = app
+        .get(
+            "/v1/audit/entries?from=0&limit=1000",
+            Some(app.key("auditor:cac")),
+        )
+        .json();
+    let askers: Vec<String> = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_str::<serde_json::Value>(e["body"].as_str().unwrap()).unwrap())
+        .filter(|b| b["kind"] == "query")
+        .map(|b| b["principal"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        askers,
+        ["buyer:acme", "buyer:abroad", "buyer:acme", "buyer:acme"],
+        "the other buyer's query ran right after the one holding the slot"
+    );
+}
