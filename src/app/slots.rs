@@ -3,13 +3,17 @@
 //! running first — and among equals to the one served least recently (one
 //! never served first), then to the earliest of its queries. So one buyer's
 //! flood of heavy queries fills the slots only while nobody else waits: the
-//! next slot that frees goes to the other buyer's query.
+//! next slot that frees goes to the other buyer's query. And no principal
+//! holds every slot: one is always left for somebody else, so another
+//! buyer's small query starts at once beside a flood of heavy ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 pub struct Slots {
     state: Mutex<State>,
+    /// Most slots one principal holds: all but one (of two or more).
+    per_principal: usize,
 }
 
 struct State {
@@ -43,6 +47,7 @@ pub struct Slot {
 impl Slots {
     pub fn new(total: usize) -> Arc<Slots> {
         Arc::new(Slots {
+            per_principal: total.saturating_sub(1).max(1),
             state: Mutex::new(State {
                 free: total,
                 running: HashMap::new(),
@@ -62,41 +67,25 @@ impl Slots {
         self.lock().free
     }
 
-    /// A slot for `principal`: at once if one is free and nobody waits,
-    /// else when the rule gives it one. Dropping the future gives up its
+    /// A slot for `principal`, when the rule gives it one (at once if one
+    /// is free and nobody comes before it). Dropping the future gives up its
     /// place (a slot handed to it meanwhile goes on to the next).
     pub async fn acquire(self: &Arc<Self>, principal: &str) -> Slot {
-        let taken = {
+        let (hand, slot) = tokio::sync::oneshot::channel();
+        {
             let mut state = self.lock();
-            if state.free > 0 && state.waiting.is_empty() {
-                state.free -= 1;
-                state.grant(principal);
-                None
-            } else {
-                let (hand, slot) = tokio::sync::oneshot::channel();
-                state.waiting.push_back(Waiter {
-                    principal: principal.to_string(),
-                    hand,
-                });
-                Some(slot)
-            }
-        };
-        match taken {
-            None => Slot {
-                slots: self.clone(),
+            state.waiting.push_back(Waiter {
                 principal: principal.to_string(),
-            },
-            // The sender lives in the queue until a slot is handed over.
-            Some(slot) => match slot.await {
-                Ok(slot) => slot,
-                Err(_) => {
-                    unreachable!("a waiter is removed from the queue only to be handed a slot")
-                }
-            },
+                hand,
+            });
+            self.dispatch(&mut state);
+        }
+        match slot.await {
+            Ok(slot) => slot,
+            Err(_) => unreachable!("a waiter leaves the queue only to be handed a slot"),
         }
     }
 
-    /// Gives a freed slot to the next waiter by the rule, or back to the pool.
     fn release(self: &Arc<Self>, principal: &str) {
         let mut state = self.lock();
         if let Some(n) = state.running.get_mut(principal) {
@@ -105,39 +94,46 @@ impl Slots {
                 state.running.remove(principal);
             }
         }
-        loop {
-            // Fewest running, then least recently served; the queue order
-            // breaks ties (min_by_key keeps the first of equals).
+        state.free += 1;
+        self.dispatch(&mut state);
+    }
+
+    /// Hands free slots to waiters by the rule while both last.
+    fn dispatch(self: &Arc<Self>, state: &mut State) {
+        while state.free > 0 {
+            // Below its share; fewest running, then least recently served;
+            // the queue order breaks ties (min_by_key keeps the first of equals).
+            let running = |p: &str| state.running.get(p).copied().unwrap_or(0);
             let next = state
                 .waiting
                 .iter()
                 .enumerate()
+                .filter(|(_, w)| running(&w.principal) < self.per_principal)
                 .min_by_key(|(_, w)| {
                     (
-                        state.running.get(&w.principal).copied().unwrap_or(0),
+                        running(&w.principal),
                         state.served.get(&w.principal).copied().unwrap_or(0),
                     )
                 })
                 .map(|(i, _)| i);
             let Some(waiter) = next.and_then(|i| state.waiting.remove(i)) else {
-                state.free += 1;
                 return;
             };
+            state.free -= 1;
             state.grant(&waiter.principal);
             let slot = Slot {
                 slots: self.clone(),
                 principal: waiter.principal.clone(),
             };
-            match waiter.hand.send(slot) {
-                Ok(()) => return,
-                // It gave up waiting: undo and try the next. (The slot comes
-                // back here; its drop must not release again.)
-                Err(mut unclaimed) => {
-                    unclaimed.principal.clear();
-                    let n = state.running.entry(waiter.principal).or_default();
+            if let Err(mut unclaimed) = waiter.hand.send(slot) {
+                // It gave up waiting: undo. (The slot comes back here; its
+                // drop must not release again.)
+                unclaimed.principal.clear();
+                if let Some(n) = state.running.get_mut(&waiter.principal) {
                     *n -= 1;
-                    state.running.retain(|_, n| *n > 0);
                 }
+                state.running.retain(|_, n| *n > 0);
+                state.free += 1;
             }
         }
     }
@@ -178,27 +174,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_principal_with_nothing_running_goes_before_a_flood() {
-        let slots = Slots::new(2);
+        let slots = Slots::new(4);
         let order = Arc::new(Mutex::new(Vec::new()));
         let a1 = slots.acquire("a").await;
         let a2 = slots.acquire("a").await;
+        let c1 = slots.acquire("c").await;
+        let c2 = slots.acquire("c").await;
         assert_eq!(slots.available(), 0);
         // a floods the queue first, then b asks once.
         let queued: Vec<_> = (0..3).map(|_| wait(&slots, "a", &order)).collect();
         settle().await;
         let b = wait(&slots, "b", &order);
         settle().await;
-        drop(a1);
+        drop(c1);
         settle().await;
         assert_eq!(*order.lock().unwrap(), ["b"], "b had nothing running");
-        drop(a2);
+        drop(c2);
         settle().await;
         assert_eq!(*order.lock().unwrap(), ["b", "a"]);
-        drop(b.await.unwrap());
+        drop((a1, a2, b.await.unwrap()));
         for q in queued {
             drop(q.await.unwrap());
         }
-        assert_eq!(slots.available(), 2, "every slot comes back");
+        assert_eq!(slots.available(), 4, "every slot comes back");
     }
 
     #[tokio::test]
@@ -218,6 +216,32 @@ mod tests {
             ["b", "a"],
             "a queued first but was just served"
         );
+    }
+
+    #[tokio::test]
+    async fn one_slot_is_always_left_for_somebody_else() {
+        let slots = Slots::new(3);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a1 = slots.acquire("a").await;
+        let a2 = slots.acquire("a").await;
+        let a3 = wait(&slots, "a", &order);
+        settle().await;
+        assert_eq!(
+            *order.lock().unwrap(),
+            Vec::<&str>::new(),
+            "a has its share"
+        );
+        assert_eq!(slots.available(), 1);
+        let b = wait(&slots, "b", &order);
+        settle().await;
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["b"],
+            "b starts at once beside a's two"
+        );
+        drop((a1, a2, b.await.unwrap()));
+        drop(a3.await.unwrap());
+        assert_eq!(slots.available(), 3);
     }
 
     #[tokio::test]
