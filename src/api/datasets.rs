@@ -108,20 +108,28 @@ fn summary(sandbox: &Sandbox, principal: &Principal, d: &Dataset) -> Value {
 /// set (`release.dp.epsilon_total`, else the configured default), what is
 /// spent and what is left.
 fn lifetime_epsilon(sandbox: &Sandbox, d: &Dataset) -> Value {
-    if d.manifest.release.dp.is_none() {
-        return Value::Null;
-    }
-    let key = format!("dataset:{}", d.id());
-    let limit = sandbox.lifetime_epsilon(&d.manifest);
-    match sandbox
-        .budgets
-        .spent_or_load(&key, || sandbox.ledger.epsilon_spent(&key))
-    {
-        Ok(spent) => {
+    lifetime_json(lifetime_budget(sandbox, d))
+}
+
+fn lifetime_json(budget: Option<(f64, Option<f64>)>) -> Value {
+    match budget {
+        None => Value::Null,
+        Some((limit, Some(spent))) => {
             json!({ "limit": limit, "spent": spent, "remaining": (limit - spent).max(0.0) })
         }
-        Err(_) => json!({ "limit": limit }),
+        Some((limit, None)) => json!({ "limit": limit }),
     }
+}
+
+/// A DP dataset's lifetime limit and, if it could be read, what is spent.
+fn lifetime_budget(sandbox: &Sandbox, d: &Dataset) -> Option<(f64, Option<f64>)> {
+    d.manifest.release.dp.as_ref()?;
+    let key = format!("dataset:{}", d.id());
+    let spent = sandbox
+        .budgets
+        .spent_or_load(&key, || sandbox.ledger.epsilon_spent(&key))
+        .ok();
+    Some((sandbox.lifetime_epsilon(&d.manifest), spent))
 }
 
 pub(super) fn find_dataset(sandbox: &Sandbox, id: &str) -> Result<Arc<Dataset>, ApiError> {
@@ -305,8 +313,9 @@ async fn dataset_usage(
         all.iter()
             .filter(|r| r.datasets.iter().any(|x| x == d.id())),
     );
-    let mut lifetime = lifetime_epsilon(&sandbox, &d);
-    if let (Some(limit), Some(spent)) = (lifetime["limit"].as_f64(), lifetime["spent"].as_f64()) {
+    let budget = lifetime_budget(&sandbox, &d);
+    let mut lifetime = lifetime_json(budget);
+    if let Some((limit, Some(spent))) = budget {
         let reader = sandbox.clone();
         let key = format!("dataset:{}", d.id());
         let by_day = web::block(move || reader.ledger.epsilon_by_day(&key))

@@ -569,11 +569,16 @@ pub fn run(options: Options) -> Result<(), String> {
         "http_load": load,
         "peak_rss_mib": { "server": server_rss, "bench_process": bench_rss },
     });
+    write_report(&options.out, &report)
+}
+
+/// Writes a bench's JSON report where `--out` says.
+pub(super) fn write_report(out: &Path, report: &Value) -> Result<(), String> {
     std::fs::write(
-        &options.out,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
+        out,
+        serde_json::to_string_pretty(report).unwrap_or_default(),
     )
     .map_err(|e| e.to_string())?;
-    println!("wrote {}", options.out.display());
+    println!("wrote {}", out.display());
     Ok(())
 }

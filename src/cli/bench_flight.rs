@@ -6,7 +6,7 @@
 
 use super::bench::{
     Options, SMALL_QUERY, SUITE, Server, Timing, buyer, ensure_data, grant, load, ms, percentile,
-    prepare_catalog, settings, timing,
+    prepare_catalog, settings, timing, write_report,
 };
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
@@ -212,11 +212,5 @@ pub fn run(options: Options) -> Result<(), String> {
         "suite": rows,
         "load": { "sql": SMALL_QUERY, "clients": clients, "seconds": seconds, "http": http_load, "flight": flight_load },
     });
-    std::fs::write(
-        &options.out,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    )
-    .map_err(|e| e.to_string())?;
-    println!("wrote {}", options.out.display());
-    Ok(())
+    write_report(&options.out, &report)
 }

@@ -88,6 +88,16 @@ async fn redeem(
     Ok((batches, metadata))
 }
 
+/// Every batch behind `info`'s ticket, through the SQL client.
+async fn fetch(c: &mut FlightSqlServiceClient<Channel>, info: &FlightInfo) -> Vec<RecordBatch> {
+    c.do_get(ticket_of(info))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 fn ticket_of(info: &FlightInfo) -> Ticket {
     info.endpoint[0]
         .ticket
@@ -230,20 +240,7 @@ fn statements_answer_as_http_does_and_refuse_with_its_codes() {
     // Every statement is on the ledger like an HTTP query: three answers
     // (two tickets and the prepared one), three refusals of this buyer,
     // one of the owner.
-    let auditor = app.key("auditor:cac");
-    let page = app
-        .get(
-            &format!("/v1/audit/entries?from={entries_before}&limit=100"),
-            Some(auditor),
-        )
-        .json();
-    let queries: Vec<Value> = page["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e["body"].as_str().unwrap()).unwrap())
-        .filter(|b| b["kind"] == "query")
-        .collect();
+    let queries = app.query_entries(entries_before);
     let answered = queries
         .iter()
         .filter(|q| q["decision"] == "answered")
@@ -255,12 +252,8 @@ fn statements_answer_as_http_does_and_refuse_with_its_codes() {
     assert_eq!(answered, 3, "{queries:?}");
     // Three by Flight (with the same codes HTTP recorded for its three).
     assert_eq!(refused, 3 + 3 + 1, "{queries:?}");
-    let http_answer = app.get(
-        &format!("/v1/audit/entries?from={}&limit=1", entries_before - 1),
-        Some(auditor),
-    );
-    let http_entry: Value =
-        serde_json::from_str(http_answer.json()["entries"][0]["body"].as_str().unwrap()).unwrap();
+    // The entry just before them is HTTP's answer to the same SQL.
+    let http_entry = app.query_entries(entries_before - 1).remove(0);
     let flight_entry = queries
         .iter()
         .find(|q| q["decision"] == "answered")
@@ -290,14 +283,7 @@ fn catalog_calls_list_only_what_the_principal_may_see() {
                     })
                     .await
                     .unwrap();
-                let batches: Vec<RecordBatch> = c
-                    .do_get(ticket_of(&info))
-                    .await
-                    .unwrap()
-                    .try_collect()
-                    .await
-                    .unwrap();
-                batches
+                fetch(&mut c, &info).await
             }
         };
         let listed = |batches: &[RecordBatch]| -> Vec<String> {
@@ -348,13 +334,7 @@ fn catalog_calls_list_only_what_the_principal_may_see() {
         assert_eq!(person.metadata()["frostglass.privacy_unit"], "true");
         let mut c = client(&app, app.key("buyer:acme")).await;
         let info = c.get_catalogs().await.unwrap();
-        let catalogs: Vec<RecordBatch> = c
-            .do_get(ticket_of(&info))
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let catalogs = fetch(&mut c, &info).await;
         assert_eq!(rows(&catalogs), vec![vec![json!("datafusion")]]);
     });
 }
@@ -386,17 +366,10 @@ fn a_dropped_stream_cancels_its_query_and_the_ledger_records_it() {
         "the abandoned query kept its slot for {:?}",
         started.elapsed()
     );
-    let entries = app
-        .get(
-            "/v1/audit/entries?from=0&limit=1000",
-            Some(app.key("auditor:cac")),
-        )
-        .json();
-    let closed = entries["entries"]
-        .as_array()
-        .unwrap()
+    let closed = app
+        .query_entries(0)
         .iter()
-        .filter(|e| e["body"].as_str().unwrap().contains("\"client_closed\""))
+        .filter(|q| q["code"] == "client_closed")
         .count();
     assert_eq!(closed, 1, "the cancelled query is in the ledger once");
 }

@@ -268,6 +268,24 @@ impl TestApp {
         }
     }
 
+    /// The bodies of the ledger's query entries from index `from` on, as
+    /// an auditor reads them.
+    pub fn query_entries(&self, from: u64) -> Vec<Value> {
+        let page = self
+            .get(
+                &format!("/v1/audit/entries?from={from}&limit=1000"),
+                Some(self.key("auditor:cac")),
+            )
+            .json();
+        page["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e["body"].as_str().unwrap()).unwrap())
+            .filter(|b| b["kind"] == "query")
+            .collect()
+    }
+
     pub fn get(&self, path: &str, key: Option<&str>) -> Response {
         self.request("GET", path, key, None, None)
     }

@@ -202,17 +202,10 @@ fn a_query_whose_client_hangs_up_is_cancelled_and_recorded() {
         "the abandoned query kept its slot for {:?}",
         started.elapsed()
     );
-    let entries = app
-        .get(
-            "/v1/audit/entries?from=0&limit=1000",
-            Some(app.key("auditor:cac")),
-        )
-        .json();
-    let closed: Vec<&serde_json::Value> = entries["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["body"].as_str().unwrap().contains("\"client_closed\""))
+    let closed: Vec<serde_json::Value> = app
+        .query_entries(0)
+        .into_iter()
+        .filter(|q| q["code"] == "client_closed")
         .collect();
     assert_eq!(closed.len(), 1, "the cancelled query is in the ledger once");
 }
@@ -250,19 +243,10 @@ fn another_buyers_query_starts_before_a_flooders_queued_ones() {
             assert_eq!(f.join().unwrap(), 422, "stopped by the time limit");
         }
     });
-    let entries = app
-        .get(
-            "/v1/audit/entries?from=0&limit=1000",
-            Some(app.key("auditor:cac")),
-        )
-        .json();
-    let askers: Vec<String> = entries["entries"]
-        .as_array()
-        .unwrap()
+    let askers: Vec<String> = app
+        .query_entries(0)
         .iter()
-        .map(|e| serde_json::from_str::<serde_json::Value>(e["body"].as_str().unwrap()).unwrap())
-        .filter(|b| b["kind"] == "query")
-        .map(|b| b["principal"].as_str().unwrap().to_string())
+        .map(|q| q["principal"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(
         askers,
