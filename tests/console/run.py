@@ -272,7 +272,8 @@ def main():
         attacker = http.server.HTTPServer(("127.0.0.1", 0), Evil)
         threading.Thread(target=attacker.serve_forever, daemon=True).start()
         driver.get(f"http://127.0.0.1:{attacker.server_address[1]}/")
-        WebDriverWait(driver, 30).until(lambda d: d.current_url.startswith(base))
+        WebDriverWait(driver, 30).until(
+            lambda d: d.current_url.startswith(base) and d.find_element(By.TAG_NAME, "body").text.strip())
         body = driver.find_element(By.TAG_NAME, "body").text
         check("csrf_rejected" in body, "a cross-site form post is refused (csrf_rejected)")
         still = [w["query_id"] for w in api.get("/v1/reviews", owner)["waiting"]]
@@ -311,6 +312,9 @@ def main():
         screenshot(driver, "buyer")
         # The buyer's cookie does not open the auditor view, nor the auditors' API.
         driver.get(f"{base}/console/auditor")
+        # The page asks who is signed in before it renders: wait for either outcome.
+        WebDriverWait(driver, 30).until(
+            lambda d: d.find_elements(By.ID, "refused") or d.find_elements(By.ID, "ledger-head"))
         check(driver.find_elements(By.ID, "refused") and not driver.find_elements(By.ID, "ledger-head"),
               "a buyer's cookie cannot open the auditor view")
         status = driver.execute_script("return fetch('/v1/audit/head').then(r => r.status)")
