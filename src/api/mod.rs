@@ -334,6 +334,7 @@ impl QueryRequest {
             grant: self.grant,
             purpose: self.purpose,
             dry_run: self.dry_run,
+            run_ahead: false,
             dp: self.dp,
         }
     }

@@ -86,6 +86,22 @@ impl Slots {
         }
     }
 
+    /// A slot for `principal` only if none is taken and nobody waits:
+    /// work that may be done ahead uses idle capacity only, never queues,
+    /// and never slows anybody's query down.
+    pub fn acquire_if_idle(self: &Arc<Self>, principal: &str) -> Option<Slot> {
+        let mut state = self.lock();
+        if !state.running.is_empty() || !state.waiting.is_empty() || state.free == 0 {
+            return None;
+        }
+        state.free -= 1;
+        state.grant(principal);
+        Some(Slot {
+            slots: self.clone(),
+            principal: principal.to_string(),
+        })
+    }
+
     fn release(self: &Arc<Self>, principal: &str) {
         let mut state = self.lock();
         if let Some(n) = state.running.get_mut(principal) {
@@ -257,5 +273,25 @@ mod tests {
         drop(c.await.unwrap());
         assert_eq!(*order.lock().unwrap(), ["c"]);
         assert_eq!(slots.available(), 1);
+    }
+
+    #[tokio::test]
+    async fn work_ahead_takes_a_slot_only_when_all_are_idle() {
+        let slots = Slots::new(2);
+        let a1 = slots.acquire_if_idle("a").expect("idle");
+        assert!(slots.acquire_if_idle("b").is_none(), "a slot is taken");
+        drop(a1);
+        let b1 = slots.acquire("b").await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let b2 = wait(&slots, "b", &order);
+        let c = wait(&slots, "c", &order);
+        settle().await;
+        assert_eq!(*order.lock().unwrap(), ["c"], "b is at its share and waits");
+        drop(c.await.unwrap());
+        assert!(slots.acquire_if_idle("a").is_none(), "somebody waits");
+        drop(b1);
+        drop(b2.await.unwrap());
+        assert!(slots.acquire_if_idle("a").is_some(), "idle again");
+        assert_eq!(slots.available(), 2);
     }
 }

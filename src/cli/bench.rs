@@ -338,6 +338,7 @@ fn sandbox_query(
         grant: Some(grant),
         purpose: None,
         dry_run,
+        run_ahead: false,
         dp: Default::default(),
     };
     let started = Instant::now();

@@ -29,7 +29,7 @@ pub struct FlightSql {
     sandbox: Arc<Sandbox>,
     throttle: Arc<Throttle>,
     /// A ticket holds its statement and the gate's decision on it.
-    tickets: tickets::Handles<(crate::pipeline::Request, Box<crate::pipeline::gate::Gated>)>,
+    tickets: tickets::Handles<(crate::pipeline::Request, Box<crate::pipeline::Decided>)>,
     prepared: tickets::Handles<crate::pipeline::Request>,
 }
 

@@ -1,9 +1,12 @@
-//! The Flight SQL calls. A statement is decided twice by the same gate as
-//! HTTP: when its `FlightInfo` is asked for (a dry run: schema and outline,
-//! nothing read) and when its ticket is redeemed, which runs the whole
-//! pipeline — release, metering, the ledger entry on disk — before the first
-//! batch leaves. Nothing here writes: updates, ingest and Substrait plans
-//! are refused with `statement_not_allowed`.
+//! The Flight SQL calls. A statement is decided by the same gate as HTTP
+//! when its `FlightInfo` is asked for: a dry run that answers the schema
+//! and outline, checks the quota and budget, and, when the sandbox is idle,
+//! begins executing, since the `DoGet` follows a round trip later. Nothing
+//! of it is observable until the ticket is redeemed, which takes the
+//! decision up again if nothing it rests on changed (else gates anew) and
+//! runs the rest of the pipeline — release, metering, the ledger entry on
+//! disk — before the first batch leaves. Nothing here writes: updates,
+//! ingest and Substrait plans are refused with `statement_not_allowed`.
 
 use super::tickets::Refused;
 use super::{Caller, FlightSql, status};
@@ -152,6 +155,7 @@ impl FlightSql {
             grant: header(GRANT_HEADER),
             purpose: header(PURPOSE_HEADER),
             dry_run: false,
+            run_ahead: false,
             dp: Default::default(),
         }
     }
@@ -166,6 +170,7 @@ impl FlightSql {
     ) -> Result<Box<pipeline::Decided>, Status> {
         let dry = pipeline::Request {
             dry_run: true,
+            run_ahead: true,
             ..statement.clone()
         };
         let run = pipeline::run(
@@ -191,10 +196,11 @@ impl FlightSql {
         descriptor: FlightDescriptor,
     ) -> Result<Response<FlightInfo>, Status> {
         let decided = self.decide(principal, &statement).await?;
-        let pipeline::Decided { outline, gated } = *decided;
+        let metadata = serde_json::to_vec(&decided.outline).unwrap_or_default();
+        let schema = decided.outline.schema.clone();
         let handle = self
             .tickets
-            .issue(&principal.id, (statement, Box::new(gated)))
+            .issue(&principal.id, (statement, decided))
             .map_err(|r| refused_handle(r, "ticket"))?;
         let ticket = TicketStatementQuery {
             statement_handle: handle.into_bytes().into(),
@@ -204,9 +210,8 @@ impl FlightSql {
             .with_expiration_time(prost_types::Timestamp::from(
                 std::time::SystemTime::now() + super::tickets::TICKET_TTL,
             ));
-        let metadata = serde_json::to_vec(&outline).unwrap_or_default();
         let info = FlightInfo::new()
-            .try_with_schema(&outline.schema)
+            .try_with_schema(&schema)
             .map_err(|e| status(ApiError::internal(e.to_string())))?
             .with_endpoint(endpoint)
             .with_descriptor(descriptor)
@@ -221,7 +226,7 @@ impl FlightSql {
         &self,
         principal: Principal,
         statement: pipeline::Request,
-        decided: Box<pipeline::gate::Gated>,
+        decided: Box<pipeline::Decided>,
     ) -> Result<Response<DoGetStream>, Status> {
         let limits = &self.sandbox.settings.limits;
         let running = self

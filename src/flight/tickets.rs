@@ -75,8 +75,12 @@ impl<T> Handles<T> {
     /// The statement behind `handle`, removed: a ticket is used once.
     pub fn take(&self, principal: &str, handle: &str) -> Result<T, Refused> {
         let mut held = self.lock();
+        // What expired goes now, not at the next issue: a ticket's decision
+        // holds quota, budget and perhaps a running execution.
+        let now = Instant::now();
+        held.retain(|_, h| h.expires > now);
         match held.get(handle) {
-            Some(h) if h.principal == principal && h.expires > Instant::now() => {}
+            Some(h) if h.principal == principal => {}
             _ => return Err(Refused::Unknown),
         }
         held.remove(handle)
@@ -116,6 +120,7 @@ mod tests {
             grant: None,
             purpose: None,
             dry_run: false,
+            run_ahead: false,
             dp: Default::default(),
         }
     }

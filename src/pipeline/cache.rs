@@ -37,10 +37,5 @@ pub fn from_cache(answer: &[u8], release: &str) -> Result<Executed, Error> {
         .map_err(|e| internal(e.to_string()))?;
     let release: ReleaseSummary =
         serde_json::from_str(release).map_err(|e| internal(e.to_string()))?;
-    Ok(Executed {
-        schema,
-        batches,
-        release,
-        cpu_ns: 0,
-    })
+    Executed::new(schema, batches, release, 0)
 }

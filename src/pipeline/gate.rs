@@ -101,37 +101,6 @@ pub async fn gate(
     })
 }
 
-/// A decision the gate made earlier for the same principal and request (a
-/// Flight SQL ticket's), taken again only while everything it rests on is
-/// unchanged: the very catalog snapshot, and its grant still active. Any
-/// change and the statement goes through the gate anew.
-pub async fn again_or_gate(
-    sandbox: &Sandbox,
-    principal: &Principal,
-    request: &Request,
-    trace: &mut Trace,
-    earlier: Option<Box<Gated>>,
-) -> Result<Gated, Error> {
-    if let Some(g) = earlier
-        && Arc::ptr_eq(&g.catalog, &sandbox.catalog.current())
-    {
-        let now = crate::util::now_rfc3339();
-        let active = sandbox
-            .store
-            .grant_of(&principal.id, &g.grant.id)?
-            .is_some_and(|current| current.is_active(&now));
-        if active {
-            trace.grant = Some(g.grant.id.clone());
-            trace.purpose = Some(g.grant.purpose.clone());
-            trace
-                .datasets
-                .extend(g.scanned.iter().map(|d| d.id().to_string()));
-            return Ok(*g);
-        }
-    }
-    gate(sandbox, principal, request, trace).await
-}
-
 /// Stage: every table the SQL names is a catalog dataset whose data level
 /// lets external buyers query it.
 fn resolve_tables(

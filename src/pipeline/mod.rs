@@ -35,6 +35,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// What a buyer asks, whatever door it came through.
@@ -44,8 +45,13 @@ pub struct Request {
     /// The grant to run under; else the oldest active grant that covers the tables.
     pub grant: Option<String>,
     pub purpose: Option<String>,
-    /// Decide and outline without reading data.
+    /// Decide and outline without releasing anything.
     pub dry_run: bool,
+    /// On a dry run, begin executing at once when the sandbox is idle, so
+    /// that running the decision later finds its answer under way (Flight
+    /// SQL's `GetFlightInfo`, whose `DoGet` follows a round trip later).
+    /// Nothing of it is observable before that run.
+    pub run_ahead: bool,
     /// The buyer's tightening of DP releases.
     pub dp: release::dp::Tightening,
 }
@@ -100,11 +106,88 @@ impl Answer {
     }
 }
 
-/// A dry run's decision: its outline, and the gate's output for a later
-/// run of the same request (see `gate::again_or_gate`).
+/// A dry run's decision: its outline, and what a later run of the same
+/// request takes up again (see [`Decided::unchanged`]).
 pub struct Decided {
     pub outline: outline::Outline,
-    pub gated: Gated,
+    gated: Arc<Gated>,
+    /// Its execution, begun ahead when the request asked for it.
+    ahead: Option<Ahead>,
+}
+
+/// An execution begun before its run took it up. Unclaimed for
+/// [`AHEAD_PATIENCE`] it gives up (and its slot): work nobody asks for
+/// stays short, and a run that comes later executes anew. Dropped (its
+/// ticket expired, or the decision no longer holds), it stops. It holds no
+/// quota or budget: the run reserves them as any other, and if they are
+/// spent by then, refuses and drops it.
+struct Ahead {
+    task: tokio::task::JoinHandle<Option<Result<Executed, Error>>>,
+    /// [`RUNNING`], then [`CLAIMED`] by the run or [`GAVE_UP`] by the task.
+    state: Arc<AtomicU8>,
+}
+
+/// How long an execution begun ahead waits to be claimed. Drivers redeem
+/// a ticket at once; a client that waits longer gets a fresh execution.
+const AHEAD_PATIENCE: Duration = Duration::from_secs(3);
+const RUNNING: u8 = 0;
+const CLAIMED: u8 = 1;
+const GAVE_UP: u8 = 2;
+
+impl Ahead {
+    /// Its result, unless it gave up first. Claiming it means data was
+    /// read for this run: `on_claim` commits the charge before the wait.
+    async fn claim(mut self, on_claim: impl FnOnce()) -> Result<Option<Executed>, Error> {
+        let claimed =
+            self.state
+                .compare_exchange(RUNNING, CLAIMED, Ordering::AcqRel, Ordering::Acquire);
+        if claimed.is_err() {
+            return Ok(None);
+        }
+        on_claim();
+        match (&mut self.task).await {
+            Ok(Some(result)) => result.map(Some),
+            Ok(None) => Err(Error::Internal("a claimed execution gave up".into())),
+            Err(e) => Err(Error::Internal(format!("the query task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Decided {
+    /// The decision, if everything it rests on is unchanged: the very
+    /// catalog snapshot, and its grant still active. Any change and the
+    /// statement goes through the gate anew.
+    fn unchanged(
+        self,
+        sandbox: &Sandbox,
+        principal: &Principal,
+        trace: &mut Trace,
+    ) -> Result<Option<Decided>, Error> {
+        let gated = &self.gated;
+        if !Arc::ptr_eq(&gated.catalog, &sandbox.catalog.current()) {
+            return Ok(None);
+        }
+        let now = crate::util::now_rfc3339();
+        let active = sandbox
+            .store
+            .grant_of(&principal.id, &gated.grant.id)?
+            .is_some_and(|current| current.is_active(&now));
+        if !active {
+            return Ok(None);
+        }
+        trace.grant = Some(gated.grant.id.clone());
+        trace.purpose = Some(gated.grant.purpose.clone());
+        trace
+            .datasets
+            .extend(gated.scanned.iter().map(|d| d.id().to_string()));
+        Ok(Some(self))
+    }
 }
 
 pub enum Outcome {
@@ -116,7 +199,7 @@ pub enum Outcome {
 
 /// A gated query with its quota and budget held.
 struct Prepared {
-    gated: Gated,
+    gated: Arc<Gated>,
     /// Who shares released answers with this query (see `cache::scope`).
     cache_scope: String,
     reservation: Reservation,
@@ -129,11 +212,36 @@ struct Prepared {
     cached: Option<(Vec<u8>, String)>,
 }
 
+/// Released values, copied out of the engine's buffers, with their JSON
+/// rows and the digest the ledger records of them.
 pub struct Executed {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
+    rows: Vec<Vec<Value>>,
+    result_sha256: String,
     release: ReleaseSummary,
     cpu_ns: u64,
+}
+
+impl Executed {
+    pub fn new(
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        release: ReleaseSummary,
+        cpu_ns: u64,
+    ) -> Result<Executed, Error> {
+        let batches = release::encode::rematerialize(batches)?;
+        let rows = release::encode::json_rows(&batches)?;
+        let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
+        Ok(Executed {
+            schema,
+            batches,
+            rows,
+            result_sha256,
+            release,
+            cpu_ns,
+        })
+    }
 }
 
 /// Up to this many rows a query runs in one partition: splitting a small
@@ -153,13 +261,13 @@ pub async fn run(
     run_decided(sandbox, principal, request, None, client_gone).await
 }
 
-/// [`run`], with the gate's output of an earlier dry run of the same
-/// request, used again if nothing it rests on changed.
+/// [`run`], with an earlier dry run's decision on the same request, taken
+/// up again if nothing it rests on changed.
 pub async fn run_decided(
     sandbox: Arc<Sandbox>,
     principal: Principal,
     request: Request,
-    decided: Option<Box<Gated>>,
+    decided: Option<Box<Decided>>,
     client_gone: impl Future<Output = ()> + Send,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
@@ -171,10 +279,7 @@ pub async fn run_decided(
         answer(&sandbox, &principal, &request, decided, &mut trace),
     );
     let result = tokio::select! {
-        r = answered => r.unwrap_or_else(|_| Err(Error::ResourceLimit(format!(
-            "the query ran longer than {} ms and was cancelled",
-            timeout.as_millis()
-        )))),
+        r = answered => r.unwrap_or_else(|_| Err(ran_too_long(timeout))),
         () = client_gone => Err(Error::ClientClosed),
     };
     match result {
@@ -213,58 +318,123 @@ pub async fn run_decided(
     }
 }
 
+fn ran_too_long(timeout: Duration) -> Error {
+    Error::ResourceLimit(format!(
+        "the query ran longer than {} ms and was cancelled",
+        timeout.as_millis()
+    ))
+}
+
 enum Step {
     DryRun(Box<Decided>),
     Done(Box<Prepared>, Executed),
 }
 
 async fn answer(
-    sandbox: &Sandbox,
+    sandbox: &Arc<Sandbox>,
     principal: &Principal,
     request: &Request,
-    decided: Option<Box<Gated>>,
+    decided: Option<Box<Decided>>,
     trace: &mut Trace,
 ) -> Result<Step, Error> {
     if principal.role != Role::Buyer {
         return Err(Error::Forbidden("only buyers run queries".into()));
     }
     sandbox.policies.check_principal(&principal.id)?;
-    let mut prepared = prepare(sandbox, principal, request, decided, trace).await?;
+    let earlier = match decided {
+        Some(d) => d.unchanged(sandbox, principal, trace)?,
+        None => None,
+    };
+    let (gated, ahead) = match earlier {
+        Some(d) => (d.gated, d.ahead),
+        None => (admit(sandbox, principal, request, trace).await?, None),
+    };
+    let mut prepared = Box::new(hold(sandbox, principal, gated)?);
     if request.dry_run {
-        let outline = outline::outline(&prepared.gated);
+        let ahead = match request.run_ahead {
+            true => run_ahead(sandbox, principal, &prepared),
+            false => None,
+        };
         return Ok(Step::DryRun(Box::new(Decided {
-            outline,
-            gated: prepared.gated,
+            outline: outline::outline(&prepared.gated),
+            gated: prepared.gated.clone(),
+            ahead,
         })));
     }
     if let Some((answer, release)) = &prepared.cached {
         let executed = cache::from_cache(answer, release)?;
-        return Ok(Step::Done(Box::new(prepared), executed));
+        return Ok(Step::Done(prepared, executed));
     }
-    // A bounded wait: under overload, answer 503 quickly rather than pile up.
-    let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
-    let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id))
-        .await
-        .map_err(|_| Error::Overloaded)?;
-    // Reserved until now (an `overloaded` refusal costs nothing); from here
-    // on data is read, and the charge stands whatever happens.
+    let ahead = match ahead {
+        Some(ahead) => ahead.claim(|| commit_charge(&mut prepared, trace)).await?,
+        None => None,
+    };
+    let executed = match ahead {
+        Some(executed) => executed,
+        None => {
+            // A bounded wait: under overload, answer 503 quickly rather than pile up.
+            let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
+            let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id))
+                .await
+                .map_err(|_| Error::Overloaded)?;
+            commit_charge(&mut prepared, trace);
+            execute(sandbox, &prepared.gated).await?
+        }
+    };
+    Ok(Step::Done(prepared, executed))
+}
+
+/// Reserved until data is read (an `overloaded` refusal costs nothing);
+/// from then on the charge stands whatever happens.
+fn commit_charge(prepared: &mut Prepared, trace: &mut Trace) {
     if let Some(charge) = prepared.charge.as_mut() {
         charge.commit();
         trace.epsilon_charged = prepared.epsilon;
         trace.epsilon_by_dataset = prepared.epsilon_by_dataset.clone();
     }
-    let executed = execute(sandbox, &prepared).await?;
-    Ok(Step::Done(Box::new(prepared), executed))
 }
 
-async fn prepare(
+/// Begins executing a decided query if the sandbox is idle (no query holds
+/// a slot, nobody waits), else leaves it to its run, which queues like any
+/// other: under load, work ahead would only compete with work asked for.
+/// It runs under the query timeout, since nothing may come to wait for it.
+fn run_ahead(sandbox: &Arc<Sandbox>, principal: &Principal, prepared: &Prepared) -> Option<Ahead> {
+    if prepared.cached.is_some() {
+        return None;
+    }
+    let slot = sandbox.query_slots.acquire_if_idle(&principal.id)?;
+    let (sandbox, gated) = (sandbox.clone(), prepared.gated.clone());
+    let timeout = Duration::from_millis(sandbox.settings.limits.query_timeout_ms);
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let watched = state.clone();
+    let task = tokio::spawn(async move {
+        let _slot = slot;
+        let run = tokio::time::timeout(timeout, execute(&sandbox, &gated));
+        tokio::pin!(run);
+        let finished = |r: Result<Result<Executed, Error>, _>| {
+            Some(r.unwrap_or_else(|_| Err(ran_too_long(timeout))))
+        };
+        tokio::select! {
+            r = &mut run => finished(r),
+            () = tokio::time::sleep(AHEAD_PATIENCE) => {
+                let gave_up = watched
+                    .compare_exchange(RUNNING, GAVE_UP, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                if gave_up { None } else { finished(run.await) }
+            }
+        }
+    });
+    Some(Ahead { task, state })
+}
+
+/// Through the gate, and within the scan limit.
+async fn admit(
     sandbox: &Sandbox,
     principal: &Principal,
     request: &Request,
-    decided: Option<Box<Gated>>,
     trace: &mut Trace,
-) -> Result<Prepared, Error> {
-    let mut gated = gate::again_or_gate(sandbox, principal, request, trace, decided).await?;
+) -> Result<Arc<Gated>, Error> {
+    let mut gated = gate::gate(sandbox, principal, request, trace).await?;
     let rows: u64 = gated.scanned.iter().map(|d| d.num_rows).sum();
     let cap = sandbox.settings.limits.max_rows_scanned;
     if rows > cap {
@@ -280,6 +450,12 @@ async fn prepare(
             .execution
             .target_partitions = 1;
     }
+    Ok(Arc::new(gated))
+}
+
+/// Holds the quota and budget an admitted query needs (or finds its
+/// answer released before).
+fn hold(sandbox: &Sandbox, principal: &Principal, gated: Arc<Gated>) -> Result<Prepared, Error> {
     let reservation = charge::reserve_quota(sandbox, &gated.grant, &gated.scanned)?;
     let (epsilon, epsilon_by_dataset) = charge::epsilon_of(&gated.catalog, &gated.split);
     let cache_scope = cache::scope(principal, &gated);
@@ -311,7 +487,7 @@ async fn prepare(
     })
 }
 
-async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
+async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
     let engine = &sandbox.engine;
     let limits = &sandbox.settings.limits;
     let mut cpu = 0u64;
@@ -321,13 +497,13 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
     let mut noise = Vec::new();
     // Noise is reported under the names the buyer reads (`visits`), not
     // the engine's (`count(Int64(1))`).
-    let output_names = release::output_names(&p.gated.split.upper);
-    for job in &p.gated.split.jobs {
+    let output_names = release::output_names(&gated.split.upper);
+    for job in &gated.split.jobs {
         // Groups before release only bound memory; the owner's max_groups
         // applies to what is released (a count the answer shows anyway).
         let candidates = limits.max_result_rows.saturating_mul(100);
         let (batches, physical) = engine
-            .execute(&p.gated.session, &job.plan, candidates)
+            .execute(&gated.session, &job.plan, candidates)
             .await?;
         cpu += crate::engine::cpu_ns(&physical);
         let batches = match &job.kind {
@@ -363,12 +539,12 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
             .map_err(|e| Error::Internal(e.to_string()))?;
         filled.push((job.slot.clone(), Arc::new(table)));
     }
-    let upper = release::fill(p.gated.split.upper.clone(), filled)?;
+    let upper = release::fill(gated.split.upper.clone(), filled)?;
     let (batches, physical) = engine
-        .execute(&p.gated.session, &upper, limits.max_result_rows)
+        .execute(&gated.session, &upper, limits.max_result_rows)
         .await?;
     cpu += crate::engine::cpu_ns(&physical);
-    let mechanism = match (p.gated.split.jobs.is_empty(), noise.is_empty()) {
+    let mechanism = match (gated.split.jobs.is_empty(), noise.is_empty()) {
         (true, _) => "none",
         (false, true) => "threshold",
         (false, false) => "differential_privacy",
@@ -383,14 +559,9 @@ async fn execute(sandbox: &Sandbox, p: &Prepared) -> Result<Executed, Error> {
             1 => noise.pop(),
             _ => Some(Value::Array(noise)),
         },
-        summary_used: p.gated.split.jobs.iter().any(|j| j.reads_summary()),
+        summary_used: gated.split.jobs.iter().any(|j| j.reads_summary()),
     };
-    Ok(Executed {
-        schema: physical.schema(),
-        batches,
-        release,
-        cpu_ns: cpu,
-    })
+    Executed::new(physical.schema(), batches, release, cpu)
 }
 
 async fn finish(
@@ -402,11 +573,7 @@ async fn finish(
     p: Box<Prepared>,
     e: Executed,
 ) -> Result<Answer, Error> {
-    let e = Executed {
-        batches: release::encode::rematerialize(e.batches)?,
-        ..e
-    };
-    let rows = release::encode::json_rows(&e.batches)?;
+    let rows = e.rows;
     let cached = p.cached.is_some();
     let (epsilon, by_dataset) = if cached {
         (0.0, BTreeMap::new())
@@ -434,9 +601,7 @@ async fn finish(
     event.cached = cached;
     event.release = Some(serde_json::to_value(&e.release).unwrap_or_default());
     event.usage = Some(usage.clone());
-    event.result_sha256 = Some(sha256_hex(
-        serde_json::to_string(&rows).unwrap_or_default().as_bytes(),
-    ));
+    event.result_sha256 = Some(e.result_sha256);
     let receipt = record::append(sandbox, event, &request.sql).await?;
     if epsilon > 0.0 {
         // Asking again returns this answer, not fresh noise to average away.
@@ -465,8 +630,8 @@ async fn finish(
     Ok(Answer {
         budget,
         query_id,
-        grant: gated.grant.id,
-        purpose: gated.grant.purpose,
+        grant: gated.grant.id.clone(),
+        purpose: gated.grant.purpose.clone(),
         schema: e.schema,
         batches: e.batches,
         rows,

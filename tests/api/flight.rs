@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 const QUICK: &str = "SELECT industry, COUNT(*) AS n FROM enterprise_registry GROUP BY industry";
+/// Runs for minutes in small memory (a billion joined rows, counted).
+const SLOW: &str = "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -348,10 +350,9 @@ fn a_dropped_stream_cancels_its_query_and_the_ledger_records_it() {
         limits.queue_wait_ms = 60_000;
     });
     let acme = app.key("buyer:acme").to_string();
-    let slow = "SELECT COUNT(*) FROM power_grid a JOIN power_grid b ON a.district = b.district";
     let rt = runtime();
     rt.block_on(async {
-        let info = flight_info(&app, &acme, slow).await.expect("allowed");
+        let info = flight_info(&app, &acme, SLOW).await.expect("allowed");
         let ticket = ticket_of(&info);
         let (app_ref, key) = (&app, acme.clone());
         let redeeming = async move { redeem(app_ref, &key, &ticket).await };
@@ -396,4 +397,77 @@ fn a_ticket_is_decided_again_when_its_grant_ends_before_it_is_redeemed() {
         .expect_err("the grant it was decided under is gone");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert_eq!(body_of(&refused)["error"]["code"], "no_grant");
+}
+
+#[test]
+fn work_begun_ahead_is_charged_and_recorded_only_when_its_ticket_is_redeemed() {
+    let app = spawn_app();
+    let acme = app.key("buyer:acme").to_string();
+    let sql = "SELECT district, COUNT(*) AS n FROM city_health GROUP BY district";
+    let rt = runtime();
+    let metadata = rt.block_on(async {
+        // Both decisions begin executing ahead; only the second is redeemed.
+        let unredeemed = flight_info(&app, &acme, sql).await.expect("allowed");
+        let info = flight_info(&app, &acme, sql).await.expect("allowed");
+        let (batches, metadata) = redeem(&app, &acme, &ticket_of(&info)).await.unwrap();
+        assert!(!batches.is_empty());
+        drop(unredeemed);
+        metadata
+    });
+    let epsilon = metadata["usage"]["epsilon"].as_f64().unwrap();
+    assert!(epsilon > 0.0, "{metadata}");
+    assert_eq!(
+        metadata["budget"]["epsilon_spent"].as_f64(),
+        Some(epsilon),
+        "one query's ε is spent, not two"
+    );
+    let entries = app.query_entries(0);
+    assert_eq!(entries.len(), 1, "only the redeemed statement: {entries:?}");
+    assert_eq!(entries[0]["decision"], "answered");
+}
+
+#[test]
+fn an_execution_nobody_claims_gives_up_its_slot_and_a_late_ticket_runs_anew() {
+    let app = spawn_app_with_limits(|limits| {
+        limits.query_timeout_ms = 300_000;
+        limits.max_concurrent_queries = 1;
+        limits.queue_wait_ms = 2_000;
+    });
+    let acme = app.key("buyer:acme").to_string();
+    let rt = runtime();
+    let (heavy_ticket, quick_ticket) = rt.block_on(async {
+        let heavy = flight_info(&app, &acme, SLOW).await.expect("allowed");
+        // No slot is free now: this one waits for its redemption to execute.
+        let quick = flight_info(&app, &acme, QUICK).await.expect("allowed");
+        (ticket_of(&heavy), ticket_of(&quick))
+    });
+    assert_eq!(
+        app.query(QUICK).code().as_deref(),
+        Some("overloaded"),
+        "the heavy statement's execution holds the only slot"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(4_500));
+    let http = app.query(QUICK);
+    assert_eq!(
+        http.status,
+        200,
+        "unclaimed, it gave the slot up: {}",
+        http.text()
+    );
+    let mut http_rows: Vec<Vec<Value>> =
+        serde_json::from_value(http.json()["rows"].clone()).unwrap();
+    http_rows.sort_by_key(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    let (batches, _) = rt.block_on(redeem(&app, &acme, &quick_ticket)).unwrap();
+    assert_eq!(rows(&batches), http_rows, "a late ticket executes anew");
+    drop(heavy_ticket);
+    let decisions: Vec<Value> = app
+        .query_entries(0)
+        .iter()
+        .map(|q| q["decision"].clone())
+        .collect();
+    assert_eq!(
+        decisions,
+        ["refused", "answered", "answered"],
+        "the overloaded query and the two answers; nothing for the unredeemed statement"
+    );
 }

@@ -68,6 +68,7 @@ fn request(sql: &str) -> Request {
         grant: None,
         purpose: None,
         dry_run: false,
+        run_ahead: false,
         dp: Default::default(),
     }
 }
