@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod market;
+pub mod memo;
 pub mod registration;
 pub mod review;
 pub mod slots;
@@ -33,6 +34,8 @@ pub struct Sandbox {
     pub engine: Engine,
     /// Shared fairly between principals (see `slots`).
     pub query_slots: Arc<slots::Slots>,
+    /// What the layers above keep so as not to compute it twice.
+    pub memo: memo::Memo,
     pub runtime: QueryRuntime,
     /// Where registrations are prepared: one thread at idle CPU
     /// priority, so counting and summarising a new dataset takes what
@@ -150,6 +153,8 @@ impl Sandbox {
             budgets: Arc::default(),
             engine,
             query_slots,
+            // Gate decisions of repeated statements (`pipeline::plans`).
+            memo: memo::Memo::new(4096),
             runtime: QueryRuntime::new()?,
             registrations: QueryRuntime::background()?,
             vault,

@@ -14,6 +14,7 @@ pub mod charge;
 pub mod gate;
 pub mod grant;
 pub mod outline;
+pub mod plans;
 pub mod record;
 
 use crate::accounting::{Charge, Reservation, Usage};
@@ -159,35 +160,32 @@ impl Drop for Ahead {
     }
 }
 
-impl Decided {
-    /// The decision, if everything it rests on is unchanged: the very
-    /// catalog snapshot, and its grant still active. Any change and the
-    /// statement goes through the gate anew.
-    fn unchanged(
-        self,
-        sandbox: &Sandbox,
-        principal: &Principal,
-        trace: &mut Trace,
-    ) -> Result<Option<Decided>, Error> {
-        let gated = &self.gated;
-        if !Arc::ptr_eq(&gated.catalog, &sandbox.catalog.current()) {
-            return Ok(None);
-        }
-        let now = crate::util::now_rfc3339();
-        let active = sandbox
-            .store
-            .grant_of(&principal.id, &gated.grant.id)?
-            .is_some_and(|current| current.is_active(&now));
-        if !active {
-            return Ok(None);
-        }
+/// Whether an earlier decision of the gate still holds: the very catalog
+/// snapshot it was made on, and its grant unchanged and still active. Any change and the
+/// statement goes through the gate anew. If it holds, `trace` learns what
+/// the gate would have told it.
+fn still_holds(
+    sandbox: &Sandbox,
+    principal: &Principal,
+    gated: &Gated,
+    trace: &mut Trace,
+) -> Result<bool, Error> {
+    if !Arc::ptr_eq(&gated.catalog, &sandbox.catalog.current()) {
+        return Ok(false);
+    }
+    let now = crate::util::now_rfc3339();
+    let active = sandbox
+        .store
+        .grant_of(&principal.id, &gated.grant.id)?
+        .is_some_and(|current| current == gated.grant && current.is_active(&now));
+    if active {
         trace.grant = Some(gated.grant.id.clone());
         trace.purpose = Some(gated.grant.purpose.clone());
         trace
             .datasets
             .extend(gated.scanned.iter().map(|d| d.id().to_string()));
-        Ok(Some(self))
     }
+    Ok(active)
 }
 
 pub enum Outcome {
@@ -341,13 +339,9 @@ async fn answer(
         return Err(Error::Forbidden("only buyers run queries".into()));
     }
     sandbox.policies.check_principal(&principal.id)?;
-    let earlier = match decided {
-        Some(d) => d.unchanged(sandbox, principal, trace)?,
-        None => None,
-    };
-    let (gated, ahead) = match earlier {
-        Some(d) => (d.gated, d.ahead),
-        None => (admit(sandbox, principal, request, trace).await?, None),
+    let (gated, ahead) = match decided {
+        Some(d) if still_holds(sandbox, principal, &d.gated, trace)? => (d.gated, d.ahead),
+        _ => (admit(sandbox, principal, request, trace).await?, None),
     };
     let mut prepared = Box::new(hold(sandbox, principal, gated)?);
     if request.dry_run {
@@ -427,13 +421,19 @@ fn run_ahead(sandbox: &Arc<Sandbox>, principal: &Principal, prepared: &Prepared)
     Some(Ahead { task, state })
 }
 
-/// Through the gate, and within the scan limit.
+/// Through the gate (or the principal's same statement let through before,
+/// if that decision still holds), and within the scan limit.
 async fn admit(
     sandbox: &Sandbox,
     principal: &Principal,
     request: &Request,
     trace: &mut Trace,
 ) -> Result<Arc<Gated>, Error> {
+    if let Some(gated) = plans::recall(sandbox, principal, request)
+        && still_holds(sandbox, principal, &gated, trace)?
+    {
+        return Ok(gated);
+    }
     let mut gated = gate::gate(sandbox, principal, request, trace).await?;
     let rows: u64 = gated.scanned.iter().map(|d| d.num_rows).sum();
     let cap = sandbox.settings.limits.max_rows_scanned;
@@ -450,7 +450,9 @@ async fn admit(
             .execution
             .target_partitions = 1;
     }
-    Ok(Arc::new(gated))
+    let gated = Arc::new(gated);
+    plans::keep(sandbox, principal, request, &gated);
+    Ok(gated)
 }
 
 /// Holds the quota and budget an admitted query needs (or finds its
