@@ -50,8 +50,14 @@ pub struct Sandbox {
 pub struct QueryRuntime(Option<tokio::runtime::Runtime>);
 
 impl QueryRuntime {
-    pub fn new() -> std::io::Result<QueryRuntime> {
+    /// At least one worker per query slot and one more: an engine step that
+    /// holds its thread for long (a join's hash table, a sort) then holds
+    /// only its own, and the operating system shares the cores between the
+    /// running queries instead of a small one waiting for a worker.
+    pub fn new(slots: usize) -> std::io::Result<QueryRuntime> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cores.max(slots + 1))
             .thread_name("fg-query")
             .thread_stack_size(64 * 1024 * 1024)
             .enable_all()
@@ -139,7 +145,8 @@ impl Sandbox {
         )?;
         record_registrations(&ledger, &catalog).await?;
         let engine = Engine::new(settings.limits.clone());
-        let query_slots = slots::Slots::new(settings.limits.max_concurrent_queries.max(1));
+        let query_slots_total = settings.limits.max_concurrent_queries.max(1);
+        let query_slots = slots::Slots::new(query_slots_total);
         let vault = review::Vault::open(&settings.data_dir)
             .map_err(|e| StartError::Config(format!("{e:?}")))?;
         let sandbox = Sandbox {
@@ -155,7 +162,7 @@ impl Sandbox {
             query_slots,
             // Gate decisions of repeated statements (`pipeline::plans`).
             memo: memo::Memo::new(4096),
-            runtime: QueryRuntime::new()?,
+            runtime: QueryRuntime::new(query_slots_total)?,
             registrations: QueryRuntime::background()?,
             vault,
         };
