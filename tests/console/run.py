@@ -10,11 +10,12 @@ copies them into docs/.
 
     FG_BIN=target/debug/frostglass python3 tests/console/run.py
 """
-import base64, http.client, http.server, json, os, shutil, sqlite3, sys, threading, time
+import base64, http.client, http.server, json, os, shutil, sqlite3, sys, tempfile, threading, time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
+from selenium.common.exceptions import SessionNotCreatedException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -56,14 +57,23 @@ class Api:
 
 
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000",
-                "--disable-gpu"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
-                            options=options)
+    # Chromium now and then exits while starting on a busy machine (CI saw
+    # "session not created: Chrome instance exited"): a fresh profile and
+    # another try, a few times, before the test gives up.
+    for attempt in range(3):
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000",
+                    "--disable-gpu", f"--user-data-dir={tempfile.mkdtemp(prefix='fg-chromium-')}"):
+            options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        try:
+            return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
+                                    options=options)
+        except SessionNotCreatedException:
+            if attempt == 2:
+                raise
+            time.sleep(2)
 
 
 def console_errors(driver):
