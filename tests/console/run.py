@@ -56,6 +56,10 @@ class Api:
         return doc
 
 
+# Chromium's profiles, removed when the test ends.
+PROFILES = tempfile.mkdtemp(prefix="fg-chromium-")
+
+
 def browser():
     # Chromium now and then exits while starting on a busy machine (CI saw
     # "session not created: Chrome instance exited"): a fresh profile and
@@ -64,7 +68,7 @@ def browser():
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000",
-                    "--disable-gpu", f"--user-data-dir={tempfile.mkdtemp(prefix='fg-chromium-')}"):
+                    "--disable-gpu", f"--user-data-dir={tempfile.mkdtemp(dir=PROFILES)}"):
             options.add_argument(arg)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         try:
@@ -400,6 +404,7 @@ def main():
     finally:
         if driver:
             driver.quit()
+        shutil.rmtree(PROFILES, ignore_errors=True)
         if attacker:
             attacker.shutdown()
         server.terminate()
