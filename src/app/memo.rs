@@ -31,6 +31,12 @@ impl Memo {
         value.downcast::<T>().ok()
     }
 
+    /// Drops every `T` that `keep` says no to (values of other types stay).
+    pub fn retain<T: Any + Send + Sync>(&self, keep: impl Fn(&T) -> bool) {
+        self.lock()
+            .retain(|_, value| value.downcast_ref::<T>().is_none_or(&keep));
+    }
+
     /// Keeps `value` under `key`. When full, everything is dropped and the
     /// memory refills with what is asked for now: cheaper than tracking
     /// use, and a miss costs only the computation it would have saved.
@@ -58,5 +64,19 @@ mod tests {
         memo.put("c".into(), Arc::new(3u32));
         assert_eq!(memo.get::<u32>("a"), None, "dropped when full");
         assert_eq!(memo.get::<u32>("c").as_deref(), Some(&3));
+        memo.put("d".into(), Arc::new(4u32));
+        memo.retain::<u32>(|v| *v > 3);
+        assert_eq!(memo.get::<u32>("c"), None, "said no to");
+        assert_eq!(memo.get::<u32>("d").as_deref(), Some(&4));
+    }
+
+    #[test]
+    fn retain_leaves_values_of_other_types() {
+        let memo = Memo::new(4);
+        memo.put("a".into(), Arc::new(1u32));
+        memo.put("b".into(), Arc::new("b"));
+        memo.retain::<u32>(|_| false);
+        assert_eq!(memo.get::<u32>("a"), None);
+        assert_eq!(memo.get::<&str>("b").as_deref(), Some(&"b"));
     }
 }

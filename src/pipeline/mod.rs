@@ -108,7 +108,7 @@ impl Answer {
 }
 
 /// A dry run's decision: its outline, and what a later run of the same
-/// request takes up again (see [`Decided::unchanged`]).
+/// request takes up again while it still holds (see `still_holds`).
 pub struct Decided {
     pub outline: outline::Outline,
     gated: Arc<Gated>,
@@ -161,8 +161,8 @@ impl Drop for Ahead {
 }
 
 /// Whether an earlier decision of the gate still holds: the very catalog
-/// snapshot it was made on, and its grant unchanged and still active. Any change and the
-/// statement goes through the gate anew. If it holds, `trace` learns what
+/// snapshot it was made on, and its grant unchanged and still active. Any
+/// change and the statement goes through the gate anew. If it holds, `trace` learns what
 /// the gate would have told it.
 fn still_holds(
     sandbox: &Sandbox,

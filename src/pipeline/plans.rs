@@ -34,6 +34,12 @@ pub fn recall(sandbox: &Sandbox, principal: &Principal, request: &Request) -> Op
     sandbox.memo.get(&key(principal, request))
 }
 
+/// Keeps a new decision, and drops those made on an older catalog: they
+/// can never be taken up again, and each would hold its snapshot (with
+/// the in-memory copies of datasets since updated or withdrawn) alive.
 pub fn keep(sandbox: &Sandbox, principal: &Principal, request: &Request, gated: &Arc<Gated>) {
+    sandbox
+        .memo
+        .retain::<Gated>(|kept| Arc::ptr_eq(&kept.catalog, &gated.catalog));
     sandbox.memo.put(key(principal, request), gated.clone());
 }
