@@ -120,6 +120,12 @@ enum Command {
         /// Compare the two front doors instead: HTTP (JSON) and Flight SQL (Arrow).
         #[arg(long)]
         flight: bool,
+        /// Stop after the query suite (no policy latency, no load tests).
+        #[arg(long)]
+        suite_only: bool,
+        /// Run only this suite query (grouped_count, sum_avg_two_keys, join_on_person, selective_filter, high_cardinality).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// The ledger at N entries, appended directly: restart, usage report, proofs, verify (build with --release).
     BenchLedger {
@@ -337,6 +343,8 @@ fn main() -> ExitCode {
             http_clients,
             http_seconds,
             flight,
+            suite_only,
+            only,
         } => {
             let options = bench::Options {
                 catalog,
@@ -347,6 +355,8 @@ fn main() -> ExitCode {
                 out,
                 http_clients: http_clients.max(1),
                 http_seconds: http_seconds.max(1),
+                suite_only,
+                only,
             };
             if flight {
                 bench_flight::run(options)

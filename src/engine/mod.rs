@@ -4,6 +4,7 @@
 //! memory pool (spilling off), a row cap on the answer, and caps on SQL size
 //! that bound expression depth before anything recursive sees it.
 
+pub mod bound;
 mod total;
 
 use crate::catalog::Dataset;
@@ -89,6 +90,7 @@ impl Engine {
             .with_config(config)
             .with_default_features()
             .with_analyzer_rules(analyzer)
+            .with_query_planner(Arc::new(bound::QueryPlanner))
             // No generate_series/range, no CREATE EXTERNAL TABLE factories.
             .with_table_function_list(Vec::new())
             .with_table_factories(HashMap::new())

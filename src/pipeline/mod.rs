@@ -505,7 +505,7 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
         // applies to what is released (a count the answer shows anyway).
         let candidates = limits.max_result_rows.saturating_mul(100);
         let (batches, physical) = engine
-            .execute(&gated.session, &job.plan, candidates)
+            .execute_release(&gated.session, &job.plan, candidates)
             .await?;
         cpu += crate::engine::cpu_ns(&physical);
         let batches = match &job.kind {

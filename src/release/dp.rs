@@ -17,6 +17,7 @@ use super::component::Component;
 use super::noise::{self, Noise};
 use super::partitions::Partitions;
 use crate::catalog::{Catalog, DpMechanism, DpRules};
+use crate::engine::bound::{BoundContributions, Bounds, bounded_name};
 use crate::error::{Error, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use datafusion::arrow::compute::{cast, take};
@@ -24,20 +25,12 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::Column;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
-use datafusion::functions_aggregate::sum::sum_udaf;
-use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
-use datafusion::logical_expr::{
-    Aggregate, Cast, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder,
-    WindowFunctionDefinition, lit, when,
-};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Cast, Expr, LogicalPlan, LogicalPlanBuilder, lit, when};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-const ROWS_PER_UNIT_GROUP: &str = "__fg_rows";
-const RANK: &str = "__fg_rank";
-const RUNNING: &str = "__fg_running_rows";
 const UNITS: &str = "__fg_units";
 
 impl Component {
@@ -336,100 +329,44 @@ pub fn plan(
         .min(MAX_PUBLIC_DRAWS / outputs.len().max(1) as u64);
     let public = Partitions::of(agg, &input, catalog, most_public);
 
-    // Level 1: one row per (unit, group), with bounded per-unit components,
-    // read off the unit summary when it covers the query.
+    // One row per (unit, group) with the unit's bounded components: read
+    // off the unit summary when it covers the query, else aggregated from
+    // the rows. Each unit then keeps at most max_groups_per_unit groups and
+    // max_rows_per_unit rows over them (see `BoundContributions`). When
+    // every unit falls into one group (no keys, or keys measured at
+    // registration to hold one value per unit, or the summary's one row
+    // per unit), the group bound holds by itself and the unit's rows before
+    // its group are none: its components are only scaled to max_rows.
     let groups = agg.group_expr.len();
-    let from_summary = shape
+    let (level1, one_group_per_unit) = match shape
         .summary
-        .and_then(|s| s.dp_level1(&agg.group_expr, &components, &input));
-    let one_group_per_unit = shape.one_group_per_unit || from_summary.is_some();
-    let level1 = match from_summary {
-        Some(level1) => level1,
-        None => {
-            let mut group1 = vec![Expr::Column(unit.clone())];
-            group1.extend(agg.group_expr.iter().cloned());
-            let mut aggs1: Vec<Expr> = Vec::new();
-            for (i, c) in components.iter().enumerate() {
-                aggs1.push(c.over_rows()?.alias(format!("__fg_c{i}")));
-            }
-            aggs1.push(count(lit(1i64)).alias(ROWS_PER_UNIT_GROUP));
-            LogicalPlanBuilder::from(input)
-                .aggregate(group1, aggs1)
-                .map_err(internal)?
-                .build()
-                .map_err(internal)?
-        }
+        .and_then(|s| s.dp_level1(&agg.group_expr, &components, &input))
+    {
+        Some(level1) => (level1, true),
+        None => (
+            per_unit_group(input, unit, &agg.group_expr, &components)?,
+            groups == 0 || shape.one_group_per_unit,
+        ),
     };
-    let cols1: Vec<Column> = level1.schema().columns();
-    let unit1 = Expr::Column(cols1[0].clone());
-    let group_cols1: Vec<Expr> = cols1[1..=groups]
-        .iter()
-        .cloned()
-        .map(Expr::Column)
-        .collect();
-
-    // Each unit keeps at most max_groups_per_unit groups (the first ones in
-    // group order) and at most max_rows_per_unit rows over all of them: its
-    // groups are taken in order, each with the rows still allowed, and its
-    // components scaled to the rows kept.
-    let rows1 = Expr::Column(cols1[1 + groups + components.len()].clone());
-    let mut builder = LogicalPlanBuilder::from(level1);
-    // When every unit falls into one group (its grouping columns hold one
-    // value per unit), the group bound holds by itself and the unit's rows
-    // before this group are none: no window, which is most of the cost.
-    let rows_before = if groups > 0 && !one_group_per_unit {
-        let order: Vec<_> = group_cols1
-            .iter()
-            .map(|g| g.clone().sort(true, true))
-            .collect();
-        let rank = row_number()
-            .partition_by(vec![unit1.clone()])
-            .order_by(order.clone())
-            .build()
-            .map_err(internal)?
-            .alias(RANK);
-        let running = Expr::WindowFunction(Box::new(WindowFunction::new(
-            WindowFunctionDefinition::AggregateUDF(sum_udaf()),
-            vec![rows1.clone()],
-        )))
-        .partition_by(vec![unit1])
-        .order_by(order)
-        .build()
-        .map_err(internal)?
-        .alias(RUNNING);
-        builder = builder
-            .window(vec![rank, running])
-            .and_then(|b| {
-                b.filter(
-                    Expr::Column(Column::from_name(RANK))
-                        .lt_eq(lit(params.max_groups_per_unit as i64)),
-                )
-            })
-            .map_err(internal)?;
-        Expr::Column(Column::from_name(RUNNING)) - rows1.clone()
+    let level1b = if one_group_per_unit {
+        scaled(
+            LogicalPlanBuilder::from(level1),
+            groups,
+            components.len(),
+            max_rows,
+            |_| lit(0i64),
+        )?
     } else {
-        lit(0i64)
+        let bounds = Bounds {
+            keys: groups,
+            components: components.len(),
+            max_groups: params.max_groups_per_unit,
+            max_rows: params.max_rows_per_unit,
+        };
+        BoundContributions::try_new(level1, bounds)
+            .map_err(internal)?
+            .into_plan()
     };
-    let as_f64 = |e: Expr| Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
-    let left = lit(max_rows) - as_f64(rows_before);
-    let allowed = when(left.clone().lt(lit(0.0)), lit(0.0))
-        .when(
-            left.clone().gt(as_f64(rows1.clone())),
-            as_f64(rows1.clone()),
-        )
-        .otherwise(left)
-        .map_err(internal)?;
-    let factor = allowed / as_f64(rows1);
-    let mut bounded: Vec<Expr> = group_cols1.clone();
-    for i in 0..components.len() {
-        let c = as_f64(Expr::Column(cols1[1 + groups + i].clone()));
-        bounded.push((c * factor.clone()).alias(format!("__fg_b{i}")));
-    }
-    let level1b = builder
-        .project(bounded)
-        .map_err(internal)?
-        .build()
-        .map_err(internal)?;
     let cols1b = level1b.schema().columns();
 
     // Level 2: sum the bounded components per group; rows here are units.
@@ -453,6 +390,131 @@ pub fn plan(
     };
     job.check_samplable()?;
     Ok((level2, job))
+}
+
+/// One row per (unit, group) of `input`: the unit, the group keys, the
+/// exact components, and the rows.
+fn per_unit_group(
+    input: LogicalPlan,
+    unit: Column,
+    group_expr: &[Expr],
+    components: &[Component],
+) -> Result<LogicalPlan, Error> {
+    let mut group1 = vec![Expr::Column(unit)];
+    group1.extend(group_expr.iter().cloned());
+    let mut aggs1: Vec<Expr> = Vec::new();
+    for (i, c) in components.iter().enumerate() {
+        aggs1.push(c.over_rows()?.alias(format!("__fg_c{i}")));
+    }
+    aggs1.push(count(lit(1i64)).alias("__fg_rows"));
+    LogicalPlanBuilder::from(input)
+        .aggregate(group1, aggs1)
+        .and_then(|b| b.build())
+        .map_err(internal)
+}
+
+/// Per-(unit, group) rows — the unit, the group keys, the components, the
+/// rows — with each component scaled to the rows the unit may still add:
+/// `max_rows` less what `rows_before(rows)` says its earlier groups added,
+/// at least none and at most the group's rows.
+fn scaled(
+    builder: LogicalPlanBuilder,
+    groups: usize,
+    components: usize,
+    max_rows: f64,
+    rows_before: impl FnOnce(Expr) -> Expr,
+) -> Result<LogicalPlan, Error> {
+    let cols1 = builder.schema().columns();
+    let rows1 = Expr::Column(cols1[1 + groups + components].clone());
+    let as_f64 = |e: Expr| Expr::Cast(Cast::new(Box::new(e), DataType::Float64));
+    let left = lit(max_rows) - as_f64(rows_before(rows1.clone()));
+    let allowed = when(left.clone().lt(lit(0.0)), lit(0.0))
+        .when(
+            left.clone().gt(as_f64(rows1.clone())),
+            as_f64(rows1.clone()),
+        )
+        .otherwise(left)
+        .map_err(internal)?;
+    let factor = allowed / as_f64(rows1);
+    let mut bounded: Vec<Expr> = cols1[1..=groups]
+        .iter()
+        .cloned()
+        .map(Expr::Column)
+        .collect();
+    for i in 0..components {
+        let c = as_f64(Expr::Column(cols1[1 + groups + i].clone()));
+        bounded.push((c * factor.clone()).alias(bounded_name(i)));
+    }
+    builder
+        .project(bounded)
+        .and_then(|b| b.build())
+        .map_err(internal)
+}
+
+/// The same bounds in SQL — an aggregation by (unit, group), then a window
+/// sorted by (unit, group) that ranks each unit's groups and runs its rows —
+/// as releases computed them before [`BoundContributions`]: the reference
+/// the operator is tested against.
+#[cfg(test)]
+pub(crate) mod in_sql {
+    use super::*;
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::functions_window::expr_fn::row_number;
+    use datafusion::logical_expr::expr::WindowFunction;
+    use datafusion::logical_expr::{ExprFunctionExt, WindowFunctionDefinition};
+
+    /// The reference for one [`BoundContributions`] node over `level1`.
+    pub fn bounds(level1: LogicalPlan, b: &Bounds) -> LogicalPlan {
+        let cols1 = level1.schema().columns();
+        let unit1 = Expr::Column(cols1[0].clone());
+        let rows1 = Expr::Column(cols1[1 + b.keys + b.components].clone());
+        let order: Vec<_> = cols1[1..=b.keys]
+            .iter()
+            .map(|g| Expr::Column(g.clone()).sort(true, true))
+            .collect();
+        let rank = row_number()
+            .partition_by(vec![unit1.clone()])
+            .order_by(order.clone())
+            .build()
+            .unwrap()
+            .alias("__fg_rank");
+        let running = Expr::WindowFunction(Box::new(WindowFunction::new(
+            WindowFunctionDefinition::AggregateUDF(sum_udaf()),
+            vec![rows1],
+        )))
+        .partition_by(vec![unit1])
+        .order_by(order)
+        .build()
+        .unwrap()
+        .alias("__fg_running_rows");
+        let builder = LogicalPlanBuilder::from(level1)
+            .window(vec![rank, running])
+            .unwrap()
+            .filter(Expr::Column(Column::from_name("__fg_rank")).lt_eq(lit(b.max_groups as i64)))
+            .unwrap();
+        scaled(builder, b.keys, b.components, b.max_rows as f64, |rows| {
+            Expr::Column(Column::from_name("__fg_running_rows")) - rows
+        })
+        .unwrap()
+    }
+
+    /// `plan` with every [`BoundContributions`] node replaced by its reference.
+    pub fn everywhere(plan: LogicalPlan) -> LogicalPlan {
+        plan.transform_up(|node| {
+            if let LogicalPlan::Extension(e) = &node
+                && let Some(b) = e.node.as_any().downcast_ref::<BoundContributions>()
+            {
+                return Ok(Transformed::yes(bounds(
+                    e.node.inputs()[0].clone(),
+                    b.bounds(),
+                )));
+            }
+            Ok(Transformed::no(node))
+        })
+        .unwrap()
+        .data
+    }
 }
 
 /// What a DP release reports about itself.

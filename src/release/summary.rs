@@ -321,8 +321,10 @@ mod tests {
     use datafusion::arrow::array::{Array, Float64Array};
     use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    use datafusion::execution::session_state::SessionStateBuilder;
     use datafusion::prelude::SessionContext;
     use std::path::Path;
+    use std::sync::Arc;
 
     /// The health and telecom demo datasets, with or without their DP rules.
     async fn catalog(dp: bool) -> (tempfile::TempDir, Catalog) {
@@ -369,23 +371,41 @@ mod tests {
         sql: &str,
         use_summaries: bool,
     ) -> Vec<(bool, Vec<Vec<String>>)> {
-        let ctx = SessionContext::new();
+        run_with(catalog, sql, use_summaries, &Default::default(), false).await
+    }
+
+    /// As [`run`], under `tightening`; with `in_sql`, every contribution
+    /// bounding operator replaced by the SQL it replaced.
+    async fn run_with(
+        catalog: &Catalog,
+        sql: &str,
+        use_summaries: bool,
+        tightening: &crate::release::dp::Tightening,
+        in_sql: bool,
+    ) -> Vec<(bool, Vec<Vec<String>>)> {
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_query_planner(Arc::new(crate::engine::bound::QueryPlanner))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         for d in catalog.datasets.values() {
             ctx.register_table(d.id(), d.provider.clone()).unwrap();
         }
         let plan = ctx.state().create_logical_plan(sql).await.unwrap();
         let (plan, _) =
             super::super::filter_consent(plan, catalog, "public_health_research").unwrap();
-        let split = super::super::split(
-            &plan,
-            catalog,
-            &policies(),
-            use_summaries,
-            &Default::default(),
-        )
-        .unwrap();
+        let split =
+            super::super::split(&plan, catalog, &policies(), use_summaries, tightening).unwrap();
         let mut out = Vec::new();
-        for job in split.jobs {
+        for mut job in split.jobs {
+            if in_sql {
+                let bounded = job.plan.display_indent().to_string();
+                assert!(
+                    !MANY_GROUPS_PER_UNIT.contains(&sql) || bounded.contains("BoundContributions"),
+                    "{sql} should bound its units' groups: {bounded}"
+                );
+                job.plan = crate::release::dp::in_sql::everywhere(job.plan);
+            }
             let summarised = job
                 .plan
                 .display_indent()
@@ -450,6 +470,54 @@ mod tests {
                 !same_answer(&catalog, sql).await,
                 "{sql} must read the rows"
             );
+        }
+    }
+
+    /// Group keys that vary within a unit, so that the group bound bites.
+    const MANY_GROUPS_PER_UNIT: [&str; 3] = [
+        "SELECT district, age, visit_date, COUNT(*) FROM city_health GROUP BY district, age, visit_date",
+        "SELECT visit_date, COUNT(*), SUM(cost), AVG(cost), COUNT(DISTINCT person_id) FROM city_health GROUP BY visit_date",
+        "SELECT date_trunc('month', visit_date) AS m, gender, AVG(cost) FROM city_health WHERE cost > 100 GROUP BY 1, 2",
+    ];
+
+    /// The change to one pass was speed, not semantics: the operator's exact
+    /// per-group values equal the window's, under the owners' bounds and
+    /// under tighter ones that clip most units.
+    #[tokio::test]
+    async fn bounding_in_one_pass_equals_the_sql_window_it_replaced() {
+        use crate::release::dp::Tightening;
+        let (_dir, catalog) = catalog(true).await;
+        let tightenings = [
+            Tightening::default(),
+            Tightening {
+                max_rows_per_unit: Some(1),
+                ..Default::default()
+            },
+            Tightening {
+                max_groups_per_unit: Some(1),
+                max_rows_per_unit: Some(3),
+                ..Default::default()
+            },
+            Tightening {
+                max_groups_per_unit: Some(2),
+                ..Default::default()
+            },
+        ];
+        let no_keys = [
+            "SELECT COUNT(*), SUM(cost), COUNT(cost) FROM city_health WHERE visit_date > DATE '2025-06-01'",
+        ];
+        let queries = COVERED
+            .iter()
+            .chain(&NOT_COVERED)
+            .chain(&MANY_GROUPS_PER_UNIT)
+            .chain(&no_keys);
+        for sql in queries {
+            for t in &tightenings {
+                let one_pass = run_with(&catalog, sql, false, t, false).await;
+                let windowed = run_with(&catalog, sql, false, t, true).await;
+                assert!(one_pass.iter().all(|(_, rows)| !rows.is_empty()), "{sql}");
+                assert_eq!(one_pass, windowed, "{sql} under {t:?}");
+            }
         }
     }
 

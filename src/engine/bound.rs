@@ -1,0 +1,553 @@
+//! Contribution bounding as one engine operator.
+//!
+//! A differentially private release must limit what any one privacy unit
+//! adds: at most `max_groups` groups per unit (the first ones in ascending
+//! key order, nulls first) and at most `max_rows` rows over all of them
+//! (its groups taken in that order, each with the rows still allowed, and
+//! the group's components scaled to the rows kept). In SQL this is a window
+//! sorted by (unit, group) over the per-(unit, group) aggregate, and that
+//! sort of millions of rows on string keys dominated every release whose
+//! keys vary within a unit. [`BoundContributions`] does the same with one
+//! hash table over units: with its input partitioned by unit, each
+//! partition collects every unit's rows, orders only each unit's few rows
+//! by key, and emits the kept ones scaled.
+//!
+//! Input: one row per (unit, group) — the unit, the group keys, the
+//! components, and the group's row count (Int64), in that order. Output:
+//! the group keys, then each component, bounded, as Float64.
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::compute::{cast, interleave};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, SchemaRef};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
+};
+use datafusion::physical_expr::{Distribution, EquivalenceProperties, Partitioning, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+    ReplaceChildrenOptions,
+};
+use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+use futures::{StreamExt, TryStreamExt};
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+/// The bounds and the layout of the input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct Bounds {
+    /// Group key columns, right after the unit.
+    pub keys: usize,
+    /// Component columns, right after the keys; the row count follows.
+    pub components: usize,
+    pub max_groups: u64,
+    pub max_rows: u64,
+}
+
+impl Bounds {
+    fn rows_column(&self) -> usize {
+        1 + self.keys + self.components
+    }
+}
+
+/// The logical node over per-(unit, group) rows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BoundContributions {
+    input: LogicalPlan,
+    bounds: Bounds,
+    schema: DFSchemaRef,
+}
+
+/// The name of bounded component `i` in the output.
+pub fn bounded_name(i: usize) -> String {
+    format!("__fg_b{i}")
+}
+
+impl BoundContributions {
+    pub fn try_new(input: LogicalPlan, bounds: Bounds) -> Result<BoundContributions> {
+        let fields = input.schema();
+        if bounds.rows_column() >= fields.fields().len()
+            || fields.field(bounds.rows_column()).data_type() != &DataType::Int64
+        {
+            return Err(DataFusionError::Plan(
+                "contribution bounding: the input lacks a column it needs".into(),
+            ));
+        }
+        let mut out: Vec<_> = (1..=bounds.keys)
+            .map(|i| {
+                let (q, f) = fields.qualified_field(i);
+                (q.cloned(), f.clone())
+            })
+            .collect();
+        for i in 0..bounds.components {
+            out.push((
+                None,
+                Arc::new(Field::new(bounded_name(i), DataType::Float64, true)),
+            ));
+        }
+        let schema = Arc::new(DFSchema::new_with_metadata(out, Default::default())?);
+        Ok(BoundContributions {
+            input,
+            bounds,
+            schema,
+        })
+    }
+
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    pub fn into_plan(self) -> LogicalPlan {
+        LogicalPlan::Extension(datafusion::logical_expr::Extension {
+            node: Arc::new(self),
+        })
+    }
+}
+
+impl PartialOrd for BoundContributions {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        match self.input.partial_cmp(&other.input) {
+            Some(std::cmp::Ordering::Equal) => self.bounds.partial_cmp(&other.bounds),
+            other => other,
+        }
+    }
+}
+
+impl UserDefinedLogicalNodeCore for BoundContributions {
+    fn name(&self) -> &str {
+        "BoundContributions"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "BoundContributions: keys={}, components={}, max_groups={}, max_rows={}",
+            self.bounds.keys, self.bounds.components, self.bounds.max_groups, self.bounds.max_rows
+        )
+    }
+
+    fn with_exprs_and_inputs(
+        &self,
+        _exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
+        let input = inputs.pop().ok_or_else(|| {
+            DataFusionError::Internal("contribution bounding needs its input".into())
+        })?;
+        BoundContributions::try_new(input, self.bounds.clone())
+    }
+}
+
+/// Plans [`BoundContributions`] nodes; every other node is left to DataFusion.
+#[derive(Debug)]
+pub struct BoundPlanner;
+
+#[async_trait::async_trait]
+impl ExtensionPlanner for BoundPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn datafusion::catalog::Session,
+        _context: &datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(node) = node.as_any().downcast_ref::<BoundContributions>() else {
+            return Ok(None);
+        };
+        let [input] = physical_inputs else {
+            return Err(DataFusionError::Internal(
+                "contribution bounding has one input".into(),
+            ));
+        };
+        Ok(Some(Arc::new(BoundContributionsExec::new(
+            input.clone(),
+            node.bounds.clone(),
+            Arc::new(node.schema.as_arrow().clone()),
+        ))))
+    }
+}
+
+#[derive(Debug)]
+pub struct BoundContributionsExec {
+    input: Arc<dyn ExecutionPlan>,
+    bounds: Bounds,
+    schema: SchemaRef,
+    unit: Arc<dyn PhysicalExpr>,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl BoundContributionsExec {
+    fn new(input: Arc<dyn ExecutionPlan>, bounds: Bounds, schema: SchemaRef) -> Self {
+        let unit_name = input.schema().field(0).name().clone();
+        let unit = Arc::new(datafusion::physical_expr::expressions::Column::new(
+            &unit_name, 0,
+        ));
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        BoundContributionsExec {
+            input,
+            bounds,
+            schema,
+            unit,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+impl DisplayAs for BoundContributionsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "BoundContributionsExec: keys={}, max_groups={}, max_rows={}",
+            self.bounds.keys, self.bounds.max_groups, self.bounds.max_rows
+        )
+    }
+}
+
+impl ExecutionPlan for BoundContributionsExec {
+    fn name(&self) -> &str {
+        "BoundContributionsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        f(&self.unit)
+    }
+
+    /// Every row of a unit in one partition: the bounds hold per partition.
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::KeyPartitioned(vec![self.unit.clone()])]
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal(
+                "contribution bounding has one input".into(),
+            ));
+        }
+        Ok(Arc::new(BoundContributionsExec::new(
+            children.swap_remove(0),
+            self.bounds.clone(),
+            self.schema.clone(),
+        )))
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context.clone())?;
+        let reservation = MemoryConsumer::new(format!("BoundContributions[{partition}]"))
+            .register(context.memory_pool());
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let mut units = Units::new(
+            &self.input.schema(),
+            self.bounds.clone(),
+            self.schema.clone(),
+            reservation,
+        )?;
+        let batch_size = context.session_config().batch_size();
+        let output = futures::stream::once(async move {
+            let mut input = input;
+            while let Some(batch) = input.next().await {
+                let batch = batch?;
+                let _timer = baseline.elapsed_compute().timer();
+                units.add(batch)?;
+            }
+            let _timer = baseline.elapsed_compute().timer();
+            let batches = units.finish(batch_size)?;
+            baseline.record_output(batches.iter().map(|b| b.num_rows()).sum());
+            Ok::<_, DataFusionError>(futures::stream::iter(batches.into_iter().map(Ok)))
+        })
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            output,
+        )))
+    }
+}
+
+/// One partition's input, and for each of its rows the unit it belongs to.
+struct Units {
+    bounds: Bounds,
+    schema: SchemaRef,
+    unit_rows: RowConverter,
+    key_rows: RowConverter,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// (hash, unit) for every unit; a unit's row bytes are in `unit_bytes`.
+    table: hashbrown::HashTable<(u64, u32)>,
+    unit_bytes: Vec<u8>,
+    unit_ends: Vec<usize>,
+    batches: Vec<RecordBatch>,
+    /// Per batch: its keys in row format (ordered as the keys are).
+    keys: Vec<Rows>,
+    /// Per batch and component: the component as Float64.
+    components: Vec<Vec<Float64Array>>,
+    /// Per input row, in order: (batch, row, unit).
+    refs: Vec<(u32, u32, u32)>,
+    reservation: MemoryReservation,
+}
+
+fn options() -> SortOptions {
+    // The order groups are kept in: ascending, nulls first.
+    SortOptions {
+        descending: false,
+        nulls_first: true,
+    }
+}
+
+impl Units {
+    fn new(
+        input: &SchemaRef,
+        bounds: Bounds,
+        schema: SchemaRef,
+        reservation: MemoryReservation,
+    ) -> Result<Units> {
+        let field =
+            |i: usize| SortField::new_with_options(input.field(i).data_type().clone(), options());
+        Ok(Units {
+            unit_rows: RowConverter::new(vec![field(0)])?,
+            key_rows: RowConverter::new((1..=bounds.keys).map(field).collect())?,
+            bounds,
+            schema,
+            hasher: Default::default(),
+            table: Default::default(),
+            unit_bytes: Vec::new(),
+            unit_ends: Vec::new(),
+            batches: Vec::new(),
+            keys: Vec::new(),
+            components: Vec::new(),
+            refs: Vec::new(),
+            reservation,
+        })
+    }
+
+    fn unit_bytes(&self, u: u32) -> &[u8] {
+        let u = u as usize;
+        let start = if u == 0 { 0 } else { self.unit_ends[u - 1] };
+        &self.unit_bytes[start..self.unit_ends[u]]
+    }
+
+    fn unit(&mut self, bytes: &[u8]) -> u32 {
+        let hash = self.hasher.hash_one(bytes);
+        if let Some(&(_, u)) = self
+            .table
+            .find(hash, |&(h, u)| h == hash && self.unit_bytes(u) == bytes)
+        {
+            return u;
+        }
+        self.unit_bytes.extend_from_slice(bytes);
+        self.unit_ends.push(self.unit_bytes.len());
+        let u = (self.unit_ends.len() - 1) as u32;
+        self.table.insert_unique(hash, (hash, u), |&(h, _)| h);
+        u
+    }
+
+    fn add(&mut self, batch: RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let b = self.batches.len() as u32;
+        let units = self.unit_rows.convert_columns(&[batch.column(0).clone()])?;
+        for row in 0..n {
+            let u = self.unit(units.row(row).as_ref());
+            self.refs.push((b, row as u32, u));
+        }
+        let keys = if self.bounds.keys == 0 {
+            self.key_rows.empty_rows(0, 0)
+        } else {
+            self.key_rows
+                .convert_columns(&batch.columns()[1..=self.bounds.keys])?
+        };
+        let components = (0..self.bounds.components)
+            .map(|i| {
+                let c = cast(batch.column(1 + self.bounds.keys + i), &DataType::Float64)?;
+                Ok(c.as_primitive::<Float64Type>().clone())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grown = batch.get_array_memory_size()
+            + keys.size()
+            + components
+                .iter()
+                .map(|c| c.get_array_memory_size())
+                .sum::<usize>()
+            + n * 12;
+        self.reservation.try_grow(grown)?;
+        self.keys.push(keys);
+        self.components.push(components);
+        self.batches.push(batch);
+        Ok(())
+    }
+
+    /// The kept (batch, row) pairs with the factor each one's components are
+    /// scaled by.
+    fn kept(&mut self) -> Vec<(usize, usize, f64)> {
+        // The rows ordered by unit (a counting sort), then each unit's rows
+        // by key.
+        let units = self.unit_ends.len();
+        let mut starts = vec![0usize; units + 1];
+        for &(_, _, u) in &self.refs {
+            starts[u as usize + 1] += 1;
+        }
+        for u in 0..units {
+            starts[u + 1] += starts[u];
+        }
+        let mut next = starts.clone();
+        let mut by_unit = vec![(0u32, 0u32); self.refs.len()];
+        for &(b, r, u) in &self.refs {
+            by_unit[next[u as usize]] = (b, r);
+            next[u as usize] += 1;
+        }
+        self.refs = Vec::new();
+        let rows: Vec<&datafusion::arrow::array::Int64Array> = self
+            .batches
+            .iter()
+            .map(|b| {
+                b.column(self.bounds.rows_column())
+                    .as_primitive::<Int64Type>()
+            })
+            .collect();
+        let max_rows = self.bounds.max_rows as f64;
+        let max_groups = usize::try_from(self.bounds.max_groups).unwrap_or(usize::MAX);
+        let mut kept = Vec::with_capacity(by_unit.len());
+        for u in 0..units {
+            let mine = &mut by_unit[starts[u]..starts[u + 1]];
+            if mine.len() > 1 {
+                mine.sort_unstable_by(|&(ab, ar), &(bb, br)| {
+                    self.keys[ab as usize]
+                        .row(ar as usize)
+                        .cmp(&self.keys[bb as usize].row(br as usize))
+                });
+            }
+            let mut rows_before = 0i64;
+            for &(b, r) in mine.iter().take(max_groups) {
+                let group_rows = rows[b as usize].value(r as usize);
+                let rows_f64 = group_rows as f64;
+                // The same arithmetic, in the same order, as the SQL form of
+                // these bounds, so that both give identical values.
+                let left = max_rows - rows_before as f64;
+                let allowed = if left < 0.0 {
+                    0.0
+                } else if left > rows_f64 {
+                    rows_f64
+                } else {
+                    left
+                };
+                kept.push((b as usize, r as usize, allowed / rows_f64));
+                rows_before += group_rows;
+            }
+        }
+        kept
+    }
+
+    fn finish(&mut self, batch_size: usize) -> Result<Vec<RecordBatch>> {
+        let kept = self.kept();
+        let mut out = Vec::new();
+        for chunk in kept.chunks(batch_size.max(1)) {
+            let at: Vec<(usize, usize)> = chunk.iter().map(|&(b, r, _)| (b, r)).collect();
+            let mut columns: Vec<ArrayRef> = (1..=self.bounds.keys)
+                .map(|k| {
+                    let sources: Vec<&dyn Array> =
+                        self.batches.iter().map(|b| b.column(k).as_ref()).collect();
+                    interleave(&sources, &at)
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            for c in 0..self.bounds.components {
+                let values: Float64Array = chunk
+                    .iter()
+                    .map(|&(b, r, factor)| {
+                        let a = &self.components[b][c];
+                        a.is_valid(r).then(|| a.value(r) * factor)
+                    })
+                    .collect();
+                columns.push(Arc::new(values));
+            }
+            let options = datafusion::arrow::record_batch::RecordBatchOptions::new()
+                .with_row_count(Some(chunk.len()));
+            out.push(RecordBatch::try_new_with_options(
+                self.schema.clone(),
+                columns,
+                &options,
+            )?);
+        }
+        Ok(out)
+    }
+}
+
+/// DataFusion's planner, knowing [`BoundContributions`].
+#[derive(Debug)]
+pub struct QueryPlanner;
+
+#[async_trait::async_trait]
+impl datafusion::execution::context::QueryPlanner for QueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        session: &dyn datafusion::catalog::Session,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BoundPlanner)])
+            .create_physical_plan(plan, session)
+            .await
+    }
+}
