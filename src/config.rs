@@ -27,6 +27,10 @@ pub struct Settings {
     /// data must lie in to be registered over HTTP. An organisation not
     /// listed gets `<data_dir>/owners/<org>`.
     pub owner_roots: BTreeMap<String, String>,
+    /// Each buyer organisation's weight in sharing the query slots (1 when
+    /// not listed): while principals wait, a slot goes to the one with the
+    /// fewest queries running per unit of its organisation's weight.
+    pub slot_weights: BTreeMap<String, u32>,
     pub console: ConsoleSettings,
     /// Where Arrow Flight SQL listens (same TLS as HTTPS); none: off.
     pub flight_listen: Option<String>,
@@ -147,6 +151,7 @@ impl Default for Settings {
             unit_summaries: true,
             checkpoint_interval_ms: 2,
             owner_roots: BTreeMap::new(),
+            slot_weights: BTreeMap::new(),
             console: ConsoleSettings::default(),
             flight_listen: Some("127.0.0.1:50051".into()),
         }

@@ -1,7 +1,9 @@
 //! Query slots shared fairly between principals. A slot that frees goes to
-//! the waiting principal with the fewest queries running — one with none
-//! running first — and among equals to the one served least recently (one
-//! never served first), then to the earliest of its queries. So one buyer's
+//! the waiting principal with the fewest queries running per unit of its
+//! weight — one with none running first — and among equals to the one
+//! served least recently (one never served first), then to the earliest of
+//! its queries. A principal of weight 3 thus runs three queries to another's
+//! one while both keep the slots busy. So one buyer's
 //! flood of heavy queries fills the slots only while nobody else waits: the
 //! next slot that frees goes to the other buyer's query. And no principal
 //! holds every slot: one is always left for somebody else, so another
@@ -35,6 +37,8 @@ impl State {
 
 struct Waiter {
     principal: String,
+    /// At least 1.
+    weight: u32,
     hand: tokio::sync::oneshot::Sender<Slot>,
 }
 
@@ -67,15 +71,16 @@ impl Slots {
         self.lock().free
     }
 
-    /// A slot for `principal`, when the rule gives it one (at once if one
-    /// is free and nobody comes before it). Dropping the future gives up its
-    /// place (a slot handed to it meanwhile goes on to the next).
-    pub async fn acquire(self: &Arc<Self>, principal: &str) -> Slot {
+    /// A slot for `principal` of `weight`, when the rule gives it one (at
+    /// once if one is free and nobody comes before it). Dropping the future
+    /// gives up its place (a slot handed to it meanwhile goes on to the next).
+    pub async fn acquire(self: &Arc<Self>, principal: &str, weight: u32) -> Slot {
         let (hand, slot) = tokio::sync::oneshot::channel();
         {
             let mut state = self.lock();
             state.waiting.push_back(Waiter {
                 principal: principal.to_string(),
+                weight: weight.max(1),
                 hand,
             });
             self.dispatch(&mut state);
@@ -117,19 +122,23 @@ impl Slots {
     /// Hands free slots to waiters by the rule while both last.
     fn dispatch(self: &Arc<Self>, state: &mut State) {
         while state.free > 0 {
-            // Below its share; fewest running, then least recently served;
-            // the queue order breaks ties (min_by_key keeps the first of equals).
+            // Below its share; fewest running per unit of weight, then least
+            // recently served; the queue order breaks ties (min_by keeps the
+            // first of equals).
             let running = |p: &str| state.running.get(p).copied().unwrap_or(0);
+            let served = |p: &str| state.served.get(p).copied().unwrap_or(0);
+            // a's running / a's weight against b's, without division.
+            let load = |a: &Waiter, b: &Waiter| {
+                (running(&a.principal) as u64 * b.weight as u64)
+                    .cmp(&(running(&b.principal) as u64 * a.weight as u64))
+            };
             let next = state
                 .waiting
                 .iter()
                 .enumerate()
                 .filter(|(_, w)| running(&w.principal) < self.per_principal)
-                .min_by_key(|(_, w)| {
-                    (
-                        running(&w.principal),
-                        state.served.get(&w.principal).copied().unwrap_or(0),
-                    )
+                .min_by(|(_, a), (_, b)| {
+                    load(a, b).then(served(&a.principal).cmp(&served(&b.principal)))
                 })
                 .map(|(i, _)| i);
             let Some(waiter) = next.and_then(|i| state.waiting.remove(i)) else {
@@ -176,9 +185,18 @@ mod tests {
         principal: &'static str,
         order: &Arc<Mutex<Vec<&'static str>>>,
     ) -> tokio::task::JoinHandle<Slot> {
+        wait_weighted(slots, principal, 1, order)
+    }
+
+    fn wait_weighted(
+        slots: &Arc<Slots>,
+        principal: &'static str,
+        weight: u32,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> tokio::task::JoinHandle<Slot> {
         let (slots, order) = (slots.clone(), order.clone());
         tokio::spawn(async move {
-            let slot = slots.acquire(principal).await;
+            let slot = slots.acquire(principal, weight).await;
             order.lock().unwrap().push(principal);
             slot
         })
@@ -192,10 +210,10 @@ mod tests {
     async fn a_principal_with_nothing_running_goes_before_a_flood() {
         let slots = Slots::new(4);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let a1 = slots.acquire("a").await;
-        let a2 = slots.acquire("a").await;
-        let c1 = slots.acquire("c").await;
-        let c2 = slots.acquire("c").await;
+        let a1 = slots.acquire("a", 1).await;
+        let a2 = slots.acquire("a", 1).await;
+        let c1 = slots.acquire("c", 1).await;
+        let c2 = slots.acquire("c", 1).await;
         assert_eq!(slots.available(), 0);
         // a floods the queue first, then b asks once.
         let queued: Vec<_> = (0..3).map(|_| wait(&slots, "a", &order)).collect();
@@ -219,7 +237,7 @@ mod tests {
     async fn among_principals_with_nothing_running_the_least_recently_served_goes_first() {
         let slots = Slots::new(1);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let held = slots.acquire("a").await;
+        let held = slots.acquire("a", 1).await;
         let a = wait(&slots, "a", &order);
         settle().await;
         let b = wait(&slots, "b", &order);
@@ -238,8 +256,8 @@ mod tests {
     async fn one_slot_is_always_left_for_somebody_else() {
         let slots = Slots::new(3);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let a1 = slots.acquire("a").await;
-        let a2 = slots.acquire("a").await;
+        let a1 = slots.acquire("a", 1).await;
+        let a2 = slots.acquire("a", 1).await;
         let a3 = wait(&slots, "a", &order);
         settle().await;
         assert_eq!(
@@ -260,11 +278,45 @@ mod tests {
         assert_eq!(slots.available(), 3);
     }
 
+    /// a (weight 3) and b (weight 1) each hold a slot with more queued:
+    /// the next two slots go to a (1/3, then 2/3 running per weight, against
+    /// b's 1/1); with equal weights the second would have gone to b.
+    async fn order_of_two_floods(weight_a: u32) -> Vec<&'static str> {
+        let slots = Slots::new(4);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a1 = slots.acquire("a", weight_a).await;
+        let b1 = slots.acquire("b", 1).await;
+        let filler = (slots.acquire("x", 1).await, slots.acquire("y", 1).await);
+        let queued_a: Vec<_> = (0..3)
+            .map(|_| wait_weighted(&slots, "a", weight_a, &order))
+            .collect();
+        settle().await;
+        let queued_b: Vec<_> = (0..3).map(|_| wait(&slots, "b", &order)).collect();
+        settle().await;
+        drop(filler.0);
+        settle().await;
+        drop(filler.1);
+        settle().await;
+        let seen = order.lock().unwrap().clone();
+        drop((a1, b1));
+        for q in queued_a.into_iter().chain(queued_b) {
+            drop(q.await.unwrap());
+        }
+        assert_eq!(slots.available(), 4);
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_heavier_organisation_gets_more_of_the_slots_while_both_wait() {
+        assert_eq!(order_of_two_floods(3).await, ["a", "a"]);
+        assert_eq!(order_of_two_floods(1).await, ["a", "b"]);
+    }
+
     #[tokio::test]
     async fn a_waiter_that_gives_up_does_not_keep_a_slot() {
         let slots = Slots::new(1);
-        let held = slots.acquire("a").await;
-        let gave_up = tokio::time::timeout(Duration::from_millis(10), slots.acquire("b")).await;
+        let held = slots.acquire("a", 1).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), slots.acquire("b", 1)).await;
         assert!(gave_up.is_err());
         let order = Arc::new(Mutex::new(Vec::new()));
         let c = wait(&slots, "c", &order);
@@ -281,7 +333,7 @@ mod tests {
         let a1 = slots.acquire_if_idle("a").expect("idle");
         assert!(slots.acquire_if_idle("b").is_none(), "a slot is taken");
         drop(a1);
-        let b1 = slots.acquire("b").await;
+        let b1 = slots.acquire("b", 1).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let b2 = wait(&slots, "b", &order);
         let c = wait(&slots, "c", &order);

@@ -368,9 +368,16 @@ async fn answer(
         None => {
             // A bounded wait: under overload, answer 503 quickly rather than pile up.
             let wait = Duration::from_millis(sandbox.settings.limits.queue_wait_ms);
-            let _slot = tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id))
-                .await
-                .map_err(|_| Error::Overloaded)?;
+            let weight = principal
+                .org
+                .as_ref()
+                .and_then(|org| sandbox.settings.slot_weights.get(org))
+                .copied()
+                .unwrap_or(1);
+            let _slot =
+                tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id, weight))
+                    .await
+                    .map_err(|_| Error::Overloaded)?;
             commit_charge(&mut prepared, trace);
             execute(sandbox, &prepared.gated).await?
         }
