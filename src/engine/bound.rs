@@ -18,7 +18,7 @@
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
 use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::compute::{cast, interleave};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -440,49 +440,83 @@ impl Units {
         Ok(())
     }
 
-    /// The kept (batch, row) pairs with the factor each one's components are
-    /// scaled by.
-    fn kept(&mut self) -> Vec<(usize, usize, f64)> {
-        // The rows ordered by unit (a counting sort), then each unit's rows
-        // by key.
+    /// The input gathered by unit: one pass in input order (reads in
+    /// order, writes scattered), so that each unit's rows then lie together.
+    fn gather(&mut self) -> Result<Gathered> {
         let units = self.unit_ends.len();
+        let width = self.bounds.components;
+        // Per unit: where its rows and its keys' bytes start.
         let mut starts = vec![0usize; units + 1];
-        for &(_, _, u) in &self.refs {
+        let mut byte_starts = vec![0usize; units + 1];
+        for &(b, r, u) in &self.refs {
             starts[u as usize + 1] += 1;
+            byte_starts[u as usize + 1] += self.keys[b as usize].row(r as usize).as_ref().len();
         }
         for u in 0..units {
             starts[u + 1] += starts[u];
+            byte_starts[u + 1] += byte_starts[u];
         }
-        let mut next = starts.clone();
-        let mut by_unit = vec![(0u32, 0u32); self.refs.len()];
+        let n = self.refs.len();
+        let mut g = Gathered {
+            starts: starts.clone(),
+            key_bytes: vec![0u8; byte_starts[units]],
+            key_ends: vec![0usize; n],
+            rows: vec![0i64; n],
+            components: vec![None; n * width],
+        };
+        self.reservation
+            .try_grow(g.key_bytes.len() + n * (16 + width * 16) + 16 * (units + 1))?;
+        let (mut next, mut next_byte) = (starts, byte_starts);
         for &(b, r, u) in &self.refs {
-            by_unit[next[u as usize]] = (b, r);
-            next[u as usize] += 1;
+            let (b, r, u) = (b as usize, r as usize, u as usize);
+            let at = next[u];
+            next[u] += 1;
+            let key = self.keys[b].row(r);
+            let key = key.as_ref();
+            let end = next_byte[u] + key.len();
+            g.key_bytes[next_byte[u]..end].copy_from_slice(key);
+            g.key_ends[at] = end;
+            next_byte[u] = end;
+            g.rows[at] = self.batches[b]
+                .column(self.bounds.rows_column())
+                .as_primitive::<Int64Type>()
+                .value(r);
+            for c in 0..width {
+                let a = &self.components[b][c];
+                g.components[at * width + c] = a.is_valid(r).then(|| a.value(r));
+            }
         }
-        self.refs = Vec::new();
-        let rows: Vec<&datafusion::arrow::array::Int64Array> = self
+        // The input is no longer needed.
+        let input = self
             .batches
             .iter()
-            .map(|b| {
-                b.column(self.bounds.rows_column())
-                    .as_primitive::<Int64Type>()
-            })
-            .collect();
+            .map(|b| b.get_array_memory_size())
+            .sum::<usize>()
+            + self.keys.iter().map(|k| k.size()).sum::<usize>();
+        self.batches = Vec::new();
+        self.keys = Vec::new();
+        self.components = Vec::new();
+        self.refs = Vec::new();
+        self.reservation.shrink(input.min(self.reservation.size()));
+        Ok(g)
+    }
+
+    /// The kept rows (indices into `g`) with the factor each one's
+    /// components are scaled by.
+    fn kept(&self, g: &Gathered) -> Vec<(usize, f64)> {
         let max_rows = self.bounds.max_rows as f64;
         let max_groups = usize::try_from(self.bounds.max_groups).unwrap_or(usize::MAX);
-        let mut kept = Vec::with_capacity(by_unit.len());
-        for u in 0..units {
-            let mine = &mut by_unit[starts[u]..starts[u + 1]];
+        let mut kept = Vec::with_capacity(g.rows.len());
+        let mut mine: Vec<usize> = Vec::new();
+        for u in 0..self.unit_ends.len() {
+            mine.clear();
+            mine.extend(g.starts[u]..g.starts[u + 1]);
             if mine.len() > 1 {
-                mine.sort_unstable_by(|&(ab, ar), &(bb, br)| {
-                    self.keys[ab as usize]
-                        .row(ar as usize)
-                        .cmp(&self.keys[bb as usize].row(br as usize))
-                });
+                mine.sort_unstable_by(|&a, &b| g.key(a).cmp(g.key(b)));
             }
             let mut rows_before = 0i64;
-            for &(b, r) in mine.iter().take(max_groups) {
-                let group_rows = rows[b as usize].value(r as usize);
+            for &at in mine.iter().take(max_groups) {
+                let group_rows = g.rows[at];
                 let rows_f64 = group_rows as f64;
                 // The same arithmetic, in the same order, as the SQL form of
                 // these bounds, so that both give identical values.
@@ -494,7 +528,7 @@ impl Units {
                 } else {
                     left
                 };
-                kept.push((b as usize, r as usize, allowed / rows_f64));
+                kept.push((at, allowed / rows_f64));
                 rows_before += group_rows;
             }
         }
@@ -502,24 +536,22 @@ impl Units {
     }
 
     fn finish(&mut self, batch_size: usize) -> Result<Vec<RecordBatch>> {
-        let kept = self.kept();
+        let g = self.gather()?;
+        let kept = self.kept(&g);
+        let parser = self.key_rows.parser();
+        let width = self.bounds.components;
         let mut out = Vec::new();
         for chunk in kept.chunks(batch_size.max(1)) {
-            let at: Vec<(usize, usize)> = chunk.iter().map(|&(b, r, _)| (b, r)).collect();
-            let mut columns: Vec<ArrayRef> = (1..=self.bounds.keys)
-                .map(|k| {
-                    let sources: Vec<&dyn Array> =
-                        self.batches.iter().map(|b| b.column(k).as_ref()).collect();
-                    interleave(&sources, &at)
-                })
-                .collect::<std::result::Result<_, _>>()?;
-            for c in 0..self.bounds.components {
+            let mut columns: Vec<ArrayRef> = if self.bounds.keys == 0 {
+                Vec::new()
+            } else {
+                self.key_rows
+                    .convert_rows(chunk.iter().map(|&(at, _)| parser.parse(g.key(at))))?
+            };
+            for c in 0..width {
                 let values: Float64Array = chunk
                     .iter()
-                    .map(|&(b, r, factor)| {
-                        let a = &self.components[b][c];
-                        a.is_valid(r).then(|| a.value(r) * factor)
-                    })
+                    .map(|&(at, factor)| g.components[at * width + c].map(|v| v * factor))
                     .collect();
                 columns.push(Arc::new(values));
             }
@@ -532,6 +564,26 @@ impl Units {
             )?);
         }
         Ok(out)
+    }
+}
+
+/// The input rows laid out unit by unit.
+struct Gathered {
+    /// Per unit: its first row; one more entry at the end.
+    starts: Vec<usize>,
+    key_bytes: Vec<u8>,
+    /// Per row: where its key's bytes end (they start where the previous
+    /// row's end, or at the unit's first byte).
+    key_ends: Vec<usize>,
+    rows: Vec<i64>,
+    /// Per row, each component.
+    components: Vec<Option<f64>>,
+}
+
+impl Gathered {
+    fn key(&self, at: usize) -> &[u8] {
+        let start = if at == 0 { 0 } else { self.key_ends[at - 1] };
+        &self.key_bytes[start..self.key_ends[at]]
     }
 }
 
