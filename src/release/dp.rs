@@ -756,7 +756,7 @@ pub fn release(
     exact: Exact,
     job: &DpJob,
     schema: &SchemaRef,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(Vec<RecordBatch>, u64), Error> {
     match &job.public {
         Some(partitions) => release_public(exact, job, partitions, schema, stop),
@@ -809,15 +809,13 @@ fn release_selected(
     exact: Exact,
     job: &DpJob,
     schema: &SchemaRef,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(Vec<RecordBatch>, u64), Error> {
     let Some(tau) = job.selection_threshold() else {
         return Err(internal("selection without a threshold"));
     };
-    let mut out = Vec::new();
-    let mut released = 0u64;
-    for batch in exact.0 {
-        let columns = ExactColumns::of(&batch, job)?;
+    let select = |batch: &RecordBatch| -> Result<(RecordBatch, u64), Error> {
+        let columns = ExactColumns::of(batch, job)?;
         let mut keep: Vec<u32> = Vec::new();
         let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
         for row in 0..batch.num_rows() {
@@ -834,14 +832,52 @@ fn release_selected(
                 v.push(noisy_value(o, &components, units, job));
             }
         }
-        released += keep.len() as u64;
+        let released = keep.len() as u64;
         let indices = UInt32Array::from(keep);
         let keys = (0..job.groups)
             .map(|g| take(batch.column(g), &indices, None).map_err(internal))
             .collect::<Result<Vec<_>, _>>()?;
-        out.push(released_batch(schema, job, keys, values)?);
+        Ok((released_batch(schema, job, keys, values)?, released))
+    };
+    let selected = on_every_core(&exact.0, &select)?;
+    let released = selected.iter().map(|(_, n)| n).sum();
+    Ok((selected.into_iter().map(|(b, _)| b).collect(), released))
+}
+
+/// `f` of every batch, the batches shared out between the machine's cores
+/// (a release over hundreds of thousands of candidate groups draws as many
+/// noise values); results in the batches' order.
+fn on_every_core<T: Send>(
+    batches: &[RecordBatch],
+    f: &(dyn Fn(&RecordBatch) -> Result<T, Error> + Sync),
+) -> Result<Vec<T>, Error> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cores.min(batches.len()).max(1);
+    if workers == 1 {
+        return batches.iter().map(f).collect();
     }
-    Ok((out, released))
+    let per_worker: Vec<Vec<(usize, Result<T, Error>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                s.spawn(move || {
+                    (w..batches.len())
+                        .step_by(workers)
+                        .map(|i| (i, f(&batches[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut all: Vec<(usize, Result<T, Error>)> = per_worker.into_iter().flatten().collect();
+    if all.len() != batches.len() {
+        return Err(internal("a release worker stopped"));
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Every public group is released, found in the data or not (then its
@@ -851,7 +887,7 @@ fn release_public(
     job: &DpJob,
     partitions: &Partitions,
     schema: &SchemaRef,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<(Vec<RecordBatch>, u64), Error> {
     let mut found = HashMap::new();
     let mut columns = Vec::with_capacity(exact.0.len());
