@@ -75,6 +75,12 @@ pub fn bounded_name(i: usize) -> String {
 impl BoundContributions {
     pub fn try_new(input: LogicalPlan, bounds: Bounds) -> Result<BoundContributions> {
         let fields = input.schema();
+        if bounds.keys == 0 {
+            // Without a key every unit has one group: nothing to bound.
+            return Err(DataFusionError::Plan(
+                "contribution bounding needs a group key".into(),
+            ));
+        }
         if bounds.rows_column() >= fields.fields().len()
             || fields.field(bounds.rows_column()).data_type() != &DataType::Int64
         {
@@ -414,12 +420,9 @@ impl Units {
             let u = self.unit(units.row(row).as_ref());
             self.refs.push((b, row as u32, u));
         }
-        let keys = if self.bounds.keys == 0 {
-            self.key_rows.empty_rows(0, 0)
-        } else {
-            self.key_rows
-                .convert_columns(&batch.columns()[1..=self.bounds.keys])?
-        };
+        let keys = self
+            .key_rows
+            .convert_columns(&batch.columns()[1..=self.bounds.keys])?;
         let components = (0..self.bounds.components)
             .map(|i| {
                 let c = cast(batch.column(1 + self.bounds.keys + i), &DataType::Float64)?;
@@ -542,12 +545,9 @@ impl Units {
         let width = self.bounds.components;
         let mut out = Vec::new();
         for chunk in kept.chunks(batch_size.max(1)) {
-            let mut columns: Vec<ArrayRef> = if self.bounds.keys == 0 {
-                Vec::new()
-            } else {
-                self.key_rows
-                    .convert_rows(chunk.iter().map(|&(at, _)| parser.parse(g.key(at))))?
-            };
+            let mut columns: Vec<ArrayRef> = self
+                .key_rows
+                .convert_rows(chunk.iter().map(|&(at, _)| parser.parse(g.key(at))))?;
             for c in 0..width {
                 let values: Float64Array = chunk
                     .iter()
@@ -601,5 +601,118 @@ impl datafusion::execution::context::QueryPlanner for QueryPlanner {
         DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BoundPlanner)])
             .create_physical_plan(plan, session)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::datasource::MemTable;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    /// `units` persons with one visit on each of `groups` days, as one row
+    /// per (person, day): person, day, visits, rows.
+    async fn per_unit_group(ctx: &SessionContext, units: usize, groups: usize) -> LogicalPlan {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person", DataType::Utf8, false),
+            Field::new("day", DataType::Int64, false),
+            Field::new("visits", DataType::Int64, false),
+            Field::new("rows", DataType::Int64, false),
+        ]));
+        let (persons, days): (Vec<String>, Vec<i64>) = (0..units * groups)
+            .map(|i| (format!("p{}", i / groups), (i % groups) as i64))
+            .unzip();
+        let ones = Arc::new(Int64Array::from(vec![1i64; units * groups]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(persons)),
+                Arc::new(Int64Array::from(days)),
+                ones.clone(),
+                ones,
+            ],
+        )
+        .unwrap();
+        let table = MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+        ctx.register_table("visits", Arc::new(table)).unwrap();
+        ctx.table("visits").await.unwrap().into_unoptimized_plan()
+    }
+
+    fn context(memory: usize) -> SessionContext {
+        let state = SessionStateBuilder::new()
+            // One partition: the operator is the only consumer of memory.
+            .with_config(SessionConfig::new().with_target_partitions(1))
+            .with_runtime_env(
+                RuntimeEnvBuilder::new()
+                    .with_memory_limit(memory, 1.0)
+                    .build_arc()
+                    .unwrap(),
+            )
+            .with_default_features()
+            .with_query_planner(Arc::new(QueryPlanner))
+            .build();
+        SessionContext::new_with_state(state)
+    }
+
+    fn bounds(keys: usize) -> Bounds {
+        Bounds {
+            keys,
+            components: 1,
+            max_groups: 2,
+            max_rows: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_unit_keeps_its_first_groups_and_rows() {
+        let ctx = context(1 << 30);
+        let input = per_unit_group(&ctx, 100, 5).await;
+        let plan = BoundContributions::try_new(input, bounds(1))
+            .unwrap()
+            .into_plan();
+        let batches = ctx
+            .execute_logical_plan(plan)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut kept: Vec<(i64, f64)> = Vec::new();
+        for b in &batches {
+            let days = b.column(0).as_primitive::<Int64Type>();
+            let counts = b.column(1).as_primitive::<Float64Type>();
+            kept.extend((0..b.num_rows()).map(|r| (days.value(r), counts.value(r))));
+        }
+        kept.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        // Two groups per person (days 0 and 1), one row over both: day 0
+        // keeps its row, day 1 is kept with none.
+        let expected: Vec<(i64, f64)> =
+            [(0, 1.0); 100].into_iter().chain([(1, 0.0); 100]).collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[tokio::test]
+    async fn a_bound_without_a_key_or_past_the_memory_limit_is_an_error_not_a_panic() {
+        let ctx = context(64 << 10);
+        let input = per_unit_group(&ctx, 20_000, 3).await;
+        assert!(BoundContributions::try_new(input.clone(), bounds(0)).is_err());
+        let plan = BoundContributions::try_new(input, bounds(1))
+            .unwrap()
+            .into_plan();
+        let run = ctx
+            .execute_logical_plan(plan)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        let error = run.expect_err("over the memory limit");
+        assert!(
+            matches!(error.find_root(), DataFusionError::ResourcesExhausted(m) if m.contains("BoundContributions")),
+            "{error}"
+        );
     }
 }
