@@ -474,8 +474,10 @@ mod tests {
     }
 
     /// Group keys that vary within a unit, so that the group bound bites.
-    const MANY_GROUPS_PER_UNIT: [&str; 3] = [
+    const MANY_GROUPS_PER_UNIT: [&str; 4] = [
         "SELECT district, age, visit_date, COUNT(*) FROM city_health GROUP BY district, age, visit_date",
+        // Null and float keys: the operator's order (nulls first) is the sort's.
+        "SELECT CASE WHEN visit_date > DATE '2025-06-30' THEN NULL ELSE age / 7.0 END AS k, COUNT(*) FROM city_health GROUP BY 1",
         "SELECT visit_date, COUNT(*), SUM(cost), AVG(cost), COUNT(DISTINCT person_id) FROM city_health GROUP BY visit_date",
         "SELECT date_trunc('month', visit_date) AS m, gender, AVG(cost) FROM city_health WHERE cost > 100 GROUP BY 1, 2",
     ];
