@@ -254,3 +254,64 @@ fn another_buyers_query_starts_before_a_flooders_queued_ones() {
         "the other buyer's query ran right after the one holding the slot"
     );
 }
+
+/// Weighted sharing: acme (weight 3) and abroad (weight 1) each hold two of
+/// the four slots with slow queries, and each queues a quick one. The first
+/// slot to free is abroad's, leaving it one query to acme's two: by count
+/// abroad would go next, but per unit of weight acme is the less served
+/// (2/3 against 1/1), so acme's quick query starts, and ends, first.
+/// Checked by order (the ledger's), not by wall time.
+#[test]
+fn a_heavier_organisation_is_served_first_when_both_wait() {
+    let mut settings = frostglass::config::Settings::default();
+    settings.limits.query_timeout_ms = 2_000;
+    settings.limits.max_concurrent_queries = 4;
+    settings.limits.queue_wait_ms = 300_000;
+    settings.slot_weights.insert("acme".into(), 3);
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    // Holds its slot until the time limit: abroad may not read power_grid
+    // (cross-border), so both read a three-way join of the registry.
+    let slow = |i: usize| {
+        json!({
+            "sql": format!(
+                "SELECT COUNT(*) AS n{i} FROM enterprise_registry a \
+                 JOIN enterprise_registry b ON a.industry = b.industry \
+                 JOIN enterprise_registry c ON b.industry = c.industry"
+            )
+        })
+    };
+    let quick = |i: usize| json!({ "sql": format!("SELECT industry, COUNT(*) AS n{i} FROM enterprise_registry GROUP BY industry") });
+    let arrivals = [
+        ("buyer:abroad", slow(0), 422),
+        ("buyer:acme", slow(1), 422),
+        ("buyer:acme", slow(2), 422),
+        ("buyer:abroad", slow(3), 422),
+        ("buyer:abroad", quick(4), 200),
+        ("buyer:acme", quick(5), 200),
+    ];
+    std::thread::scope(|s| {
+        let app = &app;
+        let mut asked = Vec::new();
+        for (who, body, status) in arrivals {
+            asked.push((status, s.spawn(move || app.query_as(who, body))));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        for (status, a) in asked {
+            let r = a.join().unwrap();
+            assert_eq!(r.status, status, "{}", r.text());
+        }
+    });
+    let ended: Vec<String> = app
+        .query_entries(0)
+        .iter()
+        .map(|q| q["principal"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ended[..3],
+        ["buyer:abroad", "buyer:acme", "buyer:abroad"],
+        "acme's quick query took the slot abroad freed: {ended:?}"
+    );
+}
