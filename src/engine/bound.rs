@@ -340,10 +340,11 @@ struct Units {
     unit_rows: RowConverter,
     key_rows: RowConverter,
     hasher: hashbrown::DefaultHashBuilder,
-    /// (hash, unit) for every unit; a unit's row bytes are in `unit_bytes`.
-    table: hashbrown::HashTable<(u64, u32)>,
+    /// Every unit: its hash, its number, and where its row bytes lie in
+    /// `unit_bytes` (kept in the entry, so that a lookup reads one place).
+    table: hashbrown::HashTable<UnitEntry>,
     unit_bytes: Vec<u8>,
-    unit_ends: Vec<usize>,
+    units: u32,
     batches: Vec<RecordBatch>,
     /// Per batch: its keys in row format (ordered as the keys are).
     keys: Vec<Rows>,
@@ -379,7 +380,7 @@ impl Units {
             hasher: Default::default(),
             table: Default::default(),
             unit_bytes: Vec::new(),
-            unit_ends: Vec::new(),
+            units: 0,
             batches: Vec::new(),
             keys: Vec::new(),
             components: Vec::new(),
@@ -388,25 +389,24 @@ impl Units {
         })
     }
 
-    fn unit_bytes(&self, u: u32) -> &[u8] {
-        let u = u as usize;
-        let start = if u == 0 { 0 } else { self.unit_ends[u - 1] };
-        &self.unit_bytes[start..self.unit_ends[u]]
-    }
-
     fn unit(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);
-        if let Some(&(_, u)) = self
-            .table
-            .find(hash, |&(h, u)| h == hash && self.unit_bytes(u) == bytes)
-        {
-            return u;
+        let stored = &self.unit_bytes;
+        if let Some(e) = self.table.find(hash, |e| {
+            e.hash == hash && stored.get(e.start..e.start + e.len as usize) == Some(bytes)
+        }) {
+            return e.unit;
         }
+        let entry = UnitEntry {
+            hash,
+            start: self.unit_bytes.len(),
+            len: bytes.len() as u32,
+            unit: self.units,
+        };
         self.unit_bytes.extend_from_slice(bytes);
-        self.unit_ends.push(self.unit_bytes.len());
-        let u = (self.unit_ends.len() - 1) as u32;
-        self.table.insert_unique(hash, (hash, u), |&(h, _)| h);
-        u
+        self.units += 1;
+        self.table.insert_unique(hash, entry, |e| e.hash);
+        entry.unit
     }
 
     fn add(&mut self, batch: RecordBatch) -> Result<()> {
@@ -446,7 +446,7 @@ impl Units {
     /// The input gathered by unit: one pass in input order (reads in
     /// order, writes scattered), so that each unit's rows then lie together.
     fn gather(&mut self) -> Result<Gathered> {
-        let units = self.unit_ends.len();
+        let units = self.units as usize;
         let width = self.bounds.components;
         // Per unit: where its rows and its keys' bytes start.
         let mut starts = vec![0usize; units + 1];
@@ -511,7 +511,7 @@ impl Units {
         let max_groups = usize::try_from(self.bounds.max_groups).unwrap_or(usize::MAX);
         let mut kept = Vec::with_capacity(g.rows.len());
         let mut mine: Vec<usize> = Vec::new();
-        for u in 0..self.unit_ends.len() {
+        for u in 0..self.units as usize {
             mine.clear();
             mine.extend(g.starts[u]..g.starts[u + 1]);
             if mine.len() > 1 {
@@ -565,6 +565,14 @@ impl Units {
         }
         Ok(out)
     }
+}
+
+#[derive(Clone, Copy)]
+struct UnitEntry {
+    hash: u64,
+    start: usize,
+    len: u32,
+    unit: u32,
 }
 
 /// The input rows laid out unit by unit.
