@@ -675,20 +675,16 @@ mod tests {
         }
     }
 
+    async fn bound(ctx: &SessionContext, input: LogicalPlan) -> Result<Vec<RecordBatch>> {
+        let plan = BoundContributions::try_new(input, bounds(1))?.into_plan();
+        ctx.execute_logical_plan(plan).await?.collect().await
+    }
+
     #[tokio::test]
     async fn each_unit_keeps_its_first_groups_and_rows() {
         let ctx = context(1 << 30);
         let input = per_unit_group(&ctx, 100, 5).await;
-        let plan = BoundContributions::try_new(input, bounds(1))
-            .unwrap()
-            .into_plan();
-        let batches = ctx
-            .execute_logical_plan(plan)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let batches = bound(&ctx, input).await.unwrap();
         let mut kept: Vec<(i64, f64)> = Vec::new();
         for b in &batches {
             let days = b.column(0).as_primitive::<Int64Type>();
@@ -708,16 +704,7 @@ mod tests {
         let ctx = context(64 << 10);
         let input = per_unit_group(&ctx, 20_000, 3).await;
         assert!(BoundContributions::try_new(input.clone(), bounds(0)).is_err());
-        let plan = BoundContributions::try_new(input, bounds(1))
-            .unwrap()
-            .into_plan();
-        let run = ctx
-            .execute_logical_plan(plan)
-            .await
-            .unwrap()
-            .collect()
-            .await;
-        let error = run.expect_err("over the memory limit");
+        let error = bound(&ctx, input).await.expect_err("over the memory limit");
         assert!(
             matches!(error.find_root(), DataFusionError::ResourcesExhausted(m) if m.contains("BoundContributions")),
             "{error}"

@@ -3,6 +3,14 @@
 use crate::helpers::{Options, spawn_app, spawn_app_with, spawn_app_with_limits};
 use serde_json::json;
 
+/// Who asked each recorded query, in the order the ledger recorded them.
+fn principals_in_ledger_order(app: &crate::helpers::TestApp) -> Vec<String> {
+    app.query_entries(0)
+        .iter()
+        .map(|q| q["principal"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn still_serving(app: &crate::helpers::TestApp) {
     let r = app.query("SELECT district, COUNT(*) FROM city_health GROUP BY district");
     assert_eq!(r.status, 200, "the server stopped answering: {}", r.text());
@@ -243,13 +251,8 @@ fn another_buyers_query_starts_before_a_flooders_queued_ones() {
             assert_eq!(f.join().unwrap(), 422, "stopped by the time limit");
         }
     });
-    let askers: Vec<String> = app
-        .query_entries(0)
-        .iter()
-        .map(|q| q["principal"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(
-        askers,
+        principals_in_ledger_order(&app),
         ["buyer:acme", "buyer:abroad", "buyer:acme", "buyer:acme"],
         "the other buyer's query ran right after the one holding the slot"
     );
@@ -304,11 +307,7 @@ fn a_heavier_organisation_is_served_first_when_both_wait() {
             assert_eq!(r.status, status, "{}", r.text());
         }
     });
-    let ended: Vec<String> = app
-        .query_entries(0)
-        .iter()
-        .map(|q| q["principal"].as_str().unwrap().to_string())
-        .collect();
+    let ended = principals_in_ledger_order(&app);
     assert_eq!(
         ended[..3],
         ["buyer:abroad", "buyer:acme", "buyer:abroad"],
