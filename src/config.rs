@@ -34,6 +34,23 @@ pub struct Settings {
     pub console: ConsoleSettings,
     /// Where Arrow Flight SQL listens (same TLS as HTTPS); none: off.
     pub flight_listen: Option<String>,
+    /// Where release jobs over protected rows run.
+    pub execution: Execution,
+}
+
+/// Where the release aggregates run: in this process (default) or on an
+/// Apache DataFusion Ballista cluster (a build with the `ballista` feature).
+/// Everything else — gate, suppression, noise, the query above the release,
+/// metering and the ledger — stays in the sandbox either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Execution {
+    #[default]
+    Local,
+    Ballista {
+        /// The scheduler, `df://host:port`: on the sandbox's private network only.
+        scheduler: String,
+    },
 }
 
 /// The web console's sign-in sessions.
@@ -154,6 +171,7 @@ impl Default for Settings {
             slot_weights: BTreeMap::new(),
             console: ConsoleSettings::default(),
             flight_listen: Some("127.0.0.1:50051".into()),
+            execution: Execution::Local,
         }
     }
 }

@@ -144,7 +144,8 @@ impl Sandbox {
             std::time::Duration::from_millis(settings.checkpoint_interval_ms),
         )?;
         record_registrations(&ledger, &catalog).await?;
-        let engine = Engine::new(settings.limits.clone());
+        let engine = Engine::with_execution(settings.limits.clone(), &settings.execution)
+            .map_err(StartError::Config)?;
         let query_slots_total = settings.limits.max_concurrent_queries.max(1);
         let query_slots = slots::Slots::new(query_slots_total);
         let vault = review::Vault::open(&settings.data_dir)

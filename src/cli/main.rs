@@ -178,6 +178,60 @@ enum Command {
     },
     /// Print the OpenAPI document generated from the code (what /openapi.json serves).
     Openapi,
+    /// Run a Ballista scheduler or executor with the sandbox's functions,
+    /// rules and plan codecs (on the sandbox's private network only).
+    #[cfg(feature = "ballista")]
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[cfg(feature = "ballista")]
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The scheduler the sandbox sends release jobs to (`execution.scheduler`).
+    Scheduler {
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+        /// Give up on an executor silent this long; its tasks run elsewhere.
+        #[arg(long, default_value_t = 30)]
+        executor_timeout_s: u64,
+    },
+    /// An executor: takes tasks from the scheduler, serves shuffle data over Flight on `--bind`.
+    Executor {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: std::net::SocketAddr,
+        /// The scheduler, host:port.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: String,
+        #[arg(long, default_value_t = 2)]
+        vcores: usize,
+        /// Where shuffle files go (default: a temporary folder).
+        #[arg(long)]
+        work_dir: Option<String>,
+    },
+}
+
+#[cfg(feature = "ballista")]
+fn cluster(command: ClusterCommand) -> Result<(), String> {
+    use frostglass::engine::cluster;
+    frostglass::telemetry::init();
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        match command {
+            ClusterCommand::Scheduler {
+                bind,
+                executor_timeout_s,
+            } => cluster::run_scheduler(bind, executor_timeout_s).await,
+            ClusterCommand::Executor {
+                bind,
+                scheduler,
+                vcores,
+                work_dir,
+            } => cluster::run_executor(bind, &scheduler, vcores, work_dir).await,
+        }
+    })
 }
 
 /// A principal's role, as the command line spells it.
@@ -333,6 +387,8 @@ fn main() -> ExitCode {
             print!("{}", frostglass::api::openapi::document());
             Ok(())
         }
+        #[cfg(feature = "ballista")]
+        Command::Cluster { command } => cluster(command),
         Command::Bench {
             catalog,
             policies,

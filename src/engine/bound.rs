@@ -188,11 +188,10 @@ impl ExtensionPlanner for BoundPlanner {
                 "contribution bounding has one input".into(),
             ));
         };
-        Ok(Some(Arc::new(BoundContributionsExec::new(
+        Ok(Some(Arc::new(BoundContributionsExec::over(
             input.clone(),
             node.bounds.clone(),
-            Arc::new(node.schema.as_arrow().clone()),
-        ))))
+        )?)))
     }
 }
 
@@ -207,6 +206,31 @@ pub struct BoundContributionsExec {
 }
 
 impl BoundContributionsExec {
+    /// The operator over `input`, its output schema derived from the
+    /// input's, so a plan rebuilt on another node has the very same one.
+    pub fn over(input: Arc<dyn ExecutionPlan>, bounds: Bounds) -> Result<Self> {
+        let fields = input.schema();
+        if bounds.keys == 0
+            || bounds.rows_column() >= fields.fields().len()
+            || fields.field(bounds.rows_column()).data_type() != &DataType::Int64
+        {
+            return Err(DataFusionError::Plan(
+                "contribution bounding: the input lacks a column it needs".into(),
+            ));
+        }
+        let mut out: Vec<Arc<Field>> = fields.fields()[1..=bounds.keys].to_vec();
+        out.extend(
+            (0..bounds.components)
+                .map(|i| Arc::new(Field::new(bounded_name(i), DataType::Float64, true))),
+        );
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(out));
+        Ok(Self::new(input, bounds, schema))
+    }
+
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
     fn new(input: Arc<dyn ExecutionPlan>, bounds: Bounds, schema: SchemaRef) -> Self {
         let unit_name = input.schema().field(0).name().clone();
         let unit = Arc::new(datafusion::physical_expr::expressions::Column::new(

@@ -5,10 +5,13 @@
 //! that bound expression depth before anything recursive sees it.
 
 pub mod bound;
+#[cfg(feature = "ballista")]
+pub mod cluster;
+mod functions;
 mod total;
 
 use crate::catalog::Dataset;
-use crate::config::Limits;
+use crate::config::{Execution, Limits};
 use crate::error::{Error, Refusal};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
@@ -43,6 +46,28 @@ pub struct Engine {
     /// File listings, statistics and Parquet footers, shared by every
     /// query's runtime (each has its own memory pool) so they are read once.
     caches: CacheManagerConfig,
+    /// Where release jobs over files run, when not here.
+    #[cfg(feature = "ballista")]
+    cluster: Option<cluster::Cluster>,
+}
+
+/// Everything a session that plans or runs buyers' queries must have, here
+/// and on a cluster's nodes: the allowed functions, the analyzer rules that
+/// make expressions total, the planner that knows contribution bounding.
+fn rules(config: SessionConfig) -> SessionStateBuilder {
+    // Every executed plan passes the default analyzer rules between the
+    // two that make its expressions total (see `total`).
+    let mut analyzer: Vec<Arc<dyn AnalyzerRule + Send + Sync>> =
+        vec![Arc::new(total::TotalOperators)];
+    analyzer.extend(Analyzer::new().rules);
+    analyzer.push(Arc::new(total::TryCasts));
+    functions::register(SessionStateBuilder::new())
+        .with_config(config)
+        .with_analyzer_rules(analyzer)
+        .with_query_planner(Arc::new(bound::QueryPlanner))
+        // No generate_series/range, no CREATE EXTERNAL TABLE factories.
+        .with_table_function_list(Vec::new())
+        .with_table_factories(HashMap::new())
 }
 
 /// Maps an engine error to one that is safe to show: engine messages can
@@ -78,23 +103,8 @@ impl Engine {
             .with_create_default_catalog_and_schema(false)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let options = config.options_mut();
-        options.execution.enable_recursive_ctes = false;
-        // Every executed plan passes the default analyzer rules between the
-        // two that make its expressions total (see `total`).
-        let mut analyzer: Vec<Arc<dyn AnalyzerRule + Send + Sync>> =
-            vec![Arc::new(total::TotalOperators)];
-        analyzer.extend(Analyzer::new().rules);
-        analyzer.push(Arc::new(total::TryCasts));
-        let template = SessionStateBuilder::new()
-            .with_config(config)
-            .with_default_features()
-            .with_analyzer_rules(analyzer)
-            .with_query_planner(Arc::new(bound::QueryPlanner))
-            // No generate_series/range, no CREATE EXTERNAL TABLE factories.
-            .with_table_function_list(Vec::new())
-            .with_table_factories(HashMap::new())
-            .build();
+        config.options_mut().execution.enable_recursive_ctes = false;
+        let template = rules(config).build();
         let shared = &template.runtime_env().cache_manager;
         let caches = CacheManagerConfig::default()
             .with_file_metadata_cache(Some(shared.get_file_metadata_cache()))
@@ -104,7 +114,29 @@ impl Engine {
             template,
             limits,
             caches,
+            #[cfg(feature = "ballista")]
+            cluster: None,
         }
+    }
+
+    /// An engine whose release jobs run where `execution` says.
+    pub fn with_execution(limits: Limits, execution: &Execution) -> Result<Engine, String> {
+        #[cfg_attr(not(feature = "ballista"), expect(unused_mut))]
+        let mut engine = Engine::new(limits);
+        match execution {
+            Execution::Local => {}
+            #[cfg(feature = "ballista")]
+            Execution::Ballista { scheduler } => {
+                engine.cluster = Some(cluster::Cluster::new(scheduler)?);
+            }
+            #[cfg(not(feature = "ballista"))]
+            Execution::Ballista { .. } => {
+                return Err("this build cannot use a Ballista cluster: \
+                     build with `--features ballista`"
+                    .into());
+            }
+        }
+        Ok(engine)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -169,14 +201,30 @@ impl Engine {
             .map_err(|e| Error::SqlError(format!("cannot resolve tables: {e}")))
     }
 
-    /// A session whose catalog holds exactly the tables of `datasets`.
+    /// A session whose catalog holds exactly the tables of `datasets`: their
+    /// files when a cluster runs release jobs (its executors read them),
+    /// else what is quickest here.
     pub fn session(&self, datasets: &[Arc<Dataset>]) -> Result<SessionState, Error> {
         self.session_with(
             datasets
                 .iter()
-                .map(|d| (d.id().to_string(), d.table()))
+                .map(|d| {
+                    let table = if self.on_cluster() {
+                        d.provider.clone()
+                    } else {
+                        d.table()
+                    };
+                    (d.id().to_string(), table)
+                })
                 .collect(),
         )
+    }
+
+    fn on_cluster(&self) -> bool {
+        #[cfg(feature = "ballista")]
+        return self.cluster.is_some();
+        #[cfg(not(feature = "ballista"))]
+        false
     }
 
     /// A session whose catalog holds exactly `tables`.
@@ -242,6 +290,12 @@ impl Engine {
         plan: &LogicalPlan,
         max_rows: usize,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
+        #[cfg(feature = "ballista")]
+        if let Some(cluster) = &self.cluster
+            && cluster::Cluster::can_run(plan)
+        {
+            return self.execute_on(cluster, state, plan, max_rows).await;
+        }
         self.run(state, plan, max_rows, |e| match e.find_root() {
             DataFusionError::ResourcesExhausted(_) => Err(engine_error(e)),
             _ => {
@@ -253,6 +307,45 @@ impl Engine {
             }
         })
         .await
+    }
+
+    /// A release job on the cluster. A job the cluster could not finish
+    /// (an executor lost past Ballista's retries, the scheduler gone) is
+    /// refused as `overloaded`: releasing nothing would be a wrong answer,
+    /// and the failure depends on the cluster's state, not on any row.
+    #[cfg(feature = "ballista")]
+    async fn execute_on(
+        &self,
+        cluster: &cluster::Cluster,
+        state: &SessionState,
+        plan: &LogicalPlan,
+        max_rows: usize,
+    ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
+        let physical = cluster.physical(state, plan).await.map_err(engine_error)?;
+        match self.drain(state, &physical, max_rows).await? {
+            Ok(batches) => Ok((batches, physical)),
+            Err(e) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) => {
+                Err(engine_error(e))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    kind = error_kind(&e),
+                    "the cluster did not finish a release job"
+                );
+                Err(Error::Overloaded)
+            }
+        }
+    }
+
+    /// What the cluster reports for the job `physical` ran there; `None`
+    /// for a plan that ran here.
+    pub async fn cluster_metrics(&self, physical: &Arc<dyn ExecutionPlan>) -> Option<JobMetrics> {
+        #[cfg(feature = "ballista")]
+        if let Some(cluster) = &self.cluster {
+            return cluster.job_metrics(physical).await;
+        }
+        let _ = physical;
+        None
     }
 
     /// Plans and drains `plan`; `failed` decides what a failure of the
@@ -322,6 +415,15 @@ impl Engine {
         }
         Ok(Ok(batches))
     }
+}
+
+/// What a cluster reports having done for one release job: its scans'
+/// output rows (after Parquet pruning) and bytes read, from its job metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobMetrics {
+    pub rows_scanned: u64,
+    pub bytes_scanned: u64,
+    pub stages: u64,
 }
 
 /// Joins can emit many batches per input batch without ever polling a leaf,

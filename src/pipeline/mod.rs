@@ -71,6 +71,14 @@ pub struct ReleaseSummary {
     /// instead of the rows (same answer; a fact about the plan, not the data).
     #[serde(default)]
     pub summary_used: bool,
+    /// How many release jobs a Ballista cluster ran (absent: all ran in
+    /// the sandbox); a fact about the deployment, not the data.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cluster_jobs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An answered query: released values only.
@@ -504,6 +512,7 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
     let (mut released_groups, mut suppressed_groups) = (0u64, Some(0u64));
     let mut min_group_size: Option<u64> = None;
     let mut noise = Vec::new();
+    let mut cluster_jobs = 0u64;
     // Noise is reported under the names the buyer reads (`visits`), not
     // the engine's (`count(Int64(1))`).
     let output_names = release::output_names(&gated.split.upper);
@@ -515,6 +524,10 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
             .execute_release(&gated.session, &job.plan, candidates)
             .await?;
         cpu += crate::engine::cpu_ns(&physical);
+        if let Some(metrics) = engine.cluster_metrics(&physical).await {
+            cluster_jobs += 1;
+            cross_check(gated, job, &metrics);
+        }
         let batches = match &job.kind {
             JobKind::Threshold { .. } => {
                 let released = release::threshold(batches, job.min_group_size, &job.schema)?;
@@ -569,8 +582,36 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
             _ => Some(Value::Array(noise)),
         },
         summary_used: gated.split.jobs.iter().any(|j| j.reads_summary()),
+        cluster_jobs,
     };
     Executed::new(physical.schema(), batches, release, cpu)
+}
+
+/// The ledger charges what the catalog says a job's datasets hold; the
+/// cluster's own count of rows its scans produced (after Parquet pruning)
+/// can only be smaller. More would mean the charge undercounts.
+fn cross_check(gated: &Gated, job: &release::ReleaseJob, metrics: &crate::engine::JobMetrics) {
+    let charged: u64 = gated
+        .scanned
+        .iter()
+        .filter(|d| job.datasets.contains(d.id()))
+        .map(|d| d.num_rows)
+        .sum();
+    if metrics.rows_scanned > charged {
+        tracing::error!(
+            charged,
+            cluster = metrics.rows_scanned,
+            "the cluster scanned more rows than the ledger charges"
+        );
+    } else {
+        tracing::debug!(
+            charged,
+            cluster = metrics.rows_scanned,
+            bytes = metrics.bytes_scanned,
+            stages = metrics.stages,
+            "cluster job metrics"
+        );
+    }
 }
 
 async fn finish(

@@ -1050,9 +1050,12 @@ mod tests {
             (0.35..0.65).contains(&share),
             "released {share} of groups at the threshold"
         );
-        // Far below it: never; far above it: always.
+        // Far below it: almost never. Each such group passes with a
+        // probability of the order of delta, so one of 2,000 does in about
+        // one run in a hundred; three would take a one-in-millions run.
+        // Far above it: always.
         let (_, low) = release(exact(1, 2000), &job, &out_schema(), &go).unwrap();
-        assert_eq!(low, 0);
+        assert!(low <= 2, "{low} groups of one unit released");
         let (batches, high) =
             release(exact((tau * 3.0) as i64, 500), &job, &out_schema(), &go).unwrap();
         assert_eq!(high, 500);

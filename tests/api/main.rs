@@ -10,6 +10,8 @@ mod auth;
 mod catalog;
 mod channels;
 mod cli;
+#[cfg(feature = "ballista")]
+mod cluster;
 mod console;
 mod flight;
 mod fuzz_replay;

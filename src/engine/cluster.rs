@@ -1,0 +1,443 @@
+//! Release jobs on an Apache DataFusion Ballista cluster.
+//!
+//! The sandbox stays the gate: it parses, checks and rewrites every query
+//! and plans each release aggregate (consent filter, contribution bounds,
+//! hidden unit counts) exactly as for local execution. Only that logical
+//! plan goes to the scheduler, which cuts it into stages for the
+//! executors; the per-group aggregates come back, and suppression, noise
+//! and the query above the release run here on them.
+//!
+//! Scheduler and executors plan and run with the sandbox's own rules
+//! ([`node_state`]): the same allowed functions, the analyzer rules that
+//! make expressions total, and the planner that knows
+//! [`BoundContributions`]. That node and its operator travel by the codecs
+//! below; everything else by Ballista's.
+
+use super::JobMetrics;
+use super::bound::{BoundContributions, BoundContributionsExec, Bounds};
+use ballista_core::execution_plans::DistributedQueryExec;
+use ballista_core::extension::SessionConfigExt;
+use ballista_core::planner::BallistaQueryPlanner;
+use ballista_core::serde::protobuf::GetJobMetricsParams;
+use ballista_core::serde::protobuf::operator_metric::Metric;
+use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use ballista_core::serde::{BallistaLogicalExtensionCodec, BallistaPhysicalExtensionCodec};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{DataFusionError, Result, TableReference};
+use datafusion::datasource::file_format::FileFormatFactory;
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::source_as_provider;
+use datafusion::execution::TaskContext;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::{Extension, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionConfig;
+use datafusion_proto::logical_plan::LogicalExtensionCodec;
+use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use datafusion_proto::protobuf::LogicalPlanNode;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// A Ballista scheduler the sandbox sends release jobs to.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `http://host:port`, as Ballista's clients want it.
+    scheduler: String,
+}
+
+impl Cluster {
+    /// `df://host:port` (or `http://host:port`).
+    pub fn new(scheduler: &str) -> Result<Cluster, String> {
+        let rest = scheduler
+            .strip_prefix("df://")
+            .or_else(|| scheduler.strip_prefix("http://"))
+            .ok_or_else(|| format!("scheduler '{scheduler}' is not df://host:port"))?;
+        let (host, port) = rest
+            .rsplit_once(':')
+            .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            .ok_or_else(|| format!("scheduler '{scheduler}' is not df://host:port"))?;
+        Ok(Cluster {
+            scheduler: format!("http://{host}:{port}"),
+        })
+    }
+
+    /// Whether the cluster can run `plan`: every table it reads is files
+    /// (the executors read them themselves). In-memory copies and unit
+    /// summaries live only in the sandbox, so plans over them run here.
+    pub fn can_run(plan: &LogicalPlan) -> bool {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        let mut files_only = true;
+        let _ = plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                files_only &= source_as_provider(&scan.source)
+                    .is_ok_and(|p| p.downcast_ref::<ListingTable>().is_some());
+            }
+            Ok(if files_only {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        });
+        files_only
+    }
+
+    /// The physical plan that runs the already gated `plan` on the cluster:
+    /// one operator that submits it to the scheduler and streams back the
+    /// results. Planned in `state` (the buyer's session, whose analyzer
+    /// rules have run), with only the query planner swapped.
+    pub async fn physical(
+        &self,
+        state: &SessionState,
+        plan: &LogicalPlan,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let config = state.config().clone().upgrade_for_ballista();
+        let planner = BallistaQueryPlanner::<LogicalPlanNode>::with_extension(
+            self.scheduler.clone(),
+            config.ballista_config(),
+            Arc::new(LogicalCodec::default()),
+        );
+        let remote = SessionStateBuilder::new_from_existing(state.clone())
+            .with_config(config)
+            .with_query_planner(Arc::new(planner))
+            .build();
+        remote.create_physical_plan(plan).await
+    }
+
+    /// The job metrics of the finished job `physical` ran, if it ran one.
+    pub async fn job_metrics(&self, physical: &Arc<dyn ExecutionPlan>) -> Option<JobMetrics> {
+        let job_id = physical
+            .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()?
+            .job_id()?;
+        let mut client = SchedulerGrpcClient::connect(self.scheduler.clone())
+            .await
+            .ok()?;
+        let result = client
+            .get_job_metrics(GetJobMetricsParams {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let mut metrics = JobMetrics {
+            stages: result.stages.len() as u64,
+            ..JobMetrics::default()
+        };
+        for operator in result
+            .stages
+            .iter()
+            .flat_map(|s| &s.operators)
+            .filter(|o| o.operator_type == "DataSourceExec")
+        {
+            for metric in operator.metrics.iter().filter_map(|m| m.metric.as_ref()) {
+                match metric {
+                    Metric::OutputRows(rows) => metrics.rows_scanned += rows,
+                    Metric::Count(c) if c.name == "bytes_scanned" => {
+                        metrics.bytes_scanned += c.value
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(metrics)
+    }
+}
+
+/// The session a scheduler plans and an executor runs with: the sandbox's
+/// functions, analyzer rules and planner, the codecs for its plan nodes.
+pub fn node_state(config: SessionConfig) -> SessionState {
+    super::rules(node_config(config)).build()
+}
+
+fn node_config(config: SessionConfig) -> SessionConfig {
+    config
+        .upgrade_for_ballista()
+        .with_ballista_logical_extension_codec(Arc::new(LogicalCodec::default()))
+        .with_ballista_physical_extension_codec(Arc::new(PhysicalCodec::default()))
+}
+
+/// A scheduler and `executors` executors in this process, on loopback
+/// ports, as Ballista's own tests run them; returns the scheduler's
+/// `df://` address.
+pub async fn in_process(executors: usize, vcores: usize) -> Result<String, String> {
+    let state = node_state(SessionConfig::new());
+    let addr = ballista_scheduler::standalone::new_standalone_scheduler_from_state(&state)
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://localhost:{}", addr.port());
+    let scheduler = connect(&url).await?;
+    for _ in 0..executors {
+        ballista_executor::new_standalone_executor_from_state(scheduler.clone(), vcores, &state)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(format!("df://localhost:{}", addr.port()))
+}
+
+async fn connect(url: &str) -> Result<SchedulerGrpcClient<tonic::transport::Channel>, String> {
+    for _ in 0..100 {
+        if let Ok(client) = SchedulerGrpcClient::connect(url.to_string()).await {
+            return Ok(client);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(format!("no scheduler answers at {url}"))
+}
+
+/// Runs a scheduler on `bind` until the process ends. Executors that stop
+/// answering are given up after `executor_timeout_s`, and their tasks run
+/// again elsewhere.
+pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64) -> Result<(), String> {
+    use ballista_scheduler::cluster::BallistaCluster;
+    use ballista_scheduler::config::SchedulerConfig;
+    let config = SchedulerConfig {
+        bind_host: bind.ip().to_string(),
+        bind_port: bind.port(),
+        external_host: bind.ip().to_string(),
+        scheduling_policy: ballista_core::config::TaskSchedulingPolicy::PullStaged,
+        executor_timeout_seconds: executor_timeout_s,
+        expire_dead_executor_interval_seconds: executor_timeout_s.clamp(1, 15),
+        no_executors_grace_period_seconds: executor_timeout_s,
+        override_session_builder: Some(Arc::new(|config| Ok(node_state(config)))),
+        override_config_producer: Some(Arc::new(|| node_config(SessionConfig::new()))),
+        override_logical_codec: Some(Arc::new(LogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(PhysicalCodec::default())),
+        ..SchedulerConfig::default()
+    };
+    let cluster = BallistaCluster::new_from_config(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    ballista_scheduler::scheduler_process::start_server(cluster, bind, Arc::new(config))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Runs an executor serving Flight on `bind`, taking tasks from the
+/// scheduler at `scheduler` (`host:port`), until the process ends.
+pub async fn run_executor(
+    bind: SocketAddr,
+    scheduler: &str,
+    vcores: usize,
+    work_dir: Option<String>,
+) -> Result<(), String> {
+    use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+    let (host, port) = scheduler
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
+    let state = node_state(SessionConfig::new());
+    let config = ExecutorProcessConfig {
+        bind_host: bind.ip().to_string(),
+        external_host: Some(bind.ip().to_string()),
+        port: bind.port(),
+        // The gRPC port only serves push scheduling, which is not used.
+        grpc_port: 0,
+        scheduler_host: host,
+        scheduler_port: port,
+        vcores,
+        work_dir,
+        task_scheduling_policy: ballista_core::config::TaskSchedulingPolicy::PullStaged,
+        override_function_registry: Some(Arc::new((&state).into())),
+        override_config_producer: Some(Arc::new(|| node_config(SessionConfig::new()))),
+        override_logical_codec: Some(Arc::new(LogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(PhysicalCodec::default())),
+        ..ExecutorProcessConfig::default()
+    };
+    start_executor_process(Arc::new(config))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Marks a [`BoundContributions`] node or operator on the wire; Ballista's
+/// own messages are protobuf and never start with it.
+const BOUND_TAG: &[u8] = b"frostglass/bound-contributions/1\0";
+
+fn encode_bounds(bounds: &Bounds, buf: &mut Vec<u8>) {
+    buf.extend_from_slice(BOUND_TAG);
+    for n in [
+        bounds.keys as u64,
+        bounds.components as u64,
+        bounds.max_groups,
+        bounds.max_rows,
+    ] {
+        buf.extend_from_slice(&n.to_le_bytes());
+    }
+}
+
+fn decode_bounds(buf: &[u8]) -> Option<Result<Bounds>> {
+    let rest = buf.strip_prefix(BOUND_TAG)?;
+    let numbers: Vec<u64> = rest
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    Some(match numbers[..] {
+        [keys, components, max_groups, max_rows] if rest.len() == 32 => Ok(Bounds {
+            keys: keys as usize,
+            components: components as usize,
+            max_groups,
+            max_rows,
+        }),
+        _ => Err(DataFusionError::Internal(
+            "a contribution bound arrived malformed".into(),
+        )),
+    })
+}
+
+fn one_input<T: Clone>(inputs: &[T]) -> Result<T> {
+    match inputs {
+        [input] => Ok(input.clone()),
+        _ => Err(DataFusionError::Internal(
+            "contribution bounding has one input".into(),
+        )),
+    }
+}
+
+/// Ballista's logical codec, knowing [`BoundContributions`].
+#[derive(Debug, Default)]
+pub struct LogicalCodec {
+    ballista: BallistaLogicalExtensionCodec,
+}
+
+impl LogicalExtensionCodec for LogicalCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[LogicalPlan],
+        ctx: &TaskContext,
+    ) -> Result<Extension> {
+        match decode_bounds(buf) {
+            Some(bounds) => Ok(Extension {
+                node: Arc::new(BoundContributions::try_new(one_input(inputs)?, bounds?)?),
+            }),
+            None => self.ballista.try_decode(buf, inputs, ctx),
+        }
+    }
+
+    fn try_encode(&self, node: &Extension, buf: &mut Vec<u8>) -> Result<()> {
+        match node.node.as_any().downcast_ref::<BoundContributions>() {
+            Some(bound) => {
+                encode_bounds(bound.bounds(), buf);
+                Ok(())
+            }
+            None => self.ballista.try_encode(node, buf),
+        }
+    }
+
+    fn try_decode_table_provider(
+        &self,
+        buf: &[u8],
+        table_ref: &TableReference,
+        schema: SchemaRef,
+        ctx: &TaskContext,
+    ) -> Result<Arc<dyn TableProvider>> {
+        self.ballista
+            .try_decode_table_provider(buf, table_ref, schema, ctx)
+    }
+
+    fn try_encode_table_provider(
+        &self,
+        table_ref: &TableReference,
+        node: Arc<dyn TableProvider>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.ballista
+            .try_encode_table_provider(table_ref, node, buf)
+    }
+
+    fn try_decode_file_format(
+        &self,
+        buf: &[u8],
+        ctx: &TaskContext,
+    ) -> Result<Arc<dyn FileFormatFactory>> {
+        self.ballista.try_decode_file_format(buf, ctx)
+    }
+
+    fn try_encode_file_format(
+        &self,
+        buf: &mut Vec<u8>,
+        node: Arc<dyn FileFormatFactory>,
+    ) -> Result<()> {
+        self.ballista.try_encode_file_format(buf, node)
+    }
+}
+
+/// Ballista's physical codec, knowing [`BoundContributionsExec`].
+#[derive(Debug, Default)]
+pub struct PhysicalCodec {
+    ballista: BallistaPhysicalExtensionCodec,
+}
+
+impl PhysicalExtensionCodec for PhysicalCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match decode_bounds(buf) {
+            Some(bounds) => Ok(Arc::new(BoundContributionsExec::over(
+                one_input(inputs)?,
+                bounds?,
+            )?)),
+            None => self.ballista.try_decode(buf, inputs, ctx, converter),
+        }
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        match node.downcast_ref::<BoundContributionsExec>() {
+            Some(bound) => {
+                encode_bounds(bound.bounds(), buf);
+                Ok(())
+            }
+            None => self.ballista.try_encode(node, buf, converter),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_survive_the_wire_and_damage_is_an_error() {
+        let bounds = Bounds {
+            keys: 3,
+            components: 2,
+            max_groups: 7,
+            max_rows: u64::MAX,
+        };
+        let mut buf = Vec::new();
+        encode_bounds(&bounds, &mut buf);
+        assert_eq!(decode_bounds(&buf).expect("tagged").expect("whole"), bounds);
+        assert!(
+            decode_bounds(&buf[..buf.len() - 1])
+                .expect("tagged")
+                .is_err()
+        );
+        assert!(decode_bounds(&buf[1..]).is_none());
+    }
+
+    #[test]
+    fn a_scheduler_address_must_name_host_and_port() {
+        assert_eq!(
+            Cluster::new("df://10.0.0.5:50050")
+                .expect("valid")
+                .scheduler,
+            "http://10.0.0.5:50050"
+        );
+        for bad in [
+            "10.0.0.5:50050",
+            "df://:50050",
+            "df://host",
+            "df://host:port",
+        ] {
+            assert!(Cluster::new(bad).is_err(), "{bad}");
+        }
+    }
+}
