@@ -196,7 +196,7 @@ pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64) -> Result<
         external_host: bind.ip().to_string(),
         scheduling_policy: ballista_core::config::TaskSchedulingPolicy::PullStaged,
         executor_timeout_seconds: executor_timeout_s,
-        expire_dead_executor_interval_seconds: executor_timeout_s.clamp(1, 15),
+        expire_dead_executor_interval_seconds: (executor_timeout_s / 3).clamp(1, 15),
         no_executors_grace_period_seconds: executor_timeout_s,
         override_session_builder: Some(Arc::new(|config| Ok(node_state(config)))),
         override_config_producer: Some(Arc::new(|| node_config(SessionConfig::new()))),
@@ -421,6 +421,46 @@ mod tests {
                 .is_err()
         );
         assert!(decode_bounds(&buf[1..]).is_none());
+    }
+
+    /// What executors decode function names with, and what the scheduler
+    /// plans with: the sandbox's allow-list, not Ballista's defaults.
+    #[test]
+    fn cluster_nodes_know_exactly_the_sandbox_functions() {
+        use super::super::functions::{AGGREGATE, SCALAR, WINDOW};
+        use std::collections::BTreeSet;
+        let state = node_state(SessionConfig::new());
+        let registry = ballista_core::registry::BallistaFunctionRegistry::from(&state);
+        let names = |it: &mut dyn Iterator<Item = String>| it.collect::<BTreeSet<String>>();
+        let allowed = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            names(
+                &mut registry
+                    .scalar_functions
+                    .values()
+                    .map(|f| f.name().to_string())
+            ),
+            allowed(SCALAR)
+        );
+        assert_eq!(
+            names(
+                &mut registry
+                    .aggregate_functions
+                    .values()
+                    .map(|f| f.name().to_string())
+            ),
+            allowed(AGGREGATE)
+        );
+        assert_eq!(
+            names(
+                &mut registry
+                    .window_functions
+                    .values()
+                    .map(|f| f.name().to_string())
+            ),
+            allowed(WINDOW)
+        );
+        assert!(registry.higher_order_functions.is_empty());
     }
 
     #[test]

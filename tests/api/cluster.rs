@@ -201,3 +201,184 @@ fn releases_the_unit_summaries_answer_stay_in_the_sandbox() {
     let r = app.query(NOISY[1]);
     assert_eq!(r.json()["release"]["cluster_jobs"], 1, "{}", r.text());
 }
+
+/// A `frostglass cluster` process, killed on drop.
+struct Node(std::process::Child);
+
+impl Node {
+    fn start(args: &[&str], log: &std::path::Path) -> Node {
+        let log = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_frostglass"))
+            .arg("cluster")
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Node(child)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The README's kinds of query, each round with its own DP filter so no
+/// answer comes from the cache of released answers.
+fn suite(round: u32) -> [(String, bool); 3] {
+    [
+        (EXACT[0].to_string(), false),
+        (
+            format!(
+                "SELECT district, COUNT(*) AS visits FROM city_health WHERE age > {round} \
+                 GROUP BY district ORDER BY visits DESC"
+            ),
+            true,
+        ),
+        (
+            "SELECT COUNT(*) FROM city_health WHERE id_card = '110101199001011234'".to_string(),
+            false,
+        ),
+    ]
+}
+
+#[test]
+fn an_executor_killed_mid_suite_costs_an_answer_at_most_never_a_wrong_one() {
+    let logs = tempfile::tempdir().unwrap();
+    let scheduler = free_port();
+    let _scheduler = Node::start(
+        &[
+            "scheduler",
+            "--bind",
+            &format!("127.0.0.1:{scheduler}"),
+            "--executor-timeout-s",
+            "3",
+        ],
+        &logs.path().join("scheduler.log"),
+    );
+    let mut executors: Vec<Node> = (0..2)
+        .map(|i| {
+            Node::start(
+                &[
+                    "executor",
+                    "--bind",
+                    &format!("127.0.0.1:{}", free_port()),
+                    "--scheduler",
+                    &format!("127.0.0.1:{scheduler}"),
+                    "--vcores",
+                    "2",
+                ],
+                &logs.path().join(format!("executor-{i}.log")),
+            )
+        })
+        .collect();
+    let mut settings = Settings {
+        execution: Execution::Ballista {
+            scheduler: format!("df://127.0.0.1:{scheduler}"),
+        },
+        unit_summaries: false,
+        ..Settings::default()
+    };
+    settings.limits.query_timeout_ms = 20_000;
+    let app = spawn_app_with(Options {
+        settings,
+        ..Options::default()
+    });
+    let local = app_on(Execution::Local, false);
+    let exact = local.query(EXACT[0]);
+    assert_eq!(exact.status, 200, "{}", exact.text());
+    let exact = sorted_rows(&exact.json());
+
+    // The cluster is up once it answers.
+    let started = std::time::Instant::now();
+    loop {
+        let r = app.query(EXACT[0]);
+        if r.status == 200 {
+            assert_eq!(r.json()["release"]["cluster_jobs"], 1);
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the cluster never answered: {}",
+            r.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    let (mut answered, mut refused, mut dp_sent) = (0, 0, 0);
+    let mut victim = Some(executors.remove(0));
+    for round in 0..6 {
+        for (sql, dp) in suite(round) {
+            dp_sent += u32::from(dp);
+            let t = std::time::Instant::now();
+            let r = std::thread::scope(|s| {
+                let asked = s.spawn(|| app.query(&sql));
+                if round == 1 && dp {
+                    // SIGKILL while the query runs: no goodbye to the scheduler.
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    drop(victim.take());
+                }
+                asked.join().unwrap()
+            });
+            assert!(t.elapsed().as_secs() < 60, "{sql} took {:?}", t.elapsed());
+            if r.status == 200 {
+                assert_eq!(r.json()["release"]["cluster_jobs"], 1, "{}", r.text());
+            }
+            match (r.status, r.code().as_deref()) {
+                (200, _) if sql == EXACT[0] => {
+                    assert_eq!(
+                        sorted_rows(&r.json()),
+                        exact,
+                        "a wrong answer after the kill"
+                    );
+                    answered += 1;
+                }
+                (200, _) => {
+                    assert!(dp, "{sql}: {}", r.text());
+                    assert_eq!(r.json()["usage"]["epsilon"], 0.5);
+                    answered += 1;
+                }
+                (_, Some("policy_violation")) => assert!(sql.contains("id_card")),
+                (_, Some("overloaded" | "resource_limit")) => refused += 1,
+                _ => panic!("{sql}: {} {}", r.status, r.text()),
+            }
+        }
+    }
+    // The surviving executor carries on: the last rounds are answered.
+    let r = app.query(EXACT[0]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sorted_rows(&r.json()), exact);
+    assert!(answered >= 6, "{answered} answered, {refused} refused");
+    eprintln!("the suite: {answered} answered, {refused} refused");
+    if std::env::var_os("FG_KEEP_CLUSTER_LOGS").is_some() {
+        eprintln!("logs kept in {}", logs.keep().display());
+    }
+
+    // Budget: what the grant has spent is exactly what the ledger charged,
+    // and no more than the DP queries sent.
+    let spent = app.get("/v1/grants", Some(app.key("buyer:acme"))).json()["grants"][0]["budget"]
+        ["epsilon_spent"]
+        .as_f64()
+        .unwrap();
+    let charged: f64 = app
+        .query_entries(0)
+        .iter()
+        .map(|e| e["epsilon_charged"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        (spent - charged).abs() < 1e-9,
+        "spent {spent}, ledger {charged}"
+    );
+    assert!(
+        spent <= 0.5 * f64::from(dp_sent) + 1e-9,
+        "spent {spent} on {dp_sent}"
+    );
+}
