@@ -463,6 +463,55 @@ mod tests {
         assert!(registry.higher_order_functions.is_empty());
     }
 
+    /// The metering cross-check has figures to compare: a job's scans
+    /// report every row of the file they read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_job_reports_the_rows_its_scans_read() {
+        use crate::config::{Execution, Limits};
+        use datafusion::dataframe::DataFrameWriteOptions;
+        use datafusion::prelude::{ParquetReadOptions, SessionContext};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let path = path.to_str().unwrap();
+        let ctx = SessionContext::new();
+        ctx.sql("SELECT CAST(v AS BIGINT) AS x FROM (SELECT unnest(range(0, 5000)) AS v)")
+            .await
+            .unwrap()
+            .write_parquet(path, DataFrameWriteOptions::new(), None)
+            .await
+            .unwrap();
+        ctx.register_parquet("t", path, ParquetReadOptions::default())
+            .await
+            .unwrap();
+        let table = ctx.table_provider("t").await.unwrap();
+
+        let scheduler = in_process(2, 1).await.unwrap();
+        let engine = super::super::Engine::with_execution(
+            Limits::default(),
+            &Execution::Ballista { scheduler },
+        )
+        .unwrap();
+        let state = engine.session_with(vec![("t".into(), table)]).unwrap();
+        let sql = "SELECT x > 2499 AS k, SUM(x) AS s FROM t WHERE x >= 0 GROUP BY x > 2499";
+        let plan = engine
+            .plan(&state, engine.parse(sql).unwrap())
+            .await
+            .unwrap();
+        assert!(Cluster::can_run(&plan));
+        let (batches, physical) = engine.execute_release(&state, &plan, 10).await.unwrap();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 2);
+        let metrics = engine
+            .cluster_metrics(&physical)
+            .await
+            .expect("job metrics");
+        assert_eq!(metrics.rows_scanned, 5000, "{metrics:?}");
+        assert!(
+            metrics.bytes_scanned > 0 && metrics.stages >= 1,
+            "{metrics:?}"
+        );
+    }
+
     #[test]
     fn a_scheduler_address_must_name_host_and_port() {
         assert_eq!(
