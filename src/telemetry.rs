@@ -4,9 +4,14 @@
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
+/// Ballista's client logs a failed job with the executor's error text,
+/// which can quote a value the failing expression read; the engine logs its
+/// own data-free line for such a failure instead.
+const DEFAULT_FILTER: &str = "info,ballista_core=off";
+
 pub fn init() {
-    let filter =
-        EnvFilter::try_from_env("FROSTGLASS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("FROSTGLASS_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -49,13 +49,10 @@ pub struct Cluster {
 impl Cluster {
     /// `df://host:port` (or `http://host:port`).
     pub fn new(scheduler: &str) -> Result<Cluster, String> {
-        let rest = scheduler
+        let (host, port) = scheduler
             .strip_prefix("df://")
             .or_else(|| scheduler.strip_prefix("http://"))
-            .ok_or_else(|| format!("scheduler '{scheduler}' is not df://host:port"))?;
-        let (host, port) = rest
-            .rsplit_once(':')
-            .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            .and_then(host_port)
             .ok_or_else(|| format!("scheduler '{scheduler}' is not df://host:port"))?;
         Ok(Cluster {
             scheduler: format!("http://{host}:{port}"),
@@ -84,8 +81,8 @@ impl Cluster {
 
     /// The physical plan that runs the already gated `plan` on the cluster:
     /// one operator that submits it to the scheduler and streams back the
-    /// results. Planned in `state` (the buyer's session, whose analyzer
-    /// rules have run), with only the query planner swapped.
+    /// results. Planned in `state`, the buyer's session with only its query
+    /// planner swapped, so its analyzer rules run before the plan leaves.
     pub async fn physical(
         &self,
         state: &SessionState,
@@ -104,18 +101,21 @@ impl Cluster {
         remote.create_physical_plan(plan).await
     }
 
-    /// The job metrics of the finished job `physical` ran, if it ran one.
-    pub async fn job_metrics(&self, physical: &Arc<dyn ExecutionPlan>) -> Option<JobMetrics> {
-        let job_id = physical
+    /// The id of the job `physical` ran on the cluster, if it ran one.
+    pub fn job_id(physical: &Arc<dyn ExecutionPlan>) -> Option<String> {
+        physical
             .downcast_ref::<DistributedQueryExec<LogicalPlanNode>>()?
-            .job_id()?;
+            .job_id()
+            .map(|id| id.to_string())
+    }
+
+    /// What the scheduler reports for the finished job `job_id`.
+    pub async fn job_metrics(&self, job_id: String) -> Option<JobMetrics> {
         let mut client = SchedulerGrpcClient::connect(self.scheduler.clone())
             .await
             .ok()?;
         let result = client
-            .get_job_metrics(GetJobMetricsParams {
-                job_id: job_id.to_string(),
-            })
+            .get_job_metrics(GetJobMetricsParams { job_id })
             .await
             .ok()?
             .into_inner();
@@ -141,6 +141,15 @@ impl Cluster {
         }
         Some(metrics)
     }
+}
+
+/// `host:port`, split.
+fn host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
 }
 
 /// The session a scheduler plans and an executor runs with: the sandbox's
@@ -221,10 +230,8 @@ pub async fn run_executor(
     work_dir: Option<String>,
 ) -> Result<(), String> {
     use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
-    let (host, port) = scheduler
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
+    let (host, port) =
+        host_port(scheduler).ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
     let state = node_state(SessionConfig::new());
     let config = ExecutorProcessConfig {
         bind_host: bind.ip().to_string(),
@@ -503,6 +510,7 @@ mod tests {
         assert_eq!(rows, 2);
         let metrics = engine
             .cluster_metrics(&physical)
+            .expect("the job ran on the cluster")
             .await
             .expect("job metrics");
         assert_eq!(metrics.rows_scanned, 5000, "{metrics:?}");

@@ -337,15 +337,24 @@ impl Engine {
         }
     }
 
-    /// What the cluster reports for the job `physical` ran there; `None`
-    /// for a plan that ran here.
-    pub async fn cluster_metrics(&self, physical: &Arc<dyn ExecutionPlan>) -> Option<JobMetrics> {
+    /// For a plan that ran on the cluster, what the cluster reports for
+    /// its job, to be awaited when convenient (one call to the scheduler);
+    /// `None` for a plan that ran here.
+    pub fn cluster_metrics(
+        &self,
+        physical: &Arc<dyn ExecutionPlan>,
+    ) -> Option<impl Future<Output = Option<JobMetrics>> + Send + 'static> {
         #[cfg(feature = "ballista")]
-        if let Some(cluster) = &self.cluster {
-            return cluster.job_metrics(physical).await;
+        return {
+            let cluster = self.cluster.clone()?;
+            let job_id = cluster::Cluster::job_id(physical)?;
+            Some(async move { cluster.job_metrics(job_id).await })
+        };
+        #[cfg(not(feature = "ballista"))]
+        {
+            let _ = physical;
+            None::<std::future::Ready<Option<JobMetrics>>>
         }
-        let _ = physical;
-        None
     }
 
     /// Plans and drains `plan`; `failed` decides what a failure of the

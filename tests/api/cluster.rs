@@ -74,6 +74,17 @@ const NOISY: &[&str] = &[
      SUM(cost) AS spent FROM city_health GROUP BY 1",
 ];
 
+/// `sql` answered by the local sandbox and by the one whose cluster ran it.
+fn answered_both_ways(local: &TestApp, cluster: &TestApp, sql: &str) -> (Value, Value) {
+    let (here, there) = (local.query(sql), cluster.query(sql));
+    assert_eq!(here.status, 200, "{sql}: {}", here.text());
+    assert_eq!(there.status, 200, "{sql}: {}", there.text());
+    let (here, there) = (here.json(), there.json());
+    assert_eq!(there["release"]["cluster_jobs"], 1, "{there}");
+    assert!(here["release"]["cluster_jobs"].is_null(), "{here}");
+    (here, there)
+}
+
 #[test]
 fn the_cluster_gives_the_decisions_and_answers_of_local_execution() {
     let local = app_on(Execution::Local, false);
@@ -84,12 +95,7 @@ fn the_cluster_gives_the_decisions_and_answers_of_local_execution() {
         false,
     );
     for sql in EXACT {
-        let (here, there) = (local.query(sql), cluster.query(sql));
-        assert_eq!(here.status, 200, "{sql}: {}", here.text());
-        assert_eq!(there.status, 200, "{sql}: {}", there.text());
-        let (here, there) = (here.json(), there.json());
-        assert_eq!(there["release"]["cluster_jobs"], 1, "{there}");
-        assert!(here["release"]["cluster_jobs"].is_null());
+        let (here, there) = answered_both_ways(&local, &cluster, sql);
         assert_eq!(sorted_rows(&here), sorted_rows(&there), "{sql}");
         assert_eq!(
             here["release"]["released_groups"],
@@ -122,11 +128,7 @@ fn the_cluster_gives_the_decisions_and_answers_of_local_execution() {
         assert_eq!(here.rule(), there.rule(), "{sql}");
     }
     for sql in NOISY {
-        let (here, there) = (local.query(sql), cluster.query(sql));
-        assert_eq!(here.status, 200, "{sql}: {}", here.text());
-        assert_eq!(there.status, 200, "{sql}: {}", there.text());
-        let (here, there) = (here.json(), there.json());
-        assert_eq!(there["release"]["cluster_jobs"], 1, "{there}");
+        let (here, there) = answered_both_ways(&local, &cluster, sql);
         assert_eq!(here["columns"], there["columns"]);
         assert_eq!(
             here["release"]["noise"], there["release"]["noise"],
