@@ -292,13 +292,16 @@ impl Drop for Server {
 }
 
 /// A sandbox under test and the admin handle that makes its principals and grants.
-struct Subject {
+pub(super) struct Subject {
     sandbox: Arc<Sandbox>,
-    admin: RefCell<Writer>,
+    pub(super) admin: RefCell<Writer>,
 }
 
 impl Subject {
-    fn open(rt: &tokio::runtime::Runtime, settings: Settings) -> Result<Subject, String> {
+    pub(super) fn open(
+        rt: &tokio::runtime::Runtime,
+        settings: Settings,
+    ) -> Result<Subject, String> {
         let admin = admin::open(&settings.data_dir).map_err(|e| e.to_string())?;
         let sandbox = rt
             .block_on(Sandbox::open(settings))
@@ -340,7 +343,7 @@ pub(super) fn grant(admin: &RefCell<Writer>) -> Result<String, String> {
 }
 
 /// Runs one query through the pipeline under a fresh grant (so DP answers are computed, not served from the cache).
-fn sandbox_query(
+pub(super) fn sandbox_query(
     rt: &tokio::runtime::Runtime,
     subject: &Subject,
     principal: &Principal,

@@ -2,6 +2,8 @@
 //! grants, generate demo data, check manifests and policies.
 
 mod bench;
+#[cfg(feature = "ballista")]
+mod bench_cluster;
 mod bench_flight;
 mod bench_ledger;
 
@@ -120,6 +122,10 @@ enum Command {
         /// Compare the two front doors instead: HTTP (JSON) and Flight SQL (Arrow).
         #[arg(long)]
         flight: bool,
+        /// Run the suite with release jobs on an in-process Ballista cluster beside local execution.
+        #[cfg(feature = "ballista")]
+        #[arg(long)]
+        ballista: bool,
         /// Stop after the query suite (no policy latency, no load tests).
         #[arg(long)]
         suite_only: bool,
@@ -399,6 +405,8 @@ fn main() -> ExitCode {
             http_clients,
             http_seconds,
             flight,
+            #[cfg(feature = "ballista")]
+            ballista,
             suite_only,
             only,
         } => {
@@ -414,11 +422,14 @@ fn main() -> ExitCode {
                 suite_only,
                 only,
             };
-            if flight {
-                bench_flight::run(options)
+            let run: fn(bench::Options) -> Result<(), String> = if flight {
+                bench_flight::run
             } else {
-                bench::run(options)
-            }
+                bench::run
+            };
+            #[cfg(feature = "ballista")]
+            let run = if ballista { bench_cluster::run } else { run };
+            run(options)
         }
         Command::Verify {
             data_dir,
