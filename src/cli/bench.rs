@@ -293,7 +293,7 @@ impl Drop for Server {
 
 /// A sandbox under test and the admin handle that makes its principals and grants.
 pub(super) struct Subject {
-    sandbox: Arc<Sandbox>,
+    pub(super) sandbox: Arc<Sandbox>,
     pub(super) admin: RefCell<Writer>,
 }
 

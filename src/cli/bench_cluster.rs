@@ -9,7 +9,9 @@ use super::bench::{
     timing, write_report,
 };
 use frostglass::config::Execution;
+use frostglass::engine::JobMetrics;
 use serde_json::json;
+use std::time::Duration;
 
 pub fn run(options: Options) -> Result<(), String> {
     let data = ensure_data(&options)?;
@@ -45,22 +47,33 @@ pub fn run(options: Options) -> Result<(), String> {
         "query", "thresh local", "thresh cluster", "ratio", "dp local", "dp cluster", "ratio"
     );
     let mut rows = Vec::new();
+    let mut where_time = Vec::new();
     for (name, sql) in SUITE {
         if options.only.as_ref().is_some_and(|only| only != name) {
             continue;
         }
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); subjects.len()];
+        let mut splits: Vec<Vec<Split>> = vec![Vec::new(); subjects.len()];
         let mut refused = vec![None; subjects.len()];
         // One warm-up, then the four modes interleaved run by run.
         for run in 0..=options.runs {
             let fresh = format!("SELECT * FROM ({sql}) AS run_{run}");
             for (i, (_, subject, principal)) in subjects.iter().enumerate() {
+                let mut jobs = subject.sandbox.engine.cluster_jobs();
                 match sandbox_query(&rt, subject, principal, &fresh, false) {
-                    Ok(t) if run > 0 => samples[i].push(ms(t)),
+                    Ok(t) if run > 0 => {
+                        samples[i].push(ms(t));
+                        if let Some(jobs) = jobs.as_mut() {
+                            splits[i].push(Split::of(&rt, jobs, ms(t)));
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => refused[i] = Some(e),
                 }
             }
+        }
+        for (i, split) in splits.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+            where_time.push((name, subjects[i].0.clone(), Split::median(split)));
         }
         let t: Vec<_> = samples.into_iter().map(timing).collect();
         let median = |i: usize| refused[i].is_none().then_some(t[i].median_ms);
@@ -85,9 +98,98 @@ pub fn run(options: Options) -> Result<(), String> {
             "ratio_dp_rows_cluster_to_local": ratio(2),
         }));
     }
+    println!(
+        "\nwhere a cluster query's time goes (ms, medians; compute and shuffle summed over tasks)"
+    );
+    println!(
+        "{:<18} {:<18} {:>6} {:>5} {:>9} {:>8} {:>7} {:>8} {:>7} {:>7}",
+        "query",
+        "mode",
+        "wall",
+        "jobs",
+        "sched.pl",
+        "stages",
+        "rest",
+        "compute",
+        "sh.wr",
+        "sh.fetch"
+    );
+    for (name, mode, s) in &where_time {
+        println!(
+            "{:<18} {:<18} {:>6.1} {:>5} {:>9.1} {:>8.1} {:>7.1} {:>8.1} {:>7.1} {:>7.1}",
+            name,
+            mode,
+            s.wall_ms,
+            s.jobs,
+            s.scheduler_planning_ms,
+            s.stages_running_ms,
+            s.wall_ms - s.scheduler_planning_ms - s.stages_running_ms,
+            s.compute_ms,
+            s.shuffle_write_ms,
+            s.shuffle_fetch_ms,
+        );
+    }
+    let where_time: Vec<_> = where_time
+        .iter()
+        .map(|(name, mode, s)| json!({ "query": name, "mode": mode, "split": s }))
+        .collect();
     write_report(
         &options.out,
         &json!({ "scale": options.scale, "runs": options.runs, "executors": 2,
-                 "vcores_per_executor": (vcores / 2).max(1), "suite": rows }),
+                 "vcores_per_executor": (vcores / 2).max(1), "suite": rows,
+                 "where_time_goes": where_time }),
     )
+}
+
+/// One query on the cluster: its wall time in the sandbox and what the
+/// scheduler reports for its jobs, added up.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Split {
+    wall_ms: f64,
+    jobs: u64,
+    scheduler_planning_ms: f64,
+    stages_running_ms: f64,
+    compute_ms: f64,
+    shuffle_write_ms: f64,
+    shuffle_fetch_ms: f64,
+}
+
+impl Split {
+    /// The metrics of the jobs the query just ran, which the sandbox
+    /// fetches after answering: they arrive within moments of each other.
+    fn of(
+        rt: &tokio::runtime::Runtime,
+        jobs: &mut tokio::sync::broadcast::Receiver<JobMetrics>,
+        wall_ms: f64,
+    ) -> Split {
+        let mut split = Split {
+            wall_ms,
+            ..Split::default()
+        };
+        let mut wait = Duration::from_secs(2);
+        while let Ok(Ok(job)) = rt.block_on(tokio::time::timeout(wait, jobs.recv())) {
+            wait = Duration::from_millis(200);
+            split.jobs += 1;
+            split.scheduler_planning_ms += job.scheduler_planning_ms as f64;
+            split.stages_running_ms += job.stages_running_ms as f64;
+            split.compute_ms += job.compute_ms as f64;
+            split.shuffle_write_ms += job.shuffle_write_ms as f64;
+            split.shuffle_fetch_ms += job.shuffle_fetch_ms as f64;
+        }
+        split
+    }
+
+    /// Each figure's median over runs.
+    fn median(splits: &[Split]) -> Split {
+        let m = |f: fn(&Split) -> f64| timing(splits.iter().map(f).collect()).median_ms;
+        Split {
+            wall_ms: m(|s| s.wall_ms),
+            jobs: splits.iter().map(|s| s.jobs).max().unwrap_or(0),
+            scheduler_planning_ms: m(|s| s.scheduler_planning_ms),
+            stages_running_ms: m(|s| s.stages_running_ms),
+            compute_ms: m(|s| s.compute_ms),
+            shuffle_write_ms: m(|s| s.shuffle_write_ms),
+            shuffle_fetch_ms: m(|s| s.shuffle_fetch_ms),
+        }
+    }
 }

@@ -18,9 +18,10 @@ use super::bound::{BoundContributions, BoundContributionsExec, Bounds};
 use ballista_core::execution_plans::DistributedQueryExec;
 use ballista_core::extension::SessionConfigExt;
 use ballista_core::planner::BallistaQueryPlanner;
-use ballista_core::serde::protobuf::GetJobMetricsParams;
+use ballista_core::serde::protobuf::job_status;
 use ballista_core::serde::protobuf::operator_metric::Metric;
 use ballista_core::serde::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use ballista_core::serde::protobuf::{GetJobMetricsParams, GetJobStatusParams};
 use ballista_core::serde::{BallistaLogicalExtensionCodec, BallistaPhysicalExtensionCodec};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
@@ -44,6 +45,8 @@ use std::sync::Arc;
 pub struct Cluster {
     /// `http://host:port`, as Ballista's clients want it.
     scheduler: String,
+    /// Metrics of jobs as they are fetched, for whoever listens.
+    finished: tokio::sync::broadcast::Sender<JobMetrics>,
 }
 
 impl Cluster {
@@ -56,6 +59,7 @@ impl Cluster {
             .ok_or_else(|| format!("scheduler '{scheduler}' is not df://host:port"))?;
         Ok(Cluster {
             scheduler: format!("http://{host}:{port}"),
+            finished: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -109,36 +113,60 @@ impl Cluster {
             .map(|id| id.to_string())
     }
 
+    pub fn finished_jobs(&self) -> tokio::sync::broadcast::Receiver<JobMetrics> {
+        self.finished.subscribe()
+    }
+
     /// What the scheduler reports for the finished job `job_id`.
     pub async fn job_metrics(&self, job_id: String) -> Option<JobMetrics> {
         let mut client = SchedulerGrpcClient::connect(self.scheduler.clone())
             .await
             .ok()?;
+        let status = client
+            .get_job_status(GetJobStatusParams {
+                job_id: job_id.clone(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let Some(job_status::Status::Successful(job)) = status.status?.status else {
+            return None;
+        };
         let result = client
-            .get_job_metrics(GetJobMetricsParams { job_id })
+            .get_job_metrics(GetJobMetricsParams {
+                job_id: job_id.clone(),
+            })
             .await
             .ok()?
             .into_inner();
         let mut metrics = JobMetrics {
+            job_id,
             stages: result.stages.len() as u64,
+            scheduler_planning_ms: job.started_at.saturating_sub(job.queued_at),
+            stages_running_ms: job.ended_at.saturating_sub(job.started_at),
             ..JobMetrics::default()
         };
-        for operator in result
-            .stages
-            .iter()
-            .flat_map(|s| &s.operators)
-            .filter(|o| o.operator_type == "DataSourceExec")
-        {
+        let (mut compute_ns, mut write_ns, mut fetch_ns) = (0, 0, 0);
+        for operator in result.stages.iter().flat_map(|s| &s.operators) {
+            let scan = operator.operator_type == "DataSourceExec";
             for metric in operator.metrics.iter().filter_map(|m| m.metric.as_ref()) {
                 match metric {
-                    Metric::OutputRows(rows) => metrics.rows_scanned += rows,
-                    Metric::Count(c) if c.name == "bytes_scanned" => {
+                    Metric::OutputRows(rows) if scan => metrics.rows_scanned += rows,
+                    Metric::Count(c) if scan && c.name == "bytes_scanned" => {
                         metrics.bytes_scanned += c.value
                     }
+                    Metric::ElapseTime(ns) => compute_ns += ns,
+                    Metric::Time(t) if t.name == "write_time" => write_ns += t.value,
+                    Metric::Time(t) if t.name == "fetch_time" => fetch_ns += t.value,
                     _ => {}
                 }
             }
         }
+        metrics.compute_ms = compute_ns / 1_000_000;
+        metrics.shuffle_write_ms = write_ns / 1_000_000;
+        metrics.shuffle_fetch_ms = fetch_ns / 1_000_000;
+        // Nobody listening is the usual case.
+        let _ = self.finished.send(metrics.clone());
         Some(metrics)
     }
 }
@@ -505,6 +533,7 @@ mod tests {
             .await
             .unwrap();
         assert!(Cluster::can_run(&plan));
+        let mut finished = engine.cluster_jobs().expect("on a cluster");
         let (batches, physical) = engine.execute_release(&state, &plan, 10).await.unwrap();
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         assert_eq!(rows, 2);
@@ -518,6 +547,10 @@ mod tests {
             metrics.bytes_scanned > 0 && metrics.stages >= 1,
             "{metrics:?}"
         );
+        // Tasks go out over gRPC and write their output to shuffle files:
+        // no job finishes within the millisecond it started in.
+        assert!(metrics.stages_running_ms > 0, "{metrics:?}");
+        assert_eq!(finished.try_recv().ok(), Some(metrics));
     }
 
     #[test]

@@ -337,6 +337,13 @@ impl Engine {
         }
     }
 
+    /// Every finished cluster job's metrics, as [`Engine::cluster_metrics`]
+    /// futures fetch them (for the bench's account of where time goes).
+    #[cfg(feature = "ballista")]
+    pub fn cluster_jobs(&self) -> Option<tokio::sync::broadcast::Receiver<JobMetrics>> {
+        Some(self.cluster.as_ref()?.finished_jobs())
+    }
+
     /// For a plan that ran on the cluster, what the cluster reports for
     /// its job, to be awaited when convenient (one call to the scheduler);
     /// `None` for a plan that ran here.
@@ -427,12 +434,23 @@ impl Engine {
 }
 
 /// What a cluster reports having done for one release job: its scans'
-/// output rows (after Parquet pruning) and bytes read, from its job metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// output rows (after Parquet pruning) and bytes read, from its job
+/// metrics, and where the job's time went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobMetrics {
+    pub job_id: String,
     pub rows_scanned: u64,
     pub bytes_scanned: u64,
     pub stages: u64,
+    /// From submission until the scheduler had cut the plan into stages.
+    pub scheduler_planning_ms: u64,
+    /// From then until the last stage finished.
+    pub stages_running_ms: u64,
+    /// Summed over every task, so on several cores it can exceed the wall
+    /// time: operators' compute, writing shuffle files, fetching them.
+    pub compute_ms: u64,
+    pub shuffle_write_ms: u64,
+    pub shuffle_fetch_ms: u64,
 }
 
 /// Joins can emit many batches per input batch without ever polling a leaf,

@@ -56,6 +56,15 @@ const EXACT: &[&str] = &[
      FROM power_grid GROUP BY district",
     "SELECT district, substation_id, COUNT(*) AS n FROM power_grid \
      WHERE hour < TIMESTAMP '2025-01-02 00:00:00' GROUP BY district, substation_id HAVING COUNT(*) > 12",
+    // A second dataset in a subquery (IN, NOT IN) or a join: joins the
+    // scheduler cuts into stages with a shuffle.
+    "SELECT district, COUNT(*) AS n FROM power_grid WHERE district IN \
+     (SELECT district FROM enterprise_registry WHERE employees > 100) GROUP BY district",
+    "SELECT district, COUNT(*) AS n FROM power_grid WHERE district NOT IN \
+     (SELECT district FROM enterprise_registry WHERE employees > 2000) GROUP BY district",
+    "SELECT e.industry, COUNT(*) AS n, COUNT(DISTINCT p.substation_id) AS substations \
+     FROM power_grid p JOIN enterprise_registry e ON p.district = e.district \
+     WHERE e.founded_year > 2015 AND p.hour < TIMESTAMP '2025-01-01 06:00:00' GROUP BY e.industry",
 ];
 
 /// Refused at the gate, before any plan reaches the cluster.
