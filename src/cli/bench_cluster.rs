@@ -167,7 +167,8 @@ impl Split {
             ..Split::default()
         };
         let mut wait = Duration::from_secs(2);
-        while let Ok(Ok(job)) = rt.block_on(tokio::time::timeout(wait, jobs.recv())) {
+        while let Ok(Ok(job)) = rt.block_on(async { tokio::time::timeout(wait, jobs.recv()).await })
+        {
             wait = Duration::from_millis(200);
             split.jobs += 1;
             split.scheduler_planning_ms += job.scheduler_planning_ms as f64;
