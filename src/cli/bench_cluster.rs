@@ -1,6 +1,7 @@
 //! `frostglass bench --ballista`: the query suite with release jobs on an
 //! in-process Ballista cluster (a scheduler and two executors on loopback
-//! ports) beside the same sandbox executing locally, run by run. DP from
+//! ports; or, with `--scheduler`, a cluster of `frostglass cluster`
+//! processes) beside the same sandbox executing locally, run by run. DP from
 //! rows (unit summaries off, so every release job is one the cluster runs)
 //! and threshold releases.
 
@@ -13,15 +14,19 @@ use frostglass::engine::JobMetrics;
 use serde_json::json;
 use std::time::Duration;
 
-pub fn run(options: Options) -> Result<(), String> {
+pub fn run(options: Options, scheduler: Option<String>) -> Result<(), String> {
     let data = ensure_data(&options)?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     // One executor slot per core, split over the two executors.
     let vcores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let scheduler = rt.block_on(frostglass::engine::cluster::in_process(
-        2,
-        (vcores / 2).max(1),
-    ))?;
+    let in_process = scheduler.is_none();
+    let scheduler = match scheduler {
+        Some(scheduler) => scheduler,
+        None => rt.block_on(frostglass::engine::cluster::in_process(
+            2,
+            (vcores / 2).max(1),
+        ))?,
+    };
     let mut subjects = Vec::new();
     for (dp, mode) in [(false, "threshold"), (true, "dp-rows")] {
         let catalog = prepare_catalog(&options, &data, dp)?;
@@ -135,8 +140,8 @@ pub fn run(options: Options) -> Result<(), String> {
         .collect();
     write_report(
         &options.out,
-        &json!({ "scale": options.scale, "runs": options.runs, "executors": 2,
-                 "vcores_per_executor": (vcores / 2).max(1), "suite": rows,
+        &json!({ "scale": options.scale, "runs": options.runs, "scheduler": scheduler,
+                 "in_process": in_process, "suite": rows,
                  "where_time_goes": where_time }),
     )
 }

@@ -126,6 +126,11 @@ enum Command {
         #[cfg(feature = "ballista")]
         #[arg(long)]
         ballista: bool,
+        /// With --ballista: a running cluster's scheduler (df://host:port)
+        /// instead of the in-process one, e.g. `frostglass cluster` processes.
+        #[cfg(feature = "ballista")]
+        #[arg(long, requires = "ballista")]
+        scheduler: Option<String>,
         /// Stop after the query suite (no policy latency, no load tests).
         #[arg(long)]
         suite_only: bool,
@@ -203,20 +208,49 @@ enum ClusterCommand {
         /// Give up on an executor silent this long; its tasks run elsewhere.
         #[arg(long, default_value_t = 30)]
         executor_timeout_s: u64,
+        /// How tasks reach executors; the executors must be started with the same.
+        #[arg(long, value_enum, default_value_t = SchedulingArg::Push)]
+        scheduling: SchedulingArg,
     },
     /// An executor: takes tasks from the scheduler, serves shuffle data over Flight on `--bind`.
     Executor {
         #[arg(long, default_value = "127.0.0.1:50051")]
         bind: std::net::SocketAddr,
+        /// Where the scheduler pushes tasks (push scheduling only).
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
         /// The scheduler, host:port.
         #[arg(long, default_value = "127.0.0.1:50050")]
         scheduler: String,
+        #[arg(long, value_enum, default_value_t = SchedulingArg::Push)]
+        scheduling: SchedulingArg,
+        /// Seconds between heartbeats (push scheduling); keep it well below
+        /// the scheduler's --executor-timeout-s.
+        #[arg(long, default_value_t = 5)]
+        heartbeat_s: u64,
         #[arg(long, default_value_t = 2)]
         vcores: usize,
         /// Where shuffle files go (default: a temporary folder).
         #[arg(long)]
         work_dir: Option<String>,
     },
+}
+
+#[cfg(feature = "ballista")]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchedulingArg {
+    Push,
+    Pull,
+}
+
+#[cfg(feature = "ballista")]
+impl From<SchedulingArg> for frostglass::engine::cluster::Scheduling {
+    fn from(arg: SchedulingArg) -> Self {
+        match arg {
+            SchedulingArg::Push => Self::Push,
+            SchedulingArg::Pull => Self::Pull,
+        }
+    }
 }
 
 #[cfg(feature = "ballista")]
@@ -229,13 +263,28 @@ fn cluster(command: ClusterCommand) -> Result<(), String> {
             ClusterCommand::Scheduler {
                 bind,
                 executor_timeout_s,
-            } => cluster::run_scheduler(bind, executor_timeout_s).await,
+                scheduling,
+            } => cluster::run_scheduler(bind, executor_timeout_s, scheduling.into()).await,
             ClusterCommand::Executor {
                 bind,
+                grpc_port,
                 scheduler,
+                scheduling,
+                heartbeat_s,
                 vcores,
                 work_dir,
-            } => cluster::run_executor(bind, &scheduler, vcores, work_dir).await,
+            } => {
+                cluster::run_executor(cluster::ExecutorOptions {
+                    bind,
+                    grpc_port,
+                    scheduler,
+                    scheduling: scheduling.into(),
+                    heartbeat_s,
+                    vcores,
+                    work_dir,
+                })
+                .await
+            }
         }
     })
 }
@@ -407,6 +456,8 @@ fn main() -> ExitCode {
             flight,
             #[cfg(feature = "ballista")]
             ballista,
+            #[cfg(feature = "ballista")]
+            scheduler,
             suite_only,
             only,
         } => {
@@ -428,7 +479,13 @@ fn main() -> ExitCode {
                 bench::run
             };
             #[cfg(feature = "ballista")]
-            let run = if ballista { bench_cluster::run } else { run };
+            let run = |options| {
+                if ballista {
+                    bench_cluster::run(options, scheduler)
+                } else {
+                    run(options)
+                }
+            };
             run(options)
         }
         Command::Verify {

@@ -221,17 +221,43 @@ async fn connect(url: &str) -> Result<SchedulerGrpcClient<tonic::transport::Chan
     Err(format!("no scheduler answers at {url}"))
 }
 
+/// How tasks reach executors. Scheduler and executors must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// The scheduler sends tasks to the executors' gRPC ports as soon as
+    /// they are runnable; executors send heartbeats.
+    Push,
+    /// Idle executors ask the scheduler for tasks every 50 ms: each stage
+    /// waits half of that on average before it starts.
+    Pull,
+}
+
+impl Scheduling {
+    fn policy(self) -> ballista_core::config::TaskSchedulingPolicy {
+        match self {
+            Scheduling::Push => ballista_core::config::TaskSchedulingPolicy::PushStaged,
+            Scheduling::Pull => ballista_core::config::TaskSchedulingPolicy::PullStaged,
+        }
+    }
+}
+
 /// Runs a scheduler on `bind` until the process ends. Executors that stop
 /// answering are given up after `executor_timeout_s`, and their tasks run
 /// again elsewhere.
-pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64) -> Result<(), String> {
+pub async fn run_scheduler(
+    bind: SocketAddr,
+    executor_timeout_s: u64,
+    scheduling: Scheduling,
+) -> Result<(), String> {
     use ballista_scheduler::cluster::BallistaCluster;
     use ballista_scheduler::config::SchedulerConfig;
+    use ballista_scheduler::scheduler_process;
+    use datafusion_proto::protobuf::PhysicalPlanNode;
     let config = SchedulerConfig {
         bind_host: bind.ip().to_string(),
         bind_port: bind.port(),
         external_host: bind.ip().to_string(),
-        scheduling_policy: ballista_core::config::TaskSchedulingPolicy::PullStaged,
+        scheduling_policy: scheduling.policy(),
         executor_timeout_seconds: executor_timeout_s,
         expire_dead_executor_interval_seconds: (executor_timeout_s / 3).clamp(1, 15),
         no_executors_grace_period_seconds: executor_timeout_s,
@@ -241,37 +267,78 @@ pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64) -> Result<
         override_physical_codec: Some(Arc::new(PhysicalCodec::default())),
         ..SchedulerConfig::default()
     };
+    config.validate().map_err(|e| e.to_string())?;
     let cluster = BallistaCluster::new_from_config(&config)
         .await
         .map_err(|e| e.to_string())?;
-    ballista_scheduler::scheduler_process::start_server(cluster, bind, Arc::new(config))
+    let scheduler = scheduler_process::create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(
+        cluster,
+        Arc::new(config),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    scheduler_process::start_grpc_service_with_listener(nodelay_listener(bind)?, scheduler)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// Runs an executor serving Flight on `bind`, taking tasks from the
-/// scheduler at `scheduler` (`host:port`), until the process ends.
-pub async fn run_executor(
-    bind: SocketAddr,
-    scheduler: &str,
-    vcores: usize,
-    work_dir: Option<String>,
-) -> Result<(), String> {
+/// A listener whose connections send at once. The scheduler streams each
+/// job's status to the sandbox in small messages; Ballista serves it with
+/// Nagle's algorithm on, so the message that says a job finished waited for
+/// the previous one's delayed ACK: about 25 ms on every job. Linux gives
+/// accepted sockets the listener's TCP_NODELAY.
+fn nodelay_listener(bind: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    let socket = if bind.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    socket.set_nodelay(true).map_err(|e| e.to_string())?;
+    socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+    socket.bind(bind).map_err(|e| format!("{bind}: {e}"))?;
+    socket.listen(1024).map_err(|e| e.to_string())
+}
+
+/// How an executor runs: where it serves shuffle data (Flight) and, under
+/// push scheduling, takes tasks (gRPC).
+pub struct ExecutorOptions {
+    pub bind: SocketAddr,
+    pub grpc_port: u16,
+    pub scheduler: String,
+    pub scheduling: Scheduling,
+    /// Under push scheduling, well below the scheduler's executor timeout.
+    pub heartbeat_s: u64,
+    pub vcores: usize,
+    pub work_dir: Option<String>,
+}
+
+/// Runs an executor until the process ends.
+pub async fn run_executor(options: ExecutorOptions) -> Result<(), String> {
+    let ExecutorOptions {
+        bind,
+        grpc_port,
+        scheduler,
+        scheduling,
+        heartbeat_s,
+        vcores,
+        work_dir,
+    } = options;
     use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
     let (host, port) =
-        host_port(scheduler).ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
+        host_port(&scheduler).ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
     let state = node_state(SessionConfig::new());
     let config = ExecutorProcessConfig {
         bind_host: bind.ip().to_string(),
         external_host: Some(bind.ip().to_string()),
         port: bind.port(),
-        // The gRPC port only serves push scheduling, which is not used.
-        grpc_port: 0,
+        grpc_port,
         scheduler_host: host,
         scheduler_port: port,
         vcores,
         work_dir,
-        task_scheduling_policy: ballista_core::config::TaskSchedulingPolicy::PullStaged,
+        task_scheduling_policy: scheduling.policy(),
+        executor_heartbeat_interval_seconds: heartbeat_s.max(1),
         override_function_registry: Some(Arc::new((&state).into())),
         override_config_producer: Some(Arc::new(|| node_config(SessionConfig::new()))),
         override_logical_codec: Some(Arc::new(LogicalCodec::default())),
