@@ -92,7 +92,7 @@ impl Cluster {
         state: &SessionState,
         plan: &LogicalPlan,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let config = state.config().clone().upgrade_for_ballista();
+        let config = node_config(state.config().clone());
         let planner = BallistaQueryPlanner::<LogicalPlanNode>::with_extension(
             self.scheduler.clone(),
             config.ballista_config(),
@@ -186,9 +186,15 @@ pub fn node_state(config: SessionConfig) -> SessionState {
     super::rules(node_config(config)).build()
 }
 
+/// Ballista's adaptive planner is off: after a stage it runs join
+/// selection again over hash joins whose dynamic filters already exist,
+/// which DataFusion 55 refuses with an internal error, and the job then
+/// never finishes (the person join at scale 10 did this on every run). The
+/// static planner cuts the same plan into stages once.
 fn node_config(config: SessionConfig) -> SessionConfig {
     config
         .upgrade_for_ballista()
+        .with_ballista_adaptive_query_planner(false)
         .with_ballista_logical_extension_codec(Arc::new(LogicalCodec::default()))
         .with_ballista_physical_extension_codec(Arc::new(PhysicalCodec::default()))
 }
