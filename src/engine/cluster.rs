@@ -200,21 +200,54 @@ fn node_config(config: SessionConfig) -> SessionConfig {
 }
 
 /// A scheduler and `executors` executors in this process, on loopback
-/// ports, as Ballista's own tests run them; returns the scheduler's
-/// `df://` address.
+/// ports, run as `frostglass cluster` runs them (tasks pushed); returns the
+/// scheduler's `df://` address once every executor has registered.
 pub async fn in_process(executors: usize, vcores: usize) -> Result<String, String> {
-    let state = node_state(SessionConfig::new());
-    let addr = ballista_scheduler::standalone::new_standalone_scheduler_from_state(&state)
-        .await
-        .map_err(|e| e.to_string())?;
-    let url = format!("http://localhost:{}", addr.port());
-    let scheduler = connect(&url).await?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = nodelay_listener(loopback)?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    tokio::spawn(async move {
+        if let Err(e) = serve_scheduler(listener, 30, Scheduling::Push).await {
+            tracing::error!(error = %e, "in-process scheduler stopped");
+        }
+    });
+    connect(&format!("http://127.0.0.1:{port}")).await?;
+    let mut flight_ports = Vec::new();
     for _ in 0..executors {
-        ballista_executor::new_standalone_executor_from_state(scheduler.clone(), vcores, &state)
-            .await
-            .map_err(|e| e.to_string())?;
+        // Ballista's executor binds its own ports from numbers: take free
+        // ones from the kernel and hand them over.
+        let free = || -> Result<SocketAddr, String> {
+            let probe = std::net::TcpListener::bind(loopback).map_err(|e| e.to_string())?;
+            probe.local_addr().map_err(|e| e.to_string())
+        };
+        let options = ExecutorOptions {
+            bind: free()?,
+            grpc_port: free()?.port(),
+            scheduler: format!("127.0.0.1:{port}"),
+            scheduling: Scheduling::Push,
+            heartbeat_s: 5,
+            vcores,
+            work_dir: None,
+        };
+        flight_ports.push(options.bind);
+        tokio::spawn(async move {
+            if let Err(e) = run_executor(options).await {
+                tracing::error!(error = %e, "in-process executor stopped");
+            }
+        });
     }
-    Ok(format!("df://localhost:{}", addr.port()))
+    // A pushing executor registers before it serves Flight.
+    for address in flight_ports {
+        let mut tries = 0;
+        while tokio::net::TcpStream::connect(address).await.is_err() {
+            tries += 1;
+            if tries == 200 {
+                return Err(format!("no in-process executor answers at {address}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    Ok(format!("df://127.0.0.1:{port}"))
 }
 
 async fn connect(url: &str) -> Result<SchedulerGrpcClient<tonic::transport::Channel>, String> {
@@ -255,10 +288,19 @@ pub async fn run_scheduler(
     executor_timeout_s: u64,
     scheduling: Scheduling,
 ) -> Result<(), String> {
+    serve_scheduler(nodelay_listener(bind)?, executor_timeout_s, scheduling).await
+}
+
+async fn serve_scheduler(
+    listener: tokio::net::TcpListener,
+    executor_timeout_s: u64,
+    scheduling: Scheduling,
+) -> Result<(), String> {
     use ballista_scheduler::cluster::BallistaCluster;
     use ballista_scheduler::config::SchedulerConfig;
     use ballista_scheduler::scheduler_process;
     use datafusion_proto::protobuf::PhysicalPlanNode;
+    let bind = listener.local_addr().map_err(|e| e.to_string())?;
     let config = SchedulerConfig {
         bind_host: bind.ip().to_string(),
         bind_port: bind.port(),
@@ -283,7 +325,7 @@ pub async fn run_scheduler(
     )
     .await
     .map_err(|e| e.to_string())?;
-    scheduler_process::start_grpc_service_with_listener(nodelay_listener(bind)?, scheduler)
+    scheduler_process::start_grpc_service_with_listener(listener, scheduler)
         .await
         .map_err(|e| e.to_string())
 }
