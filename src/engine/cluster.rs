@@ -47,6 +47,9 @@ pub struct Cluster {
     scheduler: String,
     /// Metrics of jobs as they are fetched, for whoever listens.
     finished: tokio::sync::broadcast::Sender<JobMetrics>,
+    /// One connection, opened at the first job, carries every job's
+    /// metrics requests (tonic reconnects it if the scheduler restarts).
+    metrics_channel: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
 }
 
 impl Cluster {
@@ -60,6 +63,7 @@ impl Cluster {
         Ok(Cluster {
             scheduler: format!("http://{host}:{port}"),
             finished: tokio::sync::broadcast::channel(64).0,
+            metrics_channel: Arc::default(),
         })
     }
 
@@ -119,9 +123,16 @@ impl Cluster {
 
     /// What the scheduler reports for the finished job `job_id`.
     pub async fn job_metrics(&self, job_id: String) -> Option<JobMetrics> {
-        let mut client = SchedulerGrpcClient::connect(self.scheduler.clone())
+        let channel = self
+            .metrics_channel
+            .get_or_try_init(|| async {
+                tonic::transport::Endpoint::from_shared(self.scheduler.clone())?
+                    .connect()
+                    .await
+            })
             .await
             .ok()?;
+        let mut client = SchedulerGrpcClient::new(channel.clone());
         let status = client
             .get_job_status(GetJobStatusParams {
                 job_id: job_id.clone(),
@@ -363,30 +374,23 @@ pub struct ExecutorOptions {
 
 /// Runs an executor until the process ends.
 pub async fn run_executor(options: ExecutorOptions) -> Result<(), String> {
-    let ExecutorOptions {
-        bind,
-        grpc_port,
-        scheduler,
-        scheduling,
-        heartbeat_s,
-        vcores,
-        work_dir,
-    } = options;
     use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+    let scheduler = &options.scheduler;
     let (host, port) =
-        host_port(&scheduler).ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
+        host_port(scheduler).ok_or_else(|| format!("scheduler '{scheduler}' is not host:port"))?;
+    let bind = options.bind;
     let state = node_state(SessionConfig::new());
     let config = ExecutorProcessConfig {
         bind_host: bind.ip().to_string(),
         external_host: Some(bind.ip().to_string()),
         port: bind.port(),
-        grpc_port,
+        grpc_port: options.grpc_port,
         scheduler_host: host,
         scheduler_port: port,
-        vcores,
-        work_dir,
-        task_scheduling_policy: scheduling.policy(),
-        executor_heartbeat_interval_seconds: heartbeat_s.max(1),
+        vcores: options.vcores,
+        work_dir: options.work_dir,
+        task_scheduling_policy: options.scheduling.policy(),
+        executor_heartbeat_interval_seconds: options.heartbeat_s.max(1),
         override_function_registry: Some(Arc::new((&state).into())),
         override_config_producer: Some(Arc::new(|| node_config(SessionConfig::new()))),
         override_logical_codec: Some(Arc::new(LogicalCodec::default())),
