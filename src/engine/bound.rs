@@ -619,7 +619,8 @@ impl Gathered {
     }
 }
 
-/// DataFusion's planner, knowing [`BoundContributions`].
+/// DataFusion's planner, knowing [`BoundContributions`] and
+/// [`super::streamed::StreamedBounds`].
 #[derive(Debug)]
 pub struct QueryPlanner;
 
@@ -630,7 +631,10 @@ impl datafusion::execution::context::QueryPlanner for QueryPlanner {
         plan: &LogicalPlan,
         session: &dyn datafusion::catalog::Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(BoundPlanner)])
+        DefaultPhysicalPlanner::with_extension_planners(vec![
+            Arc::new(BoundPlanner),
+            Arc::new(super::streamed::StreamedPlanner),
+        ])
             .create_physical_plan(plan, session)
             .await
     }

@@ -18,6 +18,7 @@ use super::noise::{self, Noise};
 use super::partitions::Partitions;
 use crate::catalog::{Catalog, DpMechanism, DpRules};
 use crate::engine::bound::{BoundContributions, Bounds, bounded_name};
+use crate::engine::streamed::{KEPT_UNITS, Layout, StreamedBounds, Value, partial_name};
 use crate::error::{Error, Refusal};
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use datafusion::arrow::compute::{cast, take};
@@ -210,6 +211,9 @@ pub struct Shape<'a> {
     pub summary: Option<&'a super::summary::Source>,
     /// The most groups the release may have.
     pub max_groups: u64,
+    /// The rows come from a copy clustered by unit, so that each unit's
+    /// rows can be bounded as they stream past (see `StreamedBounds`).
+    pub streams_by_unit: bool,
 }
 
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
@@ -234,7 +238,6 @@ pub fn plan(
             "GROUPING SETS, ROLLUP and CUBE are not supported under differential privacy",
         ));
     }
-    let max_rows = params.max_rows_per_unit as f64;
     let mut components: Vec<Component> = Vec::new();
     let mut outputs = Vec::new();
     for e in &agg.aggr_expr {
@@ -338,14 +341,54 @@ pub fn plan(
     // per unit), the group bound holds by itself and the unit's rows before
     // its group are none: its components are only scaled to max_rows.
     let groups = agg.group_expr.len();
-    let (level1, one_group_per_unit) = match shape
+    let summarised = shape
         .summary
-        .and_then(|s| s.dp_level1(&agg.group_expr, &components, &input))
-    {
+        .and_then(|s| s.dp_level1(&agg.group_expr, &components, &input));
+    let level2 = match summarised {
+        None if shape.streams_by_unit => {
+            streamed(input, unit, &agg.group_expr, &components, &params)?
+        }
+        summarised => hashed(
+            summarised,
+            input,
+            unit,
+            agg,
+            &components,
+            &params,
+            shape.one_group_per_unit,
+        )?,
+    };
+    let job = DpJob {
+        params,
+        groups,
+        components: components.len(),
+        outputs,
+        min_group_size,
+        public,
+    };
+    job.check_samplable()?;
+    Ok((level2, job))
+}
+
+/// The per-group sums of bounded components from the unit summary's
+/// level-1 rows, if given, else from an aggregation of the rows by (unit,
+/// group).
+fn hashed(
+    summarised: Option<LogicalPlan>,
+    input: LogicalPlan,
+    unit: Column,
+    agg: &Aggregate,
+    components: &[Component],
+    params: &Params,
+    one_group_per_unit: bool,
+) -> Result<LogicalPlan, Error> {
+    let groups = agg.group_expr.len();
+    let max_rows = params.max_rows_per_unit as f64;
+    let (level1, one_group_per_unit) = match summarised {
         Some(level1) => (level1, true),
         None => (
-            per_unit_group(input, unit, &agg.group_expr, &components)?,
-            groups == 0 || shape.one_group_per_unit,
+            per_unit_group(input, unit, &agg.group_expr, components)?,
+            groups == 0 || one_group_per_unit,
         ),
     };
     let level1b = if one_group_per_unit {
@@ -375,21 +418,71 @@ pub fn plan(
         .map(|i| sum(Expr::Column(cols1b[groups + i].clone())).alias(format!("__fg_s{i}")))
         .collect();
     aggs2.push(count(lit(1i64)).alias(UNITS));
-    let level2 = LogicalPlanBuilder::from(level1b)
+    LogicalPlanBuilder::from(level1b)
         .aggregate(group2, aggs2)
-        .map_err(internal)?
-        .build()
-        .map_err(internal)?;
-    let job = DpJob {
-        params,
-        groups,
-        components: components.len(),
-        outputs,
-        min_group_size,
-        public,
+        .and_then(|b| b.build())
+        .map_err(internal)
+}
+
+/// The same per-group sums from rows that arrive clustered by unit: each
+/// unit bounded as its rows stream past, with no aggregation by (unit,
+/// group) (see [`StreamedBounds`]). The operator sums per partition; the
+/// aggregate above adds the partitions up.
+fn streamed(
+    input: LogicalPlan,
+    unit: Column,
+    group_expr: &[Expr],
+    components: &[Component],
+    params: &Params,
+) -> Result<LogicalPlan, Error> {
+    let mut exprs = vec![Expr::Column(unit).alias("__fg_streamed_unit")];
+    exprs.extend(group_expr.iter().cloned());
+    let mut values = Vec::new();
+    for (i, c) in components.iter().enumerate() {
+        let (value, column) = match c {
+            Component::Rows => (Value::Rows, None),
+            Component::Count(arg) => (Value::NonNull, Some(arg.clone())),
+            Component::ClampedSum { arg, lo, hi } => {
+                (Value::Sum, Some(clamp(arg.clone(), *lo, *hi)?))
+            }
+        };
+        values.push(value);
+        exprs.extend(column.map(|e| e.alias(format!("__fg_v{i}"))));
+    }
+    let layout = Layout {
+        keys: group_expr.len(),
+        values,
+        max_groups: params.max_groups_per_unit,
+        max_rows: params.max_rows_per_unit,
     };
-    job.check_samplable()?;
-    Ok((level2, job))
+    let rows = LogicalPlanBuilder::from(input)
+        .project(exprs)
+        .and_then(|b| b.build())
+        .map_err(internal)?;
+    let partials = StreamedBounds::try_new(rows, layout)
+        .map_err(internal)?
+        .into_plan();
+    let cols = partials.schema().columns();
+    let keys: Vec<Expr> = cols[..group_expr.len()]
+        .iter()
+        .cloned()
+        .map(Expr::Column)
+        .collect();
+    let mut sums: Vec<Expr> = (0..components.len())
+        .map(|i| sum(Expr::Column(Column::from_name(partial_name(i)))).alias(format!("__fg_s{i}")))
+        .collect();
+    // Without keys the aggregate answers one row even over no partitions' rows.
+    sums.push(
+        datafusion::functions::expr_fn::coalesce(vec![
+            sum(Expr::Column(Column::from_name(KEPT_UNITS))),
+            lit(0i64),
+        ])
+        .alias(UNITS),
+    );
+    LogicalPlanBuilder::from(partials)
+        .aggregate(keys, sums)
+        .and_then(|b| b.build())
+        .map_err(internal)
 }
 
 /// One row per (unit, group) of `input`: the unit, the group keys, the

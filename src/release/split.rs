@@ -140,6 +140,7 @@ impl Splitter<'_> {
                         one_group_per_unit,
                         summary: summary.as_ref(),
                         max_groups: max_groups.unwrap_or(u64::MAX),
+                        streams_by_unit: streams_by_unit(&input),
                     },
                 )?;
                 (plan, JobKind::Dp(job))
@@ -511,6 +512,25 @@ fn project(exprs: Vec<Expr>, input: LogicalPlan) -> Result<LogicalPlan, Error> {
     Ok(LogicalPlan::Projection(
         Projection::try_new(exprs, Arc::new(input)).map_err(internal)?,
     ))
+}
+
+/// Whether `plan` reads one table's copy clustered by unit through
+/// filters and projections only, so that its rows reach a release unit by
+/// unit. (Anything else still gives the right answer by the streamed
+/// operator's requirements, but through a shuffle and a sort.)
+fn streams_by_unit(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Projection(p) => streams_by_unit(&p.input),
+        LogicalPlan::Filter(f) => streams_by_unit(&f.input),
+        LogicalPlan::SubqueryAlias(a) => streams_by_unit(&a.input),
+        LogicalPlan::TableScan(scan) => {
+            datafusion::datasource::source_as_provider(&scan.source).is_ok_and(|p| {
+                p.downcast_ref::<crate::engine::clustered::ClusteredTable>()
+                    .is_some()
+            })
+        }
+        _ => false,
+    }
 }
 
 fn unit_columns(plan: &LogicalPlan) -> Vec<Column> {

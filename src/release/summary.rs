@@ -371,25 +371,37 @@ mod tests {
         sql: &str,
         use_summaries: bool,
     ) -> Vec<(bool, Vec<Vec<String>>)> {
-        run_with(catalog, sql, use_summaries, &Default::default(), false).await
+        run_with(catalog, sql, use_summaries, &Default::default(), false, None).await
     }
 
     /// As [`run`], under `tightening`; with `in_sql`, every contribution
-    /// bounding operator replaced by the SQL it replaced.
+    /// bounding operator replaced by the SQL it replaced. With `clustered`,
+    /// the tables are read from their copies clustered by unit, planned for
+    /// that many partitions; else from their files.
     async fn run_with(
         catalog: &Catalog,
         sql: &str,
         use_summaries: bool,
         tightening: &crate::release::dp::Tightening,
         in_sql: bool,
+        clustered: Option<usize>,
     ) -> Vec<(bool, Vec<Vec<String>>)> {
+        let mut config = datafusion::prelude::SessionConfig::new();
+        if let Some(partitions) = clustered {
+            config = config.with_target_partitions(partitions);
+        }
         let state = SessionStateBuilder::new()
+            .with_config(config)
             .with_default_features()
             .with_query_planner(Arc::new(crate::engine::bound::QueryPlanner))
             .build();
         let ctx = SessionContext::new_with_state(state);
         for d in catalog.datasets.values() {
-            ctx.register_table(d.id(), d.provider.clone()).unwrap();
+            let table = match clustered {
+                Some(_) => d.table(),
+                None => d.provider.clone(),
+            };
+            ctx.register_table(d.id(), table).unwrap();
         }
         let plan = ctx.state().create_logical_plan(sql).await.unwrap();
         let (plan, _) =
@@ -411,6 +423,30 @@ mod tests {
                 .display_indent()
                 .to_string()
                 .contains(super::QUALIFIER);
+            if let Some(partitions) = clustered
+                && !use_summaries
+                && !sql.contains("JOIN")
+            {
+                let physical = ctx
+                    .state()
+                    .create_physical_plan(&job.plan)
+                    .await
+                    .unwrap();
+                let shown = datafusion::physical_plan::displayable(physical.as_ref())
+                    .indent(false)
+                    .to_string();
+                let streamed = shown.split("StreamedBoundsExec").nth(1);
+                assert!(streamed.is_some(), "{sql}: not streamed: {shown}");
+                // The copy's own partitioning needs no shuffle and no sort.
+                let reordered = streamed.is_some_and(|below| {
+                    below.contains("RepartitionExec") || below.contains("SortExec")
+                });
+                assert_eq!(
+                    reordered,
+                    partitions != catalog_partitions(),
+                    "{sql}, {partitions} partitions: {shown}"
+                );
+            }
             let batches = ctx
                 .execute_logical_plan(job.plan)
                 .await
@@ -421,6 +457,10 @@ mod tests {
             out.push((summarised, rows(&batches)));
         }
         out
+    }
+
+    fn catalog_partitions() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
     }
 
     /// Same exact values with and without the summary; returns whether it was read.
@@ -515,10 +555,58 @@ mod tests {
             .chain(&no_keys);
         for sql in queries {
             for t in &tightenings {
-                let one_pass = run_with(&catalog, sql, false, t, false).await;
-                let windowed = run_with(&catalog, sql, false, t, true).await;
+                let one_pass = run_with(&catalog, sql, false, t, false, None).await;
+                let windowed = run_with(&catalog, sql, false, t, true, None).await;
                 assert!(one_pass.iter().all(|(_, rows)| !rows.is_empty()), "{sql}");
                 assert_eq!(one_pass, windowed, "{sql} under {t:?}");
+            }
+        }
+    }
+
+    /// Streaming each unit's rows from the clustered copy was speed, not
+    /// semantics: its exact per-group values equal those of the aggregation
+    /// by (unit, group) and `BoundContributions`, under bounds that clip
+    /// most units. Planned for the copy's own partitions the rows arrive
+    /// clustered; planned for one or three, DataFusion has to shuffle and
+    /// sort them first, and the answer must not change.
+    #[tokio::test]
+    async fn streaming_units_from_the_clustered_copy_equals_hashing_them() {
+        use crate::release::dp::Tightening;
+        let (_dir, catalog) = catalog(true).await;
+        let health = catalog.get("city_health").unwrap();
+        assert!(
+            !Arc::ptr_eq(&health.table(), &health.provider),
+            "a DP dataset is kept clustered in memory"
+        );
+        let own = catalog_partitions();
+        let tightenings = [
+            Tightening::default(),
+            Tightening {
+                max_rows_per_unit: Some(1),
+                ..Default::default()
+            },
+            Tightening {
+                max_groups_per_unit: Some(1),
+                max_rows_per_unit: Some(3),
+                ..Default::default()
+            },
+        ];
+        let no_keys = [
+            "SELECT COUNT(*), SUM(cost), COUNT(cost) FROM city_health WHERE visit_date > DATE '2025-06-01'",
+            "SELECT COUNT(DISTINCT person_id), AVG(age) FROM city_health WHERE age > 200",
+        ];
+        let queries = COVERED
+            .iter()
+            .chain(&NOT_COVERED)
+            .chain(&MANY_GROUPS_PER_UNIT)
+            .chain(&no_keys);
+        for sql in queries {
+            for t in &tightenings {
+                let hashed = run_with(&catalog, sql, false, t, false, None).await;
+                for partitions in [own, 1, 3] {
+                    let streamed = run_with(&catalog, sql, false, t, false, Some(partitions)).await;
+                    assert_eq!(streamed, hashed, "{sql} under {t:?}, {partitions} partitions");
+                }
             }
         }
     }

@@ -1,0 +1,645 @@
+//! A DP release's bounded per-group sums in one pass over rows that arrive
+//! unit by unit.
+//!
+//! From rows in no particular order a release needs an aggregation keyed by
+//! (unit, group) — a hash table over millions of keys — and then
+//! [`super::bound::BoundContributions`]. When the rows come clustered by
+//! unit ([`super::clustered`]), each unit's rows are consecutive: the
+//! operator collects one unit at a time, bounds it exactly as
+//! `BoundContributions` does (at most `max_groups` groups, the first in
+//! ascending key order with nulls first, and `max_rows` rows over them, each
+//! group's values scaled to the rows kept), and adds what the unit keeps to
+//! its groups' sums. The only hash table is over the groups.
+//!
+//! Input: the unit, the group keys, then one column per value other than
+//! [`Value::Rows`]. Output, per partition: the group keys, each value's
+//! bounded sum (Float64, NULL when no unit gave one) and the number of
+//! (unit, group) pairs kept (Int64). The operator requires its input
+//! partitioned and ordered by unit; DataFusion shuffles and sorts what does
+//! not already come so.
+
+use super::clustered::unit_order;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch,
+};
+use datafusion::arrow::compute::kernels::partition::partition;
+use datafusion::arrow::compute::{cast, filter, take};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{
+    EmitTo, Expr, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
+};
+use datafusion::physical_expr::{
+    Distribution, EquivalenceProperties, LexRequirement, OrderingRequirements, Partitioning,
+    PhysicalExpr, PhysicalSortRequirement,
+};
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+};
+use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
+use futures::{StreamExt, TryStreamExt};
+use std::fmt;
+use std::sync::Arc;
+
+/// What one released value sums per (unit, group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
+pub enum Value {
+    /// Its rows (no input column).
+    Rows,
+    /// Its non-NULL values of the input column.
+    NonNull,
+    /// The sum of the input column (Float64), NULL when every value is.
+    Sum,
+}
+
+/// The bounds and the layout of the input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct Layout {
+    /// Group key columns, right after the unit.
+    pub keys: usize,
+    pub values: Vec<Value>,
+    pub max_groups: u64,
+    pub max_rows: u64,
+}
+
+impl Layout {
+    fn input_columns(&self) -> usize {
+        1 + self.keys + self.values.iter().filter(|v| **v != Value::Rows).count()
+    }
+}
+
+/// The name of value `i`'s bounded sum in the output.
+pub fn partial_name(i: usize) -> String {
+    format!("__fg_p{i}")
+}
+
+/// The output's count of kept (unit, group) pairs.
+pub const KEPT_UNITS: &str = "__fg_pu";
+
+fn output_fields(keys: impl IntoIterator<Item = Arc<Field>>, values: usize) -> Vec<Arc<Field>> {
+    let mut out: Vec<Arc<Field>> = keys.into_iter().collect();
+    out.extend((0..values).map(|i| Arc::new(Field::new(partial_name(i), DataType::Float64, true))));
+    out.push(Arc::new(Field::new(KEPT_UNITS, DataType::Int64, false)));
+    out
+}
+
+/// The logical node over rows that carry their unit first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamedBounds {
+    input: LogicalPlan,
+    layout: Layout,
+    schema: DFSchemaRef,
+}
+
+impl StreamedBounds {
+    pub fn try_new(input: LogicalPlan, layout: Layout) -> Result<StreamedBounds> {
+        let fields = input.schema();
+        if fields.fields().len() != layout.input_columns() {
+            return Err(DataFusionError::Plan(
+                "streamed bounding: the input does not match its layout".into(),
+            ));
+        }
+        let mut out: Vec<_> = (1..=layout.keys)
+            .map(|i| {
+                let (q, f) = fields.qualified_field(i);
+                (q.cloned(), f.clone())
+            })
+            .collect();
+        out.extend(
+            output_fields([], layout.values.len())
+                .into_iter()
+                .map(|f| (None, f)),
+        );
+        let schema = Arc::new(DFSchema::new_with_metadata(out, Default::default())?);
+        Ok(StreamedBounds {
+            input,
+            layout,
+            schema,
+        })
+    }
+
+    pub fn into_plan(self) -> LogicalPlan {
+        LogicalPlan::Extension(datafusion::logical_expr::Extension {
+            node: Arc::new(self),
+        })
+    }
+}
+
+impl PartialOrd for StreamedBounds {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        match self.input.partial_cmp(&other.input) {
+            Some(std::cmp::Ordering::Equal) => self.layout.partial_cmp(&other.layout),
+            other => other,
+        }
+    }
+}
+
+impl UserDefinedLogicalNodeCore for StreamedBounds {
+    fn name(&self) -> &str {
+        "StreamedBounds"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "StreamedBounds: keys={}, values={:?}, max_groups={}, max_rows={}",
+            self.layout.keys, self.layout.values, self.layout.max_groups, self.layout.max_rows
+        )
+    }
+
+    fn with_exprs_and_inputs(
+        &self,
+        _exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
+        let input = inputs
+            .pop()
+            .ok_or_else(|| DataFusionError::Internal("streamed bounding needs its input".into()))?;
+        StreamedBounds::try_new(input, self.layout.clone())
+    }
+}
+
+/// Plans [`StreamedBounds`] nodes.
+#[derive(Debug)]
+pub struct StreamedPlanner;
+
+#[async_trait::async_trait]
+impl ExtensionPlanner for StreamedPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn datafusion::catalog::Session,
+        _context: &datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(node) = node.as_any().downcast_ref::<StreamedBounds>() else {
+            return Ok(None);
+        };
+        let [input] = physical_inputs else {
+            return Err(DataFusionError::Internal(
+                "streamed bounding has one input".into(),
+            ));
+        };
+        Ok(Some(Arc::new(StreamedBoundsExec::new(
+            input.clone(),
+            node.layout.clone(),
+        )?)))
+    }
+}
+
+#[derive(Debug)]
+pub struct StreamedBoundsExec {
+    input: Arc<dyn ExecutionPlan>,
+    layout: Layout,
+    schema: SchemaRef,
+    unit: Arc<dyn PhysicalExpr>,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl StreamedBoundsExec {
+    fn new(input: Arc<dyn ExecutionPlan>, layout: Layout) -> Result<Self> {
+        let fields = input.schema();
+        if fields.fields().len() != layout.input_columns() {
+            return Err(DataFusionError::Plan(
+                "streamed bounding: the input does not match its layout".into(),
+            ));
+        }
+        let schema = Arc::new(Schema::new(output_fields(
+            fields.fields()[1..=layout.keys].iter().cloned(),
+            layout.values.len(),
+        )));
+        let unit = Arc::new(datafusion::physical_expr::expressions::Column::new(
+            fields.field(0).name(),
+            0,
+        ));
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(StreamedBoundsExec {
+            input,
+            layout,
+            schema,
+            unit,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
+    }
+}
+
+impl DisplayAs for StreamedBoundsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "StreamedBoundsExec: keys={}, max_groups={}, max_rows={}",
+            self.layout.keys, self.layout.max_groups, self.layout.max_rows
+        )
+    }
+}
+
+impl ExecutionPlan for StreamedBoundsExec {
+    fn name(&self) -> &str {
+        "StreamedBoundsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        f(&self.unit)
+    }
+
+    /// Every row of a unit in one partition: the bounds hold per partition.
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::KeyPartitioned(vec![self.unit.clone()])]
+    }
+
+    /// Each unit's rows one after another.
+    fn required_input_ordering(&self) -> Vec<Option<OrderingRequirements>> {
+        let unit = PhysicalSortRequirement::new(self.unit.clone(), Some(unit_order()));
+        vec![LexRequirement::new([unit]).map(OrderingRequirements::new)]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal(
+                "streamed bounding has one input".into(),
+            ));
+        }
+        Ok(Arc::new(StreamedBoundsExec::new(
+            children.swap_remove(0),
+            self.layout.clone(),
+        )?))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context.clone())?;
+        let reservation = MemoryConsumer::new(format!("StreamedBounds[{partition}]"))
+            .register(context.memory_pool());
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let mut units = Streamer::new(
+            &self.input.schema(),
+            self.layout.clone(),
+            self.schema.clone(),
+            reservation,
+        )?;
+        let batch_size = context.session_config().batch_size();
+        let output = futures::stream::once(async move {
+            let mut input = input;
+            while let Some(batch) = input.next().await {
+                let batch = batch?;
+                let _timer = baseline.elapsed_compute().timer();
+                units.add(&batch)?;
+            }
+            let _timer = baseline.elapsed_compute().timer();
+            let batch = units.finish()?;
+            baseline.record_output(batch.num_rows());
+            let chunks: Vec<_> = (0..batch.num_rows())
+                .step_by(batch_size.max(1))
+                .map(|at| Ok(batch.slice(at, batch_size.min(batch.num_rows() - at))))
+                .collect();
+            Ok::<_, DataFusionError>(futures::stream::iter(chunks))
+        })
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            output,
+        )))
+    }
+}
+
+/// One (unit, group) of the unit being collected.
+struct Entry {
+    group: usize,
+    rows: i64,
+    /// Where its values start in `Streamer::entry_values`.
+    at: usize,
+}
+
+/// One partition's state: the groups' sums, and the unit being collected.
+struct Streamer {
+    layout: Layout,
+    schema: SchemaRef,
+    /// Group ids by key; `None` without keys (one group).
+    groups: Option<Box<dyn GroupValues>>,
+    /// Per group id, its keys in row format (ordered as the keys are).
+    key_rows: RowConverter,
+    group_keys: Rows,
+    ids: Vec<usize>,
+    unit_rows: RowConverter,
+    last_unit: Option<OwnedRow>,
+    /// Per group: each value's bounded sum, whether any unit gave one, and
+    /// its kept units.
+    sums: Vec<f64>,
+    seen: Vec<bool>,
+    units: Vec<i64>,
+    /// The current unit's rows: group, and each value.
+    pending_groups: Vec<usize>,
+    pending_values: Vec<Option<f64>>,
+    entries: Vec<Entry>,
+    entry_values: Vec<Option<f64>>,
+    order: Vec<usize>,
+    reservation: MemoryReservation,
+}
+
+impl Streamer {
+    fn new(
+        input: &SchemaRef,
+        layout: Layout,
+        schema: SchemaRef,
+        reservation: MemoryReservation,
+    ) -> Result<Streamer> {
+        let field = |i: usize| {
+            SortField::new_with_options(input.field(i).data_type().clone(), unit_order())
+        };
+        let key_schema = Arc::new(Schema::new(input.fields()[1..=layout.keys].to_vec()));
+        let groups = if layout.keys == 0 {
+            None
+        } else {
+            Some(new_group_values(key_schema, &GroupOrdering::None)?)
+        };
+        let key_rows = RowConverter::new((1..=layout.keys).map(field).collect())?;
+        let group_keys = key_rows.empty_rows(0, 0);
+        Ok(Streamer {
+            unit_rows: RowConverter::new(vec![field(0)])?,
+            key_rows,
+            group_keys,
+            groups,
+            layout,
+            schema,
+            ids: Vec::new(),
+            last_unit: None,
+            sums: Vec::new(),
+            seen: Vec::new(),
+            units: Vec::new(),
+            pending_groups: Vec::new(),
+            pending_values: Vec::new(),
+            entries: Vec::new(),
+            entry_values: Vec::new(),
+            order: Vec::new(),
+            reservation,
+        })
+    }
+
+    fn group_count(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Gives every row of `batch` its group id, registering new groups.
+    fn intern(&mut self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        let before = self.group_count();
+        let Some(groups) = self.groups.as_mut() else {
+            self.ids.clear();
+            self.ids.resize(n, 0);
+            if before == 0 {
+                self.grow(1);
+            }
+            return Ok(());
+        };
+        let keys = &batch.columns()[1..=self.layout.keys];
+        groups.intern(keys, &mut self.ids)?;
+        let after = groups.len();
+        if after > before {
+            // Ids are handed out in order of first appearance.
+            let mut firsts = Vec::with_capacity(after - before);
+            for (row, &id) in self.ids.iter().enumerate() {
+                if id == before + firsts.len() {
+                    firsts.push(row as u32);
+                    if before + firsts.len() == after {
+                        break;
+                    }
+                }
+            }
+            let firsts = datafusion::arrow::array::UInt32Array::from(firsts);
+            let new_keys = keys
+                .iter()
+                .map(|k| take(k.as_ref(), &firsts, None))
+                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+            let rows = self.key_rows.convert_columns(&new_keys)?;
+            for row in rows.iter() {
+                self.group_keys.push(row);
+            }
+            self.grow(after - before);
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self, groups: usize) {
+        let width = self.layout.values.len();
+        let total = self.group_count() + groups;
+        self.sums.resize(total * width, 0.0);
+        self.seen.resize(total * width, false);
+        self.units.resize(total, 0);
+    }
+
+    fn add(&mut self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        self.intern(batch)?;
+        let mut next_column = 1 + self.layout.keys;
+        let mut columns: Vec<Option<ArrayRef>> = Vec::with_capacity(self.layout.values.len());
+        for v in &self.layout.values {
+            columns.push(match v {
+                Value::Rows => None,
+                Value::NonNull => {
+                    next_column += 1;
+                    Some(batch.column(next_column - 1).clone())
+                }
+                Value::Sum => {
+                    next_column += 1;
+                    Some(cast(batch.column(next_column - 1), &DataType::Float64)?)
+                }
+            });
+        }
+        let unit = batch.column(0);
+        let first = self.unit_rows.convert_columns(&[unit.slice(0, 1)])?;
+        let continues = self
+            .last_unit
+            .as_ref()
+            .is_some_and(|last| last.row() == first.row(0));
+        for (i, range) in partition(std::slice::from_ref(unit))?
+            .ranges()
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 || !continues {
+                self.finish_unit();
+            }
+            for row in range {
+                self.pending_groups.push(self.ids[row]);
+                for (v, column) in self.layout.values.iter().zip(&columns) {
+                    self.pending_values.push(match (v, column) {
+                        (Value::NonNull, Some(c)) => Some(if c.is_valid(row) { 1.0 } else { 0.0 }),
+                        (Value::Sum, Some(c)) => {
+                            let c = c.as_primitive::<Float64Type>();
+                            c.is_valid(row).then(|| c.value(row))
+                        }
+                        _ => Some(1.0),
+                    });
+                }
+            }
+        }
+        let last = self.unit_rows.convert_columns(&[unit.slice(n - 1, 1)])?;
+        self.last_unit = Some(last.row(0).owned());
+        let held = self.groups.as_ref().map_or(0, |g| g.size())
+            + self.group_keys.size()
+            + self.sums.capacity() * 9
+            + self.units.capacity() * 8
+            + self.pending_groups.capacity() * 8
+            + self.pending_values.capacity() * 16;
+        self.reservation.try_resize(held)?;
+        Ok(())
+    }
+
+    /// Bounds the collected unit and adds what it keeps to its groups.
+    fn finish_unit(&mut self) {
+        let n = self.pending_groups.len();
+        if n == 0 {
+            return;
+        }
+        let width = self.layout.values.len();
+        self.entries.clear();
+        self.entry_values.clear();
+        self.order.clear();
+        self.order.extend(0..n);
+        let groups = &self.pending_groups;
+        if groups.iter().any(|&g| g != groups[0]) {
+            self.order.sort_by_key(|&row| groups[row]);
+        }
+        for &row in &self.order {
+            let group = groups[row];
+            let values = &self.pending_values[row * width..(row + 1) * width];
+            match self.entries.last_mut() {
+                Some(e) if e.group == group => {
+                    e.rows += 1;
+                    for (acc, v) in self.entry_values[e.at..e.at + width].iter_mut().zip(values) {
+                        if let Some(v) = v {
+                            *acc = Some(acc.unwrap_or(0.0) + v);
+                        }
+                    }
+                }
+                _ => {
+                    self.entries.push(Entry {
+                        group,
+                        rows: 1,
+                        at: self.entry_values.len(),
+                    });
+                    self.entry_values.extend_from_slice(values);
+                }
+            }
+        }
+        let max_rows = self.layout.max_rows as f64;
+        let max_groups = usize::try_from(self.layout.max_groups).unwrap_or(usize::MAX);
+        let total_rows = n as u64;
+        if self.entries.len() > 1
+            && (self.entries.len() > max_groups || total_rows > self.layout.max_rows)
+        {
+            let keys = &self.group_keys;
+            self.entries
+                .sort_unstable_by(|a, b| keys.row(a.group).cmp(&keys.row(b.group)));
+        }
+        let mut rows_before = 0i64;
+        for e in self.entries.iter().take(max_groups) {
+            let rows = e.rows as f64;
+            // The arithmetic of `BoundContributions`, in the same order, so
+            // that both give the same values.
+            let left = max_rows - rows_before as f64;
+            let allowed = if left < 0.0 {
+                0.0
+            } else if left > rows {
+                rows
+            } else {
+                left
+            };
+            let factor = allowed / rows;
+            for (i, v) in self.entry_values[e.at..e.at + width].iter().enumerate() {
+                if let Some(v) = v {
+                    self.sums[e.group * width + i] += v * factor;
+                    self.seen[e.group * width + i] = true;
+                }
+            }
+            self.units[e.group] += 1;
+            rows_before += e.rows;
+        }
+        self.pending_groups.clear();
+        self.pending_values.clear();
+    }
+
+    fn finish(&mut self) -> Result<RecordBatch> {
+        self.finish_unit();
+        let width = self.layout.values.len();
+        let count = self.group_count();
+        let kept = BooleanArray::from_iter((0..count).map(|g| Some(self.units[g] > 0)));
+        let mut columns: Vec<ArrayRef> = match self.groups.as_mut() {
+            Some(groups) => groups.emit(EmitTo::All)?,
+            None => Vec::new(),
+        };
+        for i in 0..width {
+            let sums: Float64Array = (0..count)
+                .map(|g| self.seen[g * width + i].then(|| self.sums[g * width + i]))
+                .collect();
+            columns.push(Arc::new(sums));
+        }
+        columns.push(Arc::new(Int64Array::from(self.units.clone())));
+        let columns = columns
+            .iter()
+            .map(|c| filter(c.as_ref(), &kept))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = kept.true_count();
+        let options =
+            datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &options,
+        )?)
+    }
+}
