@@ -10,8 +10,9 @@
 //! as many partitions as the session plans for. A session planning for
 //! another number of partitions sees no claim, only the order.
 
-use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::compute::{SortOptions, concat_batches};
+use datafusion::arrow::array::{ArrayRef, AsArray};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -74,13 +75,26 @@ impl ClusteredTable {
         let ordering = LexOrdering::new([PhysicalSortExpr::new(key, unit_order())])
             .ok_or_else(|| DataFusionError::Internal("an empty ordering".into()))?;
         let sorted = SortExec::new(ordering, Arc::new(spread)).with_preserve_partitioning(true);
-        let partitions = collect_partitioned(Arc::new(sorted), ctx.task_ctx()).await?;
-        let bytes = partitions
-            .iter()
-            .flatten()
-            .map(|b| b.get_array_memory_size())
-            .sum();
-        Ok((bytes <= max_bytes).then(|| ClusteredTable {
+        let batch_size = ctx.copied_config().batch_size().max(1);
+        let mut bytes = 0;
+        let mut partitions = Vec::new();
+        for sorted in collect_partitioned(Arc::new(sorted), ctx.task_ctx()).await? {
+            // The sort hands out slices of larger arrays: one copy per
+            // partition holds exactly its rows (and says truly how much
+            // memory they take), read in batches of the usual size.
+            let whole = compacted(concat_batches(&schema, &sorted)?)?;
+            bytes += whole.get_array_memory_size();
+            if bytes > max_bytes {
+                return Ok(None);
+            }
+            partitions.push(
+                (0..whole.num_rows())
+                    .step_by(batch_size)
+                    .map(|at| whole.slice(at, batch_size.min(whole.num_rows() - at)))
+                    .collect(),
+            );
+        }
+        Ok(Some(ClusteredTable {
             schema,
             unit,
             partitions: Arc::new(partitions),
@@ -96,6 +110,24 @@ impl ClusteredTable {
     pub fn unit(&self) -> &str {
         self.schema.field(self.unit).name()
     }
+}
+
+/// `batch` with its string and binary views holding only the bytes they
+/// show: the repartitioning and the sort leave them pointing into the
+/// buffers of every page they were read from.
+fn compacted(batch: RecordBatch) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| -> ArrayRef {
+            match c.data_type() {
+                DataType::Utf8View => Arc::new(c.as_string_view().gc()),
+                DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
+                _ => c.clone(),
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 #[async_trait::async_trait]
