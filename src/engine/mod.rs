@@ -106,6 +106,12 @@ impl Engine {
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
         config.options_mut().execution.enable_recursive_ctes = false;
+        // Rows already partitioned by the privacy unit (a DP dataset's
+        // clustered copy, a join on the unit) stay where they are for an
+        // aggregation keyed by the unit and more: DataFusion's default
+        // re-shuffles them by the whole key when there are fewer than four
+        // partitions, as on two cores.
+        config.options_mut().optimizer.subset_repartition_threshold = 1;
         let template = rules(config).build();
         let shared = &template.runtime_env().cache_manager;
         let caches = CacheManagerConfig::default()

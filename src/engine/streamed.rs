@@ -353,6 +353,59 @@ impl ExecutionPlan for StreamedBoundsExec {
     }
 }
 
+/// What each group has been given.
+struct Credit {
+    width: usize,
+    /// Per group and value: the sum of the bounded values, and whether any
+    /// unit gave one.
+    sums: Vec<f64>,
+    seen: Vec<bool>,
+    /// Per group: the units that kept it.
+    units: Vec<i64>,
+}
+
+impl Credit {
+    /// One unit's kept (unit, group): its values, scaled by `factor`.
+    fn add(&mut self, group: usize, factor: f64, values: impl Iterator<Item = Option<f64>>) {
+        for (i, v) in values.enumerate() {
+            if let Some(v) = v {
+                self.sums[group * self.width + i] += v * factor;
+                self.seen[group * self.width + i] = true;
+            }
+        }
+        self.units[group] += 1;
+    }
+}
+
+/// The share of a (unit, group)'s `rows` the unit may still add after
+/// `rows_before` rows in its earlier groups: the arithmetic of
+/// `BoundContributions`, in the same order, so that both give the same
+/// values.
+fn kept_share(max_rows: u64, rows_before: i64, rows: i64) -> f64 {
+    let rows = rows as f64;
+    let left = max_rows as f64 - rows_before as f64;
+    let allowed = if left < 0.0 {
+        0.0
+    } else if left > rows {
+        rows
+    } else {
+        left
+    };
+    allowed / rows
+}
+
+/// Row `row`'s contribution to a value.
+fn value_at(value: Value, column: Option<&ArrayRef>, row: usize) -> Option<f64> {
+    match (value, column) {
+        (Value::NonNull, Some(c)) => Some(if c.is_valid(row) { 1.0 } else { 0.0 }),
+        (Value::Sum, Some(c)) => {
+            let c = c.as_primitive::<Float64Type>();
+            c.is_valid(row).then(|| c.value(row))
+        }
+        _ => Some(1.0),
+    }
+}
+
 /// One (unit, group) of the unit being collected.
 struct Entry {
     group: usize,
@@ -373,11 +426,7 @@ struct Streamer {
     ids: Vec<usize>,
     unit_rows: RowConverter,
     last_unit: Option<OwnedRow>,
-    /// Per group: each value's bounded sum, whether any unit gave one, and
-    /// its kept units.
-    sums: Vec<f64>,
-    seen: Vec<bool>,
-    units: Vec<i64>,
+    credit: Credit,
     /// The current unit's rows: group, and each value.
     pending_groups: Vec<usize>,
     pending_values: Vec<Option<f64>>,
@@ -404,6 +453,7 @@ impl Streamer {
             Some(new_group_values(key_schema, &GroupOrdering::None)?)
         };
         let key_rows = RowConverter::new((1..=layout.keys).map(field).collect())?;
+        let width = layout.values.len();
         let group_keys = key_rows.empty_rows(0, 0);
         Ok(Streamer {
             unit_rows: RowConverter::new(vec![field(0)])?,
@@ -414,9 +464,12 @@ impl Streamer {
             schema,
             ids: Vec::new(),
             last_unit: None,
-            sums: Vec::new(),
-            seen: Vec::new(),
-            units: Vec::new(),
+            credit: Credit {
+                width,
+                sums: Vec::new(),
+                seen: Vec::new(),
+                units: Vec::new(),
+            },
             pending_groups: Vec::new(),
             pending_values: Vec::new(),
             entries: Vec::new(),
@@ -427,7 +480,7 @@ impl Streamer {
     }
 
     fn group_count(&self) -> usize {
-        self.units.len()
+        self.credit.units.len()
     }
 
     /// Gives every row of `batch` its group id, registering new groups.
@@ -471,11 +524,11 @@ impl Streamer {
     }
 
     fn grow(&mut self, groups: usize) {
-        let width = self.layout.values.len();
-        let total = self.group_count() + groups;
-        self.sums.resize(total * width, 0.0);
-        self.seen.resize(total * width, false);
-        self.units.resize(total, 0);
+        let c = &mut self.credit;
+        let total = c.units.len() + groups;
+        c.sums.resize(total * c.width, 0.0);
+        c.seen.resize(total * c.width, false);
+        c.units.resize(total, 0);
     }
 
     fn add(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -505,25 +558,38 @@ impl Streamer {
             .last_unit
             .as_ref()
             .is_some_and(|last| last.row() == first.row(0));
-        for (i, range) in partition(std::slice::from_ref(unit))?
-            .ranges()
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 || !continues {
+        let ranges = partition(std::slice::from_ref(unit))?.ranges();
+        let last_range = ranges.len() - 1;
+        for (i, range) in ranges.into_iter().enumerate() {
+            let continuing = i == 0 && continues;
+            if !continuing {
                 self.finish_unit();
+            }
+            // Most units lie within one batch and fall into one group: they
+            // are bounded straight from the batch.
+            let group = self.ids[range.start];
+            if !continuing
+                && i < last_range
+                && self.ids[range.clone()].iter().all(|&g| g == group)
+            {
+                if self.layout.max_groups > 0 {
+                    let factor = kept_share(self.layout.max_rows, 0, range.len() as i64);
+                    let values = self.layout.values.iter().zip(&columns).map(|(v, c)| {
+                        range.clone().fold(None, |acc: Option<f64>, row| {
+                            match value_at(*v, c.as_ref(), row) {
+                                Some(x) => Some(acc.unwrap_or(0.0) + x),
+                                None => acc,
+                            }
+                        })
+                    });
+                    self.credit.add(group, factor, values);
+                }
+                continue;
             }
             for row in range {
                 self.pending_groups.push(self.ids[row]);
                 for (v, column) in self.layout.values.iter().zip(&columns) {
-                    self.pending_values.push(match (v, column) {
-                        (Value::NonNull, Some(c)) => Some(if c.is_valid(row) { 1.0 } else { 0.0 }),
-                        (Value::Sum, Some(c)) => {
-                            let c = c.as_primitive::<Float64Type>();
-                            c.is_valid(row).then(|| c.value(row))
-                        }
-                        _ => Some(1.0),
-                    });
+                    self.pending_values.push(value_at(*v, column.as_ref(), row));
                 }
             }
         }
@@ -531,8 +597,8 @@ impl Streamer {
         self.last_unit = Some(last.row(0).owned());
         let held = self.groups.as_ref().map_or(0, |g| g.size())
             + self.group_keys.size()
-            + self.sums.capacity() * 9
-            + self.units.capacity() * 8
+            + self.credit.sums.capacity() * 9
+            + self.credit.units.capacity() * 8
             + self.pending_groups.capacity() * 8
             + self.pending_values.capacity() * 16;
         self.reservation.try_resize(held)?;
@@ -576,7 +642,6 @@ impl Streamer {
                 }
             }
         }
-        let max_rows = self.layout.max_rows as f64;
         let max_groups = usize::try_from(self.layout.max_groups).unwrap_or(usize::MAX);
         let total_rows = n as u64;
         if self.entries.len() > 1
@@ -588,25 +653,9 @@ impl Streamer {
         }
         let mut rows_before = 0i64;
         for e in self.entries.iter().take(max_groups) {
-            let rows = e.rows as f64;
-            // The arithmetic of `BoundContributions`, in the same order, so
-            // that both give the same values.
-            let left = max_rows - rows_before as f64;
-            let allowed = if left < 0.0 {
-                0.0
-            } else if left > rows {
-                rows
-            } else {
-                left
-            };
-            let factor = allowed / rows;
-            for (i, v) in self.entry_values[e.at..e.at + width].iter().enumerate() {
-                if let Some(v) = v {
-                    self.sums[e.group * width + i] += v * factor;
-                    self.seen[e.group * width + i] = true;
-                }
-            }
-            self.units[e.group] += 1;
+            let factor = kept_share(self.layout.max_rows, rows_before, e.rows);
+            let values = self.entry_values[e.at..e.at + width].iter().copied();
+            self.credit.add(e.group, factor, values);
             rows_before += e.rows;
         }
         self.pending_groups.clear();
@@ -617,18 +666,19 @@ impl Streamer {
         self.finish_unit();
         let width = self.layout.values.len();
         let count = self.group_count();
-        let kept = BooleanArray::from_iter((0..count).map(|g| Some(self.units[g] > 0)));
+        let c = &self.credit;
+        let kept = BooleanArray::from_iter((0..count).map(|g| Some(c.units[g] > 0)));
         let mut columns: Vec<ArrayRef> = match self.groups.as_mut() {
             Some(groups) => groups.emit(EmitTo::All)?,
             None => Vec::new(),
         };
         for i in 0..width {
             let sums: Float64Array = (0..count)
-                .map(|g| self.seen[g * width + i].then(|| self.sums[g * width + i]))
+                .map(|g| c.seen[g * width + i].then(|| c.sums[g * width + i]))
                 .collect();
             columns.push(Arc::new(sums));
         }
-        columns.push(Arc::new(Int64Array::from(self.units.clone())));
+        columns.push(Arc::new(Int64Array::from(c.units.clone())));
         let columns = columns
             .iter()
             .map(|c| filter(c.as_ref(), &kept))
