@@ -3,7 +3,6 @@
 //! `schemas/dataset.schema.json` and against their own data before a dataset
 //! becomes queryable.
 
-use crate::engine::clustered::ClusteredTable;
 use crate::validate::{self, Problem};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::TableProvider;
@@ -13,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod clustered;
 mod domain;
 pub mod location;
 mod per_unit;
@@ -707,12 +707,12 @@ impl Inspected {
         progress("summarising per privacy unit");
         let per_unit = per_unit::measure(&location, &fingerprint, &manifest, &schema).await;
         progress("loading into memory");
-        let in_memory = match clustered(&ctx, &manifest, &location, &fingerprint, num_bytes).await
-        {
-            Some(table) => Some(table),
-            None if num_bytes <= IN_MEMORY_DISK_BYTES => decoded(&ctx, schema.clone()).await,
-            None => None,
-        };
+        let in_memory =
+            match clustered_copy(&ctx, &manifest, &location, &fingerprint, num_bytes).await {
+                Some(table) => Some(table),
+                None if num_bytes <= IN_MEMORY_DISK_BYTES => decoded(&ctx, schema.clone()).await,
+                None => None,
+            };
         let manifest_sha256 = crate::util::sha256_hex(
             serde_json::to_string(&manifest)
                 .unwrap_or_default()
@@ -753,12 +753,14 @@ const CLUSTERED_BYTES: usize = 2 << 30;
 /// Clustered copies of unchanged data, shared by every sandbox of the
 /// process that registers the same files (as tests and the bench do), and
 /// dropped with the last dataset that holds one.
-type ClusteredCopies =
-    std::collections::HashMap<(PathBuf, String), (Fingerprint, std::sync::Weak<ClusteredTable>)>;
+type ClusteredCopies = std::collections::HashMap<
+    (PathBuf, String),
+    (Fingerprint, std::sync::Weak<clustered::ClusteredTable>),
+>;
 
 /// Table `t` of `ctx` clustered by the privacy unit, when `manifest` releases
 /// it under differential privacy and it fits.
-async fn clustered(
+async fn clustered_copy(
     ctx: &SessionContext,
     manifest: &Manifest,
     location: &Path,
@@ -783,14 +785,15 @@ async fn clustered(
         }
     }
     let partitions = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let copy = match ClusteredTable::build(ctx, "t", unit, partitions, CLUSTERED_BYTES).await {
-        Ok(Some(copy)) => Arc::new(copy),
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::warn!(dataset = %manifest.id, error = %e, "not clustered by privacy unit");
-            return None;
-        }
-    };
+    let copy =
+        match clustered::ClusteredTable::build(ctx, "t", unit, partitions, CLUSTERED_BYTES).await {
+            Ok(Some(copy)) => Arc::new(copy),
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(dataset = %manifest.id, error = %e, "not clustered by privacy unit");
+                return None;
+            }
+        };
     tracing::info!(dataset = %manifest.id, bytes = copy.bytes(), "clustered by privacy unit");
     if self::fingerprint(location) == *fingerprint {
         let mut known = copies.lock().unwrap_or_else(|p| p.into_inner());

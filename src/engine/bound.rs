@@ -635,8 +635,8 @@ impl datafusion::execution::context::QueryPlanner for QueryPlanner {
             Arc::new(BoundPlanner),
             Arc::new(super::streamed::StreamedPlanner),
         ])
-            .create_physical_plan(plan, session)
-            .await
+        .create_physical_plan(plan, session)
+        .await
     }
 }
 

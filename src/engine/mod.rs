@@ -7,7 +7,6 @@
 pub mod bound;
 #[cfg(feature = "ballista")]
 pub mod cluster;
-pub mod clustered;
 mod functions;
 pub mod streamed;
 mod total;

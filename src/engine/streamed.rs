@@ -4,7 +4,7 @@
 //! From rows in no particular order a release needs an aggregation keyed by
 //! (unit, group) — a hash table over millions of keys — and then
 //! [`super::bound::BoundContributions`]. When the rows come clustered by
-//! unit ([`super::clustered`]), each unit's rows are consecutive: the
+//! unit ([`crate::catalog::clustered`]), each unit's rows are consecutive: the
 //! operator collects one unit at a time, bounds it exactly as
 //! `BoundContributions` does (at most `max_groups` groups, the first in
 //! ascending key order with nulls first, and `max_rows` rows over them, each
@@ -18,7 +18,7 @@
 //! partitioned and ordered by unit; DataFusion shuffles and sorts what does
 //! not already come so.
 
-use super::clustered::unit_order;
+use crate::catalog::clustered::unit_order;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch,
 };
@@ -568,9 +568,7 @@ impl Streamer {
             // Most units lie within one batch and fall into one group: they
             // are bounded straight from the batch.
             let group = self.ids[range.start];
-            if !continuing
-                && i < last_range
-                && self.ids[range.clone()].iter().all(|&g| g == group)
+            if !continuing && i < last_range && self.ids[range.clone()].iter().all(|&g| g == group)
             {
                 if self.layout.max_groups > 0 {
                     let factor = kept_share(self.layout.max_rows, 0, range.len() as i64);

@@ -523,12 +523,11 @@ fn streams_by_unit(plan: &LogicalPlan) -> bool {
         LogicalPlan::Projection(p) => streams_by_unit(&p.input),
         LogicalPlan::Filter(f) => streams_by_unit(&f.input),
         LogicalPlan::SubqueryAlias(a) => streams_by_unit(&a.input),
-        LogicalPlan::TableScan(scan) => {
-            datafusion::datasource::source_as_provider(&scan.source).is_ok_and(|p| {
-                p.downcast_ref::<crate::engine::clustered::ClusteredTable>()
+        LogicalPlan::TableScan(scan) => datafusion::datasource::source_as_provider(&scan.source)
+            .is_ok_and(|p| {
+                p.downcast_ref::<crate::catalog::clustered::ClusteredTable>()
                     .is_some()
-            })
-        }
+            }),
         _ => false,
     }
 }

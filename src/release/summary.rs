@@ -371,7 +371,15 @@ mod tests {
         sql: &str,
         use_summaries: bool,
     ) -> Vec<(bool, Vec<Vec<String>>)> {
-        run_with(catalog, sql, use_summaries, &Default::default(), false, None).await
+        run_with(
+            catalog,
+            sql,
+            use_summaries,
+            &Default::default(),
+            false,
+            None,
+        )
+        .await
     }
 
     /// As [`run`], under `tightening`; with `in_sql`, every contribution
@@ -427,11 +435,7 @@ mod tests {
                 && !use_summaries
                 && !sql.contains("JOIN")
             {
-                let physical = ctx
-                    .state()
-                    .create_physical_plan(&job.plan)
-                    .await
-                    .unwrap();
+                let physical = ctx.state().create_physical_plan(&job.plan).await.unwrap();
                 let shown = datafusion::physical_plan::displayable(physical.as_ref())
                     .indent(false)
                     .to_string();
@@ -605,7 +609,10 @@ mod tests {
                 let hashed = run_with(&catalog, sql, false, t, false, None).await;
                 for partitions in [own, 1, 3] {
                     let streamed = run_with(&catalog, sql, false, t, false, Some(partitions)).await;
-                    assert_eq!(streamed, hashed, "{sql} under {t:?}, {partitions} partitions");
+                    assert_eq!(
+                        streamed, hashed,
+                        "{sql} under {t:?}, {partitions} partitions"
+                    );
                 }
             }
         }

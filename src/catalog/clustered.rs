@@ -3,15 +3,15 @@
 //! The copy is cut into partitions by DataFusion's own hash repartitioning
 //! on the unit, and each partition is sorted by unit. Its scan says so
 //! (hash-partitioned on the unit, ordered by it), so that a release
-//! computed per unit ([`super::streamed`]) reads each unit's rows together,
-//! one unit after another, with neither a shuffle nor a hash table over
-//! units. The claim is honest for any operator that relies on it: the rows
+//! computed per unit (the engine's `StreamedBounds`) reads each unit's rows
+//! together, one unit after another, with neither a shuffle nor a hash
+//! table over units. The claim is honest for any operator that relies on it: the rows
 //! were placed by the same hash DataFusion uses when it repartitions, into
 //! as many partitions as the session plans for. A session planning for
 //! another number of partitions sees no claim, only the order.
 
-use datafusion::arrow::compute::{SortOptions, concat_batches};
 use datafusion::arrow::array::{ArrayRef, AsArray};
+use datafusion::arrow::compute::{SortOptions, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
