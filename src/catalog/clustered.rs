@@ -10,7 +10,7 @@
 //! as many partitions as the session plans for. A session planning for
 //! another number of partitions sees no claim, only the order.
 
-use datafusion::arrow::array::{ArrayRef, AsArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringViewBuilder};
 use datafusion::arrow::compute::{SortOptions, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -114,14 +114,22 @@ impl ClusteredTable {
 
 /// `batch` with its string and binary views holding only the bytes they
 /// show: the repartitioning and the sort leave them pointing into the
-/// buffers of every page they were read from.
+/// buffers of every page they were read from. Each distinct string is
+/// stored once, so a value repeated on many rows (a person's consent on
+/// each visit) costs one copy, and equal strings have equal views.
 fn compacted(batch: RecordBatch) -> Result<RecordBatch> {
     let columns = batch
         .columns()
         .iter()
         .map(|c| -> ArrayRef {
             match c.data_type() {
-                DataType::Utf8View => Arc::new(c.as_string_view().gc()),
+                DataType::Utf8View => {
+                    let strings = c.as_string_view();
+                    let mut once =
+                        StringViewBuilder::with_capacity(strings.len()).with_deduplicate_strings();
+                    strings.iter().for_each(|s| once.append_option(s));
+                    Arc::new(once.finish())
+                }
                 DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
                 _ => c.clone(),
             }

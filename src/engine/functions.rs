@@ -7,8 +7,14 @@
 //! session gets exactly the functions named here; a name missing from the
 //! build is an error found by the tests, not a silently smaller surface.
 
+use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::Result;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::planner::ExprPlanner;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, lit,
+};
 use std::sync::Arc;
 
 pub const SCALAR: &[&str] = &[
@@ -201,13 +207,15 @@ pub fn register(builder: SessionStateBuilder) -> SessionStateBuilder {
         Arc::new(datafusion::functions_aggregate::planner::AggregateFunctionPlanner),
         Arc::new(datafusion::functions_window::planner::WindowFunctionPlanner),
     ];
+    let mut scalar = allowed(
+        datafusion::functions::all_default_functions(),
+        SCALAR,
+        |f| f.name(),
+    );
+    scalar.push(Arc::new(ScalarUDF::from(Consented::new())));
     builder
         .with_expr_planners(planners)
-        .with_scalar_functions(allowed(
-            datafusion::functions::all_default_functions(),
-            SCALAR,
-            |f| f.name(),
-        ))
+        .with_scalar_functions(scalar)
         .with_aggregate_functions(allowed(
             datafusion::functions_aggregate::all_default_aggregate_functions(),
             AGGREGATE,
@@ -218,6 +226,71 @@ pub fn register(builder: SessionStateBuilder) -> SessionStateBuilder {
             WINDOW,
             |f| f.name(),
         ))
+}
+
+/// The consent filter: whether `column` names `needle` (`contains`), for a
+/// column that repeats one value over many rows (a person's consent, on
+/// each of their visits). A string view equal to the row before's holds
+/// the same string in the same place, so its answer is taken over instead
+/// of searched for again: on rows clustered by person that is most rows.
+pub fn consented(column: Expr, needle: &str) -> Expr {
+    ScalarUDF::from(Consented::new()).call(vec![column, lit(needle)])
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Consented {
+    signature: Signature,
+}
+
+impl Consented {
+    fn new() -> Consented {
+        Consented {
+            signature: datafusion::functions::string::contains()
+                .signature()
+                .clone(),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Consented {
+    fn name(&self) -> &str {
+        "fg_consented"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        if let [ColumnarValue::Array(column), ColumnarValue::Scalar(needle)] = args.args.as_slice()
+            && let Some(views) = column.as_string_view_opt()
+            && let Some(Some(needle)) = needle.try_as_str()
+        {
+            let mut last: Option<(u128, bool)> = None;
+            let answers: BooleanArray = (0..views.len())
+                .map(|row| {
+                    if views.is_null(row) {
+                        return None;
+                    }
+                    let view = views.views()[row];
+                    match last {
+                        Some((seen, answer)) if seen == view => Some(answer),
+                        _ => {
+                            let answer = views.value(row).contains(needle);
+                            last = Some((view, answer));
+                            Some(answer)
+                        }
+                    }
+                })
+                .collect();
+            return Ok(ColumnarValue::Array(Arc::new(answers)));
+        }
+        datafusion::functions::string::contains().invoke_with_args(args)
+    }
 }
 
 fn allowed<F>(available: Vec<Arc<F>>, names: &[&str], name: impl Fn(&F) -> &str) -> Vec<Arc<F>> {
@@ -246,11 +319,62 @@ mod tests {
         let scalar = names(state.scalar_functions().values().map(|f| f.name()));
         let aggregate = names(state.aggregate_functions().values().map(|f| f.name()));
         let window = names(state.window_functions().values().map(|f| f.name()));
-        assert_eq!(scalar, names(SCALAR.iter().copied()));
+        let with_consent = SCALAR.iter().copied().chain(["fg_consented"]);
+        assert_eq!(scalar, names(with_consent));
         assert_eq!(aggregate, names(AGGREGATE.iter().copied()));
         assert_eq!(window, names(WINDOW.iter().copied()));
         assert!(state.higher_order_functions().is_empty());
         assert_eq!(state.expr_planners().len(), 5);
+    }
+
+    /// The consent filter's shortcut (an equal view, the answer before) must
+    /// answer as `contains` does: strings that share a length and a prefix
+    /// but differ after it, the same string stored twice, nulls between.
+    #[test]
+    fn consented_answers_as_contains_does_on_repeated_and_lookalike_values() {
+        use datafusion::arrow::array::{ArrayRef, StringViewBuilder};
+        use datafusion::arrow::datatypes::Field;
+        let values = [
+            Some(",research,insurance,planning,"),
+            Some(",research,insurance,planning,"),
+            Some(",research,insurance,plannin_,"),
+            None,
+            Some(",research,insurance,planning,"),
+            Some(",resea,"),
+            Some(",resea,"),
+            Some(",marketing,insurance,planning,"),
+            Some(",research,insurance,planning,"),
+        ];
+        let needle = ",planning,";
+        for dedup in [true, false] {
+            let mut builder = StringViewBuilder::new();
+            if dedup {
+                builder = builder.with_deduplicate_strings();
+            }
+            values.iter().for_each(|v| builder.append_option(*v));
+            let column: ArrayRef = Arc::new(builder.finish());
+            let args = ScalarFunctionArgs {
+                args: vec![
+                    ColumnarValue::Array(column.clone()),
+                    ColumnarValue::Scalar(needle.into()),
+                ],
+                arg_fields: vec![
+                    Arc::new(Field::new("c", DataType::Utf8View, true)),
+                    Arc::new(Field::new("n", DataType::Utf8, false)),
+                ],
+                number_rows: values.len(),
+                return_field: Arc::new(Field::new("r", DataType::Boolean, true)),
+                config_options: Default::default(),
+            };
+            let ColumnarValue::Array(got) = Consented::new().invoke_with_args(args).unwrap() else {
+                panic!("an array answer");
+            };
+            let expected: BooleanArray = values
+                .iter()
+                .map(|v| v.map(|s| s.contains(needle)))
+                .collect();
+            assert_eq!(got.as_boolean(), &expected, "dedup {dedup}");
+        }
     }
 
     /// With nested functions compiled in (the `ballista` build), they are

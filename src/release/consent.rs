@@ -11,9 +11,10 @@ pub fn filter_consent(
     catalog: &Catalog,
     purpose: &str,
 ) -> Result<(LogicalPlan, BTreeSet<String>), Error> {
-    // `contains` runs arrow's substring kernel; `strpos` would compute a
-    // character position for every row, several times slower.
-    use datafusion::functions::expr_fn::contains;
+    // `contains`, answered once per run of equal values (see `consented`);
+    // `strpos` would compute a character position for every row, several
+    // times slower.
+    use crate::engine::consented;
     use datafusion::logical_expr::Filter;
     let mut filtered = BTreeSet::new();
     // Purposes are stored delimited on both sides (",a,b,"), so only a whole purpose matches.
@@ -31,7 +32,7 @@ pub fn filter_consent(
             };
             filtered.insert(dataset.id().to_string());
             let column = Expr::Column(Column::new(Some(scan.table_name.clone()), consent));
-            let predicate = contains(column, lit(needle.clone()));
+            let predicate = consented(column, &needle);
             let filter = Filter::try_new(predicate, Arc::new(node))?;
             Ok(Transformed::yes(LogicalPlan::Filter(filter)))
         })
