@@ -581,7 +581,7 @@ mod tests {
     /// plans with: the sandbox's allow-list, not Ballista's defaults.
     #[test]
     fn cluster_nodes_know_exactly_the_sandbox_functions() {
-        use super::super::functions::{AGGREGATE, SCALAR, WINDOW};
+        use super::super::functions::{AGGREGATE, INTERNAL, SCALAR, WINDOW};
         use std::collections::BTreeSet;
         let state = node_state(SessionConfig::new());
         let registry = ballista_core::registry::BallistaFunctionRegistry::from(&state);
@@ -594,7 +594,7 @@ mod tests {
                     .values()
                     .map(|f| f.name().to_string())
             ),
-            allowed(SCALAR)
+            allowed(&[SCALAR, INTERNAL].concat())
         );
         assert_eq!(
             names(

@@ -17,6 +17,10 @@ use datafusion::logical_expr::{
 };
 use std::sync::Arc;
 
+/// Functions of the sandbox's own that its rewrites put into plans (and
+/// that cluster nodes must know to run them).
+pub const INTERNAL: &[&str] = &["fg_consented"];
+
 pub const SCALAR: &[&str] = &[
     "abs",
     "acos",
@@ -319,8 +323,7 @@ mod tests {
         let scalar = names(state.scalar_functions().values().map(|f| f.name()));
         let aggregate = names(state.aggregate_functions().values().map(|f| f.name()));
         let window = names(state.window_functions().values().map(|f| f.name()));
-        let with_consent = SCALAR.iter().copied().chain(["fg_consented"]);
-        assert_eq!(scalar, names(with_consent));
+        assert_eq!(scalar, names(SCALAR.iter().chain(INTERNAL).copied()));
         assert_eq!(aggregate, names(AGGREGATE.iter().copied()));
         assert_eq!(window, names(WINDOW.iter().copied()));
         assert!(state.higher_order_functions().is_empty());
