@@ -17,9 +17,12 @@ use datafusion::logical_expr::{
 };
 use std::sync::Arc;
 
+const CONSENTED: &str = "fg_consented";
+
 /// Functions of the sandbox's own that its rewrites put into plans (and
 /// that cluster nodes must know to run them).
-pub const INTERNAL: &[&str] = &["fg_consented"];
+#[cfg(test)]
+pub const INTERNAL: &[&str] = &[CONSENTED];
 
 pub const SCALAR: &[&str] = &[
     "abs",
@@ -258,7 +261,7 @@ impl Consented {
 
 impl ScalarUDFImpl for Consented {
     fn name(&self) -> &str {
-        "fg_consented"
+        CONSENTED
     }
 
     fn signature(&self) -> &Signature {
