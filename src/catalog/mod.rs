@@ -784,7 +784,7 @@ async fn clustered_copy(
             return Some(copy);
         }
     }
-    let partitions = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let partitions = crate::util::query_partitions();
     let copy =
         match clustered::ClusteredTable::build(ctx, "t", unit, partitions, CLUSTERED_BYTES).await {
             Ok(Some(copy)) => Arc::new(copy),

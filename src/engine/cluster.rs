@@ -194,7 +194,9 @@ fn host_port(address: &str) -> Option<(String, u16)> {
 /// The session a scheduler plans and an executor runs with: the sandbox's
 /// functions, analyzer rules and planner, the codecs for its plan nodes.
 pub fn node_state(config: SessionConfig) -> SessionState {
-    super::rules(node_config(config)).build()
+    let mut state = super::rules(node_config(config)).build();
+    super::functions::register_internal(&mut state);
+    state
 }
 
 /// Ballista's adaptive planner is off: after a stage it runs join

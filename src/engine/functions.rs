@@ -19,10 +19,21 @@ use std::sync::Arc;
 
 const CONSENTED: &str = "fg_consented";
 
-/// Functions of the sandbox's own that its rewrites put into plans (and
-/// that cluster nodes must know to run them).
-#[cfg(test)]
+/// Functions of the sandbox's own that its rewrites put into plans. A
+/// buyer's session does not know them (a query cannot name one and step
+/// around a prohibition written for `contains`); cluster nodes do, to run
+/// the plans that carry them.
+#[cfg(all(test, feature = "ballista"))]
 pub const INTERNAL: &[&str] = &[CONSENTED];
+
+/// Makes the sandbox's own functions known to a cluster node's session.
+#[cfg(feature = "ballista")]
+pub fn register_internal(state: &mut datafusion::execution::session_state::SessionState) {
+    use datafusion::execution::FunctionRegistry;
+    // Registering a scalar function replaces one of the same name and does
+    // not fail.
+    let _ = state.register_udf(Arc::new(ScalarUDF::from(Consented::new())));
+}
 
 pub const SCALAR: &[&str] = &[
     "abs",
@@ -214,15 +225,13 @@ pub fn register(builder: SessionStateBuilder) -> SessionStateBuilder {
         Arc::new(datafusion::functions_aggregate::planner::AggregateFunctionPlanner),
         Arc::new(datafusion::functions_window::planner::WindowFunctionPlanner),
     ];
-    let mut scalar = allowed(
-        datafusion::functions::all_default_functions(),
-        SCALAR,
-        |f| f.name(),
-    );
-    scalar.push(Arc::new(ScalarUDF::from(Consented::new())));
     builder
         .with_expr_planners(planners)
-        .with_scalar_functions(scalar)
+        .with_scalar_functions(allowed(
+            datafusion::functions::all_default_functions(),
+            SCALAR,
+            |f| f.name(),
+        ))
         .with_aggregate_functions(allowed(
             datafusion::functions_aggregate::all_default_aggregate_functions(),
             AGGREGATE,
@@ -326,7 +335,7 @@ mod tests {
         let scalar = names(state.scalar_functions().values().map(|f| f.name()));
         let aggregate = names(state.aggregate_functions().values().map(|f| f.name()));
         let window = names(state.window_functions().values().map(|f| f.name()));
-        assert_eq!(scalar, names(SCALAR.iter().chain(INTERNAL).copied()));
+        assert_eq!(scalar, names(SCALAR.iter().copied()));
         assert_eq!(aggregate, names(AGGREGATE.iter().copied()));
         assert_eq!(window, names(WINDOW.iter().copied()));
         assert!(state.higher_order_functions().is_empty());
@@ -393,6 +402,7 @@ mod tests {
             "SELECT make_array(1, 2)",
             "SELECT sha256('a')",
             "SELECT [1, 2]",
+            "SELECT fg_consented('a', 'b')",
         ] {
             let statement = engine.parse(sql).expect("parses");
             assert!(

@@ -105,7 +105,7 @@ impl Engine {
             .with_information_schema(false)
             .with_create_default_catalog_and_schema(false)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
-            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+            .with_target_partitions(crate::util::query_partitions());
         config.options_mut().execution.enable_recursive_ctes = false;
         // Rows already partitioned by the privacy unit (a DP dataset's
         // clustered copy, a join on the unit) stay where they are for an

@@ -447,7 +447,7 @@ mod tests {
                 });
                 assert_eq!(
                     reordered,
-                    partitions != catalog_partitions(),
+                    partitions != crate::util::query_partitions(),
                     "{sql}, {partitions} partitions: {shown}"
                 );
             }
@@ -463,8 +463,25 @@ mod tests {
         out
     }
 
-    fn catalog_partitions() -> usize {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+    /// The owners' bounds, and tighter ones that clip most units.
+    fn tightenings() -> [crate::release::dp::Tightening; 4] {
+        use crate::release::dp::Tightening;
+        [
+            Tightening::default(),
+            Tightening {
+                max_rows_per_unit: Some(1),
+                ..Default::default()
+            },
+            Tightening {
+                max_groups_per_unit: Some(1),
+                max_rows_per_unit: Some(3),
+                ..Default::default()
+            },
+            Tightening {
+                max_groups_per_unit: Some(2),
+                ..Default::default()
+            },
+        ]
     }
 
     /// Same exact values with and without the summary; returns whether it was read.
@@ -531,24 +548,7 @@ mod tests {
     /// under tighter ones that clip most units.
     #[tokio::test]
     async fn bounding_in_one_pass_equals_the_sql_window_it_replaced() {
-        use crate::release::dp::Tightening;
         let (_dir, catalog) = catalog(true).await;
-        let tightenings = [
-            Tightening::default(),
-            Tightening {
-                max_rows_per_unit: Some(1),
-                ..Default::default()
-            },
-            Tightening {
-                max_groups_per_unit: Some(1),
-                max_rows_per_unit: Some(3),
-                ..Default::default()
-            },
-            Tightening {
-                max_groups_per_unit: Some(2),
-                ..Default::default()
-            },
-        ];
         let no_keys = [
             "SELECT COUNT(*), SUM(cost), COUNT(cost) FROM city_health WHERE visit_date > DATE '2025-06-01'",
         ];
@@ -558,7 +558,7 @@ mod tests {
             .chain(&MANY_GROUPS_PER_UNIT)
             .chain(&no_keys);
         for sql in queries {
-            for t in &tightenings {
+            for t in &tightenings() {
                 let one_pass = run_with(&catalog, sql, false, t, false, None).await;
                 let windowed = run_with(&catalog, sql, false, t, true, None).await;
                 assert!(one_pass.iter().all(|(_, rows)| !rows.is_empty()), "{sql}");
@@ -575,26 +575,13 @@ mod tests {
     /// sort them first, and the answer must not change.
     #[tokio::test]
     async fn streaming_units_from_the_clustered_copy_equals_hashing_them() {
-        use crate::release::dp::Tightening;
         let (_dir, catalog) = catalog(true).await;
         let health = catalog.get("city_health").unwrap();
         assert!(
             !Arc::ptr_eq(&health.table(), &health.provider),
             "a DP dataset is kept clustered in memory"
         );
-        let own = catalog_partitions();
-        let tightenings = [
-            Tightening::default(),
-            Tightening {
-                max_rows_per_unit: Some(1),
-                ..Default::default()
-            },
-            Tightening {
-                max_groups_per_unit: Some(1),
-                max_rows_per_unit: Some(3),
-                ..Default::default()
-            },
-        ];
+        let own = crate::util::query_partitions();
         let no_keys = [
             "SELECT COUNT(*), SUM(cost), COUNT(cost) FROM city_health WHERE visit_date > DATE '2025-06-01'",
             "SELECT COUNT(DISTINCT person_id), AVG(age) FROM city_health WHERE age > 200",
@@ -605,7 +592,7 @@ mod tests {
             .chain(&MANY_GROUPS_PER_UNIT)
             .chain(&no_keys);
         for sql in queries {
-            for t in &tightenings {
+            for t in &tightenings() {
                 let hashed = run_with(&catalog, sql, false, t, false, None).await;
                 for partitions in [own, 1, 3] {
                     let streamed = run_with(&catalog, sql, false, t, false, Some(partitions)).await;

@@ -5,6 +5,12 @@ mod rng;
 
 pub use rng::Rng;
 
+/// One partition per core: the engine plans queries for this many, and a
+/// dataset's copy clustered by person is cut into as many.
+pub fn query_partitions() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
