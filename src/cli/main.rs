@@ -137,6 +137,9 @@ enum Command {
         /// Run only this suite query (grouped_count, sum_avg_two_keys, join_on_person, selective_filter, high_cardinality).
         #[arg(long)]
         only: Option<String>,
+        /// Time only this mode of the suite, for a profiler's sake (plain, floor, threshold, dp, dp-rows, http).
+        #[arg(long)]
+        mode: Option<String>,
     },
     /// The ledger at N entries, appended directly: restart, usage report, proofs, verify (build with --release).
     BenchLedger {
@@ -460,6 +463,7 @@ fn main() -> ExitCode {
             scheduler,
             suite_only,
             only,
+            mode,
         } => {
             let options = bench::Options {
                 catalog,
@@ -472,6 +476,7 @@ fn main() -> ExitCode {
                 http_seconds: http_seconds.max(1),
                 suite_only,
                 only,
+                mode,
             };
             let run: fn(bench::Options) -> Result<(), String> = if flight {
                 bench_flight::run

@@ -8,6 +8,7 @@
 //! build is an error found by the tests, not a silently smaller surface.
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Result;
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -245,13 +246,18 @@ pub fn register(builder: SessionStateBuilder) -> SessionStateBuilder {
 }
 
 /// The consent filter: whether `column` names `needle` (`contains`), for a
-/// column that repeats one value over many rows (a person's consent, on
-/// each of their visits). A string view equal to the row before's holds
-/// the same string in the same place, so its answer is taken over instead
-/// of searched for again: on rows clustered by person that is most rows.
+/// column that repeats a few values over many rows (each person's consent,
+/// on each of their visits). Where each distinct string is stored once (the
+/// clustered copy), an equal string view holds the same string in the same
+/// place, so the answers of the last few distinct views are kept and taken
+/// over instead of searched for again.
 pub fn consented(column: Expr, needle: &str) -> Expr {
     ScalarUDF::from(Consented::new()).call(vec![column, lit(needle)])
 }
+
+/// How many distinct views' answers the consent filter keeps: the
+/// combinations of purposes people consent to are few.
+const KNOWN_VIEWS: usize = 16;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Consented {
@@ -286,24 +292,27 @@ impl ScalarUDFImpl for Consented {
             && let Some(views) = column.as_string_view_opt()
             && let Some(Some(needle)) = needle.try_as_str()
         {
-            let mut last: Option<(u128, bool)> = None;
-            let answers: BooleanArray = (0..views.len())
-                .map(|row| {
-                    if views.is_null(row) {
-                        return None;
-                    }
-                    let view = views.views()[row];
-                    match last {
-                        Some((seen, answer)) if seen == view => Some(answer),
-                        _ => {
-                            let answer = views.value(row).contains(needle);
-                            last = Some((view, answer));
-                            Some(answer)
-                        }
-                    }
-                })
-                .collect();
-            return Ok(ColumnarValue::Array(Arc::new(answers)));
+            let nulls = views.nulls();
+            let mut known = [(0u128, false); KNOWN_VIEWS];
+            let (mut filled, mut next) = (0, 0);
+            let answers = BooleanBuffer::collect_bool(views.len(), |row| {
+                if nulls.is_some_and(|n| n.is_null(row)) {
+                    return false;
+                }
+                let view = views.views()[row];
+                if let Some((_, answer)) = known[..filled].iter().find(|(v, _)| *v == view) {
+                    return *answer;
+                }
+                let answer = views.value(row).contains(needle);
+                known[next] = (view, answer);
+                next = (next + 1) % KNOWN_VIEWS;
+                filled = (filled + 1).min(KNOWN_VIEWS);
+                answer
+            });
+            return Ok(ColumnarValue::Array(Arc::new(BooleanArray::new(
+                answers,
+                nulls.cloned(),
+            ))));
         }
         datafusion::functions::string::contains().invoke_with_args(args)
     }
@@ -342,9 +351,10 @@ mod tests {
         assert_eq!(state.expr_planners().len(), 5);
     }
 
-    /// The consent filter's shortcut (an equal view, the answer before) must
+    /// The consent filter's shortcut (an equal view, an answer kept) must
     /// answer as `contains` does: strings that share a length and a prefix
-    /// but differ after it, the same string stored twice, nulls between.
+    /// but differ after it, the same string stored twice, nulls between,
+    /// more distinct strings than it keeps answers for.
     #[test]
     fn consented_answers_as_contains_does_on_repeated_and_lookalike_values() {
         use datafusion::arrow::array::{ArrayRef, StringViewBuilder};
@@ -360,6 +370,20 @@ mod tests {
             Some(",marketing,insurance,planning,"),
             Some(",research,insurance,planning,"),
         ];
+        // More distinct strings than the filter keeps answers for, repeated
+        // out of order: answers are found again after being pushed out.
+        let many: Vec<String> = (0..3 * KNOWN_VIEWS)
+            .map(|i| match i % 3 {
+                0 => format!(",research,planning,{i:04},"),
+                _ => format!(",research,plannin_,{i:04},"),
+            })
+            .collect();
+        let values: Vec<Option<&str>> = values
+            .into_iter()
+            .chain(many.iter().map(|s| Some(s.as_str())))
+            .chain(many.iter().rev().step_by(2).map(|s| Some(s.as_str())))
+            .chain(values)
+            .collect();
         let needle = ",planning,";
         for dedup in [true, false] {
             let mut builder = StringViewBuilder::new();

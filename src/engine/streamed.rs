@@ -20,7 +20,7 @@
 
 use crate::catalog::clustered::unit_order;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch,
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, UInt32Array,
 };
 use datafusion::arrow::compute::kernels::partition::partition;
 use datafusion::arrow::compute::{cast, filter, take};
@@ -48,6 +48,7 @@ use datafusion::physical_plan::{
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use futures::{StreamExt, TryStreamExt};
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// What one released value sums per (unit, group).
@@ -394,23 +395,28 @@ fn kept_share(max_rows: u64, rows_before: i64, rows: i64) -> f64 {
     allowed / rows
 }
 
-/// Row `row`'s contribution to a value.
-fn value_at(value: Value, column: Option<&ArrayRef>, row: usize) -> Option<f64> {
+/// A run of rows' contribution to a value: the sum of its rows', NULL when
+/// none has one.
+fn value_over(value: Value, column: Option<&ArrayRef>, rows: Range<usize>) -> Option<f64> {
     match (value, column) {
-        (Value::NonNull, Some(c)) => Some(if c.is_valid(row) { 1.0 } else { 0.0 }),
+        (Value::NonNull, Some(c)) => Some(rows.filter(|&row| c.is_valid(row)).count() as f64),
         (Value::Sum, Some(c)) => {
             let c = c.as_primitive::<Float64Type>();
-            c.is_valid(row).then(|| c.value(row))
+            rows.fold(None, |acc, row| {
+                c.is_valid(row)
+                    .then(|| acc.unwrap_or(0.0) + c.value(row))
+                    .or(acc)
+            })
         }
-        _ => Some(1.0),
+        _ => Some(rows.len() as f64),
     }
 }
 
-/// One (unit, group) of the unit being collected.
+/// One (unit, group) of the unit being collected, or a run of its rows.
 struct Entry {
     group: usize,
     rows: i64,
-    /// Where its values start in `Streamer::entry_values`.
+    /// Where its values start in the values beside it.
     at: usize,
 }
 
@@ -423,12 +429,13 @@ struct Streamer {
     /// Per group id, its keys in row format (ordered as the keys are).
     key_rows: RowConverter,
     group_keys: Rows,
+    /// The group of each run of the batch being added.
     ids: Vec<usize>,
     unit_rows: RowConverter,
     last_unit: Option<OwnedRow>,
     credit: Credit,
-    /// The current unit's rows: group, and each value.
-    pending_groups: Vec<usize>,
+    /// The current unit's runs of rows of one group, and their values.
+    pending: Vec<Entry>,
     pending_values: Vec<Option<f64>>,
     entries: Vec<Entry>,
     entry_values: Vec<Option<f64>>,
@@ -470,7 +477,7 @@ impl Streamer {
                 seen: Vec::new(),
                 units: Vec::new(),
             },
-            pending_groups: Vec::new(),
+            pending: Vec::new(),
             pending_values: Vec::new(),
             entries: Vec::new(),
             entry_values: Vec::new(),
@@ -483,33 +490,39 @@ impl Streamer {
         self.credit.units.len()
     }
 
-    /// Gives every row of `batch` its group id, registering new groups.
-    fn intern(&mut self, batch: &RecordBatch) -> Result<()> {
-        let n = batch.num_rows();
+    /// Gives each run its group id from the keys of its first row,
+    /// registering new groups.
+    fn intern(&mut self, keys: &[ArrayRef], starts: &UInt32Array) -> Result<()> {
         let before = self.group_count();
         let Some(groups) = self.groups.as_mut() else {
             self.ids.clear();
-            self.ids.resize(n, 0);
+            self.ids.resize(starts.len(), 0);
             if before == 0 {
                 self.grow(1);
             }
             return Ok(());
         };
-        let keys = &batch.columns()[1..=self.layout.keys];
-        groups.intern(keys, &mut self.ids)?;
+        let keys = if keys.first().is_some_and(|k| k.len() == starts.len()) {
+            keys.to_vec()
+        } else {
+            keys.iter()
+                .map(|k| take(k.as_ref(), starts, None))
+                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?
+        };
+        groups.intern(&keys, &mut self.ids)?;
         let after = groups.len();
         if after > before {
             // Ids are handed out in order of first appearance.
             let mut firsts = Vec::with_capacity(after - before);
-            for (row, &id) in self.ids.iter().enumerate() {
+            for (run, &id) in self.ids.iter().enumerate() {
                 if id == before + firsts.len() {
-                    firsts.push(row as u32);
+                    firsts.push(run as u32);
                     if before + firsts.len() == after {
                         break;
                     }
                 }
             }
-            let firsts = datafusion::arrow::array::UInt32Array::from(firsts);
+            let firsts = UInt32Array::from(firsts);
             let new_keys = keys
                 .iter()
                 .map(|k| take(k.as_ref(), &firsts, None))
@@ -531,12 +544,14 @@ impl Streamer {
         c.units.resize(total, 0);
     }
 
+    /// Takes in a batch run by run: a run is rows of one unit and one group,
+    /// one after another (one person's visits in one district), so groups
+    /// are looked up and values summed once per run, not per row.
     fn add(&mut self, batch: &RecordBatch) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
         }
-        self.intern(batch)?;
         let mut next_column = 1 + self.layout.keys;
         let mut columns: Vec<Option<ArrayRef>> = Vec::with_capacity(self.layout.values.len());
         for v in &self.layout.values {
@@ -552,43 +567,49 @@ impl Streamer {
                 }
             });
         }
+        let runs = partition(&batch.columns()[..=self.layout.keys])?.ranges();
+        let starts = UInt32Array::from_iter_values(runs.iter().map(|r| r.start as u32));
+        self.intern(&batch.columns()[1..=self.layout.keys], &starts)?;
         let unit = batch.column(0);
+        // Each unit's runs, as ranges of runs.
+        let units = partition(&[take(unit.as_ref(), &starts, None)?])?.ranges();
         let first = self.unit_rows.convert_columns(&[unit.slice(0, 1)])?;
         let continues = self
             .last_unit
             .as_ref()
             .is_some_and(|last| last.row() == first.row(0));
-        let ranges = partition(std::slice::from_ref(unit))?.ranges();
-        let last_range = ranges.len() - 1;
-        for (i, range) in ranges.into_iter().enumerate() {
+        let last_unit = units.len() - 1;
+        let layout_values = self.layout.values.clone();
+        let values_of = |rows: Range<usize>| {
+            layout_values
+                .iter()
+                .zip(&columns)
+                .map(move |(v, c)| value_over(*v, c.as_ref(), rows.clone()))
+        };
+        for (i, unit_runs) in units.into_iter().enumerate() {
             let continuing = i == 0 && continues;
             if !continuing {
                 self.finish_unit();
             }
             // Most units lie within one batch and fall into one group: they
             // are bounded straight from the batch.
-            let group = self.ids[range.start];
-            if !continuing && i < last_range && self.ids[range.clone()].iter().all(|&g| g == group)
-            {
+            if !continuing && i < last_unit && unit_runs.len() == 1 {
                 if self.layout.max_groups > 0 {
-                    let factor = kept_share(self.layout.max_rows, 0, range.len() as i64);
-                    let values = self.layout.values.iter().zip(&columns).map(|(v, c)| {
-                        range.clone().fold(None, |acc: Option<f64>, row| {
-                            match value_at(*v, c.as_ref(), row) {
-                                Some(x) => Some(acc.unwrap_or(0.0) + x),
-                                None => acc,
-                            }
-                        })
-                    });
-                    self.credit.add(group, factor, values);
+                    let rows = &runs[unit_runs.start];
+                    let factor = kept_share(self.layout.max_rows, 0, rows.len() as i64);
+                    self.credit
+                        .add(self.ids[unit_runs.start], factor, values_of(rows.clone()));
                 }
                 continue;
             }
-            for row in range {
-                self.pending_groups.push(self.ids[row]);
-                for (v, column) in self.layout.values.iter().zip(&columns) {
-                    self.pending_values.push(value_at(*v, column.as_ref(), row));
-                }
+            for run in unit_runs {
+                let rows = &runs[run];
+                self.pending.push(Entry {
+                    group: self.ids[run],
+                    rows: rows.len() as i64,
+                    at: self.pending_values.len(),
+                });
+                self.pending_values.extend(values_of(rows.clone()));
             }
         }
         let last = self.unit_rows.convert_columns(&[unit.slice(n - 1, 1)])?;
@@ -597,7 +618,7 @@ impl Streamer {
             + self.group_keys.size()
             + self.credit.sums.capacity() * 9
             + self.credit.units.capacity() * 8
-            + self.pending_groups.capacity() * 8
+            + self.pending.capacity() * std::mem::size_of::<Entry>()
             + self.pending_values.capacity() * 16;
         self.reservation.try_resize(held)?;
         Ok(())
@@ -605,25 +626,27 @@ impl Streamer {
 
     /// Bounds the collected unit and adds what it keeps to its groups.
     fn finish_unit(&mut self) {
-        let n = self.pending_groups.len();
-        if n == 0 {
+        if self.pending.is_empty() {
             return;
         }
         let width = self.layout.values.len();
         self.entries.clear();
         self.entry_values.clear();
         self.order.clear();
-        self.order.extend(0..n);
-        let groups = &self.pending_groups;
-        if groups.iter().any(|&g| g != groups[0]) {
-            self.order.sort_by_key(|&row| groups[row]);
+        self.order.extend(0..self.pending.len());
+        let pending = &self.pending;
+        if pending.iter().any(|r| r.group != pending[0].group) {
+            // Stable: a group's runs keep their order, as its rows did.
+            self.order.sort_by_key(|&r| pending[r].group);
         }
-        for &row in &self.order {
-            let group = groups[row];
-            let values = &self.pending_values[row * width..(row + 1) * width];
+        let mut total_rows = 0u64;
+        for &r in &self.order {
+            let run = &pending[r];
+            total_rows += run.rows as u64;
+            let values = &self.pending_values[run.at..run.at + width];
             match self.entries.last_mut() {
-                Some(e) if e.group == group => {
-                    e.rows += 1;
+                Some(e) if e.group == run.group => {
+                    e.rows += run.rows;
                     for (acc, v) in self.entry_values[e.at..e.at + width].iter_mut().zip(values) {
                         if let Some(v) = v {
                             *acc = Some(acc.unwrap_or(0.0) + v);
@@ -632,8 +655,8 @@ impl Streamer {
                 }
                 _ => {
                     self.entries.push(Entry {
-                        group,
-                        rows: 1,
+                        group: run.group,
+                        rows: run.rows,
                         at: self.entry_values.len(),
                     });
                     self.entry_values.extend_from_slice(values);
@@ -641,7 +664,6 @@ impl Streamer {
             }
         }
         let max_groups = usize::try_from(self.layout.max_groups).unwrap_or(usize::MAX);
-        let total_rows = n as u64;
         if self.entries.len() > 1
             && (self.entries.len() > max_groups || total_rows > self.layout.max_rows)
         {
@@ -656,7 +678,7 @@ impl Streamer {
             self.credit.add(e.group, factor, values);
             rows_before += e.rows;
         }
-        self.pending_groups.clear();
+        self.pending.clear();
         self.pending_values.clear();
     }
 
