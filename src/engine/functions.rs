@@ -294,19 +294,29 @@ impl ScalarUDFImpl for Consented {
         {
             let nulls = views.nulls();
             let mut known = [(0u128, false); KNOWN_VIEWS];
-            let (mut filled, mut next) = (0, 0);
+            // The row before's answer is tried first: most rows repeat it.
+            let (mut filled, mut next, mut last) = (0, 0, None);
             let answers = BooleanBuffer::collect_bool(views.len(), |row| {
                 if nulls.is_some_and(|n| n.is_null(row)) {
                     return false;
                 }
                 let view = views.views()[row];
-                if let Some((_, answer)) = known[..filled].iter().find(|(v, _)| *v == view) {
-                    return *answer;
+                if let Some((seen, answer)) = last
+                    && seen == view
+                {
+                    return answer;
                 }
-                let answer = views.value(row).contains(needle);
-                known[next] = (view, answer);
-                next = (next + 1) % KNOWN_VIEWS;
-                filled = (filled + 1).min(KNOWN_VIEWS);
+                let answer = match known[..filled].iter().find(|(v, _)| *v == view) {
+                    Some((_, answer)) => *answer,
+                    None => {
+                        let answer = views.value(row).contains(needle);
+                        known[next] = (view, answer);
+                        next = (next + 1) % KNOWN_VIEWS;
+                        filled = (filled + 1).min(KNOWN_VIEWS);
+                        answer
+                    }
+                };
+                last = Some((view, answer));
                 answer
             });
             return Ok(ColumnarValue::Array(Arc::new(BooleanArray::new(

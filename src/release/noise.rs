@@ -30,23 +30,26 @@ pub trait Uniform {
 /// value) and each is used once.
 pub struct SecureUniform {
     os: SystemRandom,
-    block: Box<[u8; 4096]>,
+    block: Box<[u8; RANDOM_BLOCK]>,
     used: usize,
 }
+
+/// Bytes fetched from the OS at once.
+const RANDOM_BLOCK: usize = 16 * 1024;
 
 impl Default for SecureUniform {
     fn default() -> Self {
         SecureUniform {
             os: SystemRandom::new(),
-            block: Box::new([0u8; 4096]),
-            used: 4096,
+            block: Box::new([0u8; RANDOM_BLOCK]),
+            used: RANDOM_BLOCK,
         }
     }
 }
 
 impl SecureUniform {
-    fn next_u128(&mut self) -> u128 {
-        if self.used + 16 > self.block.len() {
+    fn next_bytes<const N: usize>(&mut self) -> [u8; N] {
+        if self.used + N > self.block.len() {
             // The OS entropy source does not fail on Linux once booted; a
             // failure here means no safe noise can be drawn at all.
             self.os
@@ -54,10 +57,10 @@ impl SecureUniform {
                 .expect("OS random source available");
             self.used = 0;
         }
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&self.block[self.used..self.used + 16]);
-        self.used += 16;
-        u128::from_le_bytes(bytes)
+        let mut bytes = [0u8; N];
+        bytes.copy_from_slice(&self.block[self.used..self.used + N]);
+        self.used += N;
+        bytes
     }
 }
 
@@ -67,10 +70,21 @@ impl Uniform for SecureUniform {
         if n <= 1 {
             return 0;
         }
-        // Largest multiple of n that fits: values at or above it are rejected.
+        // Most bounds fit in 64 bits: half the random bytes, and 64-bit
+        // division instead of 128-bit. Values at or above the largest
+        // multiple of n that fits are rejected.
+        if let Ok(n) = u64::try_from(n) {
+            let zone = u64::MAX - (u64::MAX % n);
+            loop {
+                let x = u64::from_le_bytes(self.next_bytes());
+                if x < zone {
+                    return (x % n) as u128;
+                }
+            }
+        }
         let zone = u128::MAX - (u128::MAX % n);
         loop {
-            let x = self.next_u128();
+            let x = u128::from_le_bytes(self.next_bytes());
             if x < zone {
                 return x % n;
             }
@@ -256,18 +270,19 @@ thread_local! {
     /// Pre-drawn samples per distribution, so that taking one costs the same
     /// whatever its value. A pool refills in whole batches, whose duration
     /// says nothing about which of its samples a query receives. One set of
-    /// pools per thread: concurrent releases never wait on each other.
-    static POOLS: std::cell::RefCell<HashMap<Noise, VecDeque<i64>>> = Default::default();
+    /// pools per thread, with its own random source: concurrent releases
+    /// never wait on each other.
+    static POOLS: std::cell::RefCell<(SecureUniform, HashMap<Noise, VecDeque<i64>>)> =
+        Default::default();
 }
 
 /// One sample of `noise`.
 pub fn take(noise: Noise) -> i64 {
     POOLS.with(|pools| {
-        let mut pools = pools.borrow_mut();
+        let (rng, pools) = &mut *pools.borrow_mut();
         let pool = pools.entry(noise).or_default();
         if pool.is_empty() {
-            let mut rng = SecureUniform::default();
-            pool.extend((0..BATCH).map(|_| noise.draw(&mut rng)));
+            pool.extend((0..BATCH).map(|_| noise.draw(rng)));
         }
         pool.pop_front().unwrap_or(0)
     })
@@ -292,6 +307,42 @@ mod tests {
         let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n;
         let var = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
         (mean, var)
+    }
+
+    /// Bounds that fit in 64 bits take the 64-bit path, larger ones the
+    /// 128-bit one: both stay below the bound and spread evenly over it.
+    #[test]
+    fn uniform_values_cover_their_range_evenly_at_both_widths() {
+        let mut rng = SecureUniform::default();
+        let wide = 3u128 << 64;
+        for n in [
+            2u128,
+            3,
+            7,
+            (1 << 40) + 3,
+            u64::MAX as u128,
+            wide,
+            u128::MAX - 5,
+        ] {
+            let buckets = n.min(4);
+            let mut seen = vec![0usize; buckets as usize];
+            let draws = 40_000;
+            for _ in 0..draws {
+                let x = rng.below(n);
+                assert!(x < n, "{x} drawn below {n}");
+                seen[(x / n.div_ceil(buckets)) as usize] += 1;
+            }
+            let width = n.div_ceil(buckets);
+            for (b, count) in seen.iter().enumerate() {
+                let size = (width * (b as u128 + 1)).min(n) - width * b as u128;
+                let expected = draws as f64 * (size as f64 / n as f64);
+                let tol = 5.0 * expected.sqrt();
+                assert!(
+                    (*count as f64 - expected).abs() < tol,
+                    "n={n}: bucket {b} got {count} of {draws}"
+                );
+            }
+        }
     }
 
     #[test]
