@@ -249,15 +249,30 @@ pub fn register(builder: SessionStateBuilder) -> SessionStateBuilder {
 /// column that repeats a few values over many rows (each person's consent,
 /// on each of their visits). Where each distinct string is stored once (the
 /// clustered copy), an equal string view holds the same string in the same
-/// place, so the answers of the last few distinct views are kept and taken
-/// over instead of searched for again.
+/// place, so answers are kept by view in a small table and taken over
+/// instead of searched for again.
 pub fn consented(column: Expr, needle: &str) -> Expr {
     ScalarUDF::from(Consented::new()).call(vec![column, lit(needle)])
 }
 
-/// How many distinct views' answers the consent filter keeps: the
-/// combinations of purposes people consent to are few.
-const KNOWN_VIEWS: usize = 16;
+/// The slots of the consent filter's answers by view: the combinations of
+/// purposes people consent to are few.
+const KNOWN_VIEWS: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Unknown,
+    Yes,
+    No,
+}
+
+/// A view's slot, from all its bits: a long string's length, prefix, buffer
+/// and offset, or a short string's bytes.
+fn known_slot(view: u128) -> usize {
+    let folded = (view as u64) ^ ((view >> 64) as u64);
+    let folded = folded ^ (folded >> 29) ^ (folded >> 47);
+    (folded as usize) % KNOWN_VIEWS
+}
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Consented {
@@ -293,31 +308,26 @@ impl ScalarUDFImpl for Consented {
             && let Some(Some(needle)) = needle.try_as_str()
         {
             let nulls = views.nulls();
-            let mut known = [(0u128, false); KNOWN_VIEWS];
-            // The row before's answer is tried first: most rows repeat it.
-            let (mut filled, mut next, mut last) = (0, 0, None);
+            // Answers by view in a small table indexed by the view's bits: a
+            // lookup that almost always finds its view is a branch the
+            // processor predicts, where comparing with the row before missed
+            // at every person with another consent.
+            let mut known = [(0u128, Known::Unknown); KNOWN_VIEWS];
             let answers = BooleanBuffer::collect_bool(views.len(), |row| {
                 if nulls.is_some_and(|n| n.is_null(row)) {
                     return false;
                 }
                 let view = views.views()[row];
-                if let Some((seen, answer)) = last
-                    && seen == view
-                {
-                    return answer;
-                }
-                let answer = match known[..filled].iter().find(|(v, _)| *v == view) {
-                    Some((_, answer)) => *answer,
-                    None => {
+                let slot = &mut known[known_slot(view)];
+                match *slot {
+                    (seen, Known::Yes) if seen == view => true,
+                    (seen, Known::No) if seen == view => false,
+                    _ => {
                         let answer = views.value(row).contains(needle);
-                        known[next] = (view, answer);
-                        next = (next + 1) % KNOWN_VIEWS;
-                        filled = (filled + 1).min(KNOWN_VIEWS);
+                        *slot = (view, if answer { Known::Yes } else { Known::No });
                         answer
                     }
-                };
-                last = Some((view, answer));
-                answer
+                }
             });
             return Ok(ColumnarValue::Array(Arc::new(BooleanArray::new(
                 answers,
