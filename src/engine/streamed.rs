@@ -552,10 +552,12 @@ impl Streamer {
         if n == 0 {
             return Ok(());
         }
+        // Each value with its column (none for `Rows`).
         let mut next_column = 1 + self.layout.keys;
-        let mut columns: Vec<Option<ArrayRef>> = Vec::with_capacity(self.layout.values.len());
-        for v in &self.layout.values {
-            columns.push(match v {
+        let mut columns: Vec<(Value, Option<ArrayRef>)> =
+            Vec::with_capacity(self.layout.values.len());
+        for &v in &self.layout.values {
+            let column = match v {
                 Value::Rows => None,
                 Value::NonNull => {
                     next_column += 1;
@@ -565,7 +567,8 @@ impl Streamer {
                     next_column += 1;
                     Some(cast(batch.column(next_column - 1), &DataType::Float64)?)
                 }
-            });
+            };
+            columns.push((v, column));
         }
         let runs = partition(&batch.columns()[..=self.layout.keys])?.ranges();
         let starts = UInt32Array::from_iter_values(runs.iter().map(|r| r.start as u32));
@@ -579,11 +582,9 @@ impl Streamer {
             .as_ref()
             .is_some_and(|last| last.row() == first.row(0));
         let last_unit = units.len() - 1;
-        let layout_values = self.layout.values.clone();
         let values_of = |rows: Range<usize>| {
-            layout_values
+            columns
                 .iter()
-                .zip(&columns)
                 .map(move |(v, c)| value_over(*v, c.as_ref(), rows.clone()))
         };
         for (i, unit_runs) in units.into_iter().enumerate() {

@@ -325,14 +325,14 @@ mod tests {
             u128::MAX - 5,
         ] {
             let buckets = n.min(4);
+            let width = n.div_ceil(buckets);
             let mut seen = vec![0usize; buckets as usize];
             let draws = 40_000;
             for _ in 0..draws {
                 let x = rng.below(n);
                 assert!(x < n, "{x} drawn below {n}");
-                seen[(x / n.div_ceil(buckets)) as usize] += 1;
+                seen[(x / width) as usize] += 1;
             }
-            let width = n.div_ceil(buckets);
             for (b, count) in seen.iter().enumerate() {
                 let size = (width * (b as u128 + 1)).min(n) - width * b as u128;
                 let expected = draws as f64 * (size as f64 / n as f64);
