@@ -31,7 +31,31 @@ struct Doors {
     base: String,
     key: String,
     agent: ureq::Agent,
-    flight: Channel,
+    flight_port: u16,
+}
+
+/// A Flight SQL client as a driver holds one: its own connection, driven
+/// on the calling thread (a runtime of its own), as ureq drives HTTP. A
+/// channel shared by threads would measure the hand-offs between them,
+/// not the door.
+struct FlightClient {
+    rt: tokio::runtime::Runtime,
+    channel: Channel,
+}
+
+impl FlightClient {
+    fn connect(port: u16) -> Result<FlightClient, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let endpoint =
+            Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?;
+        let channel = rt
+            .block_on(endpoint.connect())
+            .map_err(|e| format!("Flight SQL: {e}"))?;
+        Ok(FlightClient { rt, channel })
+    }
 }
 
 impl Doors {
@@ -67,9 +91,23 @@ impl Doors {
 
     /// One statement over Flight SQL, every batch received: rows, and how
     /// long its `GetFlightInfo` (the gate's dry run) took of it.
-    async fn flight(&self, sql: &str, grant: &str) -> Result<(Duration, usize, Duration), String> {
+    fn flight(
+        &self,
+        on: &FlightClient,
+        sql: &str,
+        grant: &str,
+    ) -> Result<(Duration, usize, Duration), String> {
+        on.rt.block_on(self.flight_call(&on.channel, sql, grant))
+    }
+
+    async fn flight_call(
+        &self,
+        channel: &Channel,
+        sql: &str,
+        grant: &str,
+    ) -> Result<(Duration, usize, Duration), String> {
         let started = Instant::now();
-        let mut client = FlightSqlServiceClient::new(self.flight.clone());
+        let mut client = FlightSqlServiceClient::new(channel.clone());
         client.set_token(self.key.clone());
         client.set_header("x-frostglass-grant", grant);
         let info = client
@@ -103,7 +141,6 @@ fn free_port() -> Result<u16, String> {
 
 pub fn run(options: Options) -> Result<(), String> {
     let data = ensure_data(&options)?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let catalog = prepare_catalog(&options, &data, true)?;
     let mut server_settings = settings(&options, catalog, "flight");
     server_settings.limits.max_concurrent_queries = 8;
@@ -114,13 +151,7 @@ pub fn run(options: Options) -> Result<(), String> {
     );
     let (_, key) = buyer(&store)?;
     let server = Server::start(server_settings)?;
-    let flight = rt
-        .block_on(
-            Channel::from_shared(format!("http://127.0.0.1:{flight_port}"))
-                .map_err(|e| e.to_string())?
-                .connect(),
-        )
-        .map_err(|e| format!("Flight SQL: {e}"))?;
+    let client = FlightClient::connect(flight_port)?;
     let doors = Doors {
         base: server.base.clone(),
         key,
@@ -130,7 +161,7 @@ pub fn run(options: Options) -> Result<(), String> {
             .max_idle_connections_per_host(options.http_clients * 2)
             .build()
             .into(),
-        flight,
+        flight_port,
     };
 
     println!(
@@ -147,7 +178,7 @@ pub fn run(options: Options) -> Result<(), String> {
             let fresh = format!("SELECT * FROM ({sql}) AS run_{run}");
             let (h, n) = doors.http(&fresh, &grant(&store)?)?;
             let fresh = format!("SELECT * FROM ({sql}) AS flight_{run}");
-            let (f, m, i) = rt.block_on(doors.flight(&fresh, &grant(&store)?))?;
+            let (f, m, i) = doors.flight(&client, &fresh, &grant(&store)?)?;
             // Where differential privacy selects the groups, two releases may
             // differ in how many pass; elsewhere the doors answer alike.
             answer_rows = n.max(m);
@@ -180,15 +211,17 @@ pub fn run(options: Options) -> Result<(), String> {
     let (http_lat, http_errors) = load(clients, seconds, &|| {
         doors.http(SMALL_QUERY, &small_grant).map(|(d, _)| d)
     });
-    let flight_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    thread_local!(static CLIENT: RefCell<Option<FlightClient>> = const { RefCell::new(None) });
     let (flight_lat, flight_errors) = load(clients, seconds, &|| {
-        flight_rt
-            .block_on(doors.flight(SMALL_QUERY, &small_grant))
-            .map(|(d, _, _)| d)
+        CLIENT.with_borrow_mut(|client| {
+            if client.is_none() {
+                *client = Some(FlightClient::connect(doors.flight_port)?);
+            }
+            let on = client.as_ref().ok_or("no Flight SQL client")?;
+            doors
+                .flight(on, SMALL_QUERY, &small_grant)
+                .map(|(d, _, _)| d)
+        })
     });
     let summary = |lat: &[f64], errors: usize| {
         json!({
