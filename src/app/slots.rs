@@ -8,6 +8,10 @@
 //! next slot that frees goes to the other buyer's query. And no principal
 //! holds every slot: one is always left for somebody else, so another
 //! buyer's small query starts at once beside a flood of heavy ones.
+//!
+//! Each slot is a lane, numbered below the total: a query runs on its
+//! lane's own threads (`app::Sandbox::lane`), so no two running queries
+//! ever share a lane.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,7 +23,8 @@ pub struct Slots {
 }
 
 struct State {
-    free: usize,
+    /// The lanes of the slots not taken.
+    free: Vec<usize>,
     running: HashMap<String, usize>,
     waiting: VecDeque<Waiter>,
     /// When each principal was last given a slot (a count of grants).
@@ -46,6 +51,14 @@ struct Waiter {
 pub struct Slot {
     slots: Arc<Slots>,
     principal: String,
+    lane: usize,
+}
+
+impl Slot {
+    /// Which of the slots this is: no other slot held has the same lane.
+    pub fn lane(&self) -> usize {
+        self.lane
+    }
 }
 
 impl Slots {
@@ -53,7 +66,7 @@ impl Slots {
         Arc::new(Slots {
             per_principal: total.saturating_sub(1).max(1),
             state: Mutex::new(State {
-                free: total,
+                free: (0..total).rev().collect(),
                 running: HashMap::new(),
                 waiting: VecDeque::new(),
                 served: HashMap::new(),
@@ -68,7 +81,7 @@ impl Slots {
 
     /// Slots not taken (what background work yields to).
     pub fn available(&self) -> usize {
-        self.lock().free
+        self.lock().free.len()
     }
 
     /// A slot for `principal` of `weight`, when the rule gives it one (at
@@ -96,18 +109,19 @@ impl Slots {
     /// and never slows anybody's query down.
     pub fn acquire_if_idle(self: &Arc<Self>, principal: &str) -> Option<Slot> {
         let mut state = self.lock();
-        if !state.running.is_empty() || !state.waiting.is_empty() || state.free == 0 {
+        if !state.running.is_empty() || !state.waiting.is_empty() {
             return None;
         }
-        state.free -= 1;
+        let lane = state.free.pop()?;
         state.grant(principal);
         Some(Slot {
             slots: self.clone(),
             principal: principal.to_string(),
+            lane,
         })
     }
 
-    fn release(self: &Arc<Self>, principal: &str) {
+    fn release(self: &Arc<Self>, principal: &str, lane: usize) {
         let mut state = self.lock();
         if let Some(n) = state.running.get_mut(principal) {
             *n -= 1;
@@ -115,13 +129,13 @@ impl Slots {
                 state.running.remove(principal);
             }
         }
-        state.free += 1;
+        state.free.push(lane);
         self.dispatch(&mut state);
     }
 
     /// Hands free slots to waiters by the rule while both last.
     fn dispatch(self: &Arc<Self>, state: &mut State) {
-        while state.free > 0 {
+        while !state.free.is_empty() {
             // Below its share; fewest running per unit of weight, then least
             // recently served; the queue order breaks ties (min_by keeps the
             // first of equals).
@@ -144,11 +158,14 @@ impl Slots {
             let Some(waiter) = next.and_then(|i| state.waiting.remove(i)) else {
                 return;
             };
-            state.free -= 1;
+            let Some(lane) = state.free.pop() else {
+                return;
+            };
             state.grant(&waiter.principal);
             let slot = Slot {
                 slots: self.clone(),
                 principal: waiter.principal.clone(),
+                lane,
             };
             if let Err(mut unclaimed) = waiter.hand.send(slot) {
                 // It gave up waiting: undo. (The slot comes back here; its
@@ -158,7 +175,7 @@ impl Slots {
                     *n -= 1;
                 }
                 state.running.retain(|_, n| *n > 0);
-                state.free += 1;
+                state.free.push(lane);
             }
         }
     }
@@ -169,7 +186,7 @@ impl Drop for Slot {
         // An unclaimed slot (emptied above) was never counted as released.
         if !self.principal.is_empty() {
             let principal = std::mem::take(&mut self.principal);
-            self.slots.release(&principal);
+            self.slots.release(&principal, self.lane);
         }
     }
 }
@@ -345,5 +362,31 @@ mod tests {
         drop(b2.await.unwrap());
         assert!(slots.acquire_if_idle("a").is_some(), "idle again");
         assert_eq!(slots.available(), 2);
+    }
+
+    #[tokio::test]
+    async fn slots_held_at_once_never_share_a_lane() {
+        let slots = Slots::new(3);
+        let a = slots.acquire_if_idle("a").expect("idle");
+        let b = slots.acquire("b", 1).await;
+        let c = slots.acquire("c", 1).await;
+        let mut lanes = vec![a.lane(), b.lane(), c.lane()];
+        lanes.sort();
+        assert_eq!(lanes, [0, 1, 2]);
+        // A waiter handed a freed slot gets that slot's lane; one that gave
+        // up waiting gives it back.
+        let freed = b.lane();
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), slots.acquire("d", 1)).await;
+        assert!(gave_up.is_err());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let e = wait(&slots, "e", &order);
+        settle().await;
+        drop(b);
+        let e = e.await.unwrap();
+        assert_eq!(e.lane(), freed);
+        assert_ne!(e.lane(), a.lane());
+        assert_ne!(e.lane(), c.lane());
+        drop((a, c, e));
+        assert_eq!(slots.available(), 3);
     }
 }

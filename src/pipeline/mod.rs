@@ -19,6 +19,7 @@ pub mod record;
 
 use crate::accounting::{Charge, Reservation, Usage};
 use crate::app::Sandbox;
+use crate::app::slots::Slot;
 use crate::error::Error;
 use crate::ledger::Receipt;
 use crate::ledger::event::Decision;
@@ -382,12 +383,12 @@ async fn answer(
                 .and_then(|org| sandbox.settings.slot_weights.get(org))
                 .copied()
                 .unwrap_or(1);
-            let _slot =
+            let slot =
                 tokio::time::timeout(wait, sandbox.query_slots.acquire(&principal.id, weight))
                     .await
                     .map_err(|_| Error::Overloaded)?;
             commit_charge(&mut prepared, trace);
-            execute(sandbox, &prepared.gated).await?
+            in_lane(sandbox, slot, prepared.gated.clone()).await?
         }
     };
     Ok(Step::Done(prepared, executed))
@@ -403,6 +404,41 @@ fn commit_charge(prepared: &mut Prepared, trace: &mut Trace) {
     }
 }
 
+/// Executes on the lane of `slot`, which it holds until the execution
+/// ends. Dropped (timeout, client gone), it stops the execution.
+async fn in_lane(sandbox: &Arc<Sandbox>, slot: Slot, gated: Arc<Gated>) -> Result<Executed, Error> {
+    let task = sandbox.lane(&slot).spawn({
+        let sandbox = sandbox.clone();
+        async move {
+            let _slot = slot;
+            execute(&sandbox, &gated).await
+        }
+    });
+    Stopping(task).await?
+}
+
+/// A task that is stopped when whoever waits for it goes away.
+struct Stopping<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for Stopping<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map_err(|e| Error::Internal(format!("the query task failed: {e}")))
+    }
+}
+
+impl<T> Drop for Stopping<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Begins executing a decided query if the sandbox is idle (no query holds
 /// a slot, nobody waits), else leaves it to its run, which queues like any
 /// other: under load, work ahead would only compete with work asked for.
@@ -412,11 +448,12 @@ fn run_ahead(sandbox: &Arc<Sandbox>, principal: &Principal, prepared: &Prepared)
         return None;
     }
     let slot = sandbox.query_slots.acquire_if_idle(&principal.id)?;
+    let lane = sandbox.lane(&slot);
     let (sandbox, gated) = (sandbox.clone(), prepared.gated.clone());
     let timeout = Duration::from_millis(sandbox.settings.limits.query_timeout_ms);
     let state = Arc::new(AtomicU8::new(RUNNING));
     let watched = state.clone();
-    let task = tokio::spawn(async move {
+    let task = lane.spawn(async move {
         let _slot = slot;
         let run = tokio::time::timeout(timeout, execute(&sandbox, &gated));
         tokio::pin!(run);
