@@ -197,13 +197,13 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// A dataset's lifetime epsilon: its owner's, else the configured default.
     /// The runtime a query holding `slot` executes on: its own, while it
     /// holds the slot.
     pub fn lane(&self, slot: &slots::Slot) -> &QueryRuntime {
         &self.lanes[slot.lane()]
     }
 
+    /// A dataset's lifetime epsilon: its owner's, else the configured default.
     pub fn lifetime_epsilon(&self, manifest: &crate::catalog::Manifest) -> f64 {
         manifest
             .release

@@ -132,7 +132,7 @@ pub struct Decided {
 /// quota or budget: the run reserves them as any other, and if they are
 /// spent by then, refuses and drops it.
 struct Ahead {
-    task: tokio::task::JoinHandle<Option<Result<Executed, Error>>>,
+    task: Stopping<Option<Result<Executed, Error>>>,
     /// [`RUNNING`], then [`CLAIMED`] by the run or [`GAVE_UP`] by the task.
     state: Arc<AtomicU8>,
 }
@@ -155,17 +155,10 @@ impl Ahead {
             return Ok(None);
         }
         on_claim();
-        match (&mut self.task).await {
-            Ok(Some(result)) => result.map(Some),
-            Ok(None) => Err(Error::Internal("a claimed execution gave up".into())),
-            Err(e) => Err(Error::Internal(format!("the query task failed: {e}"))),
+        match (&mut self.task).await? {
+            Some(result) => result.map(Some),
+            None => Err(Error::Internal("a claimed execution gave up".into())),
         }
-    }
-}
-
-impl Drop for Ahead {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -470,7 +463,10 @@ fn run_ahead(sandbox: &Arc<Sandbox>, principal: &Principal, prepared: &Prepared)
             }
         }
     });
-    Some(Ahead { task, state })
+    Some(Ahead {
+        task: Stopping(task),
+        state,
+    })
 }
 
 /// Through the gate (or the principal's same statement let through before,
