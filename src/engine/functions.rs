@@ -259,13 +259,6 @@ pub fn consented(column: Expr, needle: &str) -> Expr {
 /// purposes people consent to are few.
 const KNOWN_VIEWS: usize = 64;
 
-#[derive(Debug, Clone, Copy)]
-enum Known {
-    Unknown,
-    Yes,
-    No,
-}
-
 /// A view's slot, from all its bits: a long string's length, prefix, buffer
 /// and offset, or a short string's bytes.
 fn known_slot(view: u128) -> usize {
@@ -312,7 +305,7 @@ impl ScalarUDFImpl for Consented {
             // lookup that almost always finds its view is a branch the
             // processor predicts, where comparing with the row before missed
             // at every person with another consent.
-            let mut known = [(0u128, Known::Unknown); KNOWN_VIEWS];
+            let mut known: [(u128, Option<bool>); KNOWN_VIEWS] = [(0, None); KNOWN_VIEWS];
             let answers = BooleanBuffer::collect_bool(views.len(), |row| {
                 if nulls.is_some_and(|n| n.is_null(row)) {
                     return false;
@@ -320,11 +313,10 @@ impl ScalarUDFImpl for Consented {
                 let view = views.views()[row];
                 let slot = &mut known[known_slot(view)];
                 match *slot {
-                    (seen, Known::Yes) if seen == view => true,
-                    (seen, Known::No) if seen == view => false,
+                    (seen, Some(answer)) if seen == view => answer,
                     _ => {
                         let answer = views.value(row).contains(needle);
-                        *slot = (view, if answer { Known::Yes } else { Known::No });
+                        *slot = (view, Some(answer));
                         answer
                     }
                 }
