@@ -1,16 +1,16 @@
 //! Contribution bounding as one engine operator.
 //!
 //! A differentially private release must limit what any one privacy unit
-//! adds: at most `max_groups` groups per unit (the first ones in ascending
-//! key order, nulls first) and at most `max_rows` rows over all of them
-//! (its groups taken in that order, each with the rows still allowed, and
-//! the group's components scaled to the rows kept). In SQL this is a window
-//! sorted by (unit, group) over the per-(unit, group) aggregate, and that
-//! sort of millions of rows on string keys dominated every release whose
-//! keys vary within a unit. [`BoundContributions`] does the same with one
-//! hash table over units: with its input partitioned by unit, each
-//! partition collects every unit's rows, orders only each unit's few rows
-//! by key, and emits the kept ones scaled.
+//! adds: at most `max_groups` groups per unit and at most `max_rows` rows
+//! over all of them (its groups taken in [`rank_groups`] order, each with
+//! the rows still allowed, and the group's components scaled to the rows
+//! kept). In SQL this is a window sorted by (unit, rank) over the
+//! per-(unit, group) aggregate, and that sort of millions of rows
+//! dominated every release whose keys vary within a unit.
+//! [`BoundContributions`] does the same with one hash table over units:
+//! with its input partitioned by unit, each partition collects every
+//! unit's rows, orders only each unit's few rows, and emits the kept ones
+//! scaled.
 //!
 //! Input: one row per (unit, group) — the unit, the group keys, the
 //! components, and the group's row count (Int64), in that order. Output:
@@ -21,6 +21,7 @@ use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::common::hash_utils::{QualityRandomState, create_hashes};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
@@ -376,11 +377,48 @@ struct Units {
     components: Vec<Vec<Float64Array>>,
     /// Per input row, in order: (batch, row, unit).
     refs: Vec<(u32, u32, u32)>,
+    /// Per input row, in order: its rank among its unit's groups.
+    ranks: Vec<u64>,
+    batch_ranks: Vec<u64>,
     reservation: MemoryReservation,
 }
 
+/// Which of a unit's groups it keeps first: the smallest rank, then the
+/// smallest key bytes (ascending, nulls first) between equal ranks.
+///
+/// A rank is a hash of the unit and the group's keys, so that no part of
+/// the key range is favoured: in key order, a person with more visits than
+/// `max_groups` would give only their earliest dates, and a count by date
+/// would lean to January. The choice depends on the unit's own rows only,
+/// as bounding must, and is the same in every path that bounds (this
+/// operator, [`super::streamed::StreamedBounds`], and the reference in SQL)
+/// and on every machine: the hash has fixed seeds.
+pub fn rank_groups(unit: &ArrayRef, keys: &[ArrayRef], ranks: &mut Vec<u64>) -> Result<()> {
+    const STATE: QualityRandomState = QualityRandomState::with_seed(0x6672_6f73_7467_6c61);
+    let mut units = vec![0u64; unit.len()];
+    create_hashes([unit], &STATE, &mut units)?;
+    ranks.clear();
+    ranks.resize(unit.len(), 0);
+    if !keys.is_empty() {
+        create_hashes(keys, &STATE, ranks)?;
+    }
+    // DataFusion combines columns' hashes linearly: mixed, the bits of the
+    // unit and of every key reach every bit of the rank.
+    for (rank, unit) in ranks.iter_mut().zip(units) {
+        *rank = mix(*rank ^ mix(unit));
+    }
+    Ok(())
+}
+
+/// SplitMix64's finalizer.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn options() -> SortOptions {
-    // The order groups are kept in: ascending, nulls first.
+    // The order between groups of equal rank: ascending, nulls first.
     SortOptions {
         descending: false,
         nulls_first: true,
@@ -409,6 +447,8 @@ impl Units {
             keys: Vec::new(),
             components: Vec::new(),
             refs: Vec::new(),
+            ranks: Vec::new(),
+            batch_ranks: Vec::new(),
             reservation,
         })
     }
@@ -444,9 +484,10 @@ impl Units {
             let u = self.unit(units.row(row).as_ref());
             self.refs.push((b, row as u32, u));
         }
-        let keys = self
-            .key_rows
-            .convert_columns(&batch.columns()[1..=self.bounds.keys])?;
+        let key_columns = &batch.columns()[1..=self.bounds.keys];
+        rank_groups(batch.column(0), key_columns, &mut self.batch_ranks)?;
+        self.ranks.extend_from_slice(&self.batch_ranks);
+        let keys = self.key_rows.convert_columns(key_columns)?;
         let components = (0..self.bounds.components)
             .map(|i| {
                 let c = cast(batch.column(1 + self.bounds.keys + i), &DataType::Float64)?;
@@ -459,7 +500,7 @@ impl Units {
                 .iter()
                 .map(|c| c.get_array_memory_size())
                 .sum::<usize>()
-            + n * 12;
+            + n * 20;
         self.reservation.try_grow(grown)?;
         self.keys.push(keys);
         self.components.push(components);
@@ -488,16 +529,18 @@ impl Units {
             starts: starts.clone(),
             key_bytes: vec![0u8; byte_starts[units]],
             key_ends: vec![0usize; n],
+            ranks: vec![0u64; n],
             rows: vec![0i64; n],
             components: vec![None; n * width],
         };
         self.reservation
-            .try_grow(g.key_bytes.len() + n * (16 + width * 16) + 16 * (units + 1))?;
+            .try_grow(g.key_bytes.len() + n * (24 + width * 16) + 16 * (units + 1))?;
         let (mut next, mut next_byte) = (starts, byte_starts);
-        for &(b, r, u) in &self.refs {
+        for (&(b, r, u), &rank) in self.refs.iter().zip(&self.ranks) {
             let (b, r, u) = (b as usize, r as usize, u as usize);
             let at = next[u];
             next[u] += 1;
+            g.ranks[at] = rank;
             let key = self.keys[b].row(r);
             let key = key.as_ref();
             let end = next_byte[u] + key.len();
@@ -524,6 +567,7 @@ impl Units {
         self.keys = Vec::new();
         self.components = Vec::new();
         self.refs = Vec::new();
+        self.ranks = Vec::new();
         self.reservation.shrink(input.min(self.reservation.size()));
         Ok(g)
     }
@@ -539,7 +583,11 @@ impl Units {
             mine.clear();
             mine.extend(g.starts[u]..g.starts[u + 1]);
             if mine.len() > 1 {
-                mine.sort_unstable_by(|&a, &b| g.key(a).cmp(g.key(b)));
+                mine.sort_unstable_by(|&a, &b| {
+                    g.ranks[a]
+                        .cmp(&g.ranks[b])
+                        .then_with(|| g.key(a).cmp(g.key(b)))
+                });
             }
             let mut rows_before = 0i64;
             for &at in mine.iter().take(max_groups) {
@@ -607,6 +655,7 @@ struct Gathered {
     /// Per row: where its key's bytes end (they start where the previous
     /// row's end, or at the unit's first byte).
     key_ends: Vec<usize>,
+    ranks: Vec<u64>,
     rows: Vec<i64>,
     /// Per row, each component.
     components: Vec<Option<f64>>,
@@ -709,9 +758,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_unit_keeps_its_first_groups_and_rows() {
+    async fn each_unit_keeps_its_first_ranked_groups_and_rows() {
+        let (units, days) = (1000, 5);
         let ctx = context(1 << 30);
-        let input = per_unit_group(&ctx, 100, 5).await;
+        let input = per_unit_group(&ctx, units, days).await;
         let batches = bound(&ctx, input).await.unwrap();
         let mut kept: Vec<(i64, f64)> = Vec::new();
         for b in &batches {
@@ -720,11 +770,27 @@ mod tests {
             kept.extend((0..b.num_rows()).map(|r| (days.value(r), counts.value(r))));
         }
         kept.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
-        // Two groups per person (days 0 and 1), one row over both: day 0
-        // keeps its row, day 1 is kept with none.
-        let expected: Vec<(i64, f64)> =
-            [(0, 1.0); 100].into_iter().chain([(1, 0.0); 100]).collect();
+        // Two groups per person, one row over both: the person's first day
+        // by rank keeps its row, the second is kept with none.
+        let mut expected: Vec<(i64, f64)> = Vec::new();
+        let mut ranks = Vec::new();
+        for p in 0..units {
+            let person: ArrayRef = Arc::new(StringArray::from(vec![format!("p{p}"); days]));
+            let day: ArrayRef = Arc::new(Int64Array::from_iter_values(0..days as i64));
+            rank_groups(&person, &[day], &mut ranks).unwrap();
+            let mut order: Vec<i64> = (0..days as i64).collect();
+            order.sort_by_key(|&d| (ranks[d as usize], d));
+            expected.extend([(order[0], 1.0), (order[1], 0.0)]);
+        }
+        expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
         assert_eq!(kept, expected);
+        // No day is favoured: in key order, days 0 and 1 would be kept by
+        // every person and the others by none. Each is kept by 2 persons in
+        // 5 (400 ± 15.5 here); the bounds are six deviations.
+        for day in 0..days as i64 {
+            let times = kept.iter().filter(|k| k.0 == day).count();
+            assert!((300..=500).contains(&times), "day {day} kept {times} times");
+        }
     }
 
     #[tokio::test]

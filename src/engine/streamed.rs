@@ -7,7 +7,7 @@
 //! unit ([`crate::catalog::clustered`]), each unit's rows are consecutive: the
 //! operator collects one unit at a time, bounds it exactly as
 //! `BoundContributions` does (at most `max_groups` groups, the first in
-//! ascending key order with nulls first, and `max_rows` rows over them, each
+//! [`super::bound::rank_groups`] order, and `max_rows` rows over them, each
 //! group's values scaled to the rows kept), and adds what the unit keeps to
 //! its groups' sums. The only hash table is over the groups.
 //!
@@ -415,6 +415,8 @@ fn value_over(value: Value, column: Option<&ArrayRef>, rows: Range<usize>) -> Op
 /// One (unit, group) of the unit being collected, or a run of its rows.
 struct Entry {
     group: usize,
+    /// The group's [`super::bound::rank_groups`] rank in its unit.
+    rank: u64,
     rows: i64,
     /// Where its values start in the values beside it.
     at: usize,
@@ -429,8 +431,9 @@ struct Streamer {
     /// Per group id, its keys in row format (ordered as the keys are).
     key_rows: RowConverter,
     group_keys: Rows,
-    /// The group of each run of the batch being added.
+    /// The group and the rank of each run of the batch being added.
     ids: Vec<usize>,
+    ranks: Vec<u64>,
     unit_rows: RowConverter,
     last_unit: Option<OwnedRow>,
     credit: Credit,
@@ -470,6 +473,7 @@ impl Streamer {
             layout,
             schema,
             ids: Vec::new(),
+            ranks: Vec::new(),
             last_unit: None,
             credit: Credit {
                 width,
@@ -490,26 +494,19 @@ impl Streamer {
         self.credit.units.len()
     }
 
-    /// Gives each run its group id from the keys of its first row,
+    /// Gives each run its group id from its keys (those of its first row),
     /// registering new groups.
-    fn intern(&mut self, keys: &[ArrayRef], starts: &UInt32Array) -> Result<()> {
+    fn intern(&mut self, keys: &[ArrayRef], runs: usize) -> Result<()> {
         let before = self.group_count();
         let Some(groups) = self.groups.as_mut() else {
             self.ids.clear();
-            self.ids.resize(starts.len(), 0);
+            self.ids.resize(runs, 0);
             if before == 0 {
                 self.grow(1);
             }
             return Ok(());
         };
-        let keys = if keys.first().is_some_and(|k| k.len() == starts.len()) {
-            keys.to_vec()
-        } else {
-            keys.iter()
-                .map(|k| take(k.as_ref(), starts, None))
-                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?
-        };
-        groups.intern(&keys, &mut self.ids)?;
+        groups.intern(keys, &mut self.ids)?;
         let after = groups.len();
         if after > before {
             // Ids are handed out in order of first appearance.
@@ -571,11 +568,28 @@ impl Streamer {
             columns.push((v, column));
         }
         let runs = partition(&batch.columns()[..=self.layout.keys])?.ranges();
-        let starts = UInt32Array::from_iter_values(runs.iter().map(|r| r.start as u32));
-        self.intern(&batch.columns()[1..=self.layout.keys], &starts)?;
-        let unit = batch.column(0);
+        // The unit and the keys of each run.
+        let (unit, keys) = if runs.len() == n {
+            (
+                batch.column(0).clone(),
+                batch.columns()[1..=self.layout.keys].to_vec(),
+            )
+        } else {
+            let starts = UInt32Array::from_iter_values(runs.iter().map(|r| r.start as u32));
+            let at_starts = |c: &ArrayRef| take(c.as_ref(), &starts, None);
+            (
+                at_starts(batch.column(0))?,
+                batch.columns()[1..=self.layout.keys]
+                    .iter()
+                    .map(at_starts)
+                    .collect::<std::result::Result<Vec<ArrayRef>, _>>()?,
+            )
+        };
+        self.intern(&keys, runs.len())?;
+        super::bound::rank_groups(&unit, &keys, &mut self.ranks)?;
         // Each unit's runs, as ranges of runs.
-        let units = partition(&[take(unit.as_ref(), &starts, None)?])?.ranges();
+        let units = partition(&[unit])?.ranges();
+        let unit = batch.column(0);
         let first = self.unit_rows.convert_columns(&[unit.slice(0, 1)])?;
         let continues = self
             .last_unit
@@ -607,6 +621,7 @@ impl Streamer {
                 let rows = &runs[run];
                 self.pending.push(Entry {
                     group: self.ids[run],
+                    rank: self.ranks[run],
                     rows: rows.len() as i64,
                     at: self.pending_values.len(),
                 });
@@ -657,6 +672,7 @@ impl Streamer {
                 _ => {
                     self.entries.push(Entry {
                         group: run.group,
+                        rank: run.rank,
                         rows: run.rows,
                         at: self.entry_values.len(),
                     });
@@ -669,8 +685,11 @@ impl Streamer {
             && (self.entries.len() > max_groups || total_rows > self.layout.max_rows)
         {
             let keys = &self.group_keys;
-            self.entries
-                .sort_unstable_by(|a, b| keys.row(a.group).cmp(&keys.row(b.group)));
+            self.entries.sort_unstable_by(|a, b| {
+                a.rank
+                    .cmp(&b.rank)
+                    .then_with(|| keys.row(a.group).cmp(&keys.row(b.group)))
+            });
         }
         let mut rows_before = 0i64;
         for e in self.entries.iter().take(max_groups) {

@@ -545,7 +545,8 @@ fn scaled(
 }
 
 /// The same bounds in SQL — an aggregation by (unit, group), then a window
-/// sorted by (unit, group) that ranks each unit's groups and runs its rows —
+/// sorted by (unit, rank, group) that ranks each unit's groups and runs its
+/// rows —
 /// as releases computed them before [`BoundContributions`]: the reference
 /// the operator is tested against.
 #[cfg(test)]
@@ -555,16 +556,54 @@ pub(crate) mod in_sql {
     use datafusion::functions_aggregate::sum::sum_udaf;
     use datafusion::functions_window::expr_fn::row_number;
     use datafusion::logical_expr::expr::WindowFunction;
-    use datafusion::logical_expr::{ExprFunctionExt, WindowFunctionDefinition};
+    use datafusion::logical_expr::{
+        ColumnarValue, ExprFunctionExt, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+        Volatility, WindowFunctionDefinition,
+    };
+
+    /// `rank(unit, key, …)`: [`crate::engine::bound::rank_groups`] in SQL.
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct Rank(Signature);
+
+    impl ScalarUDFImpl for Rank {
+        fn name(&self) -> &str {
+            "__fg_group_rank"
+        }
+
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+
+        fn return_type(&self, _args: &[DataType]) -> datafusion::common::Result<DataType> {
+            Ok(DataType::UInt64)
+        }
+
+        fn invoke_with_args(
+            &self,
+            args: ScalarFunctionArgs,
+        ) -> datafusion::common::Result<ColumnarValue> {
+            let columns = ColumnarValue::values_to_arrays(&args.args)?;
+            let mut ranks = Vec::new();
+            crate::engine::bound::rank_groups(&columns[0], &columns[1..], &mut ranks)?;
+            Ok(ColumnarValue::Array(Arc::new(
+                datafusion::arrow::array::UInt64Array::from(ranks),
+            )))
+        }
+    }
 
     /// The reference for one [`BoundContributions`] node over `level1`.
     pub fn bounds(level1: LogicalPlan, b: &Bounds) -> LogicalPlan {
         let cols1 = level1.schema().columns();
         let unit1 = Expr::Column(cols1[0].clone());
         let rows1 = Expr::Column(cols1[1 + b.keys + b.components].clone());
-        let order: Vec<_> = cols1[1..=b.keys]
-            .iter()
-            .map(|g| Expr::Column(g.clone()).sort(true, true))
+        let rank = ScalarUDF::new_from_impl(Rank(Signature::variadic_any(Volatility::Immutable)));
+        let ranked = rank.call(cols1[..=b.keys].iter().cloned().map(Expr::Column).collect());
+        let order: Vec<_> = std::iter::once(ranked.sort(true, true))
+            .chain(
+                cols1[1..=b.keys]
+                    .iter()
+                    .map(|g| Expr::Column(g.clone()).sort(true, true)),
+            )
             .collect();
         let rank = row_number()
             .partition_by(vec![unit1.clone()])
