@@ -21,6 +21,7 @@
 use crate::catalog::clustered::unit_order;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, UInt32Array,
+    make_comparator,
 };
 use datafusion::arrow::compute::kernels::partition::partition;
 use datafusion::arrow::compute::{cast, filter, take};
@@ -47,6 +48,7 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use futures::{StreamExt, TryStreamExt};
+use std::cmp::Ordering;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
@@ -412,6 +414,33 @@ fn value_over(value: Value, column: Option<&ArrayRef>, rows: Range<usize>) -> Op
     }
 }
 
+/// Adds a run's values to its group's, NULL staying NULL until a value comes.
+fn merge_values(acc: &mut [Option<f64>], values: impl Iterator<Item = Option<f64>>) {
+    for (acc, v) in acc.iter_mut().zip(values) {
+        if let Some(v) = v {
+            *acc = Some(acc.unwrap_or(0.0) + v);
+        }
+    }
+}
+
+/// A unit's first `max_groups` groups, taken in order, each with the share
+/// of its rows the unit may still add.
+fn kept_factors<'a>(
+    layout: &Layout,
+    entries: &'a [Entry],
+) -> impl Iterator<Item = (&'a Entry, f64)> {
+    let max_groups = usize::try_from(layout.max_groups).unwrap_or(usize::MAX);
+    let max_rows = layout.max_rows;
+    entries
+        .iter()
+        .take(max_groups)
+        .scan(0i64, move |rows_before, e| {
+            let factor = kept_share(max_rows, *rows_before, e.rows);
+            *rows_before += e.rows;
+            Some((e, factor))
+        })
+}
+
 /// One (unit, group) of the unit being collected, or a run of its rows.
 struct Entry {
     group: usize,
@@ -434,6 +463,13 @@ struct Streamer {
     /// The group and the rank of each run of the batch being added.
     ids: Vec<usize>,
     ranks: Vec<u64>,
+    /// The runs whose group is looked up (`usize::MAX` in `ids` for the
+    /// others), and what the batch's whole units keep: per unit its kept
+    /// groups, each as a run of the group, its factor and its values.
+    needed: Vec<u32>,
+    needed_ids: Vec<usize>,
+    kept: Vec<(u32, f64, usize)>,
+    kept_values: Vec<Option<f64>>,
     unit_rows: RowConverter,
     last_unit: Option<OwnedRow>,
     credit: Credit,
@@ -474,6 +510,10 @@ impl Streamer {
             schema,
             ids: Vec::new(),
             ranks: Vec::new(),
+            needed: Vec::new(),
+            needed_ids: Vec::new(),
+            kept: Vec::new(),
+            kept_values: Vec::new(),
             last_unit: None,
             credit: Credit {
                 width,
@@ -494,8 +534,8 @@ impl Streamer {
         self.credit.units.len()
     }
 
-    /// Gives each run its group id from its keys (those of its first row),
-    /// registering new groups.
+    /// Gives each of the `needed` runs its group id from its keys (those of
+    /// its first row), registering new groups.
     fn intern(&mut self, keys: &[ArrayRef], runs: usize) -> Result<()> {
         let before = self.group_count();
         let Some(groups) = self.groups.as_mut() else {
@@ -506,12 +546,29 @@ impl Streamer {
             }
             return Ok(());
         };
-        groups.intern(keys, &mut self.ids)?;
+        let keys = if self.needed.len() == runs {
+            keys.to_vec()
+        } else {
+            let needed = UInt32Array::from_iter_values(self.needed.iter().copied());
+            keys.iter()
+                .map(|k| take(k.as_ref(), &needed, None))
+                .collect::<std::result::Result<Vec<ArrayRef>, _>>()?
+        };
+        groups.intern(&keys, &mut self.needed_ids)?;
+        self.ids.clear();
+        if self.needed.len() == runs {
+            self.ids.extend_from_slice(&self.needed_ids);
+        } else {
+            self.ids.resize(runs, usize::MAX);
+            for (&run, &id) in self.needed.iter().zip(&self.needed_ids) {
+                self.ids[run as usize] = id;
+            }
+        }
         let after = groups.len();
         if after > before {
             // Ids are handed out in order of first appearance.
             let mut firsts = Vec::with_capacity(after - before);
-            for (run, &id) in self.ids.iter().enumerate() {
+            for (run, &id) in self.needed_ids.iter().enumerate() {
                 if id == before + firsts.len() {
                     firsts.push(run as u32);
                     if before + firsts.len() == after {
@@ -585,7 +642,6 @@ impl Streamer {
                     .collect::<std::result::Result<Vec<ArrayRef>, _>>()?,
             )
         };
-        self.intern(&keys, runs.len())?;
         super::bound::rank_groups(&unit, &keys, &mut self.ranks)?;
         // Each unit's runs, as ranges of runs.
         let units = partition(&[unit])?.ranges();
@@ -601,10 +657,59 @@ impl Streamer {
                 .iter()
                 .map(move |(v, c)| value_over(*v, c.as_ref(), rows.clone()))
         };
+        // A unit of several runs that lies wholly in this batch is bounded
+        // before any group is looked up, and only the groups it keeps are:
+        // a person of twenty visit dates and a bound of four looks up four.
+        // Runs are told apart by their keys' values, which is how groups
+        // are, except for floats (DataFusion's groups and arrow's order
+        // may disagree on zeros and NaNs): those go the way of every run.
+        let selecting = self.groups.is_some()
+            && self.layout.keys > 0
+            && keys.iter().all(|k| !k.data_type().is_floating());
+        let compare = if selecting {
+            keys.iter()
+                .map(|k| make_comparator(k.as_ref(), k.as_ref(), unit_order()))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let compare = |a: usize, b: usize| {
+            compare
+                .iter()
+                .map(|c| c(a, b))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        };
+        let selected = |i: usize, unit_runs: &Range<usize>| {
+            selecting && !(i == 0 && continues) && i < last_unit && unit_runs.len() > 1
+        };
+        self.needed.clear();
+        self.kept.clear();
+        self.kept_values.clear();
+        let mut kept_by_unit = Vec::with_capacity(units.len());
+        for (i, unit_runs) in units.iter().enumerate() {
+            let from = self.kept.len();
+            if selected(i, unit_runs) {
+                self.select(unit_runs.clone(), &runs, compare, values_of);
+                self.needed.extend(self.kept[from..].iter().map(|k| k.0));
+            } else {
+                self.needed.extend(unit_runs.clone().map(|r| r as u32));
+            }
+            kept_by_unit.push(from..self.kept.len());
+        }
+        self.intern(&keys, runs.len())?;
+        let width = self.layout.values.len();
         for (i, unit_runs) in units.into_iter().enumerate() {
             let continuing = i == 0 && continues;
             if !continuing {
                 self.finish_unit();
+            }
+            if selected(i, &unit_runs) {
+                for &(run, factor, at) in &self.kept[kept_by_unit[i].clone()] {
+                    let values = self.kept_values[at..at + width].iter().copied();
+                    self.credit.add(self.ids[run as usize], factor, values);
+                }
+                continue;
             }
             // Most units lie within one batch and fall into one group: they
             // are bounded straight from the batch.
@@ -640,6 +745,54 @@ impl Streamer {
         Ok(())
     }
 
+    /// Bounds a unit whose runs all lie in the batch being added, as
+    /// [`Streamer::finish_unit`] does, before its groups are looked up: its
+    /// runs are ordered by rank and keys (`compare`), so that a group's runs
+    /// fall together, in their order, and are merged. Records each kept
+    /// group as one of its runs, its factor and its values.
+    fn select<I: Iterator<Item = Option<f64>>>(
+        &mut self,
+        unit_runs: Range<usize>,
+        runs: &[Range<usize>],
+        compare: impl Fn(usize, usize) -> Ordering,
+        values_of: impl Fn(Range<usize>) -> I,
+    ) {
+        let width = self.layout.values.len();
+        let ranks = &self.ranks;
+        self.order.clear();
+        self.order.extend(unit_runs);
+        // Stable: a group's runs keep their order, as its rows did.
+        self.order
+            .sort_by(|&a, &b| ranks[a].cmp(&ranks[b]).then_with(|| compare(a, b)));
+        self.entries.clear();
+        self.entry_values.clear();
+        for &r in &self.order {
+            let rows = runs[r].len() as i64;
+            let values = values_of(runs[r].clone());
+            match self.entries.last_mut() {
+                Some(e) if e.rank == ranks[r] && compare(e.group, r).is_eq() => {
+                    e.rows += rows;
+                    merge_values(&mut self.entry_values[e.at..e.at + width], values);
+                }
+                _ => {
+                    self.entries.push(Entry {
+                        group: r,
+                        rank: ranks[r],
+                        rows,
+                        at: self.entry_values.len(),
+                    });
+                    self.entry_values.extend(values);
+                }
+            }
+        }
+        for (e, factor) in kept_factors(&self.layout, &self.entries) {
+            self.kept
+                .push((e.group as u32, factor, self.kept_values.len()));
+            self.kept_values
+                .extend_from_slice(&self.entry_values[e.at..e.at + width]);
+        }
+    }
+
     /// Bounds the collected unit and adds what it keeps to its groups.
     fn finish_unit(&mut self) {
         if self.pending.is_empty() {
@@ -663,11 +816,10 @@ impl Streamer {
             match self.entries.last_mut() {
                 Some(e) if e.group == run.group => {
                     e.rows += run.rows;
-                    for (acc, v) in self.entry_values[e.at..e.at + width].iter_mut().zip(values) {
-                        if let Some(v) = v {
-                            *acc = Some(acc.unwrap_or(0.0) + v);
-                        }
-                    }
+                    merge_values(
+                        &mut self.entry_values[e.at..e.at + width],
+                        values.iter().copied(),
+                    );
                 }
                 _ => {
                     self.entries.push(Entry {
@@ -691,12 +843,9 @@ impl Streamer {
                     .then_with(|| keys.row(a.group).cmp(&keys.row(b.group)))
             });
         }
-        let mut rows_before = 0i64;
-        for e in self.entries.iter().take(max_groups) {
-            let factor = kept_share(self.layout.max_rows, rows_before, e.rows);
+        for (e, factor) in kept_factors(&self.layout, &self.entries) {
             let values = self.entry_values[e.at..e.at + width].iter().copied();
             self.credit.add(e.group, factor, values);
-            rows_before += e.rows;
         }
         self.pending.clear();
         self.pending_values.clear();
