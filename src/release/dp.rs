@@ -951,12 +951,12 @@ fn release_selected(
         let mut keep: Vec<u32> = Vec::new();
         let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); job.outputs.len()];
         let selection = noise::take_many(job.selection_noise(), batch.num_rows());
-        for row in 0..batch.num_rows() {
+        for (row, &noise) in selection.iter().enumerate() {
             if row % CHUNK == 0 && stop() {
                 return Err(cancelled());
             }
             let (components, units) = columns.row(row);
-            let noisy_units = units + selection[row] as f64;
+            let noisy_units = units + noise as f64;
             if noisy_units < tau {
                 continue;
             }
