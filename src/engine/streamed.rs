@@ -414,6 +414,27 @@ fn value_over(value: Value, column: Option<&ArrayRef>, rows: Range<usize>) -> Op
     }
 }
 
+/// Whether two values of `t` fall in one group exactly when arrow's
+/// comparator finds them equal: flat types without floats. (Floats may
+/// disagree on zeros and NaNs; nested and dictionary types could hide one.)
+fn grouped_by_value(t: &DataType) -> bool {
+    use DataType::*;
+    t.is_integer()
+        || t.is_temporal()
+        || matches!(
+            t,
+            Boolean
+                | Utf8
+                | LargeUtf8
+                | Utf8View
+                | Binary
+                | LargeBinary
+                | BinaryView
+                | Decimal128(..)
+                | Decimal256(..)
+        )
+}
+
 /// Adds a run's values to its group's, NULL staying NULL until a value comes.
 fn merge_values(acc: &mut [Option<f64>], values: impl Iterator<Item = Option<f64>>) {
     for (acc, v) in acc.iter_mut().zip(values) {
@@ -661,11 +682,11 @@ impl Streamer {
         // before any group is looked up, and only the groups it keeps are:
         // a person of twenty visit dates and a bound of four looks up four.
         // Runs are told apart by their keys' values, which is how groups
-        // are, except for floats (DataFusion's groups and arrow's order
-        // may disagree on zeros and NaNs): those go the way of every run.
+        // are for the flat types of `grouped_by_value`; other keys go the
+        // way of every run.
         let selecting = self.groups.is_some()
             && self.layout.keys > 0
-            && keys.iter().all(|k| !k.data_type().is_floating());
+            && keys.iter().all(|k| grouped_by_value(k.data_type()));
         let compare = if selecting {
             keys.iter()
                 .map(|k| make_comparator(k.as_ref(), k.as_ref(), unit_order()))
