@@ -68,6 +68,7 @@ fn rules(config: SessionConfig) -> SessionStateBuilder {
         .with_config(config)
         .with_analyzer_rules(analyzer)
         .with_query_planner(Arc::new(bound::QueryPlanner))
+        .with_physical_optimizer_rule(Arc::new(streamed::AggregateOnce))
         // No generate_series/range, no CREATE EXTERNAL TABLE factories.
         .with_table_function_list(Vec::new())
         .with_table_factories(HashMap::new())

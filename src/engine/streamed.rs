@@ -11,10 +11,18 @@
 //! group's values scaled to the rows kept), and adds what the unit keeps to
 //! its groups' sums. The only hash table is over the groups.
 //!
+//! When the groups are many, most of them kept by one or two units of a
+//! partition, summing here is a second hash aggregation beside the one that
+//! must add up the partitions anyway. Then the operator passes each kept
+//! pair on as a row of its own and leaves the sums to that one aggregation,
+//! planned over rows shuffled by group ([`AggregateOnce`]), as plain
+//! DataFusion does for keys of high cardinality.
+//!
 //! Input: the unit, the group keys, then one column per value other than
-//! [`Value::Rows`]. Output, per partition: the group keys, each value's
-//! bounded sum (Float64, NULL when no unit gave one) and the number of
-//! (unit, group) pairs kept (Int64). The operator requires its input
+//! [`Value::Rows`]. Output: rows of the group keys, each value's bounded sum
+//! over some of the group's kept pairs (Float64, NULL when none gave one) and
+//! how many pairs those were (Int64); a group may have several rows, which
+//! the aggregate above adds up. The operator requires its input
 //! partitioned and ordered by unit; DataFusion shuffles and sorts what does
 //! not already come so.
 
@@ -27,7 +35,8 @@ use datafusion::arrow::compute::kernels::partition::partition;
 use datafusion::arrow::compute::{cast, filter, take};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -38,10 +47,15 @@ use datafusion::physical_expr::{
     Distribution, EquivalenceProperties, LexRequirement, OrderingRequirements, Partitioning,
     PhysicalExpr, PhysicalSortRequirement,
 };
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::metrics::{
+    BaselineMetrics, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
@@ -87,6 +101,9 @@ pub fn partial_name(i: usize) -> String {
 
 /// The output's count of kept (unit, group) pairs.
 pub const KEPT_UNITS: &str = "__fg_pu";
+
+/// The metric of how many kept pairs left as rows of their own.
+pub const PAIRS_PASSED: &str = "pairs_passed";
 
 fn output_fields(keys: impl IntoIterator<Item = Arc<Field>>, values: usize) -> Vec<Arc<Field>> {
     let mut out: Vec<Arc<Field>> = keys.into_iter().collect();
@@ -242,7 +259,7 @@ impl StreamedBoundsExec {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
-            EmissionType::Final,
+            EmissionType::Both,
             Boundedness::Bounded,
         ));
         Ok(StreamedBoundsExec {
@@ -325,34 +342,112 @@ impl ExecutionPlan for StreamedBoundsExec {
         let reservation = MemoryConsumer::new(format!("StreamedBounds[{partition}]"))
             .register(context.memory_pool());
         let baseline = BaselineMetrics::new(&self.metrics, partition);
-        let mut units = Streamer::new(
+        let batch_size = context.session_config().batch_size();
+        let units = Streamer::new(
             &self.input.schema(),
             self.layout.clone(),
             self.schema.clone(),
             reservation,
+            batch_size as u64 / 2,
         )?;
-        let batch_size = context.session_config().batch_size();
-        let output = futures::stream::once(async move {
-            let mut input = input;
-            while let Some(batch) = input.next().await {
-                let batch = batch?;
-                let _timer = baseline.elapsed_compute().timer();
-                units.add(&batch)?;
-            }
-            let _timer = baseline.elapsed_compute().timer();
-            let batch = units.finish()?;
-            baseline.record_output(batch.num_rows());
-            let chunks: Vec<_> = (0..batch.num_rows())
-                .step_by(batch_size.max(1))
-                .map(|at| Ok(batch.slice(at, batch_size.min(batch.num_rows() - at))))
-                .collect();
-            Ok::<_, DataFusionError>(futures::stream::iter(chunks))
-        })
+        let passed = MetricBuilder::new(&self.metrics).counter(PAIRS_PASSED, partition);
+        // Kept pairs leave as they are found once the operator emits them
+        // as rows; the sums it holds leave at the end.
+        let output = futures::stream::unfold(
+            Some((input, units, baseline, passed)),
+            move |state| async move {
+                let (mut input, mut units, baseline, passed) = state?;
+                loop {
+                    let Some(batch) = input.next().await else {
+                        let _timer = baseline.elapsed_compute().timer();
+                        let sums = match units.finish() {
+                            Ok(sums) => sums,
+                            Err(e) => return Some((Err(e), None)),
+                        };
+                        baseline.record_output(sums.num_rows());
+                        let chunks: Vec<_> = (0..sums.num_rows())
+                            .step_by(batch_size.max(1))
+                            .map(|at| Ok(sums.slice(at, batch_size.min(sums.num_rows() - at))))
+                            .collect();
+                        return Some((Ok(futures::stream::iter(chunks)), None));
+                    };
+                    let timer = baseline.elapsed_compute().timer();
+                    match batch.and_then(|batch| units.add(&batch)) {
+                        Ok(None) => continue,
+                        Ok(Some(pairs)) => {
+                            timer.done();
+                            baseline.record_output(pairs.num_rows());
+                            passed.add(pairs.num_rows());
+                            let pairs = futures::stream::iter(vec![Ok(pairs)]);
+                            return Some((Ok(pairs), Some((input, units, baseline, passed))));
+                        }
+                        Err(e) => return Some((Err(e), None)),
+                    }
+                }
+            },
+        )
         .try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             output,
         )))
+    }
+}
+
+/// Plans the aggregation that adds up [`StreamedBoundsExec`]'s rows as one
+/// aggregation over rows shuffled by group, without the partial one
+/// DataFusion puts first: the operator has already summed in its partition
+/// where that pays (few groups), and where it does not, the partial step
+/// would only hash every pair a second time.
+#[derive(Debug)]
+pub struct AggregateOnce;
+
+impl PhysicalOptimizerRule for AggregateOnce {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_down(|plan| {
+            let Some(last) = plan.downcast_ref::<AggregateExec>() else {
+                return Ok(Transformed::no(plan));
+            };
+            let Some(shuffle) = last.input().downcast_ref::<RepartitionExec>() else {
+                return Ok(Transformed::no(plan));
+            };
+            let Some(first) = shuffle.input().downcast_ref::<AggregateExec>() else {
+                return Ok(Transformed::no(plan));
+            };
+            let (AggregateMode::FinalPartitioned, AggregateMode::Partial, Partitioning::Hash(_, n)) =
+                (last.mode(), first.mode(), shuffle.partitioning())
+            else {
+                return Ok(Transformed::no(plan));
+            };
+            if first.input().downcast_ref::<StreamedBoundsExec>().is_none() {
+                return Ok(Transformed::no(plan));
+            }
+            let by_group = Partitioning::Hash(first.group_expr().input_exprs(), *n);
+            let shuffled = RepartitionExec::try_new(first.input().clone(), by_group)?;
+            let once = AggregateExec::try_new(
+                AggregateMode::SinglePartitioned,
+                first.group_expr().clone(),
+                first.aggr_expr().to_vec(),
+                first.filter_expr().to_vec(),
+                Arc::new(shuffled),
+                first.input_schema(),
+            )?
+            .with_limit_options(last.limit_options());
+            Ok(Transformed::yes(Arc::new(once) as Arc<dyn ExecutionPlan>))
+        })
+        .data()
+    }
+
+    fn name(&self) -> &str {
+        "AggregateOnce"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
     }
 }
 
@@ -365,6 +460,8 @@ struct Credit {
     seen: Vec<bool>,
     /// Per group: the units that kept it.
     units: Vec<i64>,
+    /// The (unit, group) pairs added, over all groups.
+    pairs: u64,
 }
 
 impl Credit {
@@ -377,6 +474,7 @@ impl Credit {
             }
         }
         self.units[group] += 1;
+        self.pairs += 1;
     }
 }
 
@@ -494,6 +592,12 @@ struct Streamer {
     unit_rows: RowConverter,
     last_unit: Option<OwnedRow>,
     credit: Credit,
+    /// Whether the units bounded within one batch leave as rows, one per
+    /// kept pair, rather than being summed here (see [`Streamer::add`]).
+    as_pairs: bool,
+    /// How many pairs are summed before the operator judges whether summing
+    /// pays: half a batch.
+    judge_after: u64,
     /// The current unit's runs of rows of one group, and their values.
     pending: Vec<Entry>,
     pending_values: Vec<Option<f64>>,
@@ -509,6 +613,7 @@ impl Streamer {
         layout: Layout,
         schema: SchemaRef,
         reservation: MemoryReservation,
+        judge_after: u64,
     ) -> Result<Streamer> {
         let field = |i: usize| {
             SortField::new_with_options(input.field(i).data_type().clone(), unit_order())
@@ -541,7 +646,10 @@ impl Streamer {
                 sums: Vec::new(),
                 seen: Vec::new(),
                 units: Vec::new(),
+                pairs: 0,
             },
+            as_pairs: false,
+            judge_after,
             pending: Vec::new(),
             pending_values: Vec::new(),
             entries: Vec::new(),
@@ -567,6 +675,9 @@ impl Streamer {
             }
             return Ok(());
         };
+        if self.needed.is_empty() {
+            return Ok(());
+        }
         let keys = if self.needed.len() == runs {
             keys.to_vec()
         } else {
@@ -622,10 +733,15 @@ impl Streamer {
     /// Takes in a batch run by run: a run is rows of one unit and one group,
     /// one after another (one person's visits in one district), so groups
     /// are looked up and values summed once per run, not per row.
-    fn add(&mut self, batch: &RecordBatch) -> Result<()> {
+    ///
+    /// Once the groups seen are more than half the pairs kept, the units
+    /// bounded within a batch are no longer summed here: their kept pairs
+    /// are returned as rows, and only units that straddle batches (or
+    /// whose groups must be told apart by lookup) are.
+    fn add(&mut self, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
         let n = batch.num_rows();
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         // Each value with its column (none for `Rows`).
         let mut next_column = 1 + self.layout.keys;
@@ -704,6 +820,12 @@ impl Streamer {
         let selected = |i: usize, unit_runs: &Range<usize>| {
             selecting && !(i == 0 && continues) && i < last_unit && unit_runs.len() > 1
         };
+        // Most units lie within one batch and fall into one group: they
+        // are bounded straight from the batch.
+        let single = |i: usize, unit_runs: &Range<usize>| {
+            !(i == 0 && continues) && i < last_unit && unit_runs.len() == 1
+        };
+        let as_pairs = self.as_pairs;
         self.needed.clear();
         self.kept.clear();
         self.kept_values.clear();
@@ -712,7 +834,17 @@ impl Streamer {
             let from = self.kept.len();
             if selected(i, unit_runs) {
                 self.select(unit_runs.clone(), &runs, compare, values_of);
-                self.needed.extend(self.kept[from..].iter().map(|k| k.0));
+                if !as_pairs {
+                    self.needed.extend(self.kept[from..].iter().map(|k| k.0));
+                }
+            } else if as_pairs && single(i, unit_runs) {
+                if self.layout.max_groups > 0 {
+                    let rows = runs[unit_runs.start].clone();
+                    let factor = kept_share(self.layout.max_rows, 0, rows.len() as i64);
+                    self.kept
+                        .push((unit_runs.start as u32, factor, self.kept_values.len()));
+                    self.kept_values.extend(values_of(rows));
+                }
             } else {
                 self.needed.extend(unit_runs.clone().map(|r| r as u32));
             }
@@ -725,6 +857,9 @@ impl Streamer {
             if !continuing {
                 self.finish_unit();
             }
+            if as_pairs && (selected(i, &unit_runs) || single(i, &unit_runs)) {
+                continue;
+            }
             if selected(i, &unit_runs) {
                 for &(run, factor, at) in &self.kept[kept_by_unit[i].clone()] {
                     let values = self.kept_values[at..at + width].iter().copied();
@@ -732,9 +867,7 @@ impl Streamer {
                 }
                 continue;
             }
-            // Most units lie within one batch and fall into one group: they
-            // are bounded straight from the batch.
-            if !continuing && i < last_unit && unit_runs.len() == 1 {
+            if single(i, &unit_runs) {
                 if self.layout.max_groups > 0 {
                     let rows = &runs[unit_runs.start];
                     let factor = kept_share(self.layout.max_rows, 0, rows.len() as i64);
@@ -763,7 +896,36 @@ impl Streamer {
             + self.pending.capacity() * std::mem::size_of::<Entry>()
             + self.pending_values.capacity() * 16;
         self.reservation.try_resize(held)?;
-        Ok(())
+        let pairs = if as_pairs {
+            Some(self.kept_pairs(&keys)?)
+        } else {
+            self.as_pairs = self.layout.keys > 0
+                && self.credit.pairs >= self.judge_after
+                && self.group_count() as u64 * 2 > self.credit.pairs;
+            None
+        };
+        Ok(pairs)
+    }
+
+    /// The batch's kept pairs as rows: each with its group's keys, its
+    /// values scaled as [`Credit::add`] scales them, and one unit.
+    fn kept_pairs(&self, keys: &[ArrayRef]) -> Result<RecordBatch> {
+        let width = self.layout.values.len();
+        let runs = UInt32Array::from_iter_values(self.kept.iter().map(|k| k.0));
+        let mut columns = keys
+            .iter()
+            .map(|k| take(k.as_ref(), &runs, None))
+            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+        for i in 0..width {
+            let values: Float64Array = self
+                .kept
+                .iter()
+                .map(|&(_, factor, at)| self.kept_values[at + i].map(|v| v * factor))
+                .collect();
+            columns.push(Arc::new(values));
+        }
+        columns.push(Arc::new(Int64Array::from(vec![1i64; self.kept.len()])));
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 
     /// Bounds a unit whose runs all lie in the batch being added, as

@@ -321,6 +321,7 @@ mod tests {
     use datafusion::arrow::array::{Array, Float64Array};
     use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    use datafusion::common::tree_node::TreeNode as _;
     use datafusion::execution::session_state::SessionStateBuilder;
     use datafusion::prelude::SessionContext;
     use std::path::Path;
@@ -380,12 +381,15 @@ mod tests {
             None,
         )
         .await
+        .0
     }
 
     /// As [`run`], under `tightening`; with `in_sql`, every contribution
     /// bounding operator replaced by the SQL it replaced. With `clustered`,
     /// the tables are read from their copies clustered by unit, planned for
-    /// that many partitions; else from their files.
+    /// that many partitions (in batches of 64 rows when DataFusion sorts
+    /// them, so that units straddle batches); else from their files. Also
+    /// returns how many kept pairs `StreamedBoundsExec` passed on as rows.
     async fn run_with(
         catalog: &Catalog,
         sql: &str,
@@ -393,15 +397,18 @@ mod tests {
         tightening: &crate::release::dp::Tightening,
         in_sql: bool,
         clustered: Option<usize>,
-    ) -> Vec<(bool, Vec<Vec<String>>)> {
+    ) -> (Vec<(bool, Vec<Vec<String>>)>, usize) {
         let mut config = datafusion::prelude::SessionConfig::new();
         if let Some(partitions) = clustered {
-            config = config.with_target_partitions(partitions);
+            config = config
+                .with_target_partitions(partitions)
+                .with_batch_size(64);
         }
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_default_features()
             .with_query_planner(Arc::new(crate::engine::bound::QueryPlanner))
+            .with_physical_optimizer_rule(Arc::new(crate::engine::streamed::AggregateOnce))
             .build();
         let ctx = SessionContext::new_with_state(state);
         for d in catalog.datasets.values() {
@@ -417,6 +424,7 @@ mod tests {
         let split =
             super::super::split(&plan, catalog, &policies(), use_summaries, tightening).unwrap();
         let mut out = Vec::new();
+        let mut pairs_passed = 0;
         for mut job in split.jobs {
             if in_sql {
                 let bounded = job.plan.display_indent().to_string();
@@ -431,11 +439,11 @@ mod tests {
                 .display_indent()
                 .to_string()
                 .contains(super::QUALIFIER);
+            let physical = ctx.state().create_physical_plan(&job.plan).await.unwrap();
             if let Some(partitions) = clustered
                 && !use_summaries
                 && !sql.contains("JOIN")
             {
-                let physical = ctx.state().create_physical_plan(&job.plan).await.unwrap();
                 let shown = datafusion::physical_plan::displayable(physical.as_ref())
                     .indent(false)
                     .to_string();
@@ -450,17 +458,39 @@ mod tests {
                     partitions != crate::util::query_partitions(),
                     "{sql}, {partitions} partitions: {shown}"
                 );
+                // Keyed sums over several partitions: one aggregation over
+                // rows shuffled by group, no partial one (`AggregateOnce`).
+                if partitions > 1 && sql.contains("GROUP BY") {
+                    let lines: Vec<&str> = shown.lines().collect();
+                    let at = lines
+                        .iter()
+                        .position(|l| l.contains("StreamedBoundsExec"))
+                        .unwrap_or(0);
+                    assert!(
+                        at >= 2
+                            && lines[at - 1].contains("RepartitionExec: partitioning=Hash")
+                            && lines[at - 2].contains("mode=SinglePartitioned"),
+                        "{sql}, {partitions} partitions: {shown}"
+                    );
+                }
             }
-            let batches = ctx
-                .execute_logical_plan(job.plan)
-                .await
-                .unwrap()
-                .collect()
+            let batches = datafusion::physical_plan::collect(physical.clone(), ctx.task_ctx())
                 .await
                 .unwrap();
             out.push((summarised, rows(&batches)));
+            physical
+                .apply(|node| {
+                    if node.name() == "StreamedBoundsExec" {
+                        pairs_passed += node
+                            .metrics()
+                            .and_then(|m| m.sum_by_name(crate::engine::streamed::PAIRS_PASSED))
+                            .map_or(0, |v| v.as_usize());
+                    }
+                    Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                })
+                .unwrap();
         }
-        out
+        (out, pairs_passed)
     }
 
     /// The owners' bounds, and tighter ones that clip most units.
@@ -559,8 +589,8 @@ mod tests {
             .chain(&no_keys);
         for sql in queries {
             for t in &tightenings() {
-                let one_pass = run_with(&catalog, sql, false, t, false, None).await;
-                let windowed = run_with(&catalog, sql, false, t, true, None).await;
+                let one_pass = run_with(&catalog, sql, false, t, false, None).await.0;
+                let windowed = run_with(&catalog, sql, false, t, true, None).await.0;
                 assert!(one_pass.iter().all(|(_, rows)| !rows.is_empty()), "{sql}");
                 assert_eq!(one_pass, windowed, "{sql} under {t:?}");
             }
@@ -594,14 +624,23 @@ mod tests {
             .chain(&MANY_GROUPS_PER_UNIT)
             .chain(&no_keys);
         for sql in queries {
-            for t in &tightenings() {
-                let hashed = run_with(&catalog, sql, false, t, false, None).await;
+            for (i, t) in tightenings().iter().enumerate() {
+                let (hashed, _) = run_with(&catalog, sql, false, t, false, None).await;
                 for partitions in [own, 1, 3] {
-                    let streamed = run_with(&catalog, sql, false, t, false, Some(partitions)).await;
+                    let (streamed, pairs_passed) =
+                        run_with(&catalog, sql, false, t, false, Some(partitions)).await;
                     assert_eq!(
                         streamed, hashed,
                         "{sql} under {t:?}, {partitions} partitions"
                     );
+                    // In batches of 64 rows, a key of many values leaves as
+                    // pairs after the first batches; a few districts do not.
+                    if i == 0 && partitions == 3 && *sql == MANY_GROUPS_PER_UNIT[0] {
+                        assert!(pairs_passed > 0, "{sql}: many groups leave as pairs");
+                    }
+                    if partitions == 3 && *sql == COVERED[0] {
+                        assert_eq!(pairs_passed, 0, "{sql}: few groups are summed");
+                    }
                 }
             }
         }
