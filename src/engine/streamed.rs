@@ -604,6 +604,8 @@ struct Streamer {
     entries: Vec<Entry>,
     entry_values: Vec<Option<f64>>,
     order: Vec<usize>,
+    /// The runs of a unit being selected, by rank.
+    by_rank: Vec<(u64, u32)>,
     reservation: MemoryReservation,
 }
 
@@ -655,6 +657,7 @@ impl Streamer {
             entries: Vec::new(),
             entry_values: Vec::new(),
             order: Vec::new(),
+            by_rank: Vec::new(),
             reservation,
         })
     }
@@ -942,14 +945,27 @@ impl Streamer {
     ) {
         let width = self.layout.values.len();
         let ranks = &self.ranks;
-        self.order.clear();
-        self.order.extend(unit_runs);
-        // Stable: a group's runs keep their order, as its rows did.
-        self.order
-            .sort_by(|&a, &b| ranks[a].cmp(&ranks[b]).then_with(|| compare(a, b)));
+        self.by_rank.clear();
+        self.by_rank.extend(unit_runs.map(|r| (ranks[r], r as u32)));
+        // A group's runs share its rank and keep their order, as its rows
+        // did. Two groups of one rank (one pair in 2^64) fall together
+        // too, and are then ordered by their keys.
+        self.by_rank.sort_unstable();
+        if self
+            .by_rank
+            .windows(2)
+            .any(|w| w[0].0 == w[1].0 && compare(w[0].1 as usize, w[1].1 as usize).is_ne())
+        {
+            self.by_rank.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| compare(a.1 as usize, b.1 as usize))
+                    .then(a.1.cmp(&b.1))
+            });
+        }
         self.entries.clear();
         self.entry_values.clear();
-        for &r in &self.order {
+        for &(_, r) in &self.by_rank {
+            let r = r as usize;
             let rows = runs[r].len() as i64;
             let values = values_of(runs[r].clone());
             match self.entries.last_mut() {

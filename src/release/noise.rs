@@ -112,18 +112,32 @@ impl Uniform for SecureUniform {
         if n <= 1 {
             return 0;
         }
-        // Most bounds fit in 64 bits: half the random bytes, and 64-bit
-        // division instead of 128-bit. Values at or above the largest
-        // multiple of n that fits are rejected.
-        if let Ok(n) = u64::try_from(n) {
-            let zone = u64::MAX - (u64::MAX % n);
-            loop {
-                let x = u64::from_le_bytes(self.next_bytes());
-                if x < zone {
-                    return (x % n) as u128;
+        // The bounds the samplers use fit in 32 bits: 4 random bytes, and
+        // Lemire's multiply-and-shift with no division but on the rare
+        // draws it must check for rejection. The high half of x·n is
+        // uniform once the low half avoids its first 2^w mod n values.
+        if let Ok(n) = u32::try_from(n) {
+            let mut m = u64::from(u32::from_le_bytes(self.next_bytes())) * u64::from(n);
+            if (m as u32) < n {
+                let reject_below = n.wrapping_neg() % n;
+                while (m as u32) < reject_below {
+                    m = u64::from(u32::from_le_bytes(self.next_bytes())) * u64::from(n);
                 }
             }
+            return u128::from(m >> 32);
         }
+        if let Ok(n) = u64::try_from(n) {
+            let mut m = u128::from(u64::from_le_bytes(self.next_bytes())) * u128::from(n);
+            if (m as u64) < n {
+                let reject_below = n.wrapping_neg() % n;
+                while (m as u64) < reject_below {
+                    m = u128::from(u64::from_le_bytes(self.next_bytes())) * u128::from(n);
+                }
+            }
+            return m >> 64;
+        }
+        // Values at or above the largest multiple of n that fits are
+        // rejected.
         let zone = u128::MAX - (u128::MAX % n);
         loop {
             let x = u128::from_le_bytes(self.next_bytes());
@@ -154,7 +168,11 @@ fn bernoulli_exp_small(rng: &mut impl Uniform, num: u128, den: u128) -> bool {
 
 /// Bernoulli(exp(-num/den)) for any num/den ≥ 0.
 pub fn bernoulli_exp(rng: &mut impl Uniform, num: u128, den: u128) -> bool {
-    let whole = num / den;
+    // 64-bit division where it fits: the 128-bit one is a library call.
+    let whole = match (u64::try_from(num), u64::try_from(den)) {
+        (Ok(num), Ok(den)) => u128::from(num / den),
+        _ => num / den,
+    };
     for _ in 0..whole {
         if !bernoulli_exp_small(rng, 1, 1) {
             return false;
@@ -393,8 +411,11 @@ mod tests {
         assert!(chi2 < 400.0, "chi-square {chi2}");
     }
 
-    /// Bounds that fit in 64 bits take the 64-bit path, larger ones the
-    /// 128-bit one: both stay below the bound and spread evenly over it.
+    /// Bounds that fit in 32 bits take the 32-bit path, then 64 and 128:
+    /// each stays below the bound and spreads evenly over it. (Three
+    /// quarters of 2^32 or 2^64, taken modulo without rejection, would draw its
+    /// lowest third twice as often; multiplied and shifted without
+    /// rejection, every third value.)
     #[test]
     fn uniform_values_cover_their_range_evenly_at_both_widths() {
         let mut rng = SecureUniform::default();
@@ -403,7 +424,10 @@ mod tests {
             2u128,
             3,
             7,
+            3 << 30,
+            (1 << 32) + 5,
             (1 << 40) + 3,
+            3 << 62,
             u64::MAX as u128,
             wide,
             u128::MAX - 5,
@@ -411,11 +435,21 @@ mod tests {
             let buckets = n.min(4);
             let width = n.div_ceil(buckets);
             let mut seen = vec![0usize; buckets as usize];
+            let mut residues = [0usize; 3];
             let draws = 40_000;
             for _ in 0..draws {
                 let x = rng.below(n);
                 assert!(x < n, "{x} drawn below {n}");
                 seen[(x / width) as usize] += 1;
+                residues[(x % 3) as usize] += 1;
+            }
+            for (r, count) in residues.iter().enumerate() {
+                let values = (n + 2 - r as u128) / 3;
+                let expected = draws as f64 * (values as f64 / n as f64);
+                assert!(
+                    (*count as f64 - expected).abs() < 5.0 * expected.sqrt().max(1.0),
+                    "n={n}: {count} of {draws} are {r} modulo 3"
+                );
             }
             for (b, count) in seen.iter().enumerate() {
                 let size = (width * (b as u128 + 1)).min(n) - width * b as u128;
