@@ -106,35 +106,43 @@ impl SecureUniform {
     }
 }
 
+impl SecureUniform {
+    /// Uniform in `[0, n)` from `N` random bytes, n < 2^(8N), by Lemire's
+    /// multiply-and-shift: no division but on the rare draws that must be
+    /// checked for rejection. The high part of x·n is uniform once the low
+    /// part avoids its first 2^(8N) mod n values.
+    fn multiply_shift<const N: usize>(&mut self, n: u64) -> u128 {
+        let bits = 8 * N as u32;
+        let low = (1u128 << bits) - 1;
+        let n = u128::from(n);
+        let mut draw = || {
+            let mut x = [0u8; 8];
+            x[..N].copy_from_slice(&self.next_bytes::<N>());
+            u128::from(u64::from_le_bytes(x)) * n
+        };
+        let mut m = draw();
+        if m & low < n {
+            let reject_below = ((1u128 << bits) - n) % n;
+            while m & low < reject_below {
+                m = draw();
+            }
+        }
+        m >> bits
+    }
+}
+
 impl Uniform for SecureUniform {
     fn below(&mut self, n: u128) -> u128 {
         debug_assert!(n >= 1);
         if n <= 1 {
             return 0;
         }
-        // The bounds the samplers use fit in 32 bits: 4 random bytes, and
-        // Lemire's multiply-and-shift with no division but on the rare
-        // draws it must check for rejection. The high half of x·n is
-        // uniform once the low half avoids its first 2^w mod n values.
+        // The bounds the samplers use fit in 32 bits: 4 random bytes.
         if let Ok(n) = u32::try_from(n) {
-            let mut m = u64::from(u32::from_le_bytes(self.next_bytes())) * u64::from(n);
-            if (m as u32) < n {
-                let reject_below = n.wrapping_neg() % n;
-                while (m as u32) < reject_below {
-                    m = u64::from(u32::from_le_bytes(self.next_bytes())) * u64::from(n);
-                }
-            }
-            return u128::from(m >> 32);
+            return self.multiply_shift::<4>(u64::from(n));
         }
         if let Ok(n) = u64::try_from(n) {
-            let mut m = u128::from(u64::from_le_bytes(self.next_bytes())) * u128::from(n);
-            if (m as u64) < n {
-                let reject_below = n.wrapping_neg() % n;
-                while (m as u64) < reject_below {
-                    m = u128::from(u64::from_le_bytes(self.next_bytes())) * u128::from(n);
-                }
-            }
-            return m >> 64;
+            return self.multiply_shift::<8>(n);
         }
         // Values at or above the largest multiple of n that fits are
         // rejected.
