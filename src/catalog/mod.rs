@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod clustered;
+pub mod consent;
 mod domain;
 pub mod location;
 mod per_unit;
@@ -754,7 +755,7 @@ const CLUSTERED_BYTES: usize = 2 << 30;
 /// process that registers the same files (as tests and the bench do), and
 /// dropped with the last dataset that holds one.
 type ClusteredCopies = std::collections::HashMap<
-    (PathBuf, String),
+    (PathBuf, String, Option<String>),
     (Fingerprint, std::sync::Weak<clustered::ClusteredTable>),
 >;
 
@@ -774,7 +775,12 @@ async fn clustered_copy(
         return None;
     }
     let copies = COPIES.get_or_init(Default::default);
-    let key = (location.to_path_buf(), unit.clone());
+    let consent = manifest.consent_column.as_deref();
+    let key = (
+        location.to_path_buf(),
+        unit.clone(),
+        consent.map(str::to_string),
+    );
     {
         let known = copies.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, copy)) = known.get(&key)
@@ -785,15 +791,23 @@ async fn clustered_copy(
         }
     }
     let partitions = crate::util::query_partitions();
-    let copy =
-        match clustered::ClusteredTable::build(ctx, "t", unit, partitions, CLUSTERED_BYTES).await {
-            Ok(Some(copy)) => Arc::new(copy),
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::warn!(dataset = %manifest.id, error = %e, "not clustered by privacy unit");
-                return None;
-            }
-        };
+    let copy = match clustered::ClusteredTable::build(
+        ctx,
+        "t",
+        unit,
+        consent,
+        partitions,
+        CLUSTERED_BYTES,
+    )
+    .await
+    {
+        Ok(Some(copy)) => Arc::new(copy),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(dataset = %manifest.id, error = %e, "not clustered by privacy unit");
+            return None;
+        }
+    };
     tracing::info!(dataset = %manifest.id, bytes = copy.bytes(), "clustered by privacy unit");
     if self::fingerprint(location) == *fingerprint {
         let mut known = copies.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,8 +11,6 @@ mod functions;
 pub mod streamed;
 mod total;
 
-pub use functions::consented;
-
 use crate::catalog::Dataset;
 use crate::config::{Execution, Limits};
 use crate::error::{Error, Refusal};

@@ -11,14 +11,12 @@ pub fn filter_consent(
     catalog: &Catalog,
     purpose: &str,
 ) -> Result<(LogicalPlan, BTreeSet<String>), Error> {
-    // `contains`, answered once per run of equal values (see `consented`);
+    // `contains`, answered once per distinct stored value (see `consented`);
     // `strpos` would compute a character position for every row, several
     // times slower.
-    use crate::engine::consented;
+    use crate::catalog::consent::consented;
     use datafusion::logical_expr::Filter;
     let mut filtered = BTreeSet::new();
-    // Purposes are stored delimited on both sides (",a,b,"), so only a whole purpose matches.
-    let needle = format!(",{purpose},");
     let rewritten = plan
         .transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(scan) = &node else {
@@ -32,7 +30,7 @@ pub fn filter_consent(
             };
             filtered.insert(dataset.id().to_string());
             let column = Expr::Column(Column::new(Some(scan.table_name.clone()), consent));
-            let predicate = consented(column, &needle);
+            let predicate = consented(column, purpose);
             let filter = Filter::try_new(predicate, Arc::new(node))?;
             Ok(Transformed::yes(LogicalPlan::Filter(filter)))
         })

@@ -449,6 +449,11 @@ mod tests {
                     .to_string();
                 let streamed = shown.split("StreamedBoundsExec").nth(1);
                 assert!(streamed.is_some(), "{sql}: not streamed: {shown}");
+                // The copy reads only consenting rows itself.
+                assert!(
+                    shown.contains("consent_filters=1"),
+                    "{sql}: consent left to a filter: {shown}"
+                );
                 // The copy's own partitioning needs no shuffle and no sort.
                 let reordered = streamed.is_some_and(|below| {
                     below.contains("RepartitionExec") || below.contains("SortExec")
