@@ -255,11 +255,16 @@ impl TableProvider for ClusteredTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Beside a filter of the query's own, the consent filter stays in
+        // one filter with it: that copies only the few rows both admit,
+        // where taking consent over here would copy every consenting row
+        // first.
+        let only_consent = filters.iter().all(|f| self.consenting(f).is_some());
         Ok(filters
             .iter()
-            .map(|filter| match self.consenting(filter) {
-                Some(_) => TableProviderFilterPushDown::Exact,
-                None => TableProviderFilterPushDown::Unsupported,
+            .map(|_| match only_consent {
+                true => TableProviderFilterPushDown::Exact,
+                false => TableProviderFilterPushDown::Unsupported,
             })
             .collect())
     }
@@ -450,7 +455,7 @@ mod tests {
     use datafusion::arrow::datatypes::{Field, Schema};
     use datafusion::datasource::MemTable;
     use datafusion::functions_aggregate::count::count_all;
-    use datafusion::prelude::{SessionConfig, col};
+    use datafusion::prelude::{SessionConfig, col, lit};
 
     /// Units 0..30 with four rows each, consenting to overlapping purposes,
     /// to a lookalike ("ab"), to nothing or with no consent at all.
@@ -476,7 +481,8 @@ mod tests {
 
     /// A scan of the copy takes the consent filter over (no filter is left
     /// in the plan) and reads exactly the consenting rows, in batches that
-    /// cut units apart; an unknown purpose is left to the filter. The
+    /// cut units apart; an unknown purpose, or a filter of the query's own
+    /// beside it, leaves consent to the filter. The
     /// figures are counted here, not by the engine, and `COUNT(*)` is asked
     /// for on its own, which the optimizer answers from exact statistics.
     #[tokio::test]
@@ -507,24 +513,32 @@ mod tests {
             .unwrap()
             .unwrap();
         ctx.register_table("c", Arc::new(copy)).unwrap();
-        for purpose in ["a", "b", "ab", "elsewhere"] {
+        let own_filters = [None, None, None, None, Some(60)];
+        for (purpose, above) in ["a", "b", "ab", "elsewhere", "a"]
+            .into_iter()
+            .zip(own_filters)
+        {
             let mut expected: Vec<(i64, i64)> = (0..unit.len())
                 .filter(|&r| consent[r].is_some_and(|c| c.contains(&format!(",{purpose},"))))
+                .filter(|&r| above.is_none_or(|above| value[r] >= above))
                 .map(|r| (unit[r], value[r]))
                 .collect();
             expected.sort();
-            let consenting = ctx
+            let mut consenting = ctx
                 .table("c")
                 .await
                 .unwrap()
                 .filter(crate::catalog::consent::consented(col("consent"), purpose))
                 .unwrap();
+            if let Some(above) = above {
+                consenting = consenting.filter(col("v").gt_eq(lit(above))).unwrap();
+            }
             let read = consenting.clone().select_columns(&["unit", "v"]).unwrap();
             let plan = read.clone().create_physical_plan().await.unwrap();
             let shown = datafusion::physical_plan::displayable(plan.as_ref())
                 .indent(false)
                 .to_string();
-            let taken_over = purpose != "elsewhere";
+            let taken_over = purpose != "elsewhere" && above.is_none();
             assert_eq!(
                 shown.contains("FilterExec"),
                 !taken_over,
