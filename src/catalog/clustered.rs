@@ -126,6 +126,9 @@ impl ClusteredTable {
             }
             None => None,
         };
+        if bytes > max_bytes {
+            return Ok(None);
+        }
         let partitions = wholes
             .iter()
             .map(|whole| in_batches(whole, batch_size, |at, len| whole.slice(at, len)))
