@@ -155,7 +155,7 @@ impl ClusteredTable {
     /// for, if this copy keeps them.
     fn consenting(&self, filter: &Expr) -> Option<&Consenting> {
         let (column, by_purpose) = self.consent.as_ref()?;
-        by_purpose.get(super::consent::consent_purpose(filter, column)?)
+        by_purpose.get(super::consent::purpose_of(filter, column)?)
     }
 }
 
@@ -209,7 +209,7 @@ fn consenting(wholes: &[RecordBatch], at: usize, batch_size: usize) -> HashMap<S
                 .iter()
                 .zip(&columns)
                 .map(|(whole, column)| {
-                    let mask = super::consent::consent_mask(column, purpose);
+                    let mask = super::consent::mask(column, purpose);
                     in_batches(whole, batch_size, |at, len| mask.slice(at, len))
                 })
                 .collect();
@@ -443,11 +443,13 @@ fn admitted(
             None => mask.clone(),
         });
     }
-    match admits {
-        None => Ok(Some(batch)),
-        Some(mask) if mask.true_count() == batch.num_rows() => Ok(Some(batch)),
-        Some(mask) if mask.true_count() == 0 => Ok(None),
-        Some(mask) => Ok(Some(filter_record_batch(&batch, &mask)?)),
+    let Some(mask) = admits else {
+        return Ok(Some(batch));
+    };
+    match mask.true_count() {
+        0 => Ok(None),
+        all if all == batch.num_rows() => Ok(Some(batch)),
+        _ => Ok(Some(filter_record_batch(&batch, &mask)?)),
     }
 }
 

@@ -25,8 +25,7 @@ pub fn filter_function() -> ScalarUDF {
 
 /// The consent filter: whether `column` names `purpose`, for a column that
 /// repeats a few values over many rows (each person's consent, on each of
-/// their visits). Purposes are stored delimited on both sides (",a,b,"), so
-/// only a whole purpose matches. Where each distinct string is stored once
+/// their visits). Where each distinct string is stored once
 /// (the clustered copy), an equal string view holds the same string in the
 /// same place, so answers are kept by view in a small table and taken over
 /// instead of searched for again.
@@ -45,7 +44,7 @@ pub fn purposes_in(consent: &str) -> impl Iterator<Item = &str> {
 
 /// The purpose `expr` filters for, if it is [`consented`] over a column
 /// named `column`.
-pub fn consent_purpose<'a>(expr: &'a Expr, column: &str) -> Option<&'a str> {
+pub fn purpose_of<'a>(expr: &'a Expr, column: &str) -> Option<&'a str> {
     let Expr::ScalarFunction(call) = expr else {
         return None;
     };
@@ -64,7 +63,7 @@ pub fn consent_purpose<'a>(expr: &'a Expr, column: &str) -> Option<&'a str> {
 
 /// Which rows of `views` consent to `purpose`: what [`consented`] answers,
 /// with NULL as no.
-pub fn consent_mask(views: &StringViewArray, purpose: &str) -> BooleanArray {
+pub fn mask(views: &StringViewArray, purpose: &str) -> BooleanArray {
     BooleanArray::new(contains_by_view(views, &needle(purpose)), None)
 }
 

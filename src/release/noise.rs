@@ -104,9 +104,7 @@ impl SecureUniform {
         self.used += N;
         bytes
     }
-}
 
-impl SecureUniform {
     /// Uniform in `[0, n)` from `N` random bytes, n < 2^(8N), by Lemire's
     /// multiply-and-shift: no division but on the rare draws that must be
     /// checked for rejection. The high part of x·n is uniform once the low
