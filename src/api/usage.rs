@@ -187,6 +187,7 @@ async fn audit_sql(
             tables.push(("usage".to_string(), Arc::new(table) as _));
             let state = engine.session_with(tables)?;
             let plan = engine.plan(&state, statement).await?;
+            let plan = engine.optimize(&state, &plan)?;
             let (batches, physical) = engine
                 .execute(&state, &plan, sandbox.settings.limits.max_result_rows)
                 .await?;

@@ -94,7 +94,7 @@ impl Cluster {
     pub async fn physical(
         &self,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &super::Optimized,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let config = node_config(state.config().clone());
         let planner = BallistaQueryPlanner::<LogicalPlanNode>::with_extension(
@@ -106,7 +106,10 @@ impl Cluster {
             .with_config(config)
             .with_query_planner(Arc::new(planner))
             .build();
-        remote.create_physical_plan(plan).await
+        remote
+            .query_planner()
+            .create_physical_plan(plan.plan(), &remote)
+            .await
     }
 
     /// The id of the job `physical` ran on the cluster, if it ran one.
@@ -655,6 +658,7 @@ mod tests {
             .unwrap();
         assert!(Cluster::can_run(&plan));
         let mut finished = engine.cluster_jobs().expect("on a cluster");
+        let plan = engine.optimize(&state, &plan).unwrap();
         let (batches, physical) = engine.execute_release(&state, &plan, 10).await.unwrap();
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         assert_eq!(rows, 2);

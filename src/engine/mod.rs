@@ -20,13 +20,14 @@ use datafusion::catalog::{
     MemorySchemaProvider, SchemaProvider, TableProvider,
 };
 use datafusion::common::TableReference;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{LogicalPlan, TableScan, TableSource};
 use datafusion::optimizer::{Analyzer, AnalyzerRule};
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::SessionConfig;
@@ -276,12 +277,18 @@ impl Engine {
             })
     }
 
+    /// Passes a plan through the analyzer (with the rules that make its
+    /// expressions total) and the optimiser, once: what runs is the result.
+    pub fn optimize(&self, state: &SessionState, plan: &LogicalPlan) -> Result<Optimized, Error> {
+        state.optimize(plan).map(Optimized).map_err(engine_error)
+    }
+
     /// Runs a plan to completion under the per-query memory pool, refusing
     /// answers longer than `max_rows`.
     pub async fn execute(
         &self,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &Optimized,
         max_rows: usize,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
         self.run(state, plan, max_rows, |e| Err(engine_error(e)))
@@ -295,12 +302,12 @@ impl Engine {
     pub async fn execute_release(
         &self,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &Optimized,
         max_rows: usize,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
         #[cfg(feature = "ballista")]
         if let Some(cluster) = &self.cluster
-            && cluster::Cluster::can_run(plan)
+            && cluster::Cluster::can_run(plan.plan())
         {
             return self.execute_on(cluster, state, plan, max_rows).await;
         }
@@ -326,7 +333,7 @@ impl Engine {
         &self,
         cluster: &cluster::Cluster,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &Optimized,
         max_rows: usize,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
         let physical = cluster.physical(state, plan).await.map_err(engine_error)?;
@@ -377,7 +384,7 @@ impl Engine {
     async fn run(
         &self,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &Optimized,
         max_rows: usize,
         failed: impl FnOnce(DataFusionError) -> Result<Vec<RecordBatch>, Error>,
     ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Error> {
@@ -392,10 +399,11 @@ impl Engine {
     async fn physical(
         &self,
         state: &SessionState,
-        plan: &LogicalPlan,
+        plan: &Optimized,
     ) -> Result<Arc<dyn ExecutionPlan>, Error> {
         let physical = state
-            .create_physical_plan(plan)
+            .query_planner()
+            .create_physical_plan(&plan.0, state)
             .await
             .map_err(engine_error)?;
         yield_after_joins(physical)
@@ -441,6 +449,44 @@ impl Engine {
     }
 }
 
+/// A plan through the analyzer and the optimiser ([`Engine::optimize`]),
+/// ready for physical planning. A repeated statement runs the one its gate
+/// decision keeps: for a small aggregate the optimiser costs more than the
+/// aggregation.
+#[derive(Clone, Debug)]
+pub struct Optimized(LogicalPlan);
+
+impl Optimized {
+    pub fn plan(&self) -> &LogicalPlan {
+        &self.0
+    }
+
+    /// The plan with the sources of some scans swapped (`source_for`
+    /// answers `None` for the others). Each new source must have its old
+    /// one's schema and take no filter the old one refused: the optimiser
+    /// asked the old one, and its answers stand.
+    pub fn with_sources(
+        &self,
+        source_for: impl Fn(&TableScan) -> Option<Arc<dyn TableSource>>,
+    ) -> Result<Optimized, Error> {
+        self.0
+            .clone()
+            .transform_up(|node| match &node {
+                LogicalPlan::TableScan(scan) => match source_for(scan) {
+                    Some(source) => {
+                        let mut scan = scan.clone();
+                        scan.source = source;
+                        Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                    }
+                    None => Ok(Transformed::no(node)),
+                },
+                _ => Ok(Transformed::no(node)),
+            })
+            .map(|t| Optimized(t.data))
+            .map_err(|e| Error::Internal(e.to_string()))
+    }
+}
+
 /// What a cluster reports having done for one release job: its scans'
 /// output rows (after Parquet pruning) and bytes read, from its job
 /// metrics, and where the job's time went.
@@ -466,7 +512,6 @@ pub struct JobMetrics {
 /// could not cut them short. Wrapping each join's output in a cooperative
 /// stream makes every join yield to the scheduler regularly.
 fn yield_after_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, Error> {
-    use datafusion::common::tree_node::{Transformed, TreeNode};
     use datafusion::physical_plan::coop::CooperativeExec;
     plan.transform_up(|node| {
         if node.name().contains("Join") {

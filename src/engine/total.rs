@@ -134,6 +134,7 @@ mod tests {
                 .plan(&state, engine.parse(sql).unwrap())
                 .await
                 .unwrap();
+            let plan = engine.optimize(&state, &plan).expect(sql);
             let (batches, _) = engine.execute(&state, &plan, 10).await.expect(sql);
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             assert_eq!(rows, groups, "{sql}");

@@ -11,7 +11,7 @@ use super::grant;
 use super::record::Trace;
 use crate::app::Sandbox;
 use crate::catalog::{Catalog, Dataset};
-use crate::engine::Engine;
+use crate::engine::{self, Engine};
 use crate::error::Error;
 use crate::policy::Policies;
 use crate::policy::access;
@@ -25,7 +25,7 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DFStatement;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A query the gate let through: checked, rewritten and split, not yet run.
 pub struct Gated {
@@ -40,6 +40,33 @@ pub struct Gated {
     pub consent_filters: BTreeSet<String>,
     /// Of the planned query: equal for queries that differ only in spelling.
     pub plan_sha256: String,
+    /// The split's plans through the optimiser, worked out on the first run
+    /// and kept with the decision for the next.
+    optimized: OnceLock<Optimized>,
+}
+
+/// The split's upper plan and each release job's plan, optimised.
+pub struct Optimized {
+    pub upper: engine::Optimized,
+    pub jobs: Vec<engine::Optimized>,
+}
+
+impl Gated {
+    /// The split's plans, optimised in this decision's session (after
+    /// admission has set its partitions) on the first call.
+    pub fn optimized(&self, engine: &Engine) -> Result<&Optimized, Error> {
+        if let Some(done) = self.optimized.get() {
+            return Ok(done);
+        }
+        let jobs = self
+            .split
+            .jobs
+            .iter()
+            .map(|job| engine.optimize(&self.session, &job.plan))
+            .collect::<Result<_, _>>()?;
+        let upper = engine.optimize(&self.session, &self.split.upper)?;
+        Ok(self.optimized.get_or_init(|| Optimized { upper, jobs }))
+    }
 }
 
 /// Runs every stage of the gate; `trace` collects what the ledger entry of
@@ -98,6 +125,7 @@ pub async fn gate(
         scanned,
         consent_filters,
         plan_sha256,
+        optimized: OnceLock::new(),
     })
 }
 

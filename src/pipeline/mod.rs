@@ -549,12 +549,13 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
     // Noise is reported under the names the buyer reads (`visits`), not
     // the engine's (`count(Int64(1))`).
     let output_names = release::output_names(&gated.split.upper);
-    for job in &gated.split.jobs {
+    let optimized = gated.optimized(engine)?;
+    for (job, plan) in gated.split.jobs.iter().zip(&optimized.jobs) {
         // Groups before release only bound memory; the owner's max_groups
         // applies to what is released (a count the answer shows anyway).
         let candidates = limits.max_result_rows.saturating_mul(100);
         let (batches, physical) = engine
-            .execute_release(&gated.session, &job.plan, candidates)
+            .execute_release(&gated.session, plan, candidates)
             .await?;
         cpu += crate::engine::cpu_ns(&physical);
         if let Some(metrics) = engine.cluster_metrics(&physical) {
@@ -600,7 +601,7 @@ async fn execute(sandbox: &Sandbox, gated: &Gated) -> Result<Executed, Error> {
             .map_err(|e| Error::Internal(e.to_string()))?;
         filled.push((job.slot.clone(), Arc::new(table)));
     }
-    let upper = release::fill(gated.split.upper.clone(), filled)?;
+    let upper = release::fill(&optimized.upper, filled)?;
     let (batches, physical) = engine
         .execute(&gated.session, &upper, limits.max_result_rows)
         .await?;

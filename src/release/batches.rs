@@ -2,27 +2,17 @@
 //! the placeholders of the plan above the release.
 
 use super::*;
+use crate::engine::Optimized;
 
-/// Replaces each placeholder with a table of its released rows.
-pub fn fill(
-    upper: LogicalPlan,
-    released: Vec<(String, Arc<MemTable>)>,
-) -> Result<LogicalPlan, Error> {
-    upper
-        .transform_up(|node| {
-            if let LogicalPlan::TableScan(scan) = &node
-                && let Some((_, table)) = released
-                    .iter()
-                    .find(|(slot, _)| scan.table_name.table() == slot)
-            {
-                let mut scan = scan.clone();
-                scan.source = provider_as_source(table.clone());
-                return Ok(Transformed::yes(LogicalPlan::TableScan(scan)));
-            }
-            Ok(Transformed::no(node))
-        })
-        .map(|t| t.data)
-        .map_err(internal)
+/// Replaces each placeholder with a table of its released rows (which,
+/// like the placeholder, takes no filter: the optimised plan stands).
+pub fn fill(upper: &Optimized, released: Vec<(String, Arc<MemTable>)>) -> Result<Optimized, Error> {
+    upper.with_sources(|scan| {
+        released
+            .iter()
+            .find(|(slot, _)| scan.table_name.table() == slot)
+            .map(|(_, table)| provider_as_source(table.clone()))
+    })
 }
 
 /// Puts released groups in the order of their keys. The engine hands them
