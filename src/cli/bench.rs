@@ -110,6 +110,16 @@ fn peak_rss_mb(process: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU time (user and system, ms) a process (`self` or a pid) has used,
+/// from /proc, whose clock ticks are always 1/100 s on Linux.
+fn cpu_ms(process: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) * 10.0)
+}
+
 /// A catalog of the demo manifests over data at the given scale; without DP when `dp` is false.
 pub(super) fn prepare_catalog(options: &Options, data: &Path, dp: bool) -> Result<PathBuf, String> {
     let dir = options.work_dir.join(if dp {
@@ -284,6 +294,10 @@ impl Server {
 
     fn peak_rss_mb(&self) -> Option<f64> {
         peak_rss_mb(&self.child.id().to_string())
+    }
+
+    fn cpu_ms(&self) -> Option<f64> {
+        cpu_ms(&self.child.id().to_string())
     }
 }
 
@@ -578,6 +592,7 @@ pub fn run(options: Options) -> Result<(), String> {
     let plain_small_ms = percentile(&plain_small, 0.5);
     // And its throughput: plain DataFusion answering it to as many
     // concurrent clients as the HTTP load test has, for as long.
+    let plain_cpu_before = cpu_ms("self");
     let (plain_answers, _) = load(options.http_clients, options.http_seconds, &|| {
         let started = Instant::now();
         rt.block_on(async { plain.sql(SMALL_QUERY).await?.collect().await })
@@ -585,18 +600,28 @@ pub fn run(options: Options) -> Result<(), String> {
             .map_err(|e| e.to_string())
     });
     let ceiling = plain_answers.len() as f64 / options.http_seconds as f64;
+    // CPU per answer: steadier than answers per second on a shared machine
+    // (the rate moves with whatever else runs; the work per answer does not).
+    let per_answer = |before: Option<f64>, after: Option<f64>, answers: usize| {
+        Some((after? - before?) / answers.max(1) as f64)
+    };
+    let plain_cpu = per_answer(plain_cpu_before, cpu_ms("self"), plain_answers.len());
 
     // Many small aggregate queries from concurrent clients, each answer durably logged.
     let small_grant = grant(&store)?;
+    let (server_before, client_before) = (server.cpu_ms(), cpu_ms("self"));
     let (latencies, errors) = load(options.http_clients, options.http_seconds, &|| {
         http_query(SMALL_QUERY, &small_grant)
     });
+    let server_cpu = per_answer(server_before, server.cpu_ms(), latencies.len());
+    let client_cpu = per_answer(client_before, cpu_ms("self"), latencies.len());
     let qps = latencies.len() as f64 / options.http_seconds as f64;
     let load = json!({
         "clients": options.http_clients, "seconds": options.http_seconds, "answered": latencies.len(), "errors": errors,
         "queries_per_second": qps, "p50_ms": percentile(&latencies, 0.5), "p99_ms": percentile(&latencies, 0.99),
         "sql": SMALL_QUERY, "plain_datafusion_ms": plain_small_ms,
         "plain_datafusion_queries_per_second": ceiling, "of_ceiling": qps / ceiling,
+        "cpu_ms_per_answer": { "plain_datafusion": plain_cpu, "server": server_cpu, "load_generator": client_cpu },
     });
     println!(
         "HTTP load: {} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors \
@@ -611,6 +636,13 @@ pub fn run(options: Options) -> Result<(), String> {
         ceiling,
         100.0 * qps / ceiling
     );
+    if let (Some(plain), Some(server), Some(client)) = (plain_cpu, server_cpu, client_cpu) {
+        println!(
+            "CPU per answer: plain DataFusion {plain:.2} ms; the server {server:.2} ms \
+             ({:.0}% of plain's), its load generator {client:.2} ms more",
+            100.0 * server / plain
+        );
+    }
     let server_rss = server.peak_rss_mb();
     let bench_rss = peak_rss_mb("self");
     println!(

@@ -640,25 +640,28 @@ pub struct Ledger {
 const MAX_BATCH: usize = 512;
 
 /// Entries waiting for a checkpoint to cover them, with who waits.
-type Waiting = Vec<(
-    Appended,
-    Vec<tokio::sync::oneshot::Sender<Result<Receipt, String>>>,
-)>;
+type Waiting = Vec<(Appended, Vec<Reply>)>;
 
-/// The ledger thread: group commit, and checkpoints on a cadence. Every
-/// append is durable when its transaction commits; its receipt (and so the
-/// answer it belongs to) waits for the next signed checkpoint covering it.
-/// A checkpoint is signed with the first commit at least
-/// `interval` after the previous one — at once when the ledger was idle —
-/// or, when no commit comes, by itself once `interval` has passed: at most
-/// one signature per interval however fast appends come, and no wait beyond
-/// the interval.
+/// The ledger thread: group commit, and checkpoints on a cadence. An
+/// append's receipt (and so the answer it belongs to) waits for a signed
+/// checkpoint covering it, so appends wait for the next checkpoint
+/// uncommitted and go into its transaction together: one commit per
+/// checkpoint under load, not one per handful of appends. A checkpoint is
+/// due `interval` after the previous one — at once when the ledger was
+/// idle — and is taken then if anything waits for it: at most one
+/// signature per interval however fast appends come, and no wait beyond
+/// the interval. Nothing is acknowledged before its transaction commits.
 struct Committer {
     writer: Writer,
     interval: Duration,
     last_signed: Instant,
+    /// Committed entries a checkpoint does not cover yet, with who waits.
     waiting: Waiting,
+    /// Appends not yet committed, with who waits.
+    pending: Vec<(NewEntry, Reply)>,
 }
+
+type Reply = tokio::sync::oneshot::Sender<Result<Receipt, String>>;
 
 impl Committer {
     fn new(writer: Writer, interval: Duration) -> Committer {
@@ -669,77 +672,95 @@ impl Committer {
                 .checked_sub(interval)
                 .unwrap_or_else(Instant::now),
             waiting: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
-            let first = if self.waiting.is_empty() {
+            let idle = self.pending.is_empty() && self.waiting.is_empty();
+            let job = if idle {
                 match rx.recv() {
-                    Ok(job) => job,
+                    Ok(job) => Some(job),
                     Err(_) => return,
                 }
             } else {
                 let due = self.last_signed + self.interval;
                 match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                    Ok(job) => job,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let head = self.writer.sign_current();
-                        self.settle(head);
-                        continue;
-                    }
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        let head = self.writer.sign_current();
-                        self.settle(head);
+                        self.checkpoint();
                         return;
                     }
                 }
             };
-            let mut batch = Vec::new();
-            let mut next = Some(first);
+            let mut next = job;
             while let Some(job) = next.take() {
-                match job {
-                    Job::Append(entry, reply) => batch.push((entry, reply)),
-                    Job::Head(reply) => {
-                        let head = self.writer.sign_current();
-                        let _ =
-                            reply.send(head.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
-                        self.settle(head);
-                    }
-                    Job::Run(change) => {
-                        // Commits its own transaction, signed; the entries
-                        // waiting for a checkpoint get one too.
-                        change(&mut self.writer);
-                        let head = self.writer.sign_current();
-                        self.settle(head);
-                    }
+                self.take(job);
+                if self.pending.len() >= MAX_BATCH {
+                    // Durable now, signed when due: memory stays bounded.
+                    self.commit(false);
                 }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                next = rx.try_recv().ok();
+            }
+            if self.last_signed.elapsed() >= self.interval {
+                self.checkpoint();
+            }
+        }
+    }
+
+    fn take(&mut self, job: Job) {
+        if !matches!(job, Job::Append(..)) && !self.pending.is_empty() {
+            // Appends that came first are recorded first.
+            self.commit(false);
+        }
+        match job {
+            Job::Append(entry, reply) => self.pending.push((*entry, reply)),
+            Job::Head(reply) => {
+                let head = self.writer.sign_current();
+                let _ = reply.send(head.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
+                self.settle(head);
+            }
+            Job::Run(change) => {
+                // Commits its own transaction, signed; the entries
+                // waiting for a checkpoint get one too.
+                change(&mut self.writer);
+                let head = self.writer.sign_current();
+                self.settle(head);
+            }
+        }
+    }
+
+    /// Signs a checkpoint over everything committed and pending, in the
+    /// pending appends' transaction when there are any.
+    fn checkpoint(&mut self) {
+        if !self.pending.is_empty() {
+            self.commit(true);
+        } else if !self.waiting.is_empty() {
+            let head = self.writer.sign_current();
+            self.settle(head);
+        }
+    }
+
+    /// Commits the pending appends in one transaction, signed if `sign`.
+    fn commit(&mut self, sign: bool) {
+        let (entries, replies): (Vec<NewEntry>, Vec<Reply>) = self.pending.drain(..).unzip();
+        match self.writer.append_checkpointed(&entries, sign) {
+            Ok((appended, head)) => {
+                self.waiting.push((appended, replies));
+                if let Some(head) = head {
+                    self.settle(Ok(head));
                 }
             }
-            if batch.is_empty() {
-                continue;
-            }
-            let sign = self.last_signed.elapsed() >= self.interval;
-            let (entries, replies): (Vec<NewEntry>, Vec<_>) =
-                batch.into_iter().map(|(e, reply)| (*e, reply)).unzip();
-            match self.writer.append_checkpointed(&entries, sign) {
-                Ok((appended, head)) => {
-                    self.waiting.push((appended, replies));
-                    if let Some(head) = head {
-                        self.settle(Ok(head));
-                    }
+            Err(e) => {
+                // A commit that may not be on disk must not be answered
+                // around: stop, and let the restart recover from what is durable.
+                tracing::error!(error = %e, "ledger commit failed; stopping");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
                 }
-                Err(e) => {
-                    // A commit that may not be on disk must not be answered
-                    // around: stop, and let the restart recover from what is durable.
-                    tracing::error!(error = %e, "ledger commit failed; stopping");
-                    for reply in replies {
-                        let _ = reply.send(Err(e.to_string()));
-                    }
-                    std::process::abort();
-                }
+                std::process::abort();
             }
         }
     }
