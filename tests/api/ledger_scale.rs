@@ -15,8 +15,12 @@ const ENTRIES: u64 = 100_000;
 const GRANTS: u64 = 7;
 
 fn answered(i: u64) -> NewEntry {
+    NewEntry::event(answered_event(i))
+}
+
+fn answered_event(i: u64) -> LedgerEvent {
     let grant = format!("g_{}", i % GRANTS);
-    NewEntry::event(LedgerEvent::Query(QueryEvent {
+    LedgerEvent::Query(QueryEvent {
         query_id: format!("q_{i}"),
         principal: "buyer:scale".into(),
         grant: Some(grant),
@@ -39,7 +43,7 @@ fn answered(i: u64) -> NewEntry {
         code: None,
         rule: None,
         wall_ms: None,
-    }))
+    })
 }
 
 fn log2(n: u64) -> u64 {
@@ -243,6 +247,40 @@ fn checkpoints_come_on_a_cadence_and_every_receipt_is_covered_by_one() {
             &root_of(head)
         ));
     }
+}
+
+/// Appends wait for their checkpoint uncommitted (here due in half a
+/// second); a state change that comes meanwhile commits them first, so the
+/// ledger keeps the order in which things happened.
+#[test]
+fn a_state_change_is_recorded_after_the_appends_that_came_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    admin::open(dir.path()).unwrap();
+    let interval = std::time::Duration::from_millis(500);
+    let ledger =
+        std::sync::Arc::new(frostglass::ledger::Ledger::start(dir.path(), interval).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The ledger was idle: signed at once, and the next checkpoint is
+        // due only in half a second.
+        let first = ledger.append(answered(0)).await.unwrap();
+        let waiting = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.append(answered(1)).await.unwrap() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (changed, ()) = ledger
+            .commit(|_| Ok((vec![answered_event(2)], ())))
+            .await
+            .unwrap();
+        let appended = waiting.await.unwrap();
+        assert_eq!(first.ledger_index, 0);
+        assert_eq!(
+            (appended.ledger_index, changed[0].ledger_index),
+            (1, 2),
+            "the append that came first is first in the ledger"
+        );
+    });
 }
 
 #[test]
