@@ -636,7 +636,8 @@ pub struct Ledger {
     reader: Mutex<Connection>,
 }
 
-/// Most entries one transaction takes.
+/// Most jobs taken between two looks at the clock, and most appends left
+/// waiting uncommitted for a checkpoint.
 const MAX_BATCH: usize = 512;
 
 /// Entries waiting for a checkpoint to cover them, with who waits.
@@ -695,17 +696,22 @@ impl Committer {
                     }
                 }
             };
+            // At most a batch of jobs between two looks at the clock, so a
+            // flood cannot hold a due checkpoint back.
             let mut next = job;
+            let mut taken = 0;
             while let Some(job) = next.take() {
                 self.take(job);
-                if self.pending.len() >= MAX_BATCH {
-                    // Durable now, signed when due: memory stays bounded.
-                    self.commit(false);
+                taken += 1;
+                if taken < MAX_BATCH {
+                    next = rx.try_recv().ok();
                 }
-                next = rx.try_recv().ok();
             }
             if self.last_signed.elapsed() >= self.interval {
                 self.checkpoint();
+            } else if self.pending.len() >= MAX_BATCH {
+                // Durable now, signed when due: memory stays bounded.
+                self.commit(false);
             }
         }
     }
