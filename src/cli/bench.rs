@@ -112,12 +112,18 @@ fn peak_rss_mb(process: &str) -> Option<f64> {
 
 /// CPU time (user and system, ms) a process (`self` or a pid) has used,
 /// from /proc, whose clock ticks are always 1/100 s on Linux.
-fn cpu_ms(process: &str) -> Option<f64> {
+pub(super) fn cpu_ms(process: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
     // The command name may hold spaces: count fields after its ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
     Some((ticks(11)? + ticks(12)?) * 10.0)
+}
+
+/// CPU per answer: steadier than answers per second on a shared machine
+/// (the rate moves with whatever else runs; the work per answer does not).
+pub(super) fn per_answer(before: Option<f64>, after: Option<f64>, answers: usize) -> Option<f64> {
+    Some((after? - before?) / answers.max(1) as f64)
 }
 
 /// A catalog of the demo manifests over data at the given scale; without DP when `dp` is false.
@@ -257,7 +263,12 @@ impl Server {
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let log_path = settings.data_dir.join("server.log");
         let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // Another build may serve (`FROSTGLASS_BENCH_SERVER`), so that two
+        // builds of the server meet the same load generator side by side.
+        let exe = match std::env::var_os("FROSTGLASS_BENCH_SERVER") {
+            Some(other) => std::path::PathBuf::from(other),
+            None => std::env::current_exe().map_err(|e| e.to_string())?,
+        };
         let child = std::process::Command::new(exe)
             .arg("serve")
             .arg("--config")
@@ -296,7 +307,7 @@ impl Server {
         peak_rss_mb(&self.child.id().to_string())
     }
 
-    fn cpu_ms(&self) -> Option<f64> {
+    pub(super) fn cpu_ms(&self) -> Option<f64> {
         cpu_ms(&self.child.id().to_string())
     }
 }
@@ -600,11 +611,6 @@ pub fn run(options: Options) -> Result<(), String> {
             .map_err(|e| e.to_string())
     });
     let ceiling = plain_answers.len() as f64 / options.http_seconds as f64;
-    // CPU per answer: steadier than answers per second on a shared machine
-    // (the rate moves with whatever else runs; the work per answer does not).
-    let per_answer = |before: Option<f64>, after: Option<f64>, answers: usize| {
-        Some((after? - before?) / answers.max(1) as f64)
-    };
     let plain_cpu = per_answer(plain_cpu_before, cpu_ms("self"), plain_answers.len());
 
     // Many small aggregate queries from concurrent clients, each answer durably logged.

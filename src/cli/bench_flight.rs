@@ -5,8 +5,8 @@
 //! rows, and the load test's small query from concurrent clients on each.
 
 use super::bench::{
-    Options, SMALL_QUERY, SUITE, Server, Timing, buyer, ensure_data, grant, load, ms, percentile,
-    prepare_catalog, settings, timing, write_report,
+    Options, SMALL_QUERY, SUITE, Server, Timing, buyer, cpu_ms, ensure_data, grant, load, ms,
+    per_answer, percentile, prepare_catalog, settings, timing, write_report,
 };
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
@@ -35,16 +35,16 @@ struct Doors {
 }
 
 /// A Flight SQL client as a driver holds one: its own connection, driven
-/// on the calling thread (a runtime of its own), as ureq drives HTTP. A
-/// channel shared by threads would measure the hand-offs between them,
-/// not the door.
+/// on the calling thread (a runtime of its own), as ureq drives HTTP, and
+/// kept with its token for every statement. A channel shared by threads
+/// would measure the hand-offs between them, not the door.
 struct FlightClient {
     rt: tokio::runtime::Runtime,
-    channel: Channel,
+    client: FlightSqlServiceClient<Channel>,
 }
 
 impl FlightClient {
-    fn connect(port: u16) -> Result<FlightClient, String> {
+    fn connect(port: u16, key: &str) -> Result<FlightClient, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -54,7 +54,9 @@ impl FlightClient {
         let channel = rt
             .block_on(endpoint.connect())
             .map_err(|e| format!("Flight SQL: {e}"))?;
-        Ok(FlightClient { rt, channel })
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.set_token(key.to_string());
+        Ok(FlightClient { rt, client })
     }
 }
 
@@ -92,23 +94,20 @@ impl Doors {
     /// One statement over Flight SQL, every batch received: rows, and how
     /// long its `GetFlightInfo` (the gate's dry run) took of it.
     fn flight(
-        &self,
-        on: &FlightClient,
+        on: &mut FlightClient,
         sql: &str,
         grant: &str,
     ) -> Result<(Duration, usize, Duration), String> {
-        on.rt.block_on(self.flight_call(&on.channel, sql, grant))
+        on.rt
+            .block_on(Self::flight_call(&mut on.client, sql, grant))
     }
 
     async fn flight_call(
-        &self,
-        channel: &Channel,
+        client: &mut FlightSqlServiceClient<Channel>,
         sql: &str,
         grant: &str,
     ) -> Result<(Duration, usize, Duration), String> {
         let started = Instant::now();
-        let mut client = FlightSqlServiceClient::new(channel.clone());
-        client.set_token(self.key.clone());
         client.set_header("x-frostglass-grant", grant);
         let info = client
             .execute(sql.to_string(), None)
@@ -151,7 +150,7 @@ pub fn run(options: Options) -> Result<(), String> {
     );
     let (_, key) = buyer(&store)?;
     let server = Server::start(server_settings)?;
-    let client = FlightClient::connect(flight_port)?;
+    let mut client = FlightClient::connect(flight_port, &key)?;
     let doors = Doors {
         base: server.base.clone(),
         key,
@@ -178,7 +177,7 @@ pub fn run(options: Options) -> Result<(), String> {
             let fresh = format!("SELECT * FROM ({sql}) AS run_{run}");
             let (h, n) = doors.http(&fresh, &grant(&store)?)?;
             let fresh = format!("SELECT * FROM ({sql}) AS flight_{run}");
-            let (f, m, i) = doors.flight(&client, &fresh, &grant(&store)?)?;
+            let (f, m, i) = Doors::flight(&mut client, &fresh, &grant(&store)?)?;
             // Where differential privacy selects the groups, two releases may
             // differ in how many pass; elsewhere the doors answer alike.
             answer_rows = n.max(m);
@@ -208,38 +207,56 @@ pub fn run(options: Options) -> Result<(), String> {
     let small_grant = grant(&store)?;
     let clients = options.http_clients;
     let seconds = options.http_seconds;
-    let (http_lat, http_errors) = load(clients, seconds, &|| {
-        doors.http(SMALL_QUERY, &small_grant).map(|(d, _)| d)
-    });
     thread_local!(static CLIENT: RefCell<Option<FlightClient>> = const { RefCell::new(None) });
-    let (flight_lat, flight_errors) = load(clients, seconds, &|| {
+    let flight_small = || {
         CLIENT.with_borrow_mut(|client| {
             if client.is_none() {
-                *client = Some(FlightClient::connect(doors.flight_port)?);
+                *client = Some(FlightClient::connect(doors.flight_port, &doors.key)?);
             }
-            let on = client.as_ref().ok_or("no Flight SQL client")?;
-            doors
-                .flight(on, SMALL_QUERY, &small_grant)
-                .map(|(d, _, _)| d)
-        })
-    });
-    let summary = |lat: &[f64], errors: usize| {
-        json!({
-            "answered": lat.len(), "errors": errors, "queries_per_second": lat.len() as f64 / seconds as f64,
-            "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+            let on = client.as_mut().ok_or("no Flight SQL client")?;
+            Doors::flight(on, SMALL_QUERY, &small_grant).map(|(d, _, _)| d)
         })
     };
-    let (http_load, flight_load) = (
-        summary(&http_lat, http_errors),
-        summary(&flight_lat, flight_errors),
-    );
+    let http_small = || doors.http(SMALL_QUERY, &small_grant).map(|(d, _)| d);
+    // The doors take turns, twice each, so that neither has the quieter
+    // half of the run or the shorter ledger to itself.
+    let mut totals = [LoadTotals::default(), LoadTotals::default()];
+    for _ in 0..2 {
+        for (door, one) in [
+            &http_small as &(dyn Fn() -> Result<Duration, String> + Sync),
+            &flight_small,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (server_before, client_before) = (server.cpu_ms(), cpu_ms("self"));
+            let (lat, errors) = load(clients, seconds, one);
+            let t = &mut totals[door];
+            // NaN, and so unknown in the sum, where /proc cannot be read.
+            let spent = |after: Option<f64>, before: Option<f64>| {
+                after.zip(before).map_or(f64::NAN, |(a, b)| a - b)
+            };
+            t.server_cpu_ms += spent(server.cpu_ms(), server_before);
+            t.client_cpu_ms += spent(cpu_ms("self"), client_before);
+            t.latencies.extend(lat);
+            t.errors += errors;
+        }
+    }
+    let [http_load, flight_load] = totals.map(|mut t| t.summary(2 * seconds));
     for (door, s) in [("HTTP", &http_load), ("Flight SQL", &flight_load)] {
         println!(
-            "{door} load: {clients} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors",
+            "{door} load: {clients} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors; \
+             CPU per answer: server {:.3} ms, load generator {:.3} ms",
             s["queries_per_second"].as_f64().unwrap_or(0.0),
             s["p50_ms"].as_f64().unwrap_or(0.0),
             s["p99_ms"].as_f64().unwrap_or(0.0),
-            s["errors"]
+            s["errors"],
+            s["cpu_ms_per_answer"]["server"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            s["cpu_ms_per_answer"]["load_generator"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
         );
     }
     let report = json!({
@@ -249,4 +266,29 @@ pub fn run(options: Options) -> Result<(), String> {
         "load": { "sql": SMALL_QUERY, "clients": clients, "seconds": seconds, "http": http_load, "flight": flight_load },
     });
     write_report(&options.out, &report)
+}
+
+/// One door's load rounds added up.
+#[derive(Default)]
+struct LoadTotals {
+    latencies: Vec<f64>,
+    errors: usize,
+    server_cpu_ms: f64,
+    client_cpu_ms: f64,
+}
+
+impl LoadTotals {
+    fn summary(&mut self, seconds: u64) -> serde_json::Value {
+        self.latencies.sort_by(|a, b| a.total_cmp(b));
+        let answers = self.latencies.len();
+        json!({
+            "answered": answers, "errors": self.errors,
+            "queries_per_second": answers as f64 / seconds as f64,
+            "p50_ms": percentile(&self.latencies, 0.5), "p99_ms": percentile(&self.latencies, 0.99),
+            "cpu_ms_per_answer": {
+                "server": per_answer(Some(0.0), Some(self.server_cpu_ms).filter(|c| c.is_finite()), answers),
+                "load_generator": per_answer(Some(0.0), Some(self.client_cpu_ms).filter(|c| c.is_finite()), answers),
+            },
+        })
+    }
 }

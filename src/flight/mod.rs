@@ -38,8 +38,9 @@ pub struct FlightServer {
     pub port: u16,
 }
 
-/// Binds `listen` and serves Flight SQL on a runtime of its own (two
-/// threads: the work of a statement runs on the sandbox's query runtime).
+/// Binds `listen` and serves Flight SQL on the sandbox's pipeline runtime,
+/// where its statements are gated and answered: a runtime of its own would
+/// hand every call to that one and back, and each hand-off wakes a thread.
 pub fn start(
     sandbox: Arc<Sandbox>,
     throttle: Arc<Throttle>,
@@ -52,53 +53,44 @@ pub fn start(
     let port = listener.local_addr()?.port();
     let tls = tls.map(tls_config).transpose()?;
     let store = sandbox.store.clone();
+    let serving_on = sandbox.clone();
     let service = FlightSql {
         sandbox,
         throttle,
         tickets: tickets::Handles::new(tickets::TICKET_TTL),
         prepared: tickets::Handles::new(tickets::PREPARED_TTL),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("fg-flight")
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("fg-flight".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Flight SQL cannot listen");
-                        return;
-                    }
-                };
-                // Without TCP_NODELAY every small answer waits out a delayed ACK.
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                let server = FlightServiceServer::with_interceptor(service, move |r| {
-                    authenticate(&store, r)
-                });
-                let mut builder = tonic::transport::Server::builder();
-                if let Some(tls) = tls {
-                    builder = match builder.tls_config(tls) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "Flight SQL TLS");
-                            return;
-                        }
-                    };
+    serving_on.runtime.spawn(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "Flight SQL cannot listen");
+                return;
+            }
+        };
+        // Without TCP_NODELAY every small answer waits out a delayed ACK.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server =
+            FlightServiceServer::with_interceptor(service, move |r| authenticate(&store, r));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "Flight SQL TLS");
+                    return;
                 }
-                if let Err(e) = builder
-                    .add_service(server)
-                    .serve_with_incoming(incoming)
-                    .await
-                {
-                    tracing::error!(error = %e, "Flight SQL server stopped");
-                }
-            })
-        })?;
+            };
+        }
+        if let Err(e) = builder
+            .add_service(server)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "Flight SQL server stopped");
+        }
+    });
     Ok(FlightServer { port })
 }
 
