@@ -14,6 +14,7 @@ use frostglass::store::{NewGrant, Principal, Role};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -309,6 +310,34 @@ impl Server {
 
     pub(super) fn cpu_ms(&self) -> Option<f64> {
         cpu_ms(&self.child.id().to_string())
+    }
+
+    /// CPU time (ms) the server's threads have used, by thread family
+    /// (`fg-query`, `fg-pipeline`, `actix-rt`…): where its time goes.
+    pub(super) fn cpu_ms_by_thread(&self) -> BTreeMap<String, f64> {
+        let mut by_family = BTreeMap::new();
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let Ok(threads) = std::fs::read_dir(&tasks) else {
+            return by_family;
+        };
+        for thread in threads.flatten() {
+            let Ok(stat) = std::fs::read_to_string(thread.path().join("stat")) else {
+                continue;
+            };
+            let name = stat
+                .split_once('(')
+                .and_then(|(_, rest)| rest.rsplit_once(')'))
+                .map_or("", |(name, _)| name);
+            let family = name.split(['|', ':']).next().unwrap_or(name).to_string();
+            if let Some(ms) = cpu_ms(&format!(
+                "{}/task/{}",
+                self.child.id(),
+                thread.file_name().to_string_lossy()
+            )) {
+                *by_family.entry(family).or_insert(0.0) += ms;
+            }
+        }
+        by_family
     }
 }
 

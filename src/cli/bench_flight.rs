@@ -230,8 +230,13 @@ pub fn run(options: Options) -> Result<(), String> {
         .enumerate()
         {
             let (server_before, client_before) = (server.cpu_ms(), cpu_ms("self"));
+            let threads_before = server.cpu_ms_by_thread();
             let (lat, errors) = load(clients, seconds, one);
             let t = &mut totals[door];
+            for (family, ms) in server.cpu_ms_by_thread() {
+                let before = threads_before.get(&family).copied().unwrap_or(0.0);
+                *t.server_threads.entry(family).or_insert(0.0) += ms - before;
+            }
             // NaN, and so unknown in the sum, where /proc cannot be read.
             let spent = |after: Option<f64>, before: Option<f64>| {
                 after.zip(before).map_or(f64::NAN, |(a, b)| a - b)
@@ -244,6 +249,16 @@ pub fn run(options: Options) -> Result<(), String> {
     }
     let [http_load, flight_load] = totals.map(|mut t| t.summary(2 * seconds));
     for (door, s) in [("HTTP", &http_load), ("Flight SQL", &flight_load)] {
+        let threads = s["cpu_ms_per_answer"]["server_threads"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, ms)| ms.as_f64().unwrap_or(0.0) >= 0.005)
+                    .map(|(family, ms)| format!("{family} {:.3}", ms.as_f64().unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
         println!(
             "{door} load: {clients} clients, {:.0} queries/s, p50 {:.1} ms, p99 {:.1} ms, {} errors; \
              CPU per answer: server {:.3} ms, load generator {:.3} ms",
@@ -258,6 +273,7 @@ pub fn run(options: Options) -> Result<(), String> {
                 .as_f64()
                 .unwrap_or(f64::NAN),
         );
+        println!("  the server's CPU per answer by thread: {threads}");
     }
     let report = json!({
         "scale": options.scale, "runs": options.runs,
@@ -275,6 +291,8 @@ struct LoadTotals {
     errors: usize,
     server_cpu_ms: f64,
     client_cpu_ms: f64,
+    /// The server's CPU by thread family.
+    server_threads: std::collections::BTreeMap<String, f64>,
 }
 
 impl LoadTotals {
@@ -288,6 +306,9 @@ impl LoadTotals {
             "cpu_ms_per_answer": {
                 "server": per_answer(Some(0.0), Some(self.server_cpu_ms).filter(|c| c.is_finite()), answers),
                 "load_generator": per_answer(Some(0.0), Some(self.client_cpu_ms).filter(|c| c.is_finite()), answers),
+                "server_threads": self.server_threads.iter()
+                    .map(|(family, ms)| (family.clone(), json!(ms / answers.max(1) as f64)))
+                    .collect::<serde_json::Map<_, _>>(),
             },
         })
     }
