@@ -190,13 +190,15 @@ pub(super) fn ensure_data(options: &Options) -> Result<PathBuf, String> {
 }
 
 pub(super) fn settings(options: &Options, catalog: PathBuf, name: &str) -> Settings {
-    let mut s = Settings::default();
-    s.flight_listen = Some("127.0.0.1:0".into());
-    s.catalog_dir = catalog;
-    s.policies_dir = options.policies.clone();
-    s.data_dir = options
-        .work_dir
-        .join(format!("state-{name}-{}", std::process::id()));
+    let mut s = Settings {
+        flight_listen: Some("127.0.0.1:0".into()),
+        catalog_dir: catalog,
+        policies_dir: options.policies.clone(),
+        data_dir: options
+            .work_dir
+            .join(format!("state-{name}-{}", std::process::id())),
+        ..Settings::default()
+    };
     s.limits.query_timeout_ms = 600_000;
     s.limits.max_rows_scanned = u64::MAX;
     s.limits.max_result_rows = 1_000_000;

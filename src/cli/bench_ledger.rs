@@ -22,7 +22,7 @@ fn query(i: u64) -> NewEntry {
         purpose: Some("public_health_research".into()),
         datasets: ["city_health".to_string()].into(),
         sql_sha256: frostglass::util::sha256_hex(&i.to_le_bytes()),
-        decision: if i % 10 == 0 {
+        decision: if i.is_multiple_of(10) {
             Decision::Refused
         } else {
             Decision::Answered
@@ -30,7 +30,7 @@ fn query(i: u64) -> NewEntry {
         plan_sha256: Some(frostglass::util::sha256_hex(&(i % 97).to_le_bytes())),
         cached: false,
         release: None,
-        usage: (i % 10 != 0).then(|| Usage {
+        usage: (!i.is_multiple_of(10)).then(|| Usage {
             rows_scanned: 200_000,
             bytes_scanned: 4_675_620,
             cpu_ms: 12,

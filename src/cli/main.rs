@@ -357,7 +357,7 @@ enum GrantCommand {
         data_dir: PathBuf,
     },
     /// Grant a buyer access to datasets for a purpose; prints the grant id on the last line.
-    Add(GrantArgs),
+    Add(Box<GrantArgs>),
 }
 
 #[derive(clap::Args)]
@@ -712,7 +712,7 @@ fn bounds(
     catalog_dir: &Path,
     data_dir: &Path,
 ) -> Result<(), String> {
-    if !(0.0..=1.0).contains(&quantile) || !(epsilon.is_finite() && epsilon > 0.0) || max == 0 {
+    if !((0.0..=1.0).contains(&quantile) && epsilon.is_finite() && epsilon > 0.0) || max == 0 {
         return Err("--quantile lies in [0, 1], --epsilon and --max are positive".into());
     }
     let schemas = Schemas::compiled();
@@ -814,7 +814,7 @@ fn grant(command: GrantCommand) -> Result<(), String> {
             println!("revoked grant {id}");
             Ok(())
         }
-        GrantCommand::Add(args) => add_grant(args),
+        GrantCommand::Add(args) => add_grant(*args),
     }
 }
 

@@ -177,7 +177,7 @@ fn create_key(data_dir: &Path, path: &Path) -> Result<Vec<u8>, LedgerError> {
         Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| LedgerError::Key(e.to_string()))?;
     let io = |e: std::io::Error| LedgerError::Key(format!("cannot write {}: {e}", path.display()));
     std::fs::create_dir_all(data_dir).map_err(io)?;
-    crate::util::write_secret(&path, pkcs8.as_ref()).map_err(io)?;
+    crate::util::write_secret(path, pkcs8.as_ref()).map_err(io)?;
     std::fs::write(
         data_dir.join(PUBLIC_KEY_FILE),
         hex::encode(key_pair.public_key().as_ref()),

@@ -216,19 +216,29 @@ pub struct Shape<'a> {
     pub streams_by_unit: bool,
 }
 
+/// The privacy unit under a DP aggregate: its column in the input, and
+/// every column that is the unit under another name.
+pub struct Unit<'a> {
+    pub column: Column,
+    pub aliases: &'a HashSet<Column>,
+}
+
 /// Builds the engine plan of a DP aggregate over `input`, which carries the
 /// privacy unit in `unit`. Output: the group columns, the exact components,
 /// and the number of units per group, last.
 pub fn plan(
     agg: &Aggregate,
     input: LogicalPlan,
-    unit: Column,
-    unit_aliases: &HashSet<Column>,
+    unit: Unit,
     params: Params,
     min_group_size: u64,
     catalog: &Catalog,
     shape: Shape,
 ) -> Result<(LogicalPlan, DpJob), Error> {
+    let Unit {
+        column: unit,
+        aliases: unit_aliases,
+    } = unit;
     if agg
         .group_expr
         .iter()

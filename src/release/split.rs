@@ -131,8 +131,10 @@ impl Splitter<'_> {
                 let (plan, job) = dp::plan(
                     agg,
                     threaded.plan,
-                    unit_col,
-                    &aliases,
+                    dp::Unit {
+                        column: unit_col,
+                        aliases: &aliases,
+                    },
                     params,
                     min_group_size,
                     self.catalog,

@@ -194,12 +194,14 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let mut settings = Settings::default();
-    settings.tls = Some(frostglass::config::TlsSettings {
-        cert: cert_path,
-        key: key_path,
-        client_ca: None,
-    });
+    let settings = Settings {
+        tls: Some(frostglass::config::TlsSettings {
+            cert: cert_path,
+            key: key_path,
+            client_ca: None,
+        }),
+        ..Settings::default()
+    };
     let app = spawn_app_with(Options {
         settings,
         ..Options::default()
@@ -292,11 +294,13 @@ fn tls_serves_https_and_plain_http_is_loopback_only() {
     );
 
     // Without TLS, anything but loopback is refused at start.
-    let mut open = Settings::default();
-    open.listen = "0.0.0.0:0".into();
-    open.catalog_dir = crate::helpers::shared_catalog().to_path_buf();
-    open.policies_dir = crate::helpers::repo().join("policies");
-    open.data_dir = tempfile::tempdir().unwrap().keep();
+    let open = Settings {
+        listen: "0.0.0.0:0".into(),
+        catalog_dir: crate::helpers::shared_catalog().to_path_buf(),
+        policies_dir: crate::helpers::repo().join("policies"),
+        data_dir: tempfile::tempdir().unwrap().keep(),
+        ..Settings::default()
+    };
     let started =
         actix_web::rt::System::new().block_on(frostglass::api::server::Application::build(open));
     let error = started.err().map(|e| e.to_string()).unwrap_or_default();
@@ -329,12 +333,14 @@ fn mutual_tls_binds_a_principal_to_its_client_certificate() {
     let (good_cert, good_key) = client("acme");
     let (other_cert, other_key) = client("mallory");
     let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let mut settings = Settings::default();
-    settings.tls = Some(frostglass::config::TlsSettings {
-        cert: write("server.pem", server.cert.pem()),
-        key: write("server.key", server.signing_key.serialize_pem()),
-        client_ca: Some(write("ca.pem", ca_cert.pem())),
-    });
+    let settings = Settings {
+        tls: Some(frostglass::config::TlsSettings {
+            cert: write("server.pem", server.cert.pem()),
+            key: write("server.key", server.signing_key.serialize_pem()),
+            client_ca: Some(write("ca.pem", ca_cert.pem())),
+        }),
+        ..Settings::default()
+    };
     let app = spawn_app_with(Options {
         settings,
         ..Options::default()
