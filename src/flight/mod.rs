@@ -20,7 +20,9 @@ use crate::config::TlsSettings;
 use crate::store::Principal;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use std::sync::Arc;
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::{Request, Status};
+use tracing::Instrument;
 
 /// The front door's state: the sandbox, the HTTP door's throttle (one rate
 /// and concurrency budget per principal across both doors), and the
@@ -71,8 +73,9 @@ pub fn start(
         // Without TCP_NODELAY every small answer waits out a delayed ACK.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server =
-            FlightServiceServer::with_interceptor(service, move |r| authenticate(&store, r));
+        let server = CallLog(FlightServiceServer::with_interceptor(service, move |r| {
+            authenticate(&store, r)
+        }));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
             builder = match builder.tls_config(tls) {
@@ -92,6 +95,61 @@ pub fn start(
         }
     });
     Ok(FlightServer { port })
+}
+
+/// A request id on every call, and one log line per call with its RPC,
+/// gRPC status and latency, as HTTP logs its requests (never SQL text or
+/// data). A `DoGet` is logged when its stream begins: how it ends, the
+/// ledger records.
+#[derive(Clone)]
+struct CallLog<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CallLog<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> Service<http::Request<B>> for CallLog<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let request_id = crate::util::new_id("r");
+        let span =
+            tracing::info_span!("call", request_id = %request_id, rpc = %request.uri().path());
+        let started = std::time::Instant::now();
+        let answer = self.0.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let mut response = answer.await;
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            span.in_scope(|| match &mut response {
+                Ok(r) => {
+                    // A refusal comes as trailers only, its status among the headers.
+                    let grpc_status = r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                        .unwrap_or(0);
+                    tracing::info!(grpc_status, elapsed_ms, "call done");
+                    if let Ok(id) = http::HeaderValue::from_str(&request_id) {
+                        r.headers_mut().insert("x-request-id", id);
+                    }
+                }
+                Err(_) => tracing::info!(elapsed_ms, "call failed"),
+            });
+            response
+        })
+    }
 }
 
 fn tls_config(tls: &TlsSettings) -> Result<tonic::transport::ServerTlsConfig, StartError> {
