@@ -114,7 +114,11 @@ fn peak_rss_mb(process: &str) -> Option<f64> {
 /// CPU time (user and system, ms) a process (`self` or a pid) has used,
 /// from /proc, whose clock ticks are always 1/100 s on Linux.
 pub(super) fn cpu_ms(process: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
+    cpu_ms_in(&std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?)
+}
+
+/// CPU time (ms) in the text of a `/proc/…/stat`.
+fn cpu_ms_in(stat: &str) -> Option<f64> {
     // The command name may hold spaces: count fields after its ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
@@ -123,7 +127,7 @@ pub(super) fn cpu_ms(process: &str) -> Option<f64> {
 
 /// CPU per answer: steadier than answers per second on a shared machine
 /// (the rate moves with whatever else runs; the work per answer does not).
-pub(super) fn per_answer(before: Option<f64>, after: Option<f64>, answers: usize) -> Option<f64> {
+fn per_answer(before: Option<f64>, after: Option<f64>, answers: usize) -> Option<f64> {
     Some((after? - before?) / answers.max(1) as f64)
 }
 
@@ -331,11 +335,7 @@ impl Server {
                 .and_then(|(_, rest)| rest.rsplit_once(')'))
                 .map_or("", |(name, _)| name);
             let family = name.split(['|', ':']).next().unwrap_or(name).to_string();
-            if let Some(ms) = cpu_ms(&format!(
-                "{}/task/{}",
-                self.child.id(),
-                thread.file_name().to_string_lossy()
-            )) {
+            if let Some(ms) = cpu_ms_in(&stat) {
                 *by_family.entry(family).or_insert(0.0) += ms;
             }
         }

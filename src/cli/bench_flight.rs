@@ -6,7 +6,7 @@
 
 use super::bench::{
     Options, SMALL_QUERY, SUITE, Server, Timing, buyer, cpu_ms, ensure_data, grant, load, ms,
-    per_answer, percentile, prepare_catalog, settings, timing, write_report,
+    percentile, prepare_catalog, settings, timing, write_report,
 };
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
@@ -299,13 +299,15 @@ impl LoadTotals {
     fn summary(&mut self, seconds: u64) -> serde_json::Value {
         self.latencies.sort_by(|a, b| a.total_cmp(b));
         let answers = self.latencies.len();
+        // NaN where /proc could not be read: unknown, so null.
+        let per_answer = |ms: f64| ms.is_finite().then(|| ms / answers.max(1) as f64);
         json!({
             "answered": answers, "errors": self.errors,
             "queries_per_second": answers as f64 / seconds as f64,
             "p50_ms": percentile(&self.latencies, 0.5), "p99_ms": percentile(&self.latencies, 0.99),
             "cpu_ms_per_answer": {
-                "server": per_answer(Some(0.0), Some(self.server_cpu_ms).filter(|c| c.is_finite()), answers),
-                "load_generator": per_answer(Some(0.0), Some(self.client_cpu_ms).filter(|c| c.is_finite()), answers),
+                "server": per_answer(self.server_cpu_ms),
+                "load_generator": per_answer(self.client_cpu_ms),
                 "server_threads": self.server_threads.iter()
                     .map(|(family, ms)| (family.clone(), json!(ms / answers.max(1) as f64)))
                     .collect::<serde_json::Map<_, _>>(),

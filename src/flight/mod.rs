@@ -19,6 +19,7 @@ use crate::app::{Sandbox, StartError};
 use crate::config::TlsSettings;
 use crate::store::Principal;
 use arrow_flight::flight_service_server::FlightServiceServer;
+use std::convert::Infallible;
 use std::sync::Arc;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::{Request, Status};
@@ -110,16 +111,15 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for CallLog<S> 
 
 impl<S, B, R> Service<http::Request<B>> for CallLog<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<B>, Response = http::Response<R>, Error = Infallible>,
     S::Future: Send + 'static,
-    S::Error: 'static,
     R: 'static,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Response, S::Error>;
+    type Error = Infallible;
+    type Future = BoxFuture<S::Response, Infallible>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.0.poll_ready(cx)
     }
 
@@ -130,24 +130,20 @@ where
         let started = std::time::Instant::now();
         let answer = self.0.call(request).instrument(span.clone());
         Box::pin(async move {
-            let mut response = answer.await;
+            // A gRPC service never fails: a refusal is a response too.
+            let Ok(mut response) = answer.await;
             let elapsed_ms = started.elapsed().as_millis() as u64;
-            span.in_scope(|| match &mut response {
-                Ok(r) => {
-                    // A refusal comes as trailers only, its status among the headers.
-                    let grpc_status = r
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
-                        .unwrap_or(0);
-                    tracing::info!(grpc_status, elapsed_ms, "call done");
-                    if let Ok(id) = http::HeaderValue::from_str(&request_id) {
-                        r.headers_mut().insert("x-request-id", id);
-                    }
-                }
-                Err(_) => tracing::info!(elapsed_ms, "call failed"),
-            });
-            response
+            // A refusal comes as trailers only, its status among the headers.
+            let grpc_status = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                .unwrap_or(0);
+            span.in_scope(|| tracing::info!(grpc_status, elapsed_ms, "call done"));
+            if let Ok(id) = http::HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert("x-request-id", id);
+            }
+            Ok(response)
         })
     }
 }
