@@ -191,7 +191,7 @@ async fn audit_sql(
             let (batches, physical) = engine
                 .execute(&state, &plan, sandbox.settings.limits.max_result_rows)
                 .await?;
-            let rows = super::format::json_rows(&batches)?;
+            let rows = super::format::JsonRows(&batches);
             Ok::<_, ApiError>(
                 json!({ "columns": super::format::columns(&physical.schema()), "rows": rows }),
             )

@@ -89,7 +89,6 @@ pub struct Answer {
     pub purpose: String,
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
-    pub rows: Vec<Vec<Value>>,
     pub release: ReleaseSummary,
     pub usage: Usage,
     /// The grant's privacy budget after this query.
@@ -101,19 +100,34 @@ pub struct Answer {
 
 impl Answer {
     /// The answer as JSON, as the buyer receives it.
-    pub fn document(&self) -> Value {
-        serde_json::json!({
-            "query_id": self.query_id,
-            "grant": self.grant,
-            "purpose": self.purpose,
-            "columns": release::encode::columns(&self.schema),
-            "rows": self.rows,
-            "release": self.release,
-            "usage": self.usage,
-            "budget": self.budget,
-            "receipt": self.receipt,
-        })
+    pub fn document(&self) -> Document<'_> {
+        Document {
+            budget: &self.budget,
+            columns: release::encode::columns(&self.schema),
+            grant: &self.grant,
+            purpose: &self.purpose,
+            query_id: &self.query_id,
+            receipt: &self.receipt,
+            release: &self.release,
+            rows: release::encode::JsonRows(&self.batches),
+            usage: &self.usage,
+        }
     }
+}
+
+/// [`Answer::document`]: its rows written straight from the released
+/// batches. Fields in name order, as a JSON object's keys always were.
+#[derive(Serialize)]
+pub struct Document<'a> {
+    budget: &'a Budget,
+    columns: Value,
+    grant: &'a str,
+    purpose: &'a str,
+    query_id: &'a str,
+    receipt: &'a Receipt,
+    release: &'a ReleaseSummary,
+    rows: release::encode::JsonRows<'a>,
+    usage: &'a Usage,
 }
 
 /// A dry run's decision: its outline, and what a later run of the same
@@ -212,12 +226,11 @@ struct Prepared {
     cached: Option<(Vec<u8>, String)>,
 }
 
-/// Released values, copied out of the engine's buffers, with their JSON
-/// rows and the digest the ledger records of them.
+/// Released values, copied out of the engine's buffers, with the digest
+/// the ledger records of them (of their JSON rows).
 pub struct Executed {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
-    rows: Vec<Vec<Value>>,
     result_sha256: String,
     release: ReleaseSummary,
     cpu_ns: u64,
@@ -231,13 +244,12 @@ impl Executed {
         cpu_ns: u64,
     ) -> Result<Executed, Error> {
         let batches = release::encode::rematerialize(batches)?;
-        let rows = release::encode::json_rows(&batches)?;
-        let result_sha256 = sha256_hex(serde_json::to_string(&rows).unwrap_or_default().as_bytes());
+        let rows = serde_json::to_vec(&release::encode::JsonRows(&batches))
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(Executed {
             schema,
             batches,
-            rows,
-            result_sha256,
+            result_sha256: sha256_hex(&rows),
             release,
             cpu_ns,
         })
@@ -667,7 +679,6 @@ async fn finish(
     p: Box<Prepared>,
     e: Executed,
 ) -> Result<Answer, Error> {
-    let rows = e.rows;
     let cached = p.cached.is_some();
     let (epsilon, by_dataset) = if cached {
         (0.0, BTreeMap::new())
@@ -681,7 +692,8 @@ async fn finish(
     usage.groups_released = e.release.released_groups;
     usage.groups_suppressed = e.release.suppressed_groups;
     usage.epsilon = epsilon;
-    usage.cells_released = rows.len() as u64 * e.schema.fields().len() as u64;
+    let rows: usize = e.batches.iter().map(RecordBatch::num_rows).sum();
+    usage.cells_released = rows as u64 * e.schema.fields().len() as u64;
     let gated = &p.gated;
     let trace = Trace {
         grant: Some(gated.grant.id.clone()),
@@ -728,7 +740,6 @@ async fn finish(
         purpose: gated.grant.purpose.clone(),
         schema: e.schema,
         batches: e.batches,
-        rows,
         release: e.release,
         usage,
         receipt,

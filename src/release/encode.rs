@@ -10,7 +10,8 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
-use serde_json::{Number, Value};
+use serde::ser::{Error as _, Serialize, SerializeSeq, Serializer};
+use serde_json::Value;
 use std::sync::Arc;
 
 fn internal(e: impl std::fmt::Display) -> Error {
@@ -65,46 +66,86 @@ pub fn columns(schema: &SchemaRef) -> Value {
     )
 }
 
-/// Rows as JSON arrays: numbers as numbers, everything else as Arrow's display text.
-pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Vec<Value>>, Error> {
-    let mut rows = Vec::new();
-    for batch in batches {
+/// Rows as JSON arrays: numbers as numbers, everything else as Arrow's
+/// display text. Serialized straight from the batches, without a JSON value
+/// per cell: the ledger's digest of an answer is these bytes, and the Flight
+/// door needs nothing else of them.
+pub struct JsonRows<'a>(pub &'a [RecordBatch]);
+
+impl Serialize for JsonRows<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let rows = self.0.iter().map(RecordBatch::num_rows).sum();
+        let mut seq = serializer.serialize_seq(Some(rows))?;
         let options = FormatOptions::default();
-        let formatters: Vec<ArrayFormatter<'_>> = batch
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-            .collect::<Result<_, _>>()
-            .map_err(internal)?;
-        for row in 0..batch.num_rows() {
-            let mut out = Vec::with_capacity(batch.num_columns());
-            for (col, formatter) in batch.columns().iter().zip(&formatters) {
-                out.push(cell(col, formatter, row));
+        for batch in self.0 {
+            let formatters: Vec<ArrayFormatter<'_>> = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+                .collect::<Result<_, _>>()
+                .map_err(S::Error::custom)?;
+            let columns = batch.columns();
+            for row in 0..batch.num_rows() {
+                seq.serialize_element(&Row {
+                    columns,
+                    formatters: &formatters,
+                    row,
+                })?;
             }
-            rows.push(out);
         }
+        seq.end()
     }
-    Ok(rows)
 }
 
-fn cell(array: &ArrayRef, formatter: &ArrayFormatter<'_>, row: usize) -> Value {
-    if array.is_null(row) {
-        return Value::Null;
+struct Row<'a> {
+    columns: &'a [ArrayRef],
+    formatters: &'a [ArrayFormatter<'a>],
+    row: usize,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.columns.len()))?;
+        for (array, formatter) in self.columns.iter().zip(self.formatters) {
+            seq.serialize_element(&Cell {
+                array,
+                formatter,
+                row: self.row,
+            })?;
+        }
+        seq.end()
     }
-    let float = |f: f64| Number::from_f64(f).map_or(Value::Null, Value::Number);
-    match array.data_type() {
-        DataType::Boolean => Value::Bool(array.as_boolean().value(row)),
-        DataType::Int8 => array.as_primitive::<Int8Type>().value(row).into(),
-        DataType::Int16 => array.as_primitive::<Int16Type>().value(row).into(),
-        DataType::Int32 => array.as_primitive::<Int32Type>().value(row).into(),
-        DataType::Int64 => array.as_primitive::<Int64Type>().value(row).into(),
-        DataType::UInt8 => array.as_primitive::<UInt8Type>().value(row).into(),
-        DataType::UInt16 => array.as_primitive::<UInt16Type>().value(row).into(),
-        DataType::UInt32 => array.as_primitive::<UInt32Type>().value(row).into(),
-        DataType::UInt64 => array.as_primitive::<UInt64Type>().value(row).into(),
-        DataType::Float32 => float(array.as_primitive::<Float32Type>().value(row) as f64),
-        DataType::Float64 => float(array.as_primitive::<Float64Type>().value(row)),
-        _ => Value::String(formatter.value(row).to_string()),
+}
+
+struct Cell<'a> {
+    array: &'a ArrayRef,
+    formatter: &'a ArrayFormatter<'a>,
+    row: usize,
+}
+
+impl Serialize for Cell<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (array, row) = (self.array, self.row);
+        if array.is_null(row) {
+            return s.serialize_unit();
+        }
+        // serde_json writes NaN and infinity as null, as JSON has neither.
+        match array.data_type() {
+            DataType::Boolean => s.serialize_bool(array.as_boolean().value(row)),
+            DataType::Int8 => s.serialize_i8(array.as_primitive::<Int8Type>().value(row)),
+            DataType::Int16 => s.serialize_i16(array.as_primitive::<Int16Type>().value(row)),
+            DataType::Int32 => s.serialize_i32(array.as_primitive::<Int32Type>().value(row)),
+            DataType::Int64 => s.serialize_i64(array.as_primitive::<Int64Type>().value(row)),
+            DataType::UInt8 => s.serialize_u8(array.as_primitive::<UInt8Type>().value(row)),
+            DataType::UInt16 => s.serialize_u16(array.as_primitive::<UInt16Type>().value(row)),
+            DataType::UInt32 => s.serialize_u32(array.as_primitive::<UInt32Type>().value(row)),
+            DataType::UInt64 => s.serialize_u64(array.as_primitive::<UInt64Type>().value(row)),
+            DataType::Float32 => {
+                s.serialize_f64(array.as_primitive::<Float32Type>().value(row) as f64)
+            }
+            DataType::Float64 => s.serialize_f64(array.as_primitive::<Float64Type>().value(row)),
+            _ => s.collect_str(&self.formatter.value(row)),
+        }
     }
 }
 
@@ -125,4 +166,37 @@ pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u
         writer.write(b).map_err(internal)?;
     }
     writer.into_inner().map_err(internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{
+        BooleanArray, Date32Array, Float64Array, Int64Array, StringArray, UInt8Array,
+    };
+
+    #[test]
+    fn rows_are_arrays_of_numbers_as_numbers_and_the_rest_as_display_text() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "n",
+                Arc::new(Int64Array::from(vec![Some(-3), None])) as ArrayRef,
+            ),
+            ("u", Arc::new(UInt8Array::from(vec![7, 255])) as _),
+            ("x", Arc::new(Float64Array::from(vec![1.5, f64::NAN])) as _),
+            ("b", Arc::new(BooleanArray::from(vec![true, false])) as _),
+            ("s", Arc::new(StringArray::from(vec!["a\"b\n", "é"])) as _),
+            ("d", Arc::new(Date32Array::from(vec![0, 19000])) as _),
+        ])
+        .unwrap();
+        // Two batches, each a slice of one: rows continue across batches.
+        let batches = [batch.slice(0, 1), batch.slice(1, 1)];
+        let text = serde_json::to_string(&JsonRows(&batches)).unwrap();
+        assert_eq!(
+            text,
+            r#"[[-3,7,1.5,true,"a\"b\n","1970-01-01"],[null,255,null,false,"é","2022-01-08"]]"#
+        );
+        let empty: [RecordBatch; 0] = [];
+        assert_eq!(serde_json::to_string(&JsonRows(&empty)).unwrap(), "[]");
+    }
 }

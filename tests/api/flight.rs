@@ -116,7 +116,8 @@ fn body_of(status: &tonic::Status) -> Value {
 
 /// Rows as HTTP's JSON shows them, for comparing answers.
 fn rows(batches: &[RecordBatch]) -> Vec<Vec<Value>> {
-    let mut out: Vec<Vec<Value>> = frostglass::release::encode::json_rows(batches).unwrap();
+    let mut out: Vec<Vec<Value>> =
+        serde_json::from_value(json!(frostglass::release::encode::JsonRows(batches))).unwrap();
     out.sort_by_key(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>());
     out
 }
@@ -267,6 +268,10 @@ fn statements_answer_as_http_does_and_refuse_with_its_codes() {
         "the same fields as HTTP"
     );
     assert_eq!(flight_entry["sql_sha256"], http_entry["sql_sha256"]);
+    // The same answer, the same digest: of its rows as HTTP's JSON writes them.
+    let http_digest = frostglass::util::sha256_hex(http.json()["rows"].to_string().as_bytes());
+    assert_eq!(http_entry["result_sha256"], http_digest.as_str());
+    assert_eq!(flight_entry["result_sha256"], http_digest.as_str());
 }
 
 #[test]
