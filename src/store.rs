@@ -344,19 +344,39 @@ impl Store {
             .optional()?)
     }
 
-    pub fn cache_answer(
-        &self,
-        scope: &str,
-        plan_sha256: &str,
-        answer: &[u8],
-        release: &str,
-    ) -> Result<(), StoreError> {
-        self.conn().run(
-            "INSERT OR IGNORE INTO released_answers (scope, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![scope, plan_sha256, answer, release, now_rfc3339()],
-        )?;
-        Ok(())
+}
+
+/// A released answer kept so that asking again returns it, not fresh noise
+/// to average away.
+#[derive(Clone)]
+pub struct ReleasedAnswer {
+    pub scope: String,
+    pub plan_sha256: String,
+    /// The released batches as an Arrow IPC stream.
+    pub answer: Vec<u8>,
+    /// Its release summary (JSON).
+    pub release: String,
+}
+
+/// Never its values, should an entry that carries it be printed.
+impl std::fmt::Debug for ReleasedAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleasedAnswer")
+            .field("scope", &self.scope)
+            .field("plan_sha256", &self.plan_sha256)
+            .field("answer_bytes", &self.answer.len())
+            .finish()
     }
+}
+
+/// Keeps `a`, in the ledger transaction of the entry that charged for it:
+/// the two are durable together, with one sync.
+pub fn keep_answer(conn: &Connection, a: &ReleasedAnswer) -> Result<(), StoreError> {
+    conn.run(
+        "INSERT OR IGNORE INTO released_answers (scope, plan_sha256, answer, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![a.scope, a.plan_sha256, a.answer, a.release, now_rfc3339()],
+    )?;
+    Ok(())
 }
 
 fn principal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Principal> {

@@ -195,6 +195,9 @@ pub struct NewEntry {
     pub entry: Entry,
     /// Kept beside the tree so retention can delete it without breaking proofs.
     pub sql: Option<String>,
+    /// The answer this entry charged for, kept for repetition in the same
+    /// transaction (see `store::keep_answer`).
+    pub answer: Option<Arc<crate::store::ReleasedAnswer>>,
 }
 
 impl NewEntry {
@@ -202,6 +205,7 @@ impl NewEntry {
         NewEntry {
             entry: Entry::now(event),
             sql: None,
+            answer: None,
         }
     }
 }
@@ -369,6 +373,10 @@ impl Writer {
                 }
             });
             stored?;
+            if let Some(answer) = &e.answer {
+                crate::store::keep_answer(&tx, answer)
+                    .map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+            }
             new_leaves.push(leaf);
         }
         let head = sign.then(|| self.signer.sign_head(frontier.len(), &frontier.root()));

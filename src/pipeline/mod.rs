@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::ledger::Receipt;
 use crate::ledger::event::Decision;
 use crate::release::{self, JobKind};
-use crate::store::{Principal, Role};
+use crate::store::{Principal, ReleasedAnswer, Role};
 use crate::util::{new_id, sha256_hex};
 use charge::Budget;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -708,15 +708,17 @@ async fn finish(
     event.release = Some(serde_json::to_value(&e.release).unwrap_or_default());
     event.usage = Some(usage.clone());
     event.result_sha256 = Some(e.result_sha256);
-    let receipt = record::append(sandbox, event, &request.sql).await?;
-    if epsilon > 0.0 {
-        // Asking again returns this answer, not fresh noise to average away.
-        let ipc = release::encode::arrow_stream(&e.schema, &e.batches)?;
-        let release = serde_json::to_string(&e.release).unwrap_or_default();
-        sandbox
-            .store
-            .cache_answer(&p.cache_scope, &gated.plan_sha256, &ipc, &release)?;
-    }
+    // Asking again returns this answer, not fresh noise to average away.
+    let keep = match epsilon > 0.0 {
+        true => Some(ReleasedAnswer {
+            scope: p.cache_scope.clone(),
+            plan_sha256: gated.plan_sha256.clone(),
+            answer: release::encode::arrow_stream(&e.schema, &e.batches)?,
+            release: serde_json::to_string(&e.release).unwrap_or_default(),
+        }),
+        false => None,
+    };
+    let receipt = record::append(sandbox, event, &request.sql, keep).await?;
     // Owners of datasets that review every answer, or all of the query's
     // owners when one asked, approving the grant, to review its answers.
     let whole_grant = sandbox.store.grant_requires_review(&gated.grant.id)?;

@@ -5,9 +5,10 @@ use crate::app::Sandbox;
 use crate::error::Error;
 use crate::ledger::event::{Decision, Entry, LedgerEvent, QueryEvent};
 use crate::ledger::{NewEntry, Receipt};
-use crate::store::Principal;
+use crate::store::{Principal, ReleasedAnswer};
 use crate::util::sha256_hex;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Facts gathered along the way, for the entry of a refusal as much as of an answer.
 #[derive(Default)]
@@ -63,14 +64,23 @@ pub async fn refusal(
     event.code = Some(error.code().to_string());
     event.rule = error.rule().map(str::to_string);
     event.wall_ms = Some(wall_ms);
-    append(sandbox, event, &request.sql).await.map(|_| ())
+    append(sandbox, event, &request.sql, None)
+        .await
+        .map(|_| ())
 }
 
-/// Appends the entry; resolves once it is durable.
-pub async fn append(sandbox: &Sandbox, event: QueryEvent, sql: &str) -> Result<Receipt, Error> {
+/// Appends the entry (with the answer it keeps for repetition, if any);
+/// resolves once it is durable.
+pub async fn append(
+    sandbox: &Sandbox,
+    event: QueryEvent,
+    sql: &str,
+    answer: Option<ReleasedAnswer>,
+) -> Result<Receipt, Error> {
     let entry = NewEntry {
         entry: Entry::now(LedgerEvent::Query(event)),
         sql: Some(sql.to_string()),
+        answer: answer.map(Arc::new),
     };
     sandbox
         .ledger
