@@ -374,8 +374,7 @@ impl Writer {
             });
             stored?;
             if let Some(answer) = &e.answer {
-                crate::store::keep_answer(&tx, answer)
-                    .map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+                crate::store::keep_answer(&tx, answer)?;
             }
             new_leaves.push(leaf);
         }
