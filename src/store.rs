@@ -343,7 +343,6 @@ impl Store {
             )
             .optional()?)
     }
-
 }
 
 /// A released answer kept so that asking again returns it, not fresh noise

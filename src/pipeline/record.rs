@@ -64,9 +64,7 @@ pub async fn refusal(
     event.code = Some(error.code().to_string());
     event.rule = error.rule().map(str::to_string);
     event.wall_ms = Some(wall_ms);
-    append(sandbox, event, &request.sql, None)
-        .await
-        .map(|_| ())
+    append(sandbox, event, &request.sql, None).await.map(|_| ())
 }
 
 /// Appends the entry (with the answer it keeps for repetition, if any);

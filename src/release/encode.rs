@@ -144,6 +144,10 @@ impl Serialize for Cell<'_> {
                 s.serialize_f64(array.as_primitive::<Float32Type>().value(row) as f64)
             }
             DataType::Float64 => s.serialize_f64(array.as_primitive::<Float64Type>().value(row)),
+            // A string's display text is the string: no formatter needed.
+            DataType::Utf8 => s.serialize_str(array.as_string::<i32>().value(row)),
+            DataType::LargeUtf8 => s.serialize_str(array.as_string::<i64>().value(row)),
+            DataType::Utf8View => s.serialize_str(array.as_string_view().value(row)),
             _ => s.collect_str(&self.formatter.value(row)),
         }
     }
@@ -172,7 +176,8 @@ pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u
 mod tests {
     use super::*;
     use datafusion::arrow::array::{
-        BooleanArray, Date32Array, Float64Array, Int64Array, StringArray, UInt8Array,
+        BooleanArray, Date32Array, DictionaryArray, Float64Array, Int64Array, LargeStringArray,
+        StringArray, StringViewArray, UInt8Array,
     };
 
     #[test]
@@ -186,6 +191,18 @@ mod tests {
             ("x", Arc::new(Float64Array::from(vec![1.5, f64::NAN])) as _),
             ("b", Arc::new(BooleanArray::from(vec![true, false])) as _),
             ("s", Arc::new(StringArray::from(vec!["a\"b\n", "é"])) as _),
+            ("l", Arc::new(LargeStringArray::from(vec!["\t", ""])) as _),
+            (
+                "v",
+                Arc::new(StringViewArray::from(vec![
+                    "a string longer than twelve",
+                    "\\",
+                ])) as _,
+            ),
+            (
+                "k",
+                Arc::new(DictionaryArray::<Int8Type>::from_iter(["x\"", "x\""])) as _,
+            ),
             ("d", Arc::new(Date32Array::from(vec![0, 19000])) as _),
         ])
         .unwrap();
@@ -194,7 +211,7 @@ mod tests {
         let text = serde_json::to_string(&JsonRows(&batches)).unwrap();
         assert_eq!(
             text,
-            r#"[[-3,7,1.5,true,"a\"b\n","1970-01-01"],[null,255,null,false,"é","2022-01-08"]]"#
+            r#"[[-3,7,1.5,true,"a\"b\n","\t","a string longer than twelve","x\"","1970-01-01"],[null,255,null,false,"é","","\\","x\"","2022-01-08"]]"#
         );
         let empty: [RecordBatch; 0] = [];
         assert_eq!(serde_json::to_string(&JsonRows(&empty)).unwrap(), "[]");
