@@ -30,6 +30,9 @@ use std::sync::{Arc, OnceLock};
 /// A query the gate let through: checked, rewritten and split, not yet run.
 pub struct Gated {
     pub grant: Grant,
+    /// Whether the grant was approved on condition that its owners review
+    /// every answer: fixed when the grant is made, so read once per decision.
+    pub grant_reviewed: bool,
     /// The catalog as the query found it: it runs on these versions to the end.
     pub catalog: Arc<Catalog>,
     pub session: SessionState,
@@ -117,8 +120,10 @@ pub async fn gate(
         sandbox.settings.unit_summaries,
         &request.dp,
     )?;
+    let grant_reviewed = sandbox.store.grant_requires_review(&grant.id)?;
     Ok(Gated {
         grant,
+        grant_reviewed,
         catalog,
         session,
         split,

@@ -721,11 +721,10 @@ async fn finish(
     let receipt = record::append(sandbox, event, &request.sql, keep).await?;
     // Owners of datasets that review every answer, or all of the query's
     // owners when one asked, approving the grant, to review its answers.
-    let whole_grant = sandbox.store.grant_requires_review(&gated.grant.id)?;
     let mut review_owners: Vec<String> = gated
         .scanned
         .iter()
-        .filter(|d| whole_grant || d.manifest.release.review)
+        .filter(|d| gated.grant_reviewed || d.manifest.release.review)
         .map(|d| d.manifest.owner.clone())
         .collect();
     review_owners.sort();
