@@ -347,7 +347,6 @@ impl Store {
 
 /// A released answer kept so that asking again returns it, not fresh noise
 /// to average away.
-#[derive(Clone)]
 pub struct ReleasedAnswer {
     pub scope: String,
     pub plan_sha256: String,
