@@ -426,7 +426,9 @@ async fn post_query(
         Outcome::Answer(a) => a,
     };
     match format {
-        Format::Json => Ok(HttpResponse::Ok().json(answer.document())),
+        Format::Json => Ok(HttpResponse::Ok()
+            .content_type("application/json")
+            .body(answer.body()?)),
         Format::Csv | Format::Arrow => {
             let (content_type, bytes) = match format {
                 Format::Csv => ("text/csv; charset=utf-8", format::csv(&answer.batches)?),

@@ -96,12 +96,40 @@ pub struct Answer {
     pub receipt: Receipt,
     /// Owners who review answers of the datasets it read (`release.review`).
     pub review_owners: Vec<String>,
+    /// The rows as JSON: the bytes the ledger's digest was taken over.
+    rows_json: Vec<u8>,
 }
 
 impl Answer {
     /// The answer as JSON, as the buyer receives it.
     pub fn document(&self) -> Document<'_> {
         Document {
+            before_rows: self.before_rows(),
+            rows: release::encode::JsonRows(&self.batches),
+            usage_after: AfterRows { usage: &self.usage },
+        }
+    }
+
+    /// [`Answer::document`] serialised, as HTTP sends it: the same bytes,
+    /// but its rows are the ones already written for the ledger's digest,
+    /// not written a second time (5,000 rows: 0.4 ms).
+    pub fn body(&self) -> Result<Vec<u8>, Error> {
+        let json = |e: serde_json::Error| Error::Internal(e.to_string());
+        let mut body = Vec::with_capacity(self.rows_json.len() + 1024);
+        serde_json::to_writer(&mut body, &self.before_rows()).map_err(json)?;
+        // `{"budget":…,"release":…}` and `{"usage":…}` joined around the
+        // rows, as the keys come in name order.
+        body.pop();
+        body.extend_from_slice(b",\"rows\":");
+        body.extend_from_slice(&self.rows_json);
+        body.push(b',');
+        let usage = serde_json::to_vec(&AfterRows { usage: &self.usage }).map_err(json)?;
+        body.extend_from_slice(&usage[1..]);
+        Ok(body)
+    }
+
+    fn before_rows(&self) -> BeforeRows<'_> {
+        BeforeRows {
             budget: &self.budget,
             columns: release::encode::columns(&self.schema),
             grant: &self.grant,
@@ -109,8 +137,6 @@ impl Answer {
             query_id: &self.query_id,
             receipt: &self.receipt,
             release: &self.release,
-            rows: release::encode::JsonRows(&self.batches),
-            usage: &self.usage,
         }
     }
 }
@@ -119,6 +145,16 @@ impl Answer {
 /// batches. Fields in name order, as a JSON object's keys always were.
 #[derive(Serialize)]
 pub struct Document<'a> {
+    #[serde(flatten)]
+    before_rows: BeforeRows<'a>,
+    rows: release::encode::JsonRows<'a>,
+    #[serde(flatten)]
+    usage_after: AfterRows<'a>,
+}
+
+/// The answer's fields whose names sort before `rows`.
+#[derive(Serialize)]
+struct BeforeRows<'a> {
     budget: &'a Budget,
     columns: Value,
     grant: &'a str,
@@ -126,7 +162,11 @@ pub struct Document<'a> {
     query_id: &'a str,
     receipt: &'a Receipt,
     release: &'a ReleaseSummary,
-    rows: release::encode::JsonRows<'a>,
+}
+
+/// The answer's fields whose names sort after `rows`.
+#[derive(Serialize)]
+struct AfterRows<'a> {
     usage: &'a Usage,
 }
 
@@ -232,6 +272,8 @@ pub struct Executed {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     result_sha256: String,
+    /// The rows as JSON, which `result_sha256` is the digest of.
+    rows_json: Vec<u8>,
     release: ReleaseSummary,
     cpu_ns: u64,
 }
@@ -250,6 +292,7 @@ impl Executed {
             schema,
             batches,
             result_sha256: sha256_hex(&rows),
+            rows_json: rows,
             release,
             cpu_ns,
         })
@@ -745,6 +788,7 @@ async fn finish(
         usage,
         receipt,
         review_owners,
+        rows_json: e.rows_json,
     })
 }
 
@@ -772,4 +816,91 @@ async fn release_dp(
     })
     .await
     .map_err(|e| Error::Internal(format!("the release step failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn answer() -> Answer {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("district", DataType::Utf8, true),
+            Field::new("visits", DataType::Int64, false),
+        ]));
+        let batch = |names: Vec<Option<&str>>, counts: Vec<i64>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(names)),
+                    Arc::new(Int64Array::from(counts)),
+                ],
+            )
+            .unwrap()
+        };
+        let batches = vec![
+            batch(vec![Some("north \"quoted\""), None], vec![12, 7]),
+            batch(vec![Some("süd\n")], vec![30]),
+        ];
+        let release = ReleaseSummary {
+            mechanism: "threshold".into(),
+            min_group_size: Some(5),
+            released_groups: 3,
+            suppressed_groups: Some(1),
+            noise: None,
+            summary_used: false,
+            cluster_jobs: 0,
+        };
+        let e = Executed::new(schema, batches, release, 0).unwrap();
+        Answer {
+            query_id: "q_1".into(),
+            grant: "g_1".into(),
+            purpose: "research".into(),
+            schema: e.schema,
+            batches: e.batches,
+            release: e.release,
+            usage: Usage {
+                rows_scanned: 40,
+                ..Usage::default()
+            },
+            budget: Budget {
+                epsilon_limit: 1.0,
+                epsilon_spent: 0.25,
+                epsilon_remaining: 0.75,
+            },
+            receipt: Receipt {
+                ledger_index: 3,
+                entry_hash: "ab".into(),
+                tree_size: 4,
+                root_hash: "cd".into(),
+                timestamp_ms: 1,
+                signature: "ef".into(),
+                key_id: "k".into(),
+            },
+            review_owners: Vec::new(),
+            rows_json: e.rows_json,
+        }
+    }
+
+    #[test]
+    fn the_http_body_is_the_document_with_the_digested_rows() {
+        let answer = answer();
+        let body = answer.body().unwrap();
+        assert_eq!(body, serde_json::to_vec(&answer.document()).unwrap());
+        let text = String::from_utf8(body).unwrap();
+        let rows = r#""rows":[["north \"quoted\"",12],[null,7],["süd\n",30]]"#;
+        assert!(text.contains(&format!(r#"}},{rows},"usage":{{"rows_scanned":40,"#)));
+        // Keys in name order, as every answer has had them.
+        let keys = [
+            "budget", "columns", "grant", "purpose", "query_id", "receipt", "release", "rows",
+            "usage",
+        ];
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(text.starts_with(r#"{"budget":{"epsilon_limit":1.0,"#));
+    }
 }
