@@ -162,15 +162,19 @@ impl FlightSql {
 
     /// The gate's decision on `statement` without reading data: its
     /// outline and the gate's output (a refusal is recorded and returned,
-    /// as on HTTP).
+    /// as on HTTP). `run_ahead`: begin executing it if the sandbox is idle,
+    /// for a ticket about to be redeemed; never for a statement only being
+    /// prepared, which may never run (and whose execution, dropped with the
+    /// decision, would hold a slot that its own `GetFlightInfo` then finds taken).
     async fn decide(
         &self,
         principal: &Principal,
         statement: &pipeline::Request,
+        run_ahead: bool,
     ) -> Result<Box<pipeline::Decided>, Status> {
         let dry = pipeline::Request {
             dry_run: true,
-            run_ahead: true,
+            run_ahead,
             ..statement.clone()
         };
         let run = pipeline::run(
@@ -195,7 +199,7 @@ impl FlightSql {
         statement: pipeline::Request,
         descriptor: FlightDescriptor,
     ) -> Result<Response<FlightInfo>, Status> {
-        let decided = self.decide(principal, &statement).await?;
+        let decided = self.decide(principal, &statement, true).await?;
         let metadata = serde_json::to_vec(&decided.outline).unwrap_or_default();
         let schema = decided.outline.schema.clone();
         let handle = self
@@ -405,7 +409,11 @@ impl FlightSqlService for FlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let principal = self.caller(&request)?;
         let statement = Self::statement(&request, query.query);
-        let schema = self.decide(&principal, &statement).await?.outline.schema;
+        let schema = self
+            .decide(&principal, &statement, false)
+            .await?
+            .outline
+            .schema;
         let handle = self
             .prepared
             .issue(&principal.id, statement)
