@@ -18,7 +18,7 @@ import http.client, json, os, statistics, sys, time
 import adbc_driver_flightsql.dbapi as flightsql
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import demo_folder, free_port, run, serve  # noqa: E402
+from harness import demo_folder, free_ports, run, serve  # noqa: E402
 
 PURPOSE = "public_health_research"
 DATASETS = ("city_health", "telecom_usage", "enterprise_registry")
@@ -110,7 +110,7 @@ def main():
                "--region", "CN", "--data-dir", data], work)
     grant_args = ["grant", "add", "--buyer", "buyer:bench", "--purpose", PURPOSE, "--epsilon", "1000000",
                   "--data-dir", data] + [a for d in DATASETS for a in ("--dataset", d)]
-    port, flight_port = free_port(), free_port()
+    port, flight_port = free_ports(2)
     server = serve(work, data, port, ["--flight-listen", f"127.0.0.1:{flight_port}"])
     try:
         web = http.client.HTTPConnection("127.0.0.1", port, timeout=120)

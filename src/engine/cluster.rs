@@ -231,14 +231,16 @@ pub async fn in_process(executors: usize, vcores: usize) -> Result<String, Strin
     let mut flight_ports = Vec::new();
     for _ in 0..executors {
         // Ballista's executor binds its own ports from numbers: take free
-        // ones from the kernel and hand them over.
-        let free = || -> Result<SocketAddr, String> {
-            let probe = std::net::TcpListener::bind(loopback).map_err(|e| e.to_string())?;
-            probe.local_addr().map_err(|e| e.to_string())
-        };
+        // ones from the kernel and hand them over, both held until both are
+        // known, so the kernel cannot hand the same one out twice.
+        let free = || std::net::TcpListener::bind(loopback).map_err(|e| e.to_string());
+        let (flight, grpc) = (free()?, free()?);
+        let address = |l: &std::net::TcpListener| l.local_addr().map_err(|e| e.to_string());
+        let (bind, grpc_port) = (address(&flight)?, address(&grpc)?.port());
+        drop((flight, grpc));
         let options = ExecutorOptions {
-            bind: free()?,
-            grpc_port: free()?.port(),
+            bind,
+            grpc_port,
             scheduler: format!("127.0.0.1:{port}"),
             scheduling: Scheduling::Push,
             heartbeat_s: 5,

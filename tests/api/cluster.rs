@@ -237,9 +237,12 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+/// `N` free ports, all held until all are known, so that none is handed out twice.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// The README's kinds of query, each round with its own DP filter so no
@@ -264,7 +267,8 @@ fn suite(round: u32) -> [(String, bool); 3] {
 #[test]
 fn an_executor_killed_mid_suite_costs_an_answer_at_most_never_a_wrong_one() {
     let logs = tempfile::tempdir().unwrap();
-    let scheduler = free_port();
+    let [scheduler, flight_0, grpc_0, flight_1, grpc_1] = free_ports();
+    let executor_ports = [(flight_0, grpc_0), (flight_1, grpc_1)];
     let _scheduler = Node::start(
         &[
             "scheduler",
@@ -275,15 +279,17 @@ fn an_executor_killed_mid_suite_costs_an_answer_at_most_never_a_wrong_one() {
         ],
         &logs.path().join("scheduler.log"),
     );
-    let mut executors: Vec<Node> = (0..2)
-        .map(|i| {
+    let mut executors: Vec<Node> = executor_ports
+        .iter()
+        .enumerate()
+        .map(|(i, (flight, grpc))| {
             Node::start(
                 &[
                     "executor",
                     "--bind",
-                    &format!("127.0.0.1:{}", free_port()),
+                    &format!("127.0.0.1:{flight}"),
                     "--grpc-port",
-                    &free_port().to_string(),
+                    &grpc.to_string(),
                     "--heartbeat-s",
                     "1",
                     "--scheduler",

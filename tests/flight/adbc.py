@@ -13,7 +13,7 @@ import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from harness import Checks, demo_folder, free_port, run, serve  # noqa: E402
+from harness import Checks, demo_folder, free_ports, run, serve  # noqa: E402
 
 PURPOSE = "public_health_research"
 check = Checks()
@@ -55,7 +55,7 @@ def main():
                          "--region", "CN", "--data-dir", data], work)
     run(["grant", "add", "--buyer", "buyer:a", "--purpose", PURPOSE, "--dataset", "city_health",
          "--dataset", "enterprise_registry", "--epsilon", "1000", "--data-dir", data], work)
-    port, flight_port = free_port(), free_port()
+    port, flight_port = free_ports(2)
     server = serve(work, data, port, ["--flight-listen", f"127.0.0.1:{flight_port}"])
     try:
         key = keys["buyer:a"]
