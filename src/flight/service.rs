@@ -635,5 +635,19 @@ impl FlightSqlService for FlightSql {
         )))
     }
 
+    /// Actions the sandbox does not serve, among them the session actions
+    /// (`CloseSession`, which ADBC sends when it closes a connection): it
+    /// keeps no sessions. `UNIMPLEMENTED`, the answer drivers expect for
+    /// an action a server lacks, with the JSON error body of every refusal.
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        self.caller(&request)?;
+        let refusal =
+            ApiError::NotFound("the sandbox serves no such action (it keeps no sessions)".into());
+        Err(Status::unimplemented(refusal.body().to_string()))
+    }
+
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }

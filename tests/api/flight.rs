@@ -9,7 +9,7 @@ use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{CommandGetTables, CommandStatementQuery, ProstMessageExt};
-use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
+use arrow_flight::{Action, FlightDescriptor, FlightInfo, Ticket};
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
 use prost::Message;
@@ -475,4 +475,34 @@ fn an_execution_nobody_claims_gives_up_its_slot_and_a_late_ticket_runs_anew() {
         ["refused", "answered", "answered"],
         "the overloaded query and the two answers; nothing for the unredeemed statement"
     );
+}
+
+/// ADBC sends `CloseSession` as it closes a connection. The sandbox keeps
+/// no sessions: that and any other action it does not serve are
+/// `UNIMPLEMENTED` (what drivers take for "not supported"), with the JSON
+/// error body of every refusal, and only for a caller with a key.
+#[test]
+fn actions_it_does_not_serve_are_unimplemented_with_the_json_body() {
+    let app = spawn_app();
+    let acme = app.key("buyer:acme").to_string();
+    runtime().block_on(async {
+        let mut raw = FlightServiceClient::new(channel(&app).await);
+        for action in ["CloseSession", "SetSessionOptions", "no such action"] {
+            let request = Action {
+                r#type: action.to_string(),
+                body: Default::default(),
+            };
+            let refused = raw
+                .do_action(with_key(request.clone(), &acme))
+                .await
+                .expect_err("refused");
+            assert_eq!(refused.code(), tonic::Code::Unimplemented, "{action}");
+            assert_eq!(body_of(&refused)["error"]["code"], "not_found", "{action}");
+            let anonymous = raw
+                .do_action(tonic::Request::new(request))
+                .await
+                .expect_err("refused");
+            assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{action}");
+        }
+    });
 }
