@@ -139,6 +139,9 @@ where
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
                 .unwrap_or(0);
+            if grpc_status != 0 {
+                as_json_refusal(response.headers_mut());
+            }
             span.in_scope(|| tracing::info!(grpc_status, elapsed_ms, "call done"));
             if let Ok(id) = http::HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert("x-request-id", id);
@@ -146,6 +149,29 @@ where
             Ok(response)
         })
     }
+}
+
+/// Gives a refusal that arrow-flight or tonic wrote, not the sandbox, the
+/// JSON error body and stable code of every refusal: a call the sandbox
+/// does not serve (`UNIMPLEMENTED`: a method arrow-flight answers by
+/// default, or one gRPC does not know) and a command it cannot decode
+/// (`INVALID_ARGUMENT`, with the decoder's text, which is about the call,
+/// never about data). The sandbox's own refusals are JSON already.
+fn as_json_refusal(headers: &mut http::HeaderMap) {
+    let Some(refusal) = Status::from_header_map(headers) else {
+        return;
+    };
+    if serde_json::from_str::<serde_json::Value>(refusal.message()).is_ok() {
+        return;
+    }
+    let error = match refusal.code() {
+        tonic::Code::Unimplemented => {
+            ApiError::NotFound("the sandbox does not serve this call".into())
+        }
+        tonic::Code::InvalidArgument => ApiError::invalid(refusal.message()),
+        _ => return,
+    };
+    let _ = Status::new(refusal.code(), error.body().to_string()).add_header(headers);
 }
 
 fn tls_config(tls: &TlsSettings) -> Result<tonic::transport::ServerTlsConfig, StartError> {

@@ -8,8 +8,11 @@ use crate::helpers::*;
 use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use arrow_flight::sql::{CommandGetTables, CommandStatementQuery, ProstMessageExt};
-use arrow_flight::{Action, FlightDescriptor, FlightInfo, Ticket};
+use arrow_flight::sql::{
+    ActionBeginTransactionRequest, CommandGetPrimaryKeys, CommandGetTables, CommandStatementQuery,
+    ProstMessageExt,
+};
+use arrow_flight::{Action, Criteria, FlightDescriptor, FlightInfo, Ticket};
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
 use prost::Message;
@@ -477,32 +480,92 @@ fn an_execution_nobody_claims_gives_up_its_slot_and_a_late_ticket_runs_anew() {
     );
 }
 
-/// ADBC sends `CloseSession` as it closes a connection. The sandbox keeps
-/// no sessions: that and any other action it does not serve are
-/// `UNIMPLEMENTED` (what drivers take for "not supported"), with the JSON
-/// error body of every refusal, and only for a caller with a key.
+/// Whatever the sandbox does not serve is refused with the JSON error body
+/// of every refusal, whoever wrote the refusal: its own (the session
+/// actions, among them `CloseSession`, which ADBC sends as it closes a
+/// connection; writes through a prepared statement), arrow-flight's
+/// defaults (keys, transactions) and the plain Flight calls (`GetSchema`,
+/// `ListFlights`). What it does not serve is `UNIMPLEMENTED`, what drivers
+/// take for "not supported"; a command it cannot decode, `INVALID_ARGUMENT`.
+/// The stable code of a refusal with gRPC code `code`.
+fn refused<T>(answer: Result<T, tonic::Status>, code: tonic::Code, what: &str) -> String {
+    let status = answer
+        .err()
+        .unwrap_or_else(|| panic!("{what}: not refused"));
+    assert_eq!(status.code(), code, "{what}: {status:?}");
+    body_of(&status)["error"]["code"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
-fn actions_it_does_not_serve_are_unimplemented_with_the_json_body() {
+fn calls_it_does_not_serve_are_refused_with_the_json_body() {
     let app = spawn_app();
     let acme = app.key("buyer:acme").to_string();
     runtime().block_on(async {
         let mut raw = FlightServiceClient::new(channel(&app).await);
-        for action in ["CloseSession", "SetSessionOptions", "no such action"] {
-            let request = Action {
-                r#type: action.to_string(),
-                body: Default::default(),
-            };
-            let refused = raw
-                .do_action(with_key(request.clone(), &acme))
-                .await
-                .expect_err("refused");
-            assert_eq!(refused.code(), tonic::Code::Unimplemented, "{action}");
-            assert_eq!(body_of(&refused)["error"]["code"], "not_found", "{action}");
-            let anonymous = raw
-                .do_action(tonic::Request::new(request))
-                .await
-                .expect_err("refused");
-            assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{action}");
+        let action = |kind: &str, body: Vec<u8>| Action {
+            r#type: kind.to_string(),
+            body: body.into(),
+        };
+        let begin = ActionBeginTransactionRequest {}.as_any().encode_to_vec();
+        for (kind, body) in [
+            ("CloseSession", Vec::new()),
+            ("SetSessionOptions", Vec::new()),
+            ("no such action", Vec::new()),
+            ("BeginTransaction", begin),
+        ] {
+            let request = action(kind, body);
+            let answer = raw.do_action(with_key(request.clone(), &acme)).await;
+            let code = refused(answer, tonic::Code::Unimplemented, kind);
+            assert_eq!(code, "not_found", "{kind}");
+            if kind != "BeginTransaction" {
+                // The sandbox's own answer, to a caller with a key only
+                // (arrow-flight answers its defaults to anyone).
+                let anonymous = raw.do_action(tonic::Request::new(request)).await;
+                assert_eq!(
+                    refused(anonymous, tonic::Code::Unauthenticated, kind),
+                    "unauthenticated"
+                );
+            }
         }
+        let keys = CommandGetPrimaryKeys {
+            table: "city_health".into(),
+            ..Default::default()
+        };
+        let descriptor = FlightDescriptor::new_cmd(keys.as_any().encode_to_vec());
+        let answer = raw
+            .get_flight_info(with_key(descriptor.clone(), &acme))
+            .await;
+        assert_eq!(
+            refused(answer, tonic::Code::Unimplemented, "keys"),
+            "not_found"
+        );
+        let answer = raw.get_schema(with_key(descriptor, &acme)).await;
+        assert_eq!(
+            refused(answer, tonic::Code::Unimplemented, "GetSchema"),
+            "not_found"
+        );
+        let answer = raw.list_flights(with_key(Criteria::default(), &acme)).await;
+        assert_eq!(
+            refused(answer, tonic::Code::Unimplemented, "ListFlights"),
+            "not_found"
+        );
+        let garbage = FlightDescriptor::new_cmd(b"not a command".to_vec());
+        let answer = raw.get_flight_info(with_key(garbage, &acme)).await;
+        let code = refused(answer, tonic::Code::InvalidArgument, "garbage");
+        assert_eq!(code, "invalid_request");
+
+        let mut sql = client(&app, &acme).await;
+        let mut prepared = sql.prepare(QUICK.to_string(), None).await.unwrap();
+        let write = prepared
+            .execute_update()
+            .await
+            .expect_err("writes are refused");
+        assert!(
+            write.to_string().contains("statement_not_allowed"),
+            "{write}"
+        );
     });
 }
